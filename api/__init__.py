@@ -1,0 +1,1 @@
+"""The HTTP front: FastAPI, asyncio end to end, no torch."""

@@ -1,0 +1,71 @@
+"""Job completion events: one Redis subscription per API process wakes every waiter it concerns.
+
+Long-waits and sync predicts never hold a thread or a Redis connection each: they await
+an `asyncio.Event` that the single listener sets when a worker publishes the job's id.
+Waiters also re-read the record at a short interval, so a missed message (a Redis
+reconnect) costs latency, never correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+
+import redis.asyncio as aioredis
+
+from shared import keys
+
+log = logging.getLogger(__name__)
+
+
+class JobEvents:
+    def __init__(self, client: aioredis.Redis):
+        self._client = client
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task | None = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="job-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever `job_id` is announced, for as long as the block runs."""
+        event = asyncio.Event()
+        self._waiters[job_id].add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                self.subscribed.set()
+                async for message in pubsub.listen():
+                    for event in self._waiters.get(message["data"], ()):
+                        event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: waiters fall back to polling until we are back
+                self.subscribed.clear()
+                log.warning("job event subscription lost (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

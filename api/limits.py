@@ -1,0 +1,77 @@
+"""Configured request limits: a body over the size cap is 413, anything else over a limit is 422."""
+
+from __future__ import annotations
+
+from shared.schemas import ForecastRequest
+from shared.settings import Settings
+
+from api.problems import Problem
+
+
+def check(request: ForecastRequest, settings: Settings) -> None:
+    """Raise a 422 `Problem` naming the first field over its configured limit."""
+    if len(request.inputs) > settings.max_series:
+        raise _over("inputs", f"{len(request.inputs)} series; at most {settings.max_series} per request")
+    for i, series in enumerate(request.inputs):
+        if len(series.target) > settings.max_points:
+            raise _over(f"inputs[{i}].target", f"{len(series.target)} points; at most {settings.max_points}")
+    params = request.parameters
+    if params.prediction_length > settings.max_prediction_length:
+        raise _over(
+            "parameters.prediction_length",
+            f"{params.prediction_length} steps; at most {settings.max_prediction_length}",
+        )
+    if len(params.quantile_levels) > settings.max_quantile_levels:
+        raise _over(
+            "parameters.quantile_levels",
+            f"{len(params.quantile_levels)} levels; at most {settings.max_quantile_levels}",
+        )
+    if params.num_samples is not None and params.num_samples > settings.max_num_samples:
+        raise _over("parameters.num_samples", f"{params.num_samples} samples; at most {settings.max_num_samples}")
+
+
+def _over(field: str, detail: str) -> Problem:
+    return Problem(422, "limit-exceeded", f"{field}: {detail}", field=field)
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over `max_bytes` with 413, by header or while streaming."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        problem = Problem(413, "body-too-large", f"request body over {self.max_bytes} bytes (MAX_BODY_BYTES)")
+        await problem.response(scope.get("path"))(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,175 @@
+"""What the routes do, as plain async functions over Redis and Celery (callable without HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from celery import Celery
+
+from shared import catalog, keys
+from shared.jobs import JobRecord, JobStatus, Lane, Scripts, new_record
+from shared.schemas import ForecastRequest, ModelView, WorkerView
+from shared.settings import Settings
+
+from api import limits
+from api.events import JobEvents
+from api.problems import Problem
+
+log = logging.getLogger(__name__)
+
+# A waiter re-reads the record at least this often, so a lost pub/sub message only delays it.
+_RECHECK_S = 1.0
+
+
+class JobService:
+    def __init__(self, settings: Settings, client: aioredis.Redis, celery: Celery, events: JobEvents):
+        self.settings, self.client, self.celery, self.events = settings, client, celery, events
+        self.scripts = Scripts(client)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def model(self, name: str) -> catalog.ModelSpec:
+        spec = catalog.find(name)
+        if spec is None:
+            raise Problem(404, "unknown-model", f"unknown model {name!r}; GET /v1/models lists them", field="model")
+        return spec
+
+    async def models(self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG) -> list[ModelView]:
+        """Catalog entries with live queue depths and the workers heard from recently (one round trip)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for spec in specs:
+                pipe.llen(keys.queue(spec))
+                pipe.llen(keys.sync_queue(spec))
+                pipe.hgetall(keys.workers(spec))
+            replies = await pipe.execute()
+        now = time.time()
+        views = []
+        for i, spec in enumerate(specs):
+            depth, sync_depth, heartbeats = replies[3 * i : 3 * i + 3]
+            workers = [
+                WorkerView(**{k: info[k] for k in WorkerView.model_fields})
+                for info in map(json.loads, heartbeats.values())
+                if now - info["last_seen"] < 3 * self.settings.heartbeat_s
+            ]
+            kinds = {w.weights for w in workers}
+            views.append(
+                ModelView(
+                    id=spec.id,
+                    slug=spec.slug,
+                    family=spec.family.value,
+                    served=spec.served,
+                    queue=keys.queue(spec),
+                    sync_queue=keys.sync_queue(spec),
+                    context_length=spec.context_length,
+                    prediction_length=spec.prediction_length,
+                    sample_based=spec.sample_based,
+                    native_quantiles=list(spec.native_quantiles) if spec.native_quantiles else None,
+                    sync_eligible=self.settings.sync_eligible(spec),
+                    queue_depth=depth,
+                    sync_queue_depth=sync_depth,
+                    workers_online=len(workers),
+                    weights=kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None),
+                    workers=sorted(workers, key=lambda w: w.name),
+                )
+            )
+        return views
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    async def submit(self, request: ForecastRequest, lane: Lane = Lane.ASYNC) -> JobRecord:
+        """Validate against the catalog and limits, record the job, and enqueue it on its model's queue."""
+        spec = self.model(request.model)
+        if not spec.served:
+            raise Problem(501, "model-not-served", f"{spec.id} is in the catalog but not served yet", field="model")
+        limits.check(request, self.settings)
+        if lane is Lane.SYNC:
+            await self._check_sync(spec)
+        job_id = uuid.uuid4().hex
+        record = new_record(
+            job_id, spec.id, len(request.inputs), request.parameters.prediction_length, lane, time.time()
+        )
+        job_key = keys.job(job_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key, mapping=record)
+            pipe.expire(job_key, self.settings.result_ttl_s + self.settings.max_job_s)
+            await pipe.execute()
+        payload = request.model_dump(mode="json", exclude={"model"})
+        queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
+        try:
+            await asyncio.to_thread(
+                self.celery.send_task, keys.FORECAST_TASK, args=[job_id, payload], task_id=job_id, queue=queue
+            )
+        except Exception as exc:
+            log.error("enqueue of job %s failed: %s", job_id, exc)
+            await self.client.delete(job_key)
+            raise Problem(503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"})
+        log.info("job %s accepted: %s, %d series, lane %s", job_id, spec.id, len(request.inputs), lane.value)
+        return JobRecord.from_hash({k: str(v) for k, v in record.items()})
+
+    async def _check_sync(self, spec: catalog.ModelSpec) -> None:
+        if not self.settings.sync_eligible(spec):
+            raise Problem(
+                409,
+                "not-sync-eligible",
+                f"{spec.id} is not served synchronously; submit it with POST /v1/forecasts and poll",
+                field="model",
+                async_endpoint="/v1/forecasts",
+            )
+        (view,) = await self.models((spec,))
+        if view.workers_online == 0:
+            raise Problem(
+                503,
+                "no-worker",
+                f"no worker is serving {spec.id} right now; POST /v1/forecasts queues the job until one starts",
+                headers={"Retry-After": "5"},
+            )
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        fields = await self.client.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(fields) if fields else None
+
+    async def require(self, job_id: str) -> JobRecord:
+        record = await self.get(job_id)
+        if record is None:
+            raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
+        return record
+
+    async def wait(self, job_id: str, timeout_s: float) -> JobRecord:
+        """The job's record as soon as it is terminal, or as it stands when `timeout_s` runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with self.events.watch(job_id) as announced:
+            while True:
+                announced.clear()
+                record = await self.require(job_id)
+                remaining = deadline - loop.time()
+                if record.terminal or remaining <= 0:
+                    return record
+                try:
+                    await asyncio.wait_for(announced.wait(), min(remaining, _RECHECK_S))
+                except TimeoutError:
+                    pass
+
+    async def cancel(self, job_id: str) -> tuple[JobRecord, bool]:
+        """Cancel a job that has not finished; returns its record and whether it stopped already."""
+        outcome = await self.scripts.cancel(
+            keys=[keys.job(job_id)],
+            args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
+        )
+        if outcome == "missing":
+            await self.require(job_id)  # raises the 404
+        record = await self.require(job_id)
+        if outcome not in ("cancelled", "cancelling"):
+            raise Problem(409, "job-finished", f"job {job_id} already {outcome}; nothing to cancel", status_now=outcome)
+        return record, outcome == "cancelled"
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), 1.0))
+        except Exception:
+            return False

@@ -1,0 +1,52 @@
+"""The Celery configuration both sides use: the API to send, the workers to consume."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared import catalog, keys
+from shared.settings import Settings
+
+# The anonymous exchange routes by queue name alone. A named exchange depends on binding
+# rows in Redis; if those vanish (Redis restarted without its data) kombu silently sends
+# every message to a dead-letter list.
+_DIRECT = Exchange("", type="direct")
+
+
+def queues_for(spec: catalog.ModelSpec) -> list[Queue]:
+    """A model's queues, sync lane first (the order a worker polls them in)."""
+    return [Queue(name, _DIRECT, routing_key=name) for name in keys.worker_queues(spec)]
+
+
+def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> Celery:
+    """A Celery app on the settings' Redis with the reliability defaults DESIGN §5 calls for.
+
+    A sender knows every model's queues; a worker (`serve=spec`) knows, and so consumes, only its model's.
+    """
+    specs = [serve] if serve else catalog.CATALOG
+    app = Celery("chronos_queue", broker=settings.redis_url)
+    app.conf.update(
+        task_queues=[q for spec in specs for q in queues_for(spec)],
+        task_create_missing_queues=False,
+        # Results live in our own job records, not in Celery's result backend.
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # Ack after the job's result is stored; a child killed mid-job puts its message back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message in hand per process, so a backlog never sits reserved ahead of the sync lane.
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            # Redis redelivers unacked messages after this: it must outlast the longest job.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Poll a worker's queues in the order given (sync lane first), not round-robin.
+            "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        task_time_limit=settings.max_job_s,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+    )
+    return app

@@ -1,0 +1,185 @@
+"""The job record and its state machine.
+
+    queued ──► running ──► succeeded | failed
+       │          │
+       └──────────┴──► cancelled        (a running job stops at its next batch boundary)
+
+A job is one Redis hash (`keys.job(id)`). Every transition is one Lua script, so
+the API and any number of workers (and redeliveries of the same message) cannot
+interleave half-updates. Terminal states set the record's TTL to the result TTL
+and publish the job id on `keys.EVENTS_CHANNEL` for long-waiting clients.
+
+The scripts are plain text: the API registers them on its asyncio client, the
+workers on their blocking one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Mapping
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+
+
+class Lane(StrEnum):
+    ASYNC = "async"
+    SYNC = "sync"
+
+
+# KEYS[1] job  ARGV: now, worker name.  Returns the status the job is in afterwards;
+# anything but 'running' tells the worker to drop the message (cancelled, finished, expired).
+START = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if s == 'queued' or s == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  return 'running'
+end
+return s
+"""
+
+# KEYS[1] job  ARGV: final status, now, ttl, channel, job id, then field/value pairs.
+# Only a running job can finish; the first terminal write wins, so a redelivered
+# duplicate cannot overwrite a result. A pending cancel request turns success into
+# 'cancelled' and its fields are not stored.
+FINISH = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s ~= 'running' then return s or 'missing' end
+local final = ARGV[1]
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then final = 'cancelled' end
+redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[2])
+if final ~= 'cancelled' then
+  for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return final
+"""
+
+# KEYS[1] job  ARGV: now, ttl, channel, job id.
+# Returns 'cancelled' (was queued), 'cancelling' (running: stops at the next batch),
+# the terminal status it already had, or 'missing'.
+CANCEL = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if s == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 'cancelled'
+end
+if s == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'cancelling'
+end
+return s
+"""
+
+
+def new_record(job_id: str, model_id: str, n_series: int, prediction_length: int, lane: Lane, now: float) -> dict:
+    """Fields of a freshly accepted job, as stored in its hash."""
+    return {
+        "id": job_id,
+        "model": model_id,
+        "status": JobStatus.QUEUED.value,
+        "lane": lane.value,
+        "n_series": n_series,
+        "prediction_length": prediction_length,
+        "created_at": repr(now),
+        "attempts": 0,
+    }
+
+
+def finish_args(
+    status: JobStatus, now: float, ttl_s: int, channel: str, job_id: str, fields: Mapping[str, Any]
+) -> list:
+    """ARGV for FINISH; values that are not strings or numbers are stored as JSON."""
+    args: list = [status.value, repr(now), ttl_s, channel, job_id]
+    for name, value in fields.items():
+        args += [name, value if isinstance(value, (str, int, float)) else json.dumps(value)]
+    return args
+
+
+@dataclass
+class JobRecord:
+    """A job as read back from its hash."""
+
+    id: str
+    model: str
+    status: JobStatus
+    lane: Lane
+    n_series: int
+    prediction_length: int
+    created_at: float
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    inference_s: float | None = None
+    worker: str | None = None
+    weights: str | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    predictions: list[dict] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
+        def num(name: str) -> float | None:
+            return float(h[name]) if h.get(name) else None
+
+        return cls(
+            id=h["id"],
+            model=h["model"],
+            status=JobStatus(h["status"]),
+            lane=Lane(h.get("lane", Lane.ASYNC)),
+            n_series=int(h.get("n_series", 0)),
+            prediction_length=int(h.get("prediction_length", 0)),
+            created_at=float(h["created_at"]),
+            attempts=int(h.get("attempts", 0)),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            inference_s=num("inference_s"),
+            worker=h.get("worker"),
+            weights=h.get("weights"),
+            error=h.get("error"),
+            cancel_requested=h.get("cancel_requested") == "1",
+            predictions=json.loads(h["predictions"]) if h.get("predictions") else None,
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def timings(self) -> dict[str, float | None]:
+        """Seconds spent queued, in the model, and from acceptance to the end."""
+
+        def span(a: float | None, b: float | None) -> float | None:
+            return round(b - a, 6) if a is not None and b is not None else None
+
+        return {
+            "queued_s": span(self.created_at, self.started_at),
+            "inference_s": self.inference_s,
+            "total_s": span(self.created_at, self.finished_at),
+        }
+
+
+class Scripts:
+    """The transition scripts registered on one Redis client (blocking or asyncio: calls return
+    a value or an awaitable accordingly)."""
+
+    def __init__(self, client: Any):
+        self.start = client.register_script(START)
+        self.finish = client.register_script(FINISH)
+        self.cancel = client.register_script(CANCEL)

@@ -1,0 +1,38 @@
+"""Every Redis key, channel and Celery queue name the project uses, built in one place."""
+
+from __future__ import annotations
+
+from shared.catalog import ModelSpec
+
+PREFIX = "cq"
+
+# Workers publish a job id here when the job reaches a terminal state; API processes
+# keep one subscription each and wake the requests waiting on that id.
+EVENTS_CHANNEL = f"{PREFIX}:events"
+
+FORECAST_TASK = "chronos_queue.forecast"
+
+
+def job(job_id: str) -> str:
+    """Hash holding one job's record and, once it succeeded, its result."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def workers(spec: ModelSpec) -> str:
+    """Hash of the workers serving a model: worker name -> JSON heartbeat."""
+    return f"{PREFIX}:workers:{spec.slug}"
+
+
+def queue(spec: ModelSpec) -> str:
+    """The model's bulk queue, named by its slug (also the Redis list Celery keeps it in)."""
+    return spec.slug
+
+
+def sync_queue(spec: ModelSpec) -> str:
+    """The model's synchronous lane; its workers drain it before the bulk queue."""
+    return f"{spec.slug}.sync"
+
+
+def worker_queues(spec: ModelSpec) -> tuple[str, str]:
+    """A worker's queues in the order it must poll them: sync lane first."""
+    return (sync_queue(spec), queue(spec))

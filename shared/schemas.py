@@ -1,0 +1,153 @@
+"""Request and response bodies of the native API (DESIGN §3), the single statement of each shape.
+
+Requests follow the SageMaker/AutoGluon Chronos endpoint convention:
+`{"model", "inputs": [{"target", "item_id"?, "start"?}], "parameters": {...}}`.
+Limits that depend on configuration (series count, horizon, ...) are checked by
+`api.limits`, not here, so these models stay usable by clients too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.jobs import JobRecord, JobStatus, Lane
+
+DEFAULT_QUANTILES = [0.1, 0.5, 0.9]
+
+
+class SeriesInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: list[float | None] = Field(
+        min_length=1, description="Observed values, oldest first. null or NaN marks a missing value."
+    )
+    item_id: str | None = Field(None, max_length=256)
+    start: str | None = Field(None, max_length=64, description="Timestamp of the first value (echoed back).")
+
+    @field_validator("target")
+    @classmethod
+    def _finite_with_an_observation(cls, target: list[float | None]) -> list[float | None]:
+        observed = [x for x in target if x is not None and not math.isnan(x)]
+        if not observed:
+            raise ValueError("target has no observed value (all null/NaN)")
+        if not all(map(math.isfinite, observed)):
+            raise ValueError("target holds an infinite value; use null or NaN for missing values")
+        return target
+
+
+class ForecastParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_length: int = Field(ge=1, description="Steps to forecast.")
+    quantile_levels: list[float] = Field(default_factory=lambda: list(DEFAULT_QUANTILES), min_length=1)
+    freq: str | None = Field(None, max_length=16, description="Pandas frequency string (echoed back).")
+    num_samples: int | None = Field(None, ge=1, description="Sample paths (T5 models only; default 20).")
+
+    @field_validator("quantile_levels")
+    @classmethod
+    def _open_unit_interval(cls, levels: list[float]) -> list[float]:
+        bad = [q for q in levels if not 0.0 < q < 1.0]
+        if bad:
+            raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {bad}")
+        if len(set(levels)) != len(levels):
+            raise ValueError("quantile levels must be unique")
+        return levels
+
+
+class ForecastRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "inputs": [{"item_id": "a", "target": [1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0, 2.0]}],
+                    "parameters": {"prediction_length": 4, "quantile_levels": [0.1, 0.5, 0.9]},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
+    inputs: list[SeriesInput] = Field(min_length=1)
+    parameters: ForecastParameters
+
+
+class Timings(BaseModel):
+    queued_s: float | None = None
+    inference_s: float | None = None
+    total_s: float | None = None
+
+
+class JobView(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    status: JobStatus
+    model: str
+    lane: Lane
+    n_series: int
+    prediction_length: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    weights: str | None = Field(None, description="'real' or 'synthetic' (synthetic forecasts are meaningless).")
+    error: str | None = None
+    cancel_requested: bool = False
+    timings: Timings
+    predictions: list[dict[str, Any]] | None = Field(
+        None,
+        description="One entry per input series: item_id, mean, and one key per requested quantile level.",
+    )
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobView:
+        return cls(
+            id=record.id,
+            status=record.status,
+            model=record.model,
+            lane=record.lane,
+            n_series=record.n_series,
+            prediction_length=record.prediction_length,
+            created_at=record.created_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            attempts=record.attempts,
+            weights=record.weights,
+            error=record.error,
+            cancel_requested=record.cancel_requested,
+            timings=Timings(**record.timings()),
+            predictions=record.predictions,
+        )
+
+
+class WorkerView(BaseModel):
+    name: str
+    weights: str
+    device: str
+    dtype: str
+    started_at: float
+    last_seen: float
+
+
+class ModelView(BaseModel):
+    id: str
+    slug: str
+    family: str
+    served: bool
+    queue: str
+    sync_queue: str
+    context_length: int
+    prediction_length: int = Field(description="Native horizon; longer horizons are forecast autoregressively.")
+    sample_based: bool
+    native_quantiles: list[float] | None
+    sync_eligible: bool
+    queue_depth: int
+    sync_queue_depth: int
+    workers_online: int
+    weights: str | None = Field(description="'real', 'synthetic', 'mixed', or null when no worker is online.")
+    workers: list[WorkerView]

@@ -1,0 +1,74 @@
+"""Settings from the environment (and an optional `.env`), shared by the API and the workers."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared import catalog
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Job lifetime. A record and its result live result_ttl_s after the job ends.
+    result_ttl_s: int = Field(86_400, ge=60)
+    # The longest a single job may run; also sets the broker's visibility timeout (see below).
+    max_job_s: int = Field(3_600, ge=10)
+
+    # Request limits (HTTP 413 / 422 when exceeded).
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_series: int = Field(10_000, ge=1)
+    max_points: int = Field(8_192, ge=1)
+    max_prediction_length: int = Field(1_024, ge=1)
+    max_num_samples: int = Field(100, ge=1)
+    max_quantile_levels: int = Field(21, ge=1)
+
+    # Synchronous lane. SYNC_MODELS (comma-separated ids or slugs) overrides the catalog's defaults.
+    sync_models: str | None = None
+    sync_timeout_default_s: float = Field(10.0, gt=0)
+    sync_timeout_max_s: float = Field(60.0, gt=0)
+    wait_max_s: float = Field(60.0, gt=0)
+
+    # Workers.
+    chronos_model: str | None = None
+    device: str = "auto"
+    # real: MODEL_PATH or the Hugging Face cache, else refuse to start. synthetic: always serve a
+    # synthetic checkpoint. any: real when cached, else synthetic (what `make run` uses).
+    weights: str = Field("real", pattern="^(real|synthetic|any)$")
+    model_path: str | None = None
+    synthetic_dir: str = ".cache/synthetic"
+    synthetic_seed: int = 0
+    worker_concurrency: int = Field(1, ge=1)
+    torch_threads: int = Field(0, ge=0)
+    heartbeat_s: float = Field(5.0, gt=0)
+
+    @field_validator("sync_models")
+    @classmethod
+    def _known_sync_models(cls, value: str | None) -> str | None:
+        for name in _split(value):
+            catalog.get(name)
+        return value
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis redelivers unacked messages after this; it must outlast the longest job or jobs run twice."""
+        return self.max_job_s + 600
+
+    def sync_eligible(self, spec: catalog.ModelSpec) -> bool:
+        if self.sync_models is None:
+            return spec.sync_eligible
+        return any(catalog.get(name) is spec for name in _split(self.sync_models))
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

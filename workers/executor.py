@@ -1,0 +1,63 @@
+"""One forecast job, start to finish: claim it, run the model, store the outcome."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from shared import keys
+from shared.jobs import JobStatus, Scripts, finish_args
+from shared.settings import Settings
+from workers.runtime import Cancelled, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+def execute(
+    job_id: str, payload: dict, runtime: ModelRuntime, client: redis.Redis, settings: Settings, worker: str
+) -> str:
+    """Run one job message; returns the job's status afterwards.
+
+    A message whose job is no longer runnable (cancelled while queued, already finished by
+    an earlier delivery, or expired) is dropped without touching the model.
+    """
+    scripts = Scripts(client)
+    job_key = keys.job(job_id)
+    state = scripts.start(keys=[job_key], args=[repr(time.time()), worker])
+    if state != JobStatus.RUNNING:
+        log.info("job %s: not runnable (%s), message dropped", job_id, state)
+        return state
+
+    params = payload["parameters"]
+    inputs = payload["inputs"]
+    fields: dict = {"weights": runtime.weights.kind}
+    started = time.perf_counter()
+    try:
+        predictions = runtime.forecast(
+            [series["target"] for series in inputs],
+            prediction_length=params["prediction_length"],
+            quantile_levels=params["quantile_levels"],
+            num_samples=params.get("num_samples"),
+            should_stop=lambda: client.hget(job_key, "cancel_requested") == "1",
+        )
+        for series, forecast in zip(inputs, predictions):
+            forecast["item_id"] = series.get("item_id")
+            if series.get("start") is not None:
+                forecast["start"] = series["start"]
+        fields["predictions"] = predictions
+        outcome = JobStatus.SUCCEEDED
+    except Cancelled:
+        outcome = JobStatus.CANCELLED
+    except Exception as exc:  # the model's failure is the job's outcome, not the worker's
+        log.exception("job %s failed", job_id)
+        fields["error"] = f"{type(exc).__name__}: {exc}"
+        outcome = JobStatus.FAILED
+    fields["inference_s"] = round(time.perf_counter() - started, 6)
+    final = scripts.finish(
+        keys=[job_key],
+        args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
+    )
+    log.info("job %s: %s (%d series, %.3fs)", job_id, final, len(inputs), fields["inference_s"])
+    return final
