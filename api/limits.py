@@ -35,7 +35,11 @@ def _over(field: str, detail: str) -> Problem:
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse bodies over `max_bytes` with 413, by header or while streaming."""
+    """ASGI middleware: refuse bodies over `max_bytes` with 413.
+
+    A declared Content-Length is checked up front (the server never delivers more than it
+    declares). A chunked body is read here, up to the limit, then replayed to the app.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -44,34 +48,34 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def counting_receive():
-            nonlocal seen
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
         problem = Problem(413, "body-too-large", f"request body over {self.max_bytes} bytes (MAX_BODY_BYTES)")
         await problem.response(scope.get("path"))(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass

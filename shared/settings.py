@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     @field_validator("sync_models")
     @classmethod
     def _known_sync_models(cls, value: str | None) -> str | None:
-        for name in _split(value):
-            catalog.get(name)
+        unknown = [name for name in _split(value) if catalog.find(name) is None]
+        if unknown:
+            raise ValueError(f"unknown model(s) in SYNC_MODELS: {', '.join(unknown)}")
         return value
 
     @property
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     def sync_eligible(self, spec: catalog.ModelSpec) -> bool:
         if self.sync_models is None:
             return spec.sync_eligible
-        return any(catalog.get(name) is spec for name in _split(self.sync_models))
+        return any(catalog.find(name) is spec for name in _split(self.sync_models))
 
 
 def _split(value: str | None) -> list[str]:

@@ -61,7 +61,8 @@ class ModelRuntime:
         kwargs = {"num_samples": num_samples} if self.spec.sample_based and num_samples else {}
         out: list[dict[str, list[float]]] = []
         for start in range(0, len(targets), self.max_batch):
-            if should_stop is not None and should_stop():
+            # The first batch follows the claim on the job directly; later ones honour a cancel request.
+            if start and should_stop is not None and should_stop():
                 raise Cancelled()
             batch = [self._tensor(t) for t in targets[start : start + self.max_batch]]
             with torch.inference_mode():

@@ -1,0 +1,32 @@
+# chronos-queue: `make run` starts the whole stack, `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# CPU torch by default; set TORCH_INDEX to a CUDA index (e.g. .../whl/cu128) for GPU workers.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install test run bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required (found $(PYTHON))"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# A local CPU wheel when one is configured (find-links), else PyTorch's CPU index, else PyPI.
+	$(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX)" \
+	  || $(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[worker,stack,test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/predict_latency.py
+
+clean:
+	rm -rf $(VENV) .cache .run *.egg-info

@@ -1,0 +1,1 @@
+"""The `chronos-queue` command line."""

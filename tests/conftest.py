@@ -1,0 +1,197 @@
+"""Real parts, really started: redis-server on a free loopback port, Celery workers as subprocesses
+(`python -m workers`, the production entry point) serving seeded synthetic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from shared import catalog, keys
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BOLT = "amazon/chronos-bolt-tiny"
+T5 = "amazon/chronos-t5-tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen
+    url: str = field(init=False)
+
+    def __post_init__(self):
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+def start_redis(workdir: Path, *extra: str) -> RedisServer:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (`.ci/run` installs it; locally: apt-get install redis-server)")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    server = RedisServer(port, proc)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            server.client().ping()
+            return server
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """Seeded synthetic checkpoints of the full tiny architectures, built once per session."""
+    from workers import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    for model in (BOLT, T5):
+        spec = catalog.get(model)
+        synthetic.build(spec, out / spec.slug, seed=0)
+    return out
+
+
+def settings_for(redis_server: RedisServer, **overrides) -> Settings:
+    return Settings(_env_file=None, redis_url=redis_server.url, **overrides)
+
+
+@dataclass
+class Worker:
+    model: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, logdir: Path, **env) -> Worker:
+    spec = catalog.get(model)
+    client = redis_server.client()
+    before = set(client.hkeys(keys.workers(spec)))
+    log = logdir / f"worker-{spec.slug}-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "CHRONOS_MODEL": model,
+            "REDIS_URL": redis_server.url,
+            "WEIGHTS": "synthetic",
+            "SYNTHETIC_DIR": str(synthetic_dir),
+            "HEARTBEAT_S": "1",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        },
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    worker = Worker(model, proc, log)
+    deadline = time.monotonic() + 120
+    while not (set(client.hkeys(keys.workers(spec))) - before):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            worker.stop()
+            pytest.fail(f"worker for {model} did not come up:\n{worker.tail()}")
+        time.sleep(0.2)
+    return worker
+
+
+@pytest.fixture(scope="session")
+def workers(redis_server, synthetic_dir, tmp_path_factory) -> Iterator[dict[str, Worker]]:
+    """One worker per test model, shared by the whole session."""
+    logdir = tmp_path_factory.mktemp("logs")
+    started = {model: start_worker(redis_server, synthetic_dir, model, logdir) for model in (BOLT, T5)}
+    yield started
+    for worker in started.values():
+        worker.stop()
+
+
+@pytest.fixture()
+def api(redis_server) -> Iterator[TestClient]:
+    """The FastAPI app (lifespan and all) against the test Redis, with heartbeats read at test pace."""
+    from api.main import create_app
+
+    with TestClient(create_app(settings_for(redis_server, heartbeat_s=1))) as client:
+        yield client
+
+
+@pytest.fixture()
+def small_limits_api(redis_server) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    settings = settings_for(
+        redis_server, max_series=3, max_points=50, max_prediction_length=30, max_num_samples=10, max_body_bytes=4096
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def forecast_body(model: str = BOLT, n_series: int = 1, length: int = 64, horizon: int = 8, **params) -> dict:
+    inputs = [
+        {"item_id": f"s{i}", "target": [float((t * (i + 1)) % 13) for t in range(length + i)]} for i in range(n_series)
+    ]
+    return {"model": model, "inputs": inputs, "parameters": {"prediction_length": horizon, **params}}
+
+
+def wait_for(api: TestClient, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = api.get(f"/v1/forecasts/{job_id}", params={"wait": 10}).json()
+        if body["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return body
+
+
+def job_keys(client: redis.Redis) -> set[str]:
+    return set(client.scan_iter(keys.job("*")))
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2)[:2000]
