@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest
 
+run: install
+	$(PY) -m cli.stack run
+
 bench: install
 	$(PY) bench/predict_latency.py
 

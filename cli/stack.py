@@ -1,0 +1,168 @@
+"""`make run`: the whole stack on this machine, in the foreground, under honcho.
+
+    python -m cli.stack run        write .run/Procfile and exec honcho (Ctrl-C stops everything)
+    python -m cli.stack announce   (a Procfile entry) wait until ready, print where everything is
+
+Environment: CHRONOS_MODELS (comma-separated ids), API_PORT (8000), FLOWER_PORT (5555),
+REDIS_PORT (6379, for the Redis it starts), REDIS_URL (use that Redis, start none),
+WEIGHTS (any: real from the Hugging Face cache when present, else synthetic),
+INSTALL_REDIS (1: apt-get install redis-server when missing and running as root).
+The entry points are those of the containers (Dockerfile.api, Dockerfile.worker, compose.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from shared import catalog
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".run"
+DEFAULT_MODELS = "amazon/chronos-bolt-tiny,amazon/chronos-t5-tiny"
+
+# The same entry points the containers run.
+API_ENTRY = "uvicorn api.main:app"
+WORKER_ENTRY = "python -m workers"
+FLOWER_ENTRY = "celery -A cli.flower flower"
+
+
+def models_from_env() -> list[catalog.ModelSpec]:
+    names = [n.strip() for n in os.environ.get("CHRONOS_MODELS", DEFAULT_MODELS).split(",") if n.strip()]
+    specs = []
+    for name in names:
+        spec = catalog.find(name)
+        if spec is None or not spec.served:
+            served = ", ".join(m.id for m in catalog.CATALOG if m.served)
+            sys.exit(f"CHRONOS_MODELS: {name!r} is not a servable model; choose from {served}")
+        specs.append(spec)
+    return specs
+
+
+def procfile(specs: list[catalog.ModelSpec], api_port: int, flower_port: int, redis_port: int | None) -> str:
+    """One line per process: Redis (unless external), the API, a worker per model, Flower, the announcer."""
+    lines = []
+    if redis_port is not None:
+        data = RUN_DIR / "redis"
+        lines.append(
+            f"redis: redis-server --port {redis_port} --bind 127.0.0.1 --dir {shlex.quote(str(data))} "
+            f"--appendonly yes --save ''"
+        )
+    lines.append(f"api: {API_ENTRY} --host 127.0.0.1 --port {api_port}")
+    for spec in specs:
+        lines.append(f"worker-{spec.slug}: env CHRONOS_MODEL={spec.id} {WORKER_ENTRY}")
+    lines.append(f"flower: {FLOWER_ENTRY} --address=127.0.0.1 --port={flower_port}")
+    lines.append("ready: python -m cli.stack announce")
+    return "\n".join(lines) + "\n"
+
+
+def run() -> None:
+    specs = models_from_env()
+    api_port = int(os.environ.get("API_PORT", 8000))
+    flower_port = int(os.environ.get("FLOWER_PORT", 5555))
+    redis_port = None
+    env = dict(os.environ)
+    if not env.get("REDIS_URL"):
+        redis_port = int(env.get("REDIS_PORT", 6379))
+        _ensure_redis_server()
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    for name, port in (("API_PORT", api_port), ("FLOWER_PORT", flower_port), ("REDIS_PORT", redis_port)):
+        if port is not None and _in_use(port):
+            sys.exit(f"port {port} ({name}) is in use; pick another, e.g. {name}={port + 1} make run")
+    (RUN_DIR / "redis").mkdir(parents=True, exist_ok=True)
+    path = RUN_DIR / "Procfile"
+    path.write_text(procfile(specs, api_port, flower_port, redis_port))
+    env.update(
+        API_PORT=str(api_port),
+        FLOWER_PORT=str(flower_port),
+        CHRONOS_MODELS=",".join(s.id for s in specs),
+        WEIGHTS=env.get("WEIGHTS", "any"),
+        SYNTHETIC_DIR=env.get("SYNTHETIC_DIR", str(ROOT / ".cache" / "synthetic")),
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        # The venv's python, uvicorn and celery come first, as in the images.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    honcho = shutil.which("honcho", path=env["PATH"])
+    if honcho is None:
+        sys.exit("honcho is not installed (pip install -e '.[stack]', or just `make run`)")
+    os.chdir(ROOT)
+    os.execve(honcho, [honcho, "-f", str(path), "-d", str(ROOT), "start"], env)
+
+
+def announce() -> None:
+    """Wait until the API answers and every model has a worker online, then say where things are."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    api = f"http://127.0.0.1:{os.environ['API_PORT']}"
+    wanted = os.environ["CHRONOS_MODELS"].split(",")
+    deadline = time.monotonic() + float(os.environ.get("READY_TIMEOUT_S", 600))
+    models: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            listing = json.load(urllib.request.urlopen(f"{api}/v1/models", timeout=2))
+            models = {m["id"]: m for m in listing if m["id"] in wanted}
+            if all(models[m]["workers_online"] > 0 for m in wanted):
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        print(f"not ready after {os.environ.get('READY_TIMEOUT_S', 600)}s; see the worker logs above", flush=True)
+        signal.pause()
+    first = models[wanted[0]]
+    example = {
+        "model": first["id"],
+        "inputs": [{"target": [float(10 + (i % 7)) for i in range(24)]}],
+        "parameters": {"prediction_length": 12},
+    }
+    lines = [
+        "",
+        "chronos-queue is ready",
+        f"  API       {api}   (interactive docs: {api}/docs)",
+        f"  Flower    http://127.0.0.1:{os.environ['FLOWER_PORT']}",
+        f"  Redis     {os.environ['REDIS_URL']}",
+    ]
+    lines += [f"  worker    {m}: {models[m]['weights']} weights" for m in wanted]
+    synthetic = [m for m in wanted if models[m]["weights"] == "synthetic"]
+    if synthetic:
+        lines.append(f"  *** SYNTHETIC weights for {', '.join(synthetic)}: random weights, meaningless forecasts ***")
+    lines += [
+        "",
+        "Forecast now:",
+        f"  curl -s -X POST '{api}/v1/predict' -H 'content-type: application/json' -d '{json.dumps(example)}'",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+    signal.pause()
+
+
+def _ensure_redis_server() -> None:
+    if shutil.which("redis-server"):
+        return
+    how = "install it (sudo apt-get install redis-server) or point REDIS_URL at a running Redis"
+    if os.environ.get("INSTALL_REDIS", "1") != "1" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit(f"redis-server is not installed: {how}")
+    print("redis-server is missing: installing it from the OS archive (INSTALL_REDIS=0 to refuse)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        if subprocess.run(cmd, env=env).returncode != 0:
+            sys.exit(f"installing redis-server failed: {how}")
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+if __name__ == "__main__":
+    {"run": run, "announce": announce}[sys.argv[1] if len(sys.argv) > 1 else "run"]()

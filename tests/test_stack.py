@@ -1,0 +1,101 @@
+"""The local stack as a user starts it (`make run`'s runner), and scaling out on one queue."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared import catalog
+
+from conftest import ROOT, forecast_body, free_port, start_worker, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def session_members(sid: int) -> list[int]:
+    """Processes still in session `sid` (the runner's; everything it started stays in it)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_behind(synthetic_dir, tmp_path):
+    api_port, flower_port, redis_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "API_PORT": str(api_port),
+        "FLOWER_PORT": str(flower_port),
+        "REDIS_PORT": str(redis_port),
+        "SYNTHETIC_DIR": str(synthetic_dir),
+        "CHRONOS_MODELS": "amazon/chronos-bolt-tiny,amazon/chronos-t5-tiny",
+    }
+    env.pop("REDIS_URL", None)
+    log = tmp_path / "run.log"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "cli.stack", "run"], cwd=ROOT, env=env,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C stops everything" not in log.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        output = log.read_text()
+        assert f"http://127.0.0.1:{api_port}" in output and f"http://127.0.0.1:{flower_port}" in output
+        assert "SYNTHETIC weights" in output
+        curl = re.search(r"curl -s -X POST '([^']+)' .* -d '(.+)'", output)
+        assert curl, output[-2000:]
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as api:
+            sync = api.post("/v1/predict", content=curl.group(2), headers={"content-type": "application/json"})
+            assert sync.status_code == 200 and sync.json()["status"] == "succeeded"
+            job = api.post("/v1/forecasts", json=forecast_body("amazon/chronos-t5-tiny", num_samples=4))
+            assert job.status_code == 202
+            done = api.get(f"/v1/forecasts/{job.json()['id']}", params={"wait": 60}).json()
+            assert done["status"] == "succeeded"
+        flower = httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=10)
+        assert flower.status_code == 200
+        assert len(session_members(runner.pid)) >= 6  # runner, redis, api, 2 workers (+ pool children), flower
+    finally:
+        runner.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground runner
+        try:
+            runner.wait(60)
+        finally:
+            survivors = session_members(runner.pid)
+            for pid in survivors:
+                os.kill(pid, signal.SIGKILL)
+    assert survivors == [], f"processes left behind: {survivors}\n{log.read_text()[-2000:]}"
+
+
+def test_two_workers_on_one_queue_share_its_jobs(api, redis_server, synthetic_dir, tmp_path):
+    model = "amazon/chronos-bolt-small"  # served by nobody else in this session
+    from workers import synthetic
+
+    spec = catalog.get(model)
+    synthetic.build(spec, synthetic_dir / spec.slug, seed=0)
+    pair = [start_worker(redis_server, synthetic_dir, model, tmp_path) for _ in range(2)]
+    try:
+        jobs = [api.post("/v1/forecasts", json=forecast_body(model, n_series=8, length=300)).json() for _ in range(30)]
+        finished = [wait_for(api, job["id"]) for job in jobs]
+        assert [job["status"] for job in finished] == ["succeeded"] * 30
+        client = redis_server.client()
+        nodes = {client.hget(f"cq:job:{job['id']}", "worker").split("/")[0] for job in finished}
+        assert len(nodes) == 2, nodes
+        assert api.get(f"/v1/models/{model}").json()["workers_online"] == 2
+    finally:
+        for worker in pair:
+            worker.stop()
