@@ -44,9 +44,9 @@ class ModelRuntime:
         self.max_batch = spec.max_batch(self.device)
         self.forecast([[float(i % 7) for i in range(64)]], prediction_length=8, quantile_levels=[0.5], num_samples=2)
         log.info(
-            "loaded %s (%s weights from %s) on %s/%s in %.1fs, max batch %d",
+            "loaded %s (%s weights from %s) on %s/%s in %.1fs, max batch %d, %d torch threads",
             spec.id, weights.kind, weights.source, self.device, str(self.dtype).removeprefix("torch."),
-            self.load_s, self.max_batch,
+            self.load_s, self.max_batch, torch.get_num_threads(),
         )  # fmt: skip
 
     def forecast(
