@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from shared import catalog, keys
-from shared.jobs import JobRecord, JobStatus, Lane, Scripts, new_record
+from shared.jobs import JobRecord, Lane, Scripts, new_record
 from shared.schemas import ForecastRequest, ModelView, WorkerView
 from shared.settings import Settings
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -191,7 +190,3 @@ def wait_for(api: TestClient, job_id: str, timeout: float = 60) -> dict:
 
 def job_keys(client: redis.Redis) -> set[str]:
     return set(client.scan_iter(keys.job("*")))
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2)[:2000]
