@@ -161,12 +161,9 @@ class JobService:
             keys=[keys.job(job_id)],
             args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
         )
-        if outcome == "missing":
-            await self.require(job_id)  # raises the 404
-        record = await self.require(job_id)
-        if outcome not in ("cancelled", "cancelling"):
+        if outcome not in ("cancelled", "cancelling", "missing"):
             raise Problem(409, "job-finished", f"job {job_id} already {outcome}; nothing to cancel", status_now=outcome)
-        return record, outcome == "cancelled"
+        return await self.require(job_id), outcome == "cancelled"  # require answers 404 for 'missing'
 
     async def ready(self) -> bool:
         try:
