@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from shared.catalog import ModelSpec
 from shared.schemas import ForecastRequest
 from shared.settings import Settings
 
 from api.problems import Problem
 
 
-def check(request: ForecastRequest, settings: Settings) -> None:
-    """Raise a 422 `Problem` naming the first field over its configured limit."""
+def check(request: ForecastRequest, spec: ModelSpec, settings: Settings) -> None:
+    """Raise a 422 `Problem` naming the first field over its configured limit or not for this model."""
     if len(request.inputs) > settings.max_series:
         raise _over("inputs", f"{len(request.inputs)} series; at most {settings.max_series} per request")
     for i, series in enumerate(request.inputs):
@@ -28,6 +29,15 @@ def check(request: ForecastRequest, settings: Settings) -> None:
         )
     if params.num_samples is not None and params.num_samples > settings.max_num_samples:
         raise _over("parameters.num_samples", f"{params.num_samples} samples; at most {settings.max_num_samples}")
+    offending = [*params.sampling(), *(["return_samples"] if params.return_samples else [])]
+    if offending and not spec.sample_based:
+        field = f"parameters.{offending[0]}"
+        raise Problem(
+            422,
+            "not-sample-based",
+            f"{field}: {spec.id} outputs quantiles directly; sampling options apply to T5 models only",
+            field=field,
+        )
 
 
 def _over(field: str, detail: str) -> Problem:

@@ -1,4 +1,4 @@
-"""The FastAPI application: `uvicorn api.main:app`."""
+"""The FastAPI application: `uvicorn --factory api.main:create_app` (settings read at start)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
 
 from api import problems
+from api.auth import KeyRing
 from api.events import JobEvents
 from api.limits import BodySizeLimit
-from api.routes import forecasts, health, models
+from api.metrics import ApiMetrics, RequestTimer
+from api.routes import compat, forecasts, health, models
 from api.service import JobService
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    if settings is None:  # started by uvicorn: configure logging as the service logs
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings = get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -27,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events = JobEvents(client)
         events.start()
         celery = make_celery(settings)
-        app.state.service = JobService(settings, client, celery, events)
+        app.state.service = JobService(settings, client, celery, events, app.state.metrics)
         try:
             yield
         finally:
@@ -41,12 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Queue-backed forecasting with Amazon Chronos models",
         lifespan=lifespan,
     )
+    app.state.keys = KeyRing.from_settings(settings)
+    app.state.metrics = ApiMetrics()
     problems.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (forecasts, models, health):
-        app.include_router(module.router)
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
+    for router in (forecasts.router, models.router, health.router, compat.default, compat.per_model):
+        app.include_router(router)
     return app
-
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-app = create_app()

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ _TITLES = {
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 
@@ -78,6 +80,8 @@ def field_path(loc: tuple | list) -> str:
 
 
 def install(app: FastAPI) -> None:
+    """Answer every error as problem+json, and document it so in the OpenAPI schema."""
+    _document_validation_errors(app)
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem):
         return exc.response(request.url.path)
@@ -110,3 +114,99 @@ def install(app: FastAPI) -> None:
 def _message(error: dict) -> str:
     msg = error.get("msg", "invalid value")
     return msg.removeprefix("Value error, ")
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details, as every error of this API is answered."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="urn:chronos-queue:problem:<code>")
+    title: str
+    status: int
+    code: str = Field(description="Stable machine-readable code.")
+    detail: str = Field(description="What went wrong, for humans.")
+    instance: str | None = Field(None, description="The request path.")
+    field: str | None = Field(None, description="The offending request field, for validation errors.")
+
+
+# One example per problem code the API can answer: status, detail, extra members.
+EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
+    "malformed-json": (400, "the request body is not valid JSON", {}),
+    "unauthorized": (401, "missing API key: send it as `X-API-Key: KEY` or `Authorization: Bearer KEY`", {}),
+    "unknown-model": (404, "unknown model 'amazon/chronos-t5-huge'; GET /v1/models lists them", {"field": "model"}),
+    "unknown-job": (404, "no job '3f2a…' (never accepted, or its result expired)", {}),
+    "not-sync-eligible": (
+        409, "amazon/chronos-t5-large is not served synchronously; submit it with POST /v1/forecasts and poll",
+        {"field": "model", "async_endpoint": "/v1/forecasts"},
+    ),
+    "job-finished": (409, "job 3f2a… already succeeded; nothing to cancel", {"status_now": "succeeded"}),
+    "job-cancelled": (409, "job 3f2a… was cancelled", {"job_id": "3f2a…"}),
+    "other-model": (
+        409, "this URL serves amazon/chronos-t5-tiny; for amazon/chronos-bolt-base use /models/<slug>/forecast/v1/chronos/...",
+        {"field": "model_variant"},
+    ),
+    "body-too-large": (413, "request body over 67108864 bytes (MAX_BODY_BYTES)", {}),
+    "validation-error": (
+        422, "inputs[0].target: target holds an infinite value; use null or NaN for missing values",
+        {"field": "inputs[0].target", "errors": [{"field": "inputs[0].target", "message": "target holds an infinite value"}]},
+    ),
+    "limit-exceeded": (
+        422, "parameters.prediction_length: 2048 steps; at most 1024", {"field": "parameters.prediction_length"}
+    ),
+    "not-sample-based": (
+        422, "parameters.temperature: amazon/chronos-bolt-small outputs quantiles directly; sampling options apply to T5 models only",
+        {"field": "parameters.temperature"},
+    ),
+    "forecast-failed": (500, "RuntimeError: CUDA out of memory", {"job_id": "3f2a…"}),
+    "internal-error": (500, "internal error; see the server log", {}),
+    "model-not-served": (501, "amazon/chronos-2 is in the catalog but not served yet", {"field": "model"}),
+    "no-worker": (
+        503, "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts", {}
+    ),
+    "broker-unavailable": (503, "could not enqueue the job; retry", {}),
+    "redis-unavailable": (503, "Redis is not reachable", {}),
+    "forecast-timeout": (
+        504, "no forecast within 290s; the job continues: GET /v1/forecasts/3f2a…", {"job_id": "3f2a…"}
+    ),
+}  # fmt: skip
+
+# The errors every route with a JSON body can answer before it runs.
+BODY_ERRORS = ("malformed-json", "body-too-large", "validation-error")
+
+
+def documented(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these problem codes: grouped by status, one named example each."""
+    schema = ProblemDetails.model_json_schema()
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        status, detail, extra = EXAMPLES[code]
+        title = _TITLES.get(status, "Error")
+        entry = out.setdefault(
+            status,
+            {"description": title, "content": {MEDIA_TYPE: {"schema": schema, "examples": {}}}},
+        )
+        example = {"type": f"urn:chronos-queue:problem:{code}", "title": title, "status": status, "code": code,
+                   "detail": detail, **extra}  # fmt: skip
+        entry["content"][MEDIA_TYPE]["examples"][code] = {"summary": code, "value": example}
+    return out
+
+
+def _document_validation_errors(app: FastAPI) -> None:
+    """FastAPI documents request validation as its own 422 JSON shape; ours is problem+json."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        ours = documented("validation-error")[422]
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            if "application/json" in operation.get("responses", {}).get("422", {}).get("content", {}):
+                operation["responses"]["422"] = ours
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

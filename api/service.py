@@ -12,12 +12,13 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from shared import catalog, keys
-from shared.jobs import JobRecord, Lane, Scripts, new_record
+from shared.jobs import JobRecord, JobStatus, Lane, Scripts, new_record
 from shared.schemas import ForecastRequest, ModelView, WorkerView
 from shared.settings import Settings
 
 from api import limits
 from api.events import JobEvents
+from api.metrics import ApiMetrics
 from api.problems import Problem
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,10 @@ _RECHECK_S = 1.0
 
 
 class JobService:
-    def __init__(self, settings: Settings, client: aioredis.Redis, celery: Celery, events: JobEvents):
-        self.settings, self.client, self.celery, self.events = settings, client, celery, events
+    def __init__(
+        self, settings: Settings, client: aioredis.Redis, celery: Celery, events: JobEvents, metrics: ApiMetrics
+    ):
+        self.settings, self.client, self.celery, self.events, self.metrics = settings, client, celery, events, metrics
         self.scripts = Scripts(client)
 
     # -- models -------------------------------------------------------------------------------
@@ -81,17 +84,17 @@ class JobService:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    async def submit(self, request: ForecastRequest, lane: Lane = Lane.ASYNC) -> JobRecord:
+    async def submit(self, request: ForecastRequest, lane: Lane, owner: str) -> JobRecord:
         """Validate against the catalog and limits, record the job, and enqueue it on its model's queue."""
         spec = self.model(request.model)
         if not spec.served:
             raise Problem(501, "model-not-served", f"{spec.id} is in the catalog but not served yet", field="model")
-        limits.check(request, self.settings)
+        limits.check(request, spec, self.settings)
         if lane is Lane.SYNC:
             await self._check_sync(spec)
         job_id = uuid.uuid4().hex
         record = new_record(
-            job_id, spec.id, len(request.inputs), request.parameters.prediction_length, lane, time.time()
+            job_id, spec.id, len(request.inputs), request.parameters.prediction_length, lane, time.time(), owner
         )
         job_key = keys.job(job_id)
         async with self.client.pipeline(transaction=True) as pipe:
@@ -109,7 +112,22 @@ class JobService:
             await self.client.delete(job_key)
             raise Problem(503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"})
         log.info("job %s accepted: %s, %d series, lane %s", job_id, spec.id, len(request.inputs), lane.value)
+        self.metrics.accepted.labels(spec.id, lane.value).inc()
         return JobRecord.from_hash({k: str(v) for k, v in record.items()})
+
+    async def run(self, request: ForecastRequest, lane: Lane, owner: str, timeout_s: float) -> JobRecord:
+        """Submit and wait: the succeeded record, or the job as it stands when `timeout_s` runs out.
+
+        A job that failed or was cancelled meanwhile is a problem response carrying its id.
+        """
+        record = await self.wait((await self.submit(request, lane, owner)).id, timeout_s, owner)
+        if record.status is JobStatus.FAILED:
+            raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
+        if record.terminal and record.status is not JobStatus.SUCCEEDED:
+            raise Problem(
+                409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id
+            )
+        return record
 
     async def _check_sync(self, spec: catalog.ModelSpec) -> None:
         if not self.settings.sync_eligible(spec):
@@ -120,33 +138,42 @@ class JobService:
                 field="model",
                 async_endpoint="/v1/forecasts",
             )
-        (view,) = await self.models((spec,))
-        if view.workers_online == 0:
-            raise Problem(
-                503,
-                "no-worker",
-                f"no worker is serving {spec.id} right now; POST /v1/forecasts queues the job until one starts",
-                headers={"Retry-After": "5"},
-            )
+        await self.serving(spec)
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> ModelView:
+        """The model's live view once a worker serves it (waiting up to `wait_s`), else 503 (501 if never)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            (view,) = await self.models((spec,))
+            if not spec.served:
+                raise Problem(501, "model-not-served", f"{spec.id} is in the catalog but not served yet", field="model")
+            if view.workers_online:
+                return view
+            if loop.time() >= deadline:
+                raise Problem(
+                    503,
+                    "no-worker",
+                    f"no worker is serving {spec.id} right now; POST /v1/forecasts queues the job until one starts",
+                    headers={"Retry-After": "5"},
+                )
+            await asyncio.sleep(0.5)
+
+    async def require(self, job_id: str, owner: str) -> JobRecord:
+        """The job's record; 404 when there is none or it belongs to another owner (same answer for both)."""
         fields = await self.client.hgetall(keys.job(job_id))
-        return JobRecord.from_hash(fields) if fields else None
-
-    async def require(self, job_id: str) -> JobRecord:
-        record = await self.get(job_id)
-        if record is None:
+        if not fields or fields.get("owner") != owner:
             raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
-        return record
+        return JobRecord.from_hash(fields)
 
-    async def wait(self, job_id: str, timeout_s: float) -> JobRecord:
+    async def wait(self, job_id: str, timeout_s: float, owner: str) -> JobRecord:
         """The job's record as soon as it is terminal, or as it stands when `timeout_s` runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         with self.events.watch(job_id) as announced:
             while True:
                 announced.clear()
-                record = await self.require(job_id)
+                record = await self.require(job_id, owner)
                 remaining = deadline - loop.time()
                 if record.terminal or remaining <= 0:
                     return record
@@ -155,15 +182,15 @@ class JobService:
                 except TimeoutError:
                     pass
 
-    async def cancel(self, job_id: str) -> tuple[JobRecord, bool]:
+    async def cancel(self, job_id: str, owner: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns its record and whether it stopped already."""
         outcome = await self.scripts.cancel(
             keys=[keys.job(job_id)],
-            args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
+            args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, owner],
         )
         if outcome not in ("cancelled", "cancelling", "missing"):
             raise Problem(409, "job-finished", f"job {job_id} already {outcome}; nothing to cancel", status_now=outcome)
-        return await self.require(job_id), outcome == "cancelled"  # require answers 404 for 'missing'
+        return await self.require(job_id, owner), outcome == "cancelled"  # require answers 404 for 'missing'
 
     async def ready(self) -> bool:
         try:

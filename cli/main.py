@@ -1,5 +1,6 @@
-"""`chronos-queue`: operator commands.
+"""`chronos-queue`: forecasts from files, and operator commands.
 
+    chronos-queue forecast INPUT.csv|json --model amazon/chronos-bolt-small --horizon 24 [--out f.csv] [--plot f.png]
     chronos-queue weights synthetic --model amazon/chronos-bolt-tiny --out DIR [--seed N]
     chronos-queue weights resolve --model amazon/chronos-bolt-tiny
     chronos-queue worker   (same as `python -m workers`; CHRONOS_MODEL picks the model)
@@ -8,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from shared import catalog
 
@@ -29,7 +32,29 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("worker", help="start a worker for CHRONOS_MODEL (extra args go to Celery)")
 
+    fc = commands.add_parser("forecast", help="forecast the series of a CSV or JSON file through the service")
+    fc.add_argument("input", type=Path, help="CSV (long or wide) or JSON; see `cli/forecast.py`")
+    fc.add_argument("--model", required=True, help="catalog id or slug")
+    fc.add_argument("--horizon", type=int, required=True, help="steps to forecast")
+    fc.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated levels (default 0.1,0.5,0.9)")
+    fc.add_argument("--num-samples", type=int, help="sample paths (T5 models)")
+    fc.add_argument("--out", type=Path, help="output file (default: stdout)")
+    fc.add_argument("--format", choices=("csv", "json"), help="output format (default: from --out, else csv)")
+    fc.add_argument("--plot", type=Path, help="PNG of history, median and 10-90%% band (first 12 series)")
+    fc.add_argument("--freq", help="pandas frequency of the series (default: inferred from timestamps)")
+    fc.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
+    fc.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
+    fc.add_argument("--series-per-job", type=int, default=256)
+    fc.add_argument("--id-column", default="item_id")
+    fc.add_argument("--time-column", default="timestamp")
+    fc.add_argument("--value-column", default="target")
+    fc.add_argument("--no-progress", action="store_true")
+
     args, rest = parser.parse_known_args(argv)
+    if args.command == "forecast":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _forecast(args)
     if args.command == "worker":
         from workers.__main__ import main as worker_main
 
@@ -56,6 +81,45 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(f"{spec.id}: {found.kind} weights from {found.source}: {found.path}")
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    from cli import forecast
+    from client import ChronosQueueError, Client
+
+    try:
+        quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
+        if args.plot:
+            quantiles = sorted({*quantiles, *forecast.PLOT_QUANTILES})
+        series = forecast.read(args.input, args.id_column, args.time_column, args.value_column)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+    if not series:
+        print(f"error: no series in {args.input}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            predictions, weights = forecast.run(
+                client, series, args.model, args.horizon, quantiles, args.series_per_job,
+                progress=not args.no_progress, num_samples=args.num_samples,
+            )  # fmt: skip
+    except ChronosQueueError as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        print(f"error: {exc.status} {exc.code}{where}: {exc.detail}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if "synthetic" in weights:
+        print(f"warning: {args.model} answered with SYNTHETIC weights: these forecasts are meaningless", file=sys.stderr)
+    fmt = args.format or ("json" if args.out and args.out.suffix.lower() == ".json" else "csv")
+    forecast.write(forecast.rows(series, predictions, args.horizon, args.freq), args.out, fmt)
+    if args.plot:
+        title = args.model + (" - SYNTHETIC weights: meaningless forecasts" if "synthetic" in weights else "")
+        drawn = forecast.plot(series, predictions, args.horizon, args.plot, title)
+        print(f"plot of {drawn} of {len(series)} series: {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -4,9 +4,12 @@
     python -m cli.stack announce   (a Procfile entry) wait until ready, print where everything is
 
 Environment: CHRONOS_MODELS (comma-separated ids), API_PORT (8000), FLOWER_PORT (5555),
-REDIS_PORT (6379, for the Redis it starts), REDIS_URL (use that Redis, start none),
+REDIS_PORT (6379, for the Redis it starts), WORKER_METRICS_PORT (9101: the first worker's
+Prometheus port, the next ones count up; 0 for none), REDIS_URL (use that Redis, start none),
 WEIGHTS (any: real from the Hugging Face cache when present, else synthetic),
-INSTALL_REDIS (1: apt-get install redis-server when missing and running as root).
+INSTALL_REDIS (1: apt-get install redis-server when missing and running as root),
+API_KEYS / API_KEYS_FILE / AUTH_DISABLED (with none set, a dev key is made once, kept in .run/dev-api-key
+and printed).
 The entry points are those of the containers (Dockerfile.api, Dockerfile.worker, compose.yaml).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -31,7 +35,7 @@ RUN_DIR = ROOT / ".run"
 DEFAULT_MODELS = "amazon/chronos-bolt-tiny,amazon/chronos-t5-tiny"
 
 # The same entry points the containers run.
-API_ENTRY = "uvicorn api.main:app"
+API_ENTRY = "uvicorn --factory api.main:create_app"
 WORKER_ENTRY = "python -m workers"
 FLOWER_ENTRY = "celery -A cli.flower flower"
 
@@ -48,7 +52,9 @@ def models_from_env() -> list[catalog.ModelSpec]:
     return specs
 
 
-def procfile(specs: list[catalog.ModelSpec], api_port: int, flower_port: int, redis_port: int | None) -> str:
+def procfile(
+    specs: list[catalog.ModelSpec], api_port: int, flower_port: int, redis_port: int | None, metrics_base: int
+) -> str:
     """One line per process: Redis (unless external), the API, a worker per model, Flower, the announcer."""
     lines = []
     if redis_port is not None:
@@ -58,8 +64,9 @@ def procfile(specs: list[catalog.ModelSpec], api_port: int, flower_port: int, re
             f"--appendonly yes --save ''"
         )
     lines.append(f"api: {API_ENTRY} --host 127.0.0.1 --port {api_port}")
-    for spec in specs:
-        lines.append(f"worker-{spec.slug}: env CHRONOS_MODEL={spec.id} {WORKER_ENTRY}")
+    for i, spec in enumerate(specs):
+        metrics = f" METRICS_PORT={metrics_base + i}" if metrics_base else ""
+        lines.append(f"worker-{spec.slug}: env CHRONOS_MODEL={spec.id}{metrics} {WORKER_ENTRY}")
     lines.append(f"flower: {FLOWER_ENTRY} --address=127.0.0.1 --port={flower_port}")
     lines.append("ready: python -m cli.stack announce")
     return "\n".join(lines) + "\n"
@@ -69,21 +76,26 @@ def run() -> None:
     specs = models_from_env()
     api_port = int(os.environ.get("API_PORT", 8000))
     flower_port = int(os.environ.get("FLOWER_PORT", 5555))
+    metrics_base = int(os.environ.get("WORKER_METRICS_PORT", 9101))
     redis_port = None
     env = dict(os.environ)
     if not env.get("REDIS_URL"):
         redis_port = int(env.get("REDIS_PORT", 6379))
         _ensure_redis_server()
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-    for name, port in (("API_PORT", api_port), ("FLOWER_PORT", flower_port), ("REDIS_PORT", redis_port)):
+    metrics_ports = [("WORKER_METRICS_PORT", metrics_base + i) for i in range(len(specs))] if metrics_base else []
+    for name, port in (("API_PORT", api_port), ("FLOWER_PORT", flower_port), ("REDIS_PORT", redis_port), *metrics_ports):
         if port is not None and _in_use(port):
             sys.exit(f"port {port} ({name}) is in use; pick another, e.g. {name}={port + 1} make run")
     (RUN_DIR / "redis").mkdir(parents=True, exist_ok=True)
+    if not any(env.get(name) for name in ("API_KEYS", "API_KEYS_FILE", "AUTH_DISABLED")):
+        env["API_KEYS"] = _dev_key()
     path = RUN_DIR / "Procfile"
-    path.write_text(procfile(specs, api_port, flower_port, redis_port))
+    path.write_text(procfile(specs, api_port, flower_port, redis_port, metrics_base))
     env.update(
         API_PORT=str(api_port),
         FLOWER_PORT=str(flower_port),
+        WORKER_METRICS_PORT=str(metrics_base),
         CHRONOS_MODELS=",".join(s.id for s in specs),
         WEIGHTS=env.get("WEIGHTS", "any"),
         SYNTHETIC_DIR=env.get("SYNTHETIC_DIR", str(ROOT / ".cache" / "synthetic")),
@@ -103,12 +115,15 @@ def announce() -> None:
     """Wait until the API answers and every model has a worker online, then say where things are."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     api = f"http://127.0.0.1:{os.environ['API_PORT']}"
+    key = (os.environ.get("API_KEYS") or "").split(",")[0].strip()
+    auth = {"X-API-Key": key} if key else {}
     wanted = os.environ["CHRONOS_MODELS"].split(",")
     deadline = time.monotonic() + float(os.environ.get("READY_TIMEOUT_S", 600))
     models: dict = {}
     while time.monotonic() < deadline:
         try:
-            listing = json.load(urllib.request.urlopen(f"{api}/v1/models", timeout=2))
+            request = urllib.request.Request(f"{api}/v1/models", headers=auth)
+            listing = json.load(urllib.request.urlopen(request, timeout=2))
             models = {m["id"]: m for m in listing if m["id"] in wanted}
             if all(models[m]["workers_online"] > 0 for m in wanted):
                 break
@@ -130,20 +145,38 @@ def announce() -> None:
         f"  API       {api}   (interactive docs: {api}/docs)",
         f"  Flower    http://127.0.0.1:{os.environ['FLOWER_PORT']}",
         f"  Redis     {os.environ['REDIS_URL']}",
+        f"  API key   {key}" if key else "  API key   none (AUTH_DISABLED)",
     ]
-    lines += [f"  worker    {m}: {models[m]['weights']} weights" for m in wanted]
+    base = int(os.environ.get("WORKER_METRICS_PORT", 0))
+    lines += [
+        f"  worker    {m}: {models[m]['weights']} weights"
+        + (f", metrics http://127.0.0.1:{base + i}/metrics" if base else "")
+        for i, m in enumerate(wanted)
+    ]
+    lines.append(f"  metrics   {api}/metrics (API and queue depths)")
     synthetic = [m for m in wanted if models[m]["weights"] == "synthetic"]
     if synthetic:
         lines.append(f"  *** SYNTHETIC weights for {', '.join(synthetic)}: random weights, meaningless forecasts ***")
     lines += [
         "",
         "Forecast now:",
-        f"  curl -s -X POST '{api}/v1/predict' -H 'content-type: application/json' -d '{json.dumps(example)}'",
+        f"  curl -s -X POST '{api}/v1/predict' -H 'content-type: application/json'"
+        + (f" -H 'X-API-Key: {key}'" if key else "")
+        + f" -d '{json.dumps(example)}'",
         "Ctrl-C stops everything.",
         "",
     ]
     print("\n".join(lines), flush=True)
     signal.pause()
+
+
+def _dev_key() -> str:
+    """The local stack's API key: made once, then reused, so scripts keep working across restarts."""
+    path = RUN_DIR / "dev-api-key"
+    if not path.exists():
+        path.write_text(f"dev-{secrets.token_urlsafe(18)}\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def _ensure_redis_server() -> None:

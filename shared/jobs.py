@@ -69,12 +69,12 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return final
 """
 
-# KEYS[1] job  ARGV: now, ttl, channel, job id.
+# KEYS[1] job  ARGV: now, ttl, channel, job id, owner.
 # Returns 'cancelled' (was queued), 'cancelling' (running: stops at the next batch),
-# the terminal status it already had, or 'missing'.
+# the terminal status it already had, or 'missing' (also when another owner's job).
 CANCEL = """
 local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return 'missing' end
+if not s or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 'missing' end
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -89,10 +89,13 @@ return s
 """
 
 
-def new_record(job_id: str, model_id: str, n_series: int, prediction_length: int, lane: Lane, now: float) -> dict:
+def new_record(
+    job_id: str, model_id: str, n_series: int, prediction_length: int, lane: Lane, now: float, owner: str
+) -> dict:
     """Fields of a freshly accepted job, as stored in its hash."""
     return {
         "id": job_id,
+        "owner": owner,
         "model": model_id,
         "status": JobStatus.QUEUED.value,
         "lane": lane.value,
@@ -124,6 +127,7 @@ class JobRecord:
     n_series: int
     prediction_length: int
     created_at: float
+    owner: str = ""
     attempts: int = 0
     started_at: float | None = None
     finished_at: float | None = None
@@ -147,6 +151,7 @@ class JobRecord:
             n_series=int(h.get("n_series", 0)),
             prediction_length=int(h.get("prediction_length", 0)),
             created_at=float(h["created_at"]),
+            owner=h.get("owner", ""),
             attempts=int(h.get("attempts", 0)),
             started_at=num("started_at"),
             finished_at=num("finished_at"),

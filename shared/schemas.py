@@ -45,6 +45,20 @@ class ForecastParameters(BaseModel):
     quantile_levels: list[float] = Field(default_factory=lambda: list(DEFAULT_QUANTILES), min_length=1)
     freq: str | None = Field(None, max_length=16, description="Pandas frequency string (echoed back).")
     num_samples: int | None = Field(None, ge=1, description="Sample paths (T5 models only; default 20).")
+    temperature: float | None = Field(None, gt=0, description="Sampling temperature (T5 models only).")
+    top_k: int | None = Field(None, ge=1, description="Top-k sampling (T5 models only).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (T5 models only).")
+    return_samples: bool = Field(
+        False, description="Also return the sample paths as `samples` (T5 models only: Bolt outputs quantiles)."
+    )
+
+    def sampling(self) -> dict[str, float | int]:
+        """The sampling options that were set (they apply to sample-based models only)."""
+        return {
+            name: value
+            for name in ("num_samples", "temperature", "top_k", "top_p")
+            if (value := getattr(self, name)) is not None
+        }
 
     @field_validator("quantile_levels")
     @classmethod
@@ -85,6 +99,22 @@ class Timings(BaseModel):
 class JobView(BaseModel):
     """A job as the API shows it."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5d0c7a0e6b6f4f0f9a1f3c2b8e7d6a51", "status": "succeeded", "model": "amazon/chronos-bolt-tiny",
+                    "lane": "sync", "n_series": 1, "prediction_length": 3, "created_at": 1763900000.012,
+                    "started_at": 1763900000.018, "finished_at": 1763900000.034, "attempts": 1, "weights": "real",
+                    "error": None, "cancel_requested": False,
+                    "timings": {"queued_s": 0.006, "inference_s": 0.015, "total_s": 0.022},
+                    "predictions": [{"item_id": "a", "mean": [2.1, 2.4, 2.2], "0.1": [1.2, 1.3, 1.1],
+                                     "0.5": [2.1, 2.4, 2.2], "0.9": [3.0, 3.4, 3.3]}],
+                }
+            ]
+        }
+    )  # fmt: skip
+
     id: str
     status: JobStatus
     model: str
@@ -100,8 +130,7 @@ class JobView(BaseModel):
     cancel_requested: bool = False
     timings: Timings
     predictions: list[dict[str, Any]] | None = Field(
-        None,
-        description="One entry per input series: item_id, mean, and one key per requested quantile level.",
+        None, description="One entry per input series: item_id, mean, and one key per requested quantile level."
     )
 
     @classmethod

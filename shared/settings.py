@@ -34,6 +34,19 @@ class Settings(BaseSettings):
     sync_timeout_max_s: float = Field(60.0, gt=0)
     wait_max_s: float = Field(60.0, gt=0)
 
+    # Access. Keys come from API_KEYS (comma-separated) and/or API_KEYS_FILE (one per line, `#` comments).
+    # With neither, the API refuses to start unless AUTH_DISABLED=true says so explicitly.
+    api_keys: str | None = None
+    api_keys_file: str | None = None
+    auth_disabled: bool = False
+
+    # Compatibility routes (DESIGN §4): the model behind un-prefixed /forecast/v1/chronos/*, how long
+    # a compat call waits for its forecast (the evaluation client gives up after 300 s), and how long
+    # /initialization waits for a worker to come online.
+    compat_model: str = "amazon/chronos-t5-tiny"
+    compat_timeout_s: float = Field(290.0, gt=0)
+    compat_init_wait_s: float = Field(30.0, ge=0)
+
     # Workers.
     chronos_model: str | None = None
     device: str = "auto"
@@ -46,6 +59,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1)
     torch_threads: int = Field(0, ge=0)
     heartbeat_s: float = Field(5.0, gt=0)
+    # Prometheus endpoint of a worker (0 = none). Each worker on one host needs its own port.
+    metrics_port: int = Field(0, ge=0, le=65535)
 
     @field_validator("sync_models")
     @classmethod
@@ -54,6 +69,21 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown model(s) in SYNC_MODELS: {', '.join(unknown)}")
         return value
+
+    @field_validator("compat_model")
+    @classmethod
+    def _known_compat_model(cls, value: str) -> str:
+        if catalog.find(value) is None:
+            raise ValueError(f"unknown model in COMPAT_MODEL: {value}")
+        return value
+
+    def key_list(self) -> list[str]:
+        """The configured API keys, from API_KEYS and API_KEYS_FILE together."""
+        found = _split(self.api_keys)
+        if self.api_keys_file:
+            with open(self.api_keys_file, encoding="utf-8") as f:
+                found += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        return found
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -24,6 +25,8 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 BOLT = "amazon/chronos-bolt-tiny"
 T5 = "amazon/chronos-t5-tiny"
+API_KEY = "test-key"
+OTHER_KEY = "other-key"
 
 
 def free_port() -> int:
@@ -89,7 +92,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 
 def settings_for(redis_server: RedisServer, **overrides) -> Settings:
-    return Settings(_env_file=None, redis_url=redis_server.url, **overrides)
+    return Settings(_env_file=None, redis_url=redis_server.url, **{"api_keys": f"{API_KEY},{OTHER_KEY}", **overrides})
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Worker:
     model: str
     process: subprocess.Popen
     log: Path
+    metrics_port: int = 0
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -133,7 +137,7 @@ def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, log
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    worker = Worker(model, proc, log)
+    worker = Worker(model, proc, log, int(env.get("METRICS_PORT", 0)))
     deadline = time.monotonic() + 120
     while not (set(client.hkeys(keys.workers(spec))) - before):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -147,7 +151,10 @@ def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, log
 def workers(redis_server, synthetic_dir, tmp_path_factory) -> Iterator[dict[str, Worker]]:
     """One worker per test model, shared by the whole session."""
     logdir = tmp_path_factory.mktemp("logs")
-    started = {model: start_worker(redis_server, synthetic_dir, model, logdir) for model in (BOLT, T5)}
+    started = {
+        model: start_worker(redis_server, synthetic_dir, model, logdir, METRICS_PORT=str(free_port()))
+        for model in (BOLT, T5)
+    }
     yield started
     for worker in started.values():
         worker.stop()
@@ -158,7 +165,7 @@ def api(redis_server) -> Iterator[TestClient]:
     """The FastAPI app (lifespan and all) against the test Redis, with heartbeats read at test pace."""
     from api.main import create_app
 
-    with TestClient(create_app(settings_for(redis_server, heartbeat_s=1))) as client:
+    with TestClient(create_app(settings_for(redis_server, heartbeat_s=1)), headers={"X-API-Key": API_KEY}) as client:
         yield client
 
 
@@ -169,7 +176,7 @@ def small_limits_api(redis_server) -> Iterator[TestClient]:
     settings = settings_for(
         redis_server, max_series=3, max_points=50, max_prediction_length=30, max_num_samples=10, max_body_bytes=4096
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
         yield client
 
 
@@ -190,3 +197,32 @@ def wait_for(api: TestClient, job_id: str, timeout: float = 60) -> dict:
 
 def job_keys(client: redis.Redis) -> set[str]:
     return set(client.scan_iter(keys.job("*")))
+
+
+@pytest.fixture(scope="session")
+def live_api(redis_server, tmp_path_factory) -> Iterator[str]:
+    """The API as deployed (`uvicorn --factory api.main:create_app`) on a free port; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_server.url, "API_KEYS": f"{API_KEY},{OTHER_KEY}", "HEARTBEAT_S": "1"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the API did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(10)

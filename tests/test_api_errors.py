@@ -51,6 +51,7 @@ def with_target(target) -> dict:
         (with_params(quantile_levels=[0.0]), "parameters.quantile_levels"),
         (with_params(quantile_levels=[0.5, 0.5]), "parameters.quantile_levels"),
         (with_params(num_samples=0), "parameters.num_samples"),
+        (with_params(top_p=1.5), "parameters.top_p"),
         ({"model": BOLT, "inputs": [], "parameters": {"prediction_length": 3}}, "inputs"),
         ({"model": BOLT, "inputs": [{"target": [1.0]}]}, "parameters"),
         ({"model": BOLT, "inputs": [{"target": [1.0]}], "parameters": {"prediction_length": 3, "horizon": 2}}, "parameters.horizon"),
@@ -64,6 +65,16 @@ def test_invalid_request_is_422_naming_the_field(api, unchanged, body, field):
     assert problem["field"] == field
     assert problem["status"] == 422 and problem["type"].endswith("validation-error")
     assert problem["detail"]
+
+
+@pytest.mark.parametrize("param", [{"temperature": 0.8}, {"num_samples": 10}, {"return_samples": True}])
+def test_sampling_options_for_a_model_that_does_not_sample_are_422(api, unchanged, param):
+    response = api.post("/v1/forecasts", json=with_params(**param))
+
+    assert response.status_code == 422
+    problem = response.json()
+    assert problem["code"] == "not-sample-based" and problem["field"] == f"parameters.{next(iter(param))}"
+    assert "T5" in problem["detail"]
 
 
 def test_infinite_target_value_is_422(api, unchanged):
@@ -104,7 +115,7 @@ def test_streamed_body_over_size_limit_is_413(small_limits_api, unchanged):
         yield b'{"model": "amazon/chronos-bolt-tiny", "inputs": [{"target": ['
         for _ in range(500):
             yield b"1.0, " * 10
-        yield b"1.0]}], " b'"parameters": {"prediction_length": 3}}'
+        yield b'1.0]}], "parameters": {"prediction_length": 3}}'
 
     response = small_limits_api.post("/v1/forecasts", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413

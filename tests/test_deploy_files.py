@@ -115,15 +115,21 @@ def test_worker_image_is_cpu_by_default_offline_non_root_with_a_celery_ping_heal
     assert " ".join(yaml.safe_load(instructions(text, "CMD")[0])) == stack.WORKER_ENTRY
 
 
+def test_compose_api_requires_api_keys_and_workers_expose_metrics(compose):
+    assert env_of(compose["services"]["api"])["API_KEYS"].startswith("${API_KEYS:?")
+    for name, service in workers_of(compose).items():
+        assert env_of(service)["METRICS_PORT"] == "9101", name
+
+
 def test_compose_commands_are_the_local_stacks_entry_points(compose):
     assert " ".join(compose["services"]["api"]["command"]).startswith(stack.API_ENTRY)
-    procfile = stack.procfile(list(SERVED), 8000, 5555, 6379)
+    procfile = stack.procfile(list(SERVED), 8000, 5555, 6379, 9101)
     for entry in (stack.API_ENTRY, stack.WORKER_ENTRY, stack.FLOWER_ENTRY):
         assert entry in procfile
 
 
 def test_the_api_side_imports_no_torch():
-    code = "import sys, api.main, cli.flower; sys.exit('torch' in sys.modules or 'chronos' in sys.modules)"
+    code = "import sys, api.main, cli.flower, client; sys.exit('torch' in sys.modules or 'chronos' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -135,7 +141,8 @@ def test_the_api_install_needs_no_torch():
 
 
 def test_api_and_workers_never_import_each_other():
-    for side, other in (("api", "workers"), ("workers", "api"), ("shared", "api"), ("shared", "workers")):
+    pairs = [("api", "workers"), ("workers", "api"), ("shared", "api"), ("shared", "workers")]
+    for side, other in [*pairs, ("client", "api"), ("client", "workers")]:
         for path in (ROOT / side).rglob("*.py"):
             text = path.read_text()
             assert not re.search(rf"^\s*(from|import) {other}\b", text, re.M), f"{path} imports {other}"

@@ -49,6 +49,18 @@ def test_t5_job_succeeds_with_requested_samples(api, workers):
     done = wait_for(api, job["id"])
     assert done["status"] == "succeeded", done
     assert [len(p["0.5"]) for p in done["predictions"]] == [5, 5]
+    assert all("samples" not in p for p in done["predictions"])
+
+
+def test_t5_returns_its_sample_paths_when_asked_and_the_quantiles_are_theirs(api, workers):
+    body = forecast_body(T5, length=40, horizon=3, num_samples=6, quantile_levels=[0.5], return_samples=True)
+    done = wait_for(api, submit(api, body)["id"])
+
+    (forecast,) = done["predictions"]
+    assert len(forecast["samples"]) == 6 and all(len(path) == 3 for path in forecast["samples"])
+    for step in range(3):
+        values = sorted(path[step] for path in forecast["samples"])
+        assert forecast["0.5"][step] == pytest.approx((values[2] + values[3]) / 2, rel=1e-6)
 
 
 def test_long_wait_answers_as_soon_as_the_job_finishes(api, workers):

@@ -23,7 +23,9 @@ def scripts(client):
 
 def queued_job(client) -> str:
     job_id = uuid.uuid4().hex
-    client.hset(keys.job(job_id), mapping=new_record(job_id, "amazon/chronos-bolt-tiny", 1, 4, Lane.ASYNC, time.time()))
+    client.hset(
+        keys.job(job_id), mapping=new_record(job_id, "amazon/chronos-bolt-tiny", 1, 4, Lane.ASYNC, time.time(), "owner")
+    )
     return job_id
 
 
@@ -36,8 +38,8 @@ def finish(scripts, job_id, status=JobStatus.SUCCEEDED, **fields):
     return scripts.finish(keys=[keys.job(job_id)], args=args)
 
 
-def cancel(scripts, job_id):
-    return scripts.cancel(keys=[keys.job(job_id)], args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id])
+def cancel(scripts, job_id, owner="owner"):
+    return scripts.cancel(keys=[keys.job(job_id)], args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id, owner])
 
 
 def record(client, job_id) -> JobRecord:

@@ -34,12 +34,13 @@ def session_members(sid: int) -> list[int]:
 
 
 def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_behind(synthetic_dir, tmp_path):
-    api_port, flower_port, redis_port = free_port(), free_port(), free_port()
+    api_port, flower_port, redis_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "API_PORT": str(api_port),
         "FLOWER_PORT": str(flower_port),
         "REDIS_PORT": str(redis_port),
+        "WORKER_METRICS_PORT": str(metrics_port),
         "SYNTHETIC_DIR": str(synthetic_dir),
         "CHRONOS_MODELS": "amazon/chronos-bolt-tiny,amazon/chronos-t5-tiny",
     }
@@ -57,16 +58,21 @@ def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_b
         output = log.read_text()
         assert f"http://127.0.0.1:{api_port}" in output and f"http://127.0.0.1:{flower_port}" in output
         assert "SYNTHETIC weights" in output
-        curl = re.search(r"curl -s -X POST '([^']+)' .* -d '(.+)'", output)
+        curl = re.search(r"curl -s -X POST '([^']+)' .* -H 'X-API-Key: (\S+)' -d '(.+)'", output)
         assert curl, output[-2000:]
+        key = curl.group(2)
+        assert f"API key   {key}" in output
 
-        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as api:
-            sync = api.post("/v1/predict", content=curl.group(2), headers={"content-type": "application/json"})
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60, headers={"X-API-Key": key}) as api:
+            assert httpx.get(f"http://127.0.0.1:{api_port}/v1/models").status_code == 401  # no key, no service
+            sync = api.post("/v1/predict", content=curl.group(3), headers={"content-type": "application/json"})
             assert sync.status_code == 200 and sync.json()["status"] == "succeeded"
             job = api.post("/v1/forecasts", json=forecast_body("amazon/chronos-t5-tiny", num_samples=4))
             assert job.status_code == 202
             done = api.get(f"/v1/forecasts/{job.json()['id']}", params={"wait": 60}).json()
             assert done["status"] == "succeeded"
+        worker_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert 'chronos_queue_worker_jobs_total{model="amazon/chronos-bolt-tiny",outcome="succeeded"}' in worker_metrics.text
         flower = httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=10)
         assert flower.status_code == 200
         assert len(session_members(runner.pid)) >= 6  # runner, redis, api, 2 workers (+ pool children), flower

@@ -27,7 +27,9 @@ def runtime(redis_server, synthetic_dir) -> ModelRuntime:
 def run_job(redis_server, runtime, body) -> JobRecord:
     client = redis_server.client()
     job_id = uuid.uuid4().hex
-    client.hset(keys.job(job_id), mapping=new_record(job_id, BOLT, len(body["inputs"]), 4, Lane.ASYNC, time.time()))
+    client.hset(
+        keys.job(job_id), mapping=new_record(job_id, BOLT, len(body["inputs"]), 4, Lane.ASYNC, time.time(), "owner")
+    )
     payload = ForecastRequest.model_validate(body).model_dump(mode="json", exclude={"model"})  # as the API sends it
     execute(job_id, payload, runtime, client, settings_for(redis_server), "test-worker")
     return JobRecord.from_hash(client.hgetall(keys.job(job_id)))

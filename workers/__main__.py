@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Metrics from the pool processes reach this process's /metrics through files in a directory of
+    # its own, which prometheus_client must know before it is first imported (see workers/metrics.py).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"chronos-queue-metrics-{os.getpid()}-")
     from workers.app import app, settings, spec
 
     if spec is None:

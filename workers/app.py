@@ -20,6 +20,7 @@ from celery import signals
 from shared import catalog, keys
 from shared.celery_app import make_celery
 from shared.settings import get_settings
+from workers import metrics
 from workers.executor import execute
 from workers.weights import Weights, resolve
 
@@ -50,6 +51,7 @@ def _resolve_weights(sender=None, **_):
         raise SystemExit(f"{spec.id} cannot be served by this worker yet")
     _Process.node = sender.hostname
     _Process.weights = resolve(spec, settings)
+    metrics.serve(settings.metrics_port)
     log.info("%s: %s weights from %s", spec.id, _Process.weights.kind, _Process.weights.source)
     if _Process.weights.kind == "synthetic":
         log.warning("*** %s serves SYNTHETIC weights: its forecasts are meaningless ***", spec.id)
@@ -61,6 +63,7 @@ def _load_model(**_):
 
     assert spec is not None and _Process.weights is not None
     _Process.runtime = ModelRuntime(spec, _Process.weights, settings)
+    metrics.LOAD.labels(spec.id).set(_Process.runtime.load_s)
     _Process.client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     _Process.name = f"{_Process.node}/{os.getpid()}"
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()

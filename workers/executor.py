@@ -9,7 +9,9 @@ import redis
 
 from shared import keys
 from shared.jobs import JobStatus, Scripts, finish_args
+from shared.schemas import ForecastParameters
 from shared.settings import Settings
+from workers import metrics
 from workers.runtime import Cancelled, ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -28,18 +30,23 @@ def execute(
     state = scripts.start(keys=[job_key], args=[repr(time.time()), worker])
     if state != JobStatus.RUNNING:
         log.info("job %s: not runnable (%s), message dropped", job_id, state)
+        metrics.JOBS.labels(runtime.spec.id, "dropped").inc()
         return state
+    created_at, lane = client.hmget(job_key, "created_at", "lane")
+    if created_at:
+        metrics.QUEUE_WAIT.labels(runtime.spec.id, lane or "async").observe(max(0.0, time.time() - float(created_at)))
 
-    params = payload["parameters"]
     inputs = payload["inputs"]
     fields: dict = {"weights": runtime.weights.kind}
     started = time.perf_counter()
     try:
+        params = ForecastParameters.model_validate(payload["parameters"])
         predictions = runtime.forecast(
             [series["target"] for series in inputs],
-            prediction_length=params["prediction_length"],
-            quantile_levels=params["quantile_levels"],
-            num_samples=params.get("num_samples"),
+            prediction_length=params.prediction_length,
+            quantile_levels=params.quantile_levels,
+            sampling=params.sampling(),
+            return_samples=params.return_samples,
             should_stop=lambda: client.hget(job_key, "cancel_requested") == "1",
         )
         for series, forecast in zip(inputs, predictions):
@@ -60,4 +67,8 @@ def execute(
         args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
     )
     log.info("job %s: %s (%d series, %.3fs)", job_id, final, len(inputs), fields["inference_s"])
+    metrics.JOBS.labels(runtime.spec.id, final).inc()
+    metrics.INFERENCE.labels(runtime.spec.id).observe(fields["inference_s"])
+    if final == JobStatus.SUCCEEDED:
+        metrics.SERIES.labels(runtime.spec.id).inc(len(inputs))
     return final

@@ -10,8 +10,9 @@ from shared.jobs import JobStatus, Lane
 from shared.schemas import ForecastRequest, JobView
 from shared.settings import Settings
 
+from api.auth import Caller
 from api.deps import service, settings
-from api.problems import Problem
+from api.problems import BODY_ERRORS, documented
 from api.service import JobService
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
@@ -24,31 +25,45 @@ def _location(response: Response, job_id: str) -> None:
     response.headers["Location"] = f"/v1/forecasts/{job_id}"
 
 
-@router.post("/forecasts", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
-async def submit_forecast(body: ForecastRequest, response: Response, jobs: Service) -> JobView:
+SUBMIT_ERRORS = (*BODY_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
+                 "model-not-served", "broker-unavailable")  # fmt: skip
+
+
+@router.post(
+    "/forecasts", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses=documented(*SUBMIT_ERRORS)
+)
+async def submit_forecast(body: ForecastRequest, response: Response, jobs: Service, owner: Caller) -> JobView:
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id."""
-    record = await jobs.submit(body, Lane.ASYNC)
+    record = await jobs.submit(body, Lane.ASYNC, owner)
     _location(response, record.id)
     return JobView.of(record)
 
 
-@router.get("/forecasts/{job_id}", response_model=JobView)
+@router.get("/forecasts/{job_id}", response_model=JobView, responses=documented("unauthorized", "unknown-job"))
 async def get_forecast(
     job_id: str,
     jobs: Service,
     config: Config,
+    owner: Caller,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal state (capped).")] = 0,
 ) -> JobView:
     """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out)."""
     wait = min(wait, config.wait_max_s)
-    record = await (jobs.wait(job_id, wait) if wait > 0 else jobs.require(job_id))
+    record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner))
     return JobView.of(record)
 
 
-@router.delete("/forecasts/{job_id}", response_model=JobView)
-async def cancel_forecast(job_id: str, response: Response, jobs: Service) -> JobView:
+@router.delete(
+    "/forecasts/{job_id}",
+    response_model=JobView,
+    responses={
+        202: {"model": JobView, "description": "Running: it stops at its next batch."},
+        **documented("unauthorized", "unknown-job", "job-finished"),
+    },
+)
+async def cancel_forecast(job_id: str, response: Response, jobs: Service, owner: Caller) -> JobView:
     """Cancel a job: a queued one never runs (200); a running one stops at its next batch (202)."""
-    record, stopped = await jobs.cancel(job_id)
+    record, stopped = await jobs.cancel(job_id, owner)
     if not stopped:
         response.status_code = status.HTTP_202_ACCEPTED
     return JobView.of(record)
@@ -57,28 +72,27 @@ async def cancel_forecast(job_id: str, response: Response, jobs: Service) -> Job
 @router.post(
     "/predict",
     response_model=JobView,
-    responses={202: {"model": JobView, "description": "Timed out; the job continues, poll its id."}},
+    responses={
+        202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
+        **documented(*SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker"),
+    },
 )
 async def predict(
     body: ForecastRequest,
     response: Response,
     jobs: Service,
     config: Config,
+    owner: Caller,
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
 ) -> JobView:
     """Forecast in one round trip on a sync-eligible model, through its priority lane.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
-    record = await jobs.submit(body, Lane.SYNC)
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
-    record = await jobs.wait(record.id, wait)
+    record = await jobs.run(body, Lane.SYNC, owner, wait)
     if record.status is JobStatus.SUCCEEDED:
         return JobView.of(record)
-    if record.status is JobStatus.FAILED:
-        raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
-    if record.terminal:
-        raise Problem(409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id)
     response.status_code = status.HTTP_202_ACCEPTED
     _location(response, record.id)
     return JobView.of(record)

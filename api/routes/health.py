@@ -1,13 +1,13 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the Prometheus endpoint."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 
 from api.deps import service
-from api.problems import Problem
+from api.problems import Problem, documented
 from api.service import JobService
 
 router = APIRouter(tags=["health"])
@@ -19,9 +19,16 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=documented("redis-unavailable"))
 async def readyz(jobs: Annotated[JobService, Depends(service)]) -> dict:
     """Redis is reachable (503 otherwise)."""
     if not await jobs.ready():
         raise Problem(503, "redis-unavailable", "Redis is not reachable", headers={"Retry-After": "1"})
     return {"status": "ready"}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request, jobs: Annotated[JobService, Depends(service)]) -> Response:
+    """Prometheus metrics: request latency by route and status, jobs accepted, queue depth, workers online."""
+    body, content_type = request.app.state.metrics.render(await jobs.models())
+    return Response(body, media_type=content_type)

@@ -1,0 +1,73 @@
+"""Prometheus metrics of the API process, served at `/metrics` together with the queue state.
+
+Request latency is labelled by route template (`/v1/forecasts/{job_id}`), never by raw path, so
+the series count stays bounded. Queue depths and workers online are read from Redis at scrape
+time (one pipelined round trip), which is the gauge Flower does not have.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shared.schemas import ModelView
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ApiMetrics:
+    """One registry per app (tests build several apps in one process)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Histogram(
+            "chronos_queue_http_request_duration_seconds", "HTTP request latency by route and status.",
+            ["method", "route", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.accepted = Counter(
+            "chronos_queue_jobs_accepted_total", "Jobs accepted, by model and lane.", ["model", "lane"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "chronos_queue_queue_depth", "Messages waiting in a model's queue.", ["model", "lane"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.workers_online = Gauge(
+            "chronos_queue_workers_online", "Worker processes heard from recently, by model.", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
+
+    def render(self, views: list[ModelView]) -> tuple[bytes, str]:
+        for view in views:
+            self.queue_depth.labels(view.id, "async").set(view.queue_depth)
+            self.queue_depth.labels(view.id, "sync").set(view.sync_queue_depth)
+            self.workers_online.labels(view.id).set(view.workers_online)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTimer:
+    """ASGI middleware: observe every HTTP request's latency under its route template."""
+
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - started)

@@ -1,0 +1,143 @@
+"""Drop-in routes of the per-model Chronos server (DESIGN §4), served twice: un-prefixed, for the
+configured default model (COMPAT_MODEL; `/v1/timeseries/forecast` takes the body's model), and
+under `/models/{slug}`, one base URL per model standing in for one old container.
+
+No `from __future__ import annotations` here: FastAPI must resolve the per-router `Model` aliases
+defined inside `build` at import time.
+"""
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from shared import catalog
+from shared.jobs import JobStatus, Lane
+from shared.schemas import ForecastRequest
+
+from api import compat
+from api.auth import Caller
+from api.deps import service
+from api.problems import BODY_ERRORS, Problem, documented
+from api.service import JobService
+
+Service = Annotated[JobService, Depends(service)]
+
+
+def _default_model(request: Request) -> catalog.ModelSpec:
+    return catalog.get(request.app.state.service.settings.compat_model)
+
+
+def _path_model(
+    slug: Annotated[str, Path(description="Model slug (chronos-t5-tiny) or id, as in GET /v1/models.")], jobs: Service
+) -> catalog.ModelSpec:
+    return jobs.model(slug)
+
+
+def _no_model() -> None:
+    return None
+
+
+def build(
+    prefix: str,
+    model_of: Callable[..., catalog.ModelSpec],
+    timeseries_model_of: Callable[..., catalog.ModelSpec | None],
+) -> APIRouter:
+    """The compat routes under `prefix`, serving the model that the dependency `model_of` names;
+    `/v1/timeseries/forecast` serves `timeseries_model_of`'s, or the body's when that is None."""
+    router = APIRouter(prefix=prefix, tags=["compatibility"])
+    Model = Annotated[catalog.ModelSpec, Depends(model_of)]
+    TimeseriesModel = Annotated[catalog.ModelSpec | None, Depends(timeseries_model_of)]
+
+    # Under /models/{slug}, an unknown slug is a 404 on every route.
+    url_errors = ("unknown-model",) if "{slug}" in prefix else ()
+    run_errors = (*BODY_ERRORS, *url_errors, "unauthorized", "limit-exceeded", "model-not-served", "no-worker",
+                  "broker-unavailable", "forecast-failed", "job-cancelled", "forecast-timeout")  # fmt: skip
+
+    @router.get("/health", responses=documented(*url_errors))
+    async def health(spec: Model, jobs: Service) -> dict:
+        """Liveness, as the old server answered it (no key needed)."""
+        (view,) = await jobs.models((spec,))
+        return {"status": "healthy", "model": spec.id, "model_status": compat.status(view).model_status}
+
+    @router.post(
+        "/forecast/v1/chronos/initialization",
+        response_model=compat.InitializationResponse,
+        responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "other-model", "model-not-served", "no-worker"),
+    )
+    async def initialization(
+        spec: Model, jobs: Service, _: Caller, body: compat.InitializationRequest | None = None
+    ) -> compat.InitializationResponse:
+        """Workers load their model when they start; this waits (COMPAT_INIT_WAIT_S) until one serves it."""
+        if body and body.model_variant and catalog.find(body.model_variant) is not spec:
+            raise Problem(
+                409,
+                "other-model",
+                f"this URL serves {spec.id}; for {body.model_variant} use /models/<slug>/forecast/v1/chronos/...",
+                field="model_variant",
+            )
+        view = await jobs.serving(spec, jobs.settings.compat_init_wait_s)
+        return compat.InitializationResponse(
+            message="Model initialized successfully", model_status="ready", model_info=compat.model_info(view)
+        )
+
+    @router.get(
+        "/forecast/v1/chronos/status",
+        response_model=compat.StatusResponse,
+        responses=documented(*url_errors, "unauthorized"),
+    )
+    async def chronos_status(spec: Model, jobs: Service, _: Caller) -> compat.StatusResponse:
+        """ready while a worker serves the model; uninitialized while none does."""
+        (view,) = await jobs.models((spec,))
+        return compat.status(view)
+
+    @router.post(
+        "/forecast/v1/chronos/inference", response_model=compat.InferenceResponse, responses=documented(*run_errors)
+    )
+    async def inference(
+        body: compat.InferenceRequest, spec: Model, jobs: Service, owner: Caller, response: Response
+    ) -> compat.InferenceResponse:
+        """One forecast: median, mean, deciles, and sample paths (T5; empty for Bolt)."""
+        record = await _run(jobs, compat.inference_request(spec, body), owner, response)
+        return compat.inference_response(record, body)
+
+    @router.post(
+        "/v1/timeseries/forecast",
+        response_model=compat.TimeseriesResponse,
+        responses=documented(*run_errors, *([] if url_errors else ["unknown-model"])),
+    )
+    async def timeseries_forecast(
+        body: compat.TimeseriesRequest, url_model: TimeseriesModel, jobs: Service, owner: Caller, response: Response
+    ) -> compat.TimeseriesResponse:
+        """The evaluation client's call: the median forecast of `recent_data`."""
+        if url_model is None and body.model is None:
+            raise Problem(422, "validation-error", "model: required on this route", field="model")
+        spec = url_model or jobs.model(body.model)
+        record = await _run(jobs, compat.timeseries_request(spec, body), owner, response)
+        return compat.timeseries_response(record, body)
+
+    return router
+
+
+async def _run(jobs: JobService, request: ForecastRequest, owner: str, response: Response):
+    """A compat call through the queue: the sync lane where the model has one, waiting up to COMPAT_TIMEOUT_S."""
+    spec = jobs.model(request.model)
+    lane = Lane.SYNC if jobs.settings.sync_eligible(spec) else Lane.ASYNC
+    record = await jobs.run(request, lane, owner, jobs.settings.compat_timeout_s)
+    # Headers, so that the old bodies stay exactly as they were: the job, and what weights answered.
+    response.headers["X-Job-Id"] = record.id
+    if record.status is not JobStatus.SUCCEEDED:
+        raise Problem(
+            504,
+            "forecast-timeout",
+            f"no forecast within {jobs.settings.compat_timeout_s:g}s; the job continues: GET /v1/forecasts/{record.id}",
+            job_id=record.id,
+            headers={"X-Job-Id": record.id},
+        )
+    if record.weights:
+        response.headers["X-Chronos-Weights"] = record.weights
+    return record
+
+
+default = build("", _default_model, _no_model)
+per_model = build("/models/{slug}", _path_model, _path_model)

@@ -1,0 +1,214 @@
+"""The Python client: `Client` (blocking) and `AsyncClient` (asyncio), the same methods on both.
+
+    from client import Client
+    with Client("http://127.0.0.1:8000", api_key="...") as cq:
+        job = cq.predict("amazon/chronos-bolt-tiny", [[1.0, 2.0, 3.0, 2.0, 1.0]], prediction_length=4)
+        job.predictions[0]["0.5"]
+
+Answers 429 and 503 are retried, waiting as long as the server's `Retry-After` says (else
+backing off), up to `max_retries` times; every other error is raised as a typed
+`ChronosQueueError` carrying the problem+json details. The request building and answer
+reading are shared by both classes; only the sending differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from client.errors import WaitTimeout, error_for
+from shared.jobs import TERMINAL
+from shared.schemas import JobView, ModelView
+
+Series = Sequence[float | None] | dict[str, Any]
+# A server-side long-wait slice; the HTTP read timeout allows for it.
+_WAIT_SLICE_S = 30.0
+
+
+@dataclass
+class _Call:
+    method: str
+    path: str
+    params: dict[str, Any] = field(default_factory=dict)
+    json: Any = None
+
+
+def _inputs(series: Sequence[Series]) -> list[dict[str, Any]]:
+    return [dict(s) if isinstance(s, dict) else {"target": list(s)} for s in series]
+
+
+def _forecast_call(path: str, model: str, series: Sequence[Series], prediction_length: int, params: dict) -> _Call:
+    parameters = {"prediction_length": prediction_length, **{k: v for k, v in params.items() if v is not None}}
+    return _Call("POST", path, json={"model": model, "inputs": _inputs(series), "parameters": parameters})
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (the form this service sends); None when absent or a date."""
+    try:
+        return max(0.0, float(response.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _retry_delay(response: httpx.Response, attempt: int) -> float:
+    after = _retry_after(response)
+    return after if after is not None else min(0.5 * 2**attempt, 30.0)
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code < 400:
+        return response
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {"detail": response.text[:500]}
+    raise error_for(response.status_code, problem, _retry_after(response))
+
+
+def _waiting(job_id: str, timeout: float | None, now=time.monotonic) -> Generator[_Call, JobView, JobView]:
+    """Long-wait in slices until the job is terminal; sends `_Call`s, receives `JobView`s."""
+    deadline = None if timeout is None else now() + timeout
+    while True:
+        slice_s = _WAIT_SLICE_S if deadline is None else max(0.0, min(_WAIT_SLICE_S, deadline - now()))
+        job = yield _Call("GET", f"/v1/forecasts/{job_id}", params={"wait": slice_s})
+        if job.status in TERMINAL:
+            return job
+        if deadline is not None and now() >= deadline:
+            raise WaitTimeout(job_id, job.status.value)
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int):
+        self.max_retries = max_retries
+        self._options = {
+            "base_url": base_url.rstrip("/"),
+            "headers": {"X-API-Key": api_key} if api_key else {},
+            "timeout": httpx.Timeout(timeout + _WAIT_SLICE_S, connect=min(timeout, 10.0)),
+        }
+
+    def _should_retry(self, response: httpx.Response, attempt: int) -> bool:
+        return response.status_code in (429, 503) and attempt < self.max_retries
+
+
+class Client(_Base):
+    """Blocking client. `api_key` goes out as `X-API-Key`."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 5, **httpx_args
+    ):
+        super().__init__(base_url, api_key, timeout, max_retries)
+        self._http = httpx.Client(**self._options, **httpx_args)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = self._http.request(call.method, call.path, params=call.params, json=call.json)
+            if not self._should_retry(response, attempt):
+                return _checked(response)
+            time.sleep(_retry_delay(response, attempt))
+            attempt += 1
+
+    def submit(self, model: str, series: Sequence[Series], prediction_length: int, **parameters) -> JobView:
+        """Queue a job; `series` holds value lists or `{"target", "item_id"?, "start"?}` dicts."""
+        call = _forecast_call("/v1/forecasts", model, series, prediction_length, parameters)
+        return JobView.model_validate(self._send(call).json())
+
+    def get(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._send(_Call("GET", f"/v1/forecasts/{job_id}")).json())
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobView:
+        """The job once terminal (any terminal status); `WaitTimeout` if `timeout` seconds pass first."""
+        steps = _waiting(job_id, timeout)
+        call = next(steps)
+        while True:
+            try:
+                call = steps.send(JobView.model_validate(self._send(call).json()))
+            except StopIteration as done:
+                return done.value
+
+    def predict(
+        self, model: str, series: Sequence[Series], prediction_length: int, *, timeout: float | None = None, **parameters
+    ) -> JobView:
+        """Forecast in one call on a sync-eligible model; if the server's wait runs out, keep waiting."""
+        call = _forecast_call("/v1/predict", model, series, prediction_length, parameters)
+        call.params = {"timeout": timeout} if timeout else {}
+        job = JobView.model_validate(self._send(call).json())
+        return job if job.status in TERMINAL else self.wait(job.id)
+
+    def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._send(_Call("DELETE", f"/v1/forecasts/{job_id}")).json())
+
+    def models(self) -> list[ModelView]:
+        return [ModelView.model_validate(m) for m in self._send(_Call("GET", "/v1/models")).json()]
+
+
+class AsyncClient(_Base):
+    """asyncio client: the methods of `Client`, awaited."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 5, **httpx_args
+    ):
+        super().__init__(base_url, api_key, timeout, max_retries)
+        self._http = httpx.AsyncClient(**self._options, **httpx_args)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = await self._http.request(call.method, call.path, params=call.params, json=call.json)
+            if not self._should_retry(response, attempt):
+                return _checked(response)
+            await asyncio.sleep(_retry_delay(response, attempt))
+            attempt += 1
+
+    async def submit(self, model: str, series: Sequence[Series], prediction_length: int, **parameters) -> JobView:
+        call = _forecast_call("/v1/forecasts", model, series, prediction_length, parameters)
+        return JobView.model_validate((await self._send(call)).json())
+
+    async def get(self, job_id: str) -> JobView:
+        return JobView.model_validate((await self._send(_Call("GET", f"/v1/forecasts/{job_id}"))).json())
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobView:
+        steps = _waiting(job_id, timeout)
+        call = next(steps)
+        while True:
+            try:
+                call = steps.send(JobView.model_validate((await self._send(call)).json()))
+            except StopIteration as done:
+                return done.value
+
+    async def predict(
+        self, model: str, series: Sequence[Series], prediction_length: int, *, timeout: float | None = None, **parameters
+    ) -> JobView:
+        call = _forecast_call("/v1/predict", model, series, prediction_length, parameters)
+        call.params = {"timeout": timeout} if timeout else {}
+        job = JobView.model_validate((await self._send(call)).json())
+        return job if job.status in TERMINAL else await self.wait(job.id)
+
+    async def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate((await self._send(_Call("DELETE", f"/v1/forecasts/{job_id}"))).json())
+
+    async def models(self) -> list[ModelView]:
+        return [ModelView.model_validate(m) for m in (await self._send(_Call("GET", "/v1/models"))).json()]

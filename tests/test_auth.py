@@ -1,0 +1,83 @@
+"""API keys and owner isolation: a key sees only its own jobs; everything else is 401 or 404."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+
+from conftest import OTHER_KEY, forecast_body, job_keys, settings_for
+
+QUEUED_MODEL = "amazon/chronos-bolt-mini"  # no worker serves it in the tests: its jobs stay queued
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}])
+def test_a_missing_or_wrong_key_is_401_and_accepts_nothing(api, redis_server, headers):
+    del api.headers["X-API-Key"]
+    before = job_keys(redis_server.client())
+
+    response = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL), headers=headers)
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "wrong" not in response.text
+    assert job_keys(redis_server.client()) == before
+
+
+def test_a_key_works_as_x_api_key_and_as_bearer(api):
+    del api.headers["X-API-Key"]
+
+    as_header = api.get("/v1/models", headers={"X-API-Key": OTHER_KEY})
+    as_bearer = api.get("/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"})
+
+    assert as_header.status_code == as_bearer.status_code == 200
+
+
+def test_another_keys_job_is_404_to_read_wait_on_and_cancel_and_stays_untouched(api):
+    job_id = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL)).json()["id"]
+    other = {"X-API-Key": OTHER_KEY}
+
+    answers = [
+        api.get(f"/v1/forecasts/{job_id}", headers=other),
+        api.get(f"/v1/forecasts/{job_id}", params={"wait": 0.2}, headers=other),
+        api.delete(f"/v1/forecasts/{job_id}", headers=other),
+    ]
+
+    assert [a.status_code for a in answers] == [404, 404, 404]
+    assert answers[0].json()["code"] == "unknown-job"
+    # The same answer as for an id that never existed: nothing confirms the job is there.
+    assert answers[0].json()["detail"].replace(job_id, "X") == api.get("/v1/forecasts/X").json()["detail"]
+    mine = api.get(f"/v1/forecasts/{job_id}").json()
+    assert mine["status"] == "queued" and mine["cancel_requested"] is False
+    assert api.delete(f"/v1/forecasts/{job_id}").status_code == 200
+
+
+def test_probes_and_docs_need_no_key(api):
+    del api.headers["X-API-Key"]
+
+    assert [api.get(path).status_code for path in ("/healthz", "/readyz", "/health", "/openapi.json", "/docs")] == [
+        200
+    ] * 5
+
+
+def test_the_api_refuses_to_start_without_keys_unless_auth_is_disabled_explicitly(redis_server):
+    with pytest.raises(RuntimeError, match="API_KEYS"):
+        create_app(settings_for(redis_server, api_keys=None))
+
+    with TestClient(create_app(settings_for(redis_server, api_keys=None, auth_disabled=True))) as open_api:
+        job = open_api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL))
+        assert job.status_code == 202
+        assert open_api.delete(f"/v1/forecasts/{job.json()['id']}").status_code == 200
+
+
+def test_keys_are_read_from_a_file_with_comments(redis_server, tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# team a\nfile-key-1\n\n  file-key-2  \n")
+    app = create_app(settings_for(redis_server, api_keys=None, api_keys_file=str(path)))
+
+    with TestClient(app) as client:
+        statuses = [client.get("/v1/models", headers={"X-API-Key": k}).status_code for k in ("file-key-2", "# team a")]
+
+    assert statuses == [200, 401]
