@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required (found $(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# A local CPU wheel when one is configured (find-links), else PyTorch's CPU index, else PyPI.
-	$(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+	# A local CPU wheel when one is configured (find-links; its dependencies then come from PyPI),
+	# else PyTorch's CPU index, else PyPI.
+	{ $(PIP) install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null \
+	    && $(PIP) install -q "torch==$(TORCH_VERSION)"; } \
 	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX)" \
 	  || $(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e ".[worker,stack,test]"
@@ -28,8 +30,13 @@ test: install
 run: install
 	$(PY) -m cli.stack run
 
+# Every benchmark, one after the other (about 8 minutes on 2 cores); bench/README.md has each command.
 bench: install
+	$(PIP) install -q -e ".[bench]"
 	$(PY) bench/predict_latency.py
+	$(PY) bench/throughput.py flood
+	$(PY) bench/throughput.py sync
+	$(PY) bench/throughput.py bulk
 
 clean:
 	rm -rf $(VENV) .cache .run *.egg-info

@@ -27,7 +27,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = aioredis.from_url(settings.redis_url, decode_responses=True)
+        # A blocking pool: under a burst, requests wait their turn for a connection (up to 10 s)
+        # instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=10, decode_responses=True
+        )
+        client = aioredis.Redis(connection_pool=pool)
         events = JobEvents(client)
         events.start()
         celery = make_celery(settings)
@@ -38,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await events.stop()
             celery.close()
             await client.aclose()
+            await pool.disconnect()
 
     app = FastAPI(
         title="chronos-queue",

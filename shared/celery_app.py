@@ -33,10 +33,11 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> C
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        # Ack after the job's result is stored; a child killed mid-job puts its message back.
+        # Ack after the job's result is stored: a worker that dies mid-job leaves its messages
+        # unacked, and Redis delivers them again after the visibility timeout.
         task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # One message in hand per process, so a backlog never sits reserved ahead of the sync lane.
+        # A worker reserves one message per free thread slot (workers run the threads pool), so it
+        # fetches again, sync lane first, each time jobs finish.
         worker_prefetch_multiplier=1,
         broker_transport_options={
             # Redis redelivers unacked messages after this: it must outlast the longest job.
@@ -45,7 +46,6 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> C
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
-        task_time_limit=settings.max_job_s,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
     )

@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Connections one API process may open to Redis (requests beyond wait for one).
+    redis_max_connections: int = Field(200, ge=4)
 
     # Job lifetime. A record and its result live result_ttl_s after the job ends.
     result_ttl_s: int = Field(86_400, ge=60)
@@ -56,7 +58,13 @@ class Settings(BaseSettings):
     model_path: str | None = None
     synthetic_dir: str = ".cache/synthetic"
     synthetic_seed: int = 0
-    worker_concurrency: int = Field(1, ge=1)
+    # Jobs a worker holds at once (Celery thread slots), all feeding one model thread that batches
+    # across them. 0: twice the model's batch limit, at least 8, at most 1024.
+    worker_slots: int = Field(0, ge=0)
+    # Series per forward pass (0: the catalog's limit for the device). Halved on out-of-memory.
+    max_batch: int = Field(0, ge=0)
+    # Wait this long for more work when a batch is not full (0: run at once; work piles up meanwhile).
+    batch_wait_ms: float = Field(0.0, ge=0)
     torch_threads: int = Field(0, ge=0)
     heartbeat_s: float = Field(5.0, gt=0)
     # Prometheus endpoint of a worker (0 = none). Each worker on one host needs its own port.

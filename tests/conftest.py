@@ -151,10 +151,14 @@ def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, log
 def workers(redis_server, synthetic_dir, tmp_path_factory) -> Iterator[dict[str, Worker]]:
     """One worker per test model, shared by the whole session."""
     logdir = tmp_path_factory.mktemp("logs")
+    # The Bolt worker batches across jobs (default slots); the T5 worker holds one job at a time, so
+    # the tests of queue order (a backlog, a cancelled queued job) have a queue to look at.
+    slots = {BOLT: "0", T5: "1"}
     started = {
-        model: start_worker(redis_server, synthetic_dir, model, logdir, METRICS_PORT=str(free_port()))
+        model: start_worker(redis_server, synthetic_dir, model, logdir, METRICS_PORT=str(free_port()),
+                            WORKER_SLOTS=slots[model])
         for model in (BOLT, T5)
-    }
+    }  # fmt: skip
     yield started
     for worker in started.values():
         worker.stop()

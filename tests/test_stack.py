@@ -93,7 +93,8 @@ def test_two_workers_on_one_queue_share_its_jobs(api, redis_server, synthetic_di
 
     spec = catalog.get(model)
     synthetic.build(spec, synthetic_dir / spec.slug, seed=0)
-    pair = [start_worker(redis_server, synthetic_dir, model, tmp_path) for _ in range(2)]
+    # Two slots each: one worker cannot reserve the whole backlog before the other starts.
+    pair = [start_worker(redis_server, synthetic_dir, model, tmp_path, WORKER_SLOTS="2") for _ in range(2)]
     try:
         jobs = [api.post("/v1/forecasts", json=forecast_body(model, n_series=8, length=300)).json() for _ in range(30)]
         finished = [wait_for(api, job["id"]) for job in jobs]

@@ -1,15 +1,18 @@
-"""The worker's job function and model runtime, in-process, on a real Redis and a real checkpoint."""
+"""The worker's job function, batcher and model runtime, in-process, on a real Redis and a real checkpoint."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 
 from shared import catalog, keys
 from shared.jobs import JobRecord, JobStatus, Lane, new_record
-from shared.schemas import ForecastRequest
+from shared.schemas import ForecastParameters, ForecastRequest
+from workers.batcher import Batcher, Work, group_key
 from workers.executor import execute
 from workers.runtime import ModelRuntime
 from workers.weights import resolve
@@ -19,44 +22,52 @@ from conftest import BOLT, forecast_body, settings_for
 
 @pytest.fixture(scope="module")
 def runtime(redis_server, synthetic_dir) -> ModelRuntime:
-    settings = settings_for(redis_server, weights="synthetic", synthetic_dir=str(synthetic_dir))
+    settings = settings_for(redis_server, weights="synthetic", synthetic_dir=str(synthetic_dir), max_batch=8)
     spec = catalog.get(BOLT)
     return ModelRuntime(spec, resolve(spec, settings), settings)
 
 
-def run_job(redis_server, runtime, body) -> JobRecord:
+@pytest.fixture()
+def batcher(runtime) -> Batcher:
+    cancelled: set[str] = set()
+    batcher = Batcher(runtime, lambda ids: cancelled & set(ids))
+    batcher.cancelled_ids = cancelled
+    batcher.start()
+    return batcher
+
+
+def run_job(redis_server, batcher, body, lane=Lane.ASYNC) -> JobRecord:
     client = redis_server.client()
     job_id = uuid.uuid4().hex
-    client.hset(
-        keys.job(job_id), mapping=new_record(job_id, BOLT, len(body["inputs"]), 4, Lane.ASYNC, time.time(), "owner")
-    )
+    record = new_record(job_id, BOLT, len(body["inputs"]), 4, lane, time.time(), "owner")
+    client.hset(keys.job(job_id), mapping=record)
     payload = ForecastRequest.model_validate(body).model_dump(mode="json", exclude={"model"})  # as the API sends it
-    execute(job_id, payload, runtime, client, settings_for(redis_server), "test-worker")
+    execute(job_id, payload, batcher, client, settings_for(redis_server), "test-worker")
     return JobRecord.from_hash(client.hgetall(keys.job(job_id)))
 
 
-def test_a_job_whose_model_call_raises_ends_failed_with_the_message(redis_server, runtime, monkeypatch):
+def test_a_job_whose_model_call_raises_ends_failed_with_the_message(redis_server, batcher, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(runtime.pipeline, "predict_quantiles", broken)
+    monkeypatch.setattr(batcher.runtime.pipeline, "predict_quantiles", broken)
 
-    rec = run_job(redis_server, runtime, forecast_body(BOLT))
+    rec = run_job(redis_server, batcher, forecast_body(BOLT))
 
     assert rec.status is JobStatus.FAILED
     assert rec.error == "RuntimeError: CUDA error: device-side assert triggered"
     assert rec.predictions is None and rec.finished_at is not None
 
 
-def test_a_job_larger_than_the_model_batch_is_split_and_keeps_series_order(redis_server, runtime):
-    n = runtime.max_batch * 2 + 3
+def test_a_job_larger_than_the_model_batch_is_split_and_keeps_series_order(redis_server, batcher):
+    n = batcher.runtime.max_batch * 2 + 3
     body = forecast_body(BOLT, n_series=n, length=40, horizon=4)
 
-    rec = run_job(redis_server, runtime, body)
+    rec = run_job(redis_server, batcher, body)
 
     assert rec.status is JobStatus.SUCCEEDED
     assert [p["item_id"] for p in rec.predictions] == [f"s{i}" for i in range(n)]
-    single = run_job(redis_server, runtime, {**body, "inputs": [body["inputs"][n - 1]]})
+    single = run_job(redis_server, batcher, {**body, "inputs": [body["inputs"][n - 1]]})
     # Same forecast as the series alone, up to float noise: a batch left-pads to its longest series.
     assert rec.predictions[-1]["0.5"] == pytest.approx(single.predictions[0]["0.5"], rel=1e-5)
 
@@ -66,6 +77,135 @@ def test_series_longer_than_the_context_are_cut_to_the_context_window(runtime):
     tail = [float(i % 17) for i in range(context)]
     long_series = [1e6] * 500 + tail
 
-    (long,), (exact,) = (runtime.forecast([s], 4, [0.5]) for s in (long_series, tail))
+    (long,), (exact,) = (runtime.predict([s], 4, [0.5]) for s in (long_series, tail))
 
     assert long["0.5"] == exact["0.5"]
+
+
+def work(runtime, targets, lane=Lane.ASYNC, **params) -> Work:
+    p = ForecastParameters(**{"prediction_length": 4, **params})
+    return Work(uuid.uuid4().hex, targets, p, lane, group_key(runtime.spec, p))
+
+
+def series(k: int, n: int = 48) -> list[float]:
+    return [float((t * (k + 2)) % 11) for t in range(n)]
+
+
+def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_would_alone(runtime):
+    a = work(runtime, [series(1)], prediction_length=3, quantile_levels=[0.5])
+    b = work(runtime, [series(2), series(3)], prediction_length=7, quantile_levels=[0.1, 0.9])
+    batcher = Batcher(runtime, lambda ids: set())
+    batcher.submit(a)
+    batcher.submit(b)
+
+    batch = batcher._take()  # what the model thread does next, called directly
+    batcher._execute(batch)
+
+    assert [(w, start, end) for w, start, end in batch] == [(a, 0, 1), (b, 0, 2)]
+    assert a.finished.is_set() and b.finished.is_set()
+    assert set(a.results[0]) == {"mean", "0.5"} and len(a.results[0]["0.5"]) == 3
+    assert set(b.results[1]) == {"mean", "0.1", "0.9"} and len(b.results[1]["0.9"]) == 7
+    (alone,) = runtime.predict([series(3)], 7, [0.1, 0.9])
+    assert b.results[1]["0.9"] == pytest.approx(alone["0.9"], rel=1e-5)
+
+
+def test_sync_work_goes_before_a_large_bulk_job_after_at_most_one_batch(runtime):
+    bulk = work(runtime, [series(k) for k in range(runtime.max_batch * 3)])
+    batcher = Batcher(runtime, lambda ids: set())
+    batcher.submit(bulk)
+    first = batcher._take()
+    sync = work(runtime, [series(99)], lane=Lane.SYNC)
+    batcher.submit(sync)
+
+    second = batcher._take()
+    third = batcher._take()
+
+    assert [w for w, _, _ in first] == [bulk] and first[0][1:] == (0, runtime.max_batch)
+    assert [w for w, _, _ in second] == [sync]
+    assert third[0][0] is bulk and third[0][1:] == (runtime.max_batch, 2 * runtime.max_batch)
+
+
+def test_incompatible_parameters_never_share_a_pass(runtime):
+    native = work(runtime, [series(1)], prediction_length=10)
+    beyond = work(runtime, [series(2)], prediction_length=runtime.spec.prediction_length + 5)
+    batcher = Batcher(runtime, lambda ids: set())
+    batcher.submit(native)
+    batcher.submit(beyond)
+
+    assert [w for w, _, _ in batcher._take()] == [native]
+    assert [w for w, _, _ in batcher._take()] == [beyond]
+
+
+def test_out_of_memory_splits_the_batch_lowers_the_limit_and_every_series_succeeds(runtime, monkeypatch):
+    real = runtime.pipeline.predict_quantiles
+    monkeypatch.setattr(runtime, "max_batch", 8)
+
+    def tight(inputs, **kwargs):
+        if len(inputs) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(inputs, **kwargs)
+
+    monkeypatch.setattr(runtime.pipeline, "predict_quantiles", tight)
+
+    outputs = runtime.predict_isolating([series(k) for k in range(8)], 4, [0.5])
+
+    assert all(isinstance(o, dict) and len(o["0.5"]) == 4 for o in outputs)
+    assert runtime.max_batch == 2
+
+
+def test_a_series_that_fails_alone_fails_only_its_job(runtime, monkeypatch):
+    real = runtime.pipeline.predict_quantiles
+
+    def picky(inputs, **kwargs):
+        if any(float(t[0]) == 777.0 for t in inputs):
+            raise ValueError("bad series")
+        return real(inputs, **kwargs)
+
+    monkeypatch.setattr(runtime.pipeline, "predict_quantiles", picky)
+    good, bad = work(runtime, [series(1), series(2)]), work(runtime, [[777.0, *series(3)]])
+    batcher = Batcher(runtime, lambda ids: set())
+    batcher.submit(good)
+    batcher.submit(bad)
+
+    batcher._execute(batcher._take())
+
+    assert good.error is None and all(r is not None for r in good.results)
+    assert bad.error == "ValueError: bad series"
+
+
+def test_a_cancel_request_stops_a_job_before_its_next_pass(runtime):
+    job = work(runtime, [series(k) for k in range(runtime.max_batch * 2)])
+    cancelled: set[str] = set()
+    batcher = Batcher(runtime, lambda ids: cancelled & set(ids))
+    batcher.submit(job)
+    batcher._execute(batcher._take())
+    cancelled.add(job.job_id)
+
+    batcher._execute(batcher._take())
+
+    assert job.cancelled and job.finished.is_set()
+    assert job.done == runtime.max_batch  # the second pass never ran it
+    assert not any(batcher._pending.values())
+
+
+def passes() -> float:
+    return REGISTRY.get_sample_value("chronos_queue_worker_batch_size_count", {"model": BOLT}) or 0.0
+
+
+def test_the_model_thread_serves_many_concurrent_jobs_in_shared_passes(redis_server, batcher):
+    bodies = [forecast_body(BOLT, n_series=1, length=30 + k, horizon=4) for k in range(24)]
+    records = [None] * len(bodies)
+    before = passes()
+
+    def one(i):
+        records[i] = run_job(redis_server, batcher, bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert [r.status for r in records] == [JobStatus.SUCCEEDED] * 24
+    # 24 one-series jobs arriving together, at most 8 series a pass: they shared passes.
+    assert 3 <= passes() - before < 24

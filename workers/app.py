@@ -1,9 +1,10 @@
 """The Celery worker: pinned to one model by CHRONOS_MODEL, consuming only that model's queues.
 
-Start it with `python -m workers` (or `celery -A workers.app worker`). The main process
-resolves the weights (building a synthetic checkpoint when told to) and fails fast if
-there are none; each pool process then loads the model once, warms it up, and
-announces itself in Redis so `/v1/models` can count it.
+Start it with `python -m workers` (threads pool, `slots()` jobs at once). At start the worker
+resolves its weights (building a synthetic checkpoint when told to, failing fast when there
+are none), loads the model once, warms it up, starts the batcher's model thread, and announces
+itself in Redis so `/v1/models` can count it. Each task thread then claims a job and feeds
+its series to the batcher (workers/batcher.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from shared import catalog, keys
 from shared.celery_app import make_celery
 from shared.settings import get_settings
 from workers import metrics
+from workers.batcher import Batcher
 from workers.executor import execute
-from workers.weights import Weights, resolve
+from workers.weights import resolve
 
 log = logging.getLogger("workers")
 
@@ -32,76 +34,95 @@ spec = catalog.get(settings.chronos_model) if settings.chronos_model else None
 app = make_celery(settings, serve=spec)
 
 
-class _Process:
-    """What one pool process holds: its model, its Redis client, its name."""
+def slots() -> int:
+    """Jobs held at once: enough to fill the next batch while one runs."""
+    from workers.runtime import pick_device
 
-    weights: Weights | None = None
-    node: str = ""
-    runtime = None
+    if settings.worker_slots:
+        return settings.worker_slots
+    limit = settings.max_batch or (spec.max_batch(pick_device(settings.device)) if spec else 1)
+    return min(max(2 * limit, 8), 1024)
+
+
+class _Worker:
+    """What this worker process holds: its batcher (and model), its Redis client, its name."""
+
+    batcher: Batcher | None = None
     client: redis.Redis | None = None
     name: str = ""
     stop = threading.Event()
 
 
 @signals.worker_init.connect
-def _resolve_weights(sender=None, **_):
+def _load(sender=None, **_):
+    from workers.runtime import ModelRuntime
+
     if spec is None:
         raise SystemExit("CHRONOS_MODEL is not set: a worker serves exactly one catalog model")
     if not spec.served:
         raise SystemExit(f"{spec.id} cannot be served by this worker yet")
-    _Process.node = sender.hostname
-    _Process.weights = resolve(spec, settings)
-    metrics.serve(settings.metrics_port)
-    log.info("%s: %s weights from %s", spec.id, _Process.weights.kind, _Process.weights.source)
-    if _Process.weights.kind == "synthetic":
+    weights = resolve(spec, settings)
+    log.info("%s: %s weights from %s", spec.id, weights.kind, weights.source)
+    if weights.kind == "synthetic":
         log.warning("*** %s serves SYNTHETIC weights: its forecasts are meaningless ***", spec.id)
-
-
-@signals.worker_process_init.connect
-def _load_model(**_):
-    from workers.runtime import ModelRuntime
-
-    assert spec is not None and _Process.weights is not None
-    _Process.runtime = ModelRuntime(spec, _Process.weights, settings)
-    metrics.LOAD.labels(spec.id).set(_Process.runtime.load_s)
-    _Process.client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    _Process.name = f"{_Process.node}/{os.getpid()}"
+    runtime = ModelRuntime(spec, weights, settings)
+    metrics.LOAD.labels(spec.id).set(runtime.load_s)
+    metrics.serve(settings.metrics_port)
+    _Worker.client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    _Worker.batcher = Batcher(runtime, _cancel_requested, wait_s=settings.batch_wait_ms / 1000)
+    _Worker.batcher.start()
+    _Worker.name = f"{sender.hostname}/{os.getpid()}"
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
 
 
-@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
 def _sign_off(**_):
-    _Process.stop.set()
-    if _Process.client is not None and spec is not None:
+    _Worker.stop.set()
+    if _Worker.client is not None and spec is not None:
         try:
-            _Process.client.hdel(keys.workers(spec), _Process.name)
+            _Worker.client.hdel(keys.workers(spec), _Worker.name)
         except redis.RedisError:
             pass
 
 
+def _cancel_requested(job_ids: list[str]) -> set[str]:
+    """The jobs among these with a pending cancel request (one round trip; none if Redis is away)."""
+    try:
+        with _Worker.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.job(job_id), "cancel_requested")
+            flags = pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("cancel check failed: %s", exc)
+        return set()
+    return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag == "1"}
+
+
 def _heartbeat() -> None:
-    """Keep this process listed under its model while it lives (entries age out when it dies)."""
-    runtime = _Process.runtime
+    """Keep this worker listed under its model while it lives (entries age out when it dies)."""
+    runtime = _Worker.batcher.runtime
     info = {
-        "name": _Process.name,
+        "name": _Worker.name,
         "weights": runtime.weights.kind,
         "device": runtime.device,
         "dtype": str(runtime.dtype).removeprefix("torch."),
         "started_at": time.time(),
         "load_s": round(runtime.load_s, 3),
+        "max_batch": runtime.max_batch,
+        "slots": slots(),
     }
     key = keys.workers(spec)
-    while not _Process.stop.is_set():
+    while not _Worker.stop.is_set():
         try:
-            with _Process.client.pipeline() as pipe:
-                pipe.hset(key, _Process.name, json.dumps({**info, "last_seen": time.time()}))
+            with _Worker.client.pipeline() as pipe:
+                pipe.hset(key, _Worker.name, json.dumps({**info, "last_seen": time.time()}))
                 pipe.expire(key, int(settings.heartbeat_s * 6) + 1)
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
-        _Process.stop.wait(settings.heartbeat_s)
+        _Worker.stop.wait(settings.heartbeat_s)
 
 
 @app.task(name=keys.FORECAST_TASK)
 def forecast(job_id: str, payload: dict) -> str:
-    return execute(job_id, payload, _Process.runtime, _Process.client, settings, _Process.name)
+    return execute(job_id, payload, _Worker.batcher, _Worker.client, settings, _Worker.name)

@@ -1,4 +1,4 @@
-"""One forecast job, start to finish: claim it, run the model, store the outcome."""
+"""One forecast job, start to finish: claim it, run its series through the batcher, store the outcome."""
 
 from __future__ import annotations
 
@@ -8,67 +8,68 @@ import time
 import redis
 
 from shared import keys
-from shared.jobs import JobStatus, Scripts, finish_args
+from shared.jobs import JobStatus, Lane, Scripts, finish_args
 from shared.schemas import ForecastParameters
 from shared.settings import Settings
 from workers import metrics
-from workers.runtime import Cancelled, ModelRuntime
+from workers.batcher import Batcher, Work, group_key
 
 log = logging.getLogger(__name__)
 
 
-def execute(
-    job_id: str, payload: dict, runtime: ModelRuntime, client: redis.Redis, settings: Settings, worker: str
-) -> str:
-    """Run one job message; returns the job's status afterwards.
+def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, settings: Settings, worker: str) -> str:
+    """Run one job message (on a task thread); returns the job's status afterwards.
 
     A message whose job is no longer runnable (cancelled while queued, already finished by
     an earlier delivery, or expired) is dropped without touching the model.
     """
+    spec = batcher.runtime.spec
     scripts = Scripts(client)
     job_key = keys.job(job_id)
     state = scripts.start(keys=[job_key], args=[repr(time.time()), worker])
     if state != JobStatus.RUNNING:
         log.info("job %s: not runnable (%s), message dropped", job_id, state)
-        metrics.JOBS.labels(runtime.spec.id, "dropped").inc()
+        metrics.JOBS.labels(spec.id, "dropped").inc()
         return state
     created_at, lane = client.hmget(job_key, "created_at", "lane")
+    lane = Lane(lane or Lane.ASYNC)
     if created_at:
-        metrics.QUEUE_WAIT.labels(runtime.spec.id, lane or "async").observe(max(0.0, time.time() - float(created_at)))
+        metrics.QUEUE_WAIT.labels(spec.id, lane.value).observe(max(0.0, time.time() - float(created_at)))
 
     inputs = payload["inputs"]
-    fields: dict = {"weights": runtime.weights.kind}
-    started = time.perf_counter()
+    fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
     try:
         params = ForecastParameters.model_validate(payload["parameters"])
-        predictions = runtime.forecast(
-            [series["target"] for series in inputs],
-            prediction_length=params.prediction_length,
-            quantile_levels=params.quantile_levels,
-            sampling=params.sampling(),
-            return_samples=params.return_samples,
-            should_stop=lambda: client.hget(job_key, "cancel_requested") == "1",
-        )
-        for series, forecast in zip(inputs, predictions):
+        work = Work(job_id, [s["target"] for s in inputs], params, lane, group_key(spec, params))
+    except Exception as exc:  # a message this worker cannot read fails its job, not the worker
+        work, error = None, f"{type(exc).__name__}: {exc}"
+    else:
+        batcher.submit(work)
+        finished = work.finished.wait(settings.max_job_s)
+        if not finished:
+            batcher.abandon(work)
+        error = work.error if finished else f"TimeoutError: not finished within MAX_JOB_S={settings.max_job_s}s"
+        fields["inference_s"] = round(work.model_s, 6)
+    if error:
+        log.error("job %s failed: %s", job_id, error)
+        fields["error"] = error
+        outcome = JobStatus.FAILED
+    elif work.cancelled:
+        outcome = JobStatus.CANCELLED
+    else:
+        for series, forecast in zip(inputs, work.results, strict=True):
             forecast["item_id"] = series.get("item_id")
             if series.get("start") is not None:
                 forecast["start"] = series["start"]
-        fields["predictions"] = predictions
+        fields["predictions"] = work.results
         outcome = JobStatus.SUCCEEDED
-    except Cancelled:
-        outcome = JobStatus.CANCELLED
-    except Exception as exc:  # the model's failure is the job's outcome, not the worker's
-        log.exception("job %s failed", job_id)
-        fields["error"] = f"{type(exc).__name__}: {exc}"
-        outcome = JobStatus.FAILED
-    fields["inference_s"] = round(time.perf_counter() - started, 6)
     final = scripts.finish(
         keys=[job_key],
         args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
     )
-    log.info("job %s: %s (%d series, %.3fs)", job_id, final, len(inputs), fields["inference_s"])
-    metrics.JOBS.labels(runtime.spec.id, final).inc()
-    metrics.INFERENCE.labels(runtime.spec.id).observe(fields["inference_s"])
+    log.info("job %s: %s (%d series, %.3fs in the model)", job_id, final, len(inputs), fields["inference_s"])
+    metrics.JOBS.labels(spec.id, final).inc()
+    metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])
     if final == JobStatus.SUCCEEDED:
-        metrics.SERIES.labels(runtime.spec.id).inc(len(inputs))
+        metrics.SERIES.labels(spec.id).inc(len(inputs))
     return final

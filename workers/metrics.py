@@ -1,19 +1,14 @@
 """Prometheus metrics of a worker: jobs by outcome, inference time, batch size, queue wait, load time.
 
-Jobs run in Celery's pool processes while the HTTP endpoint (METRICS_PORT) lives in the main
-process, so the metrics use prometheus_client's multiprocess mode: every process writes its
-values under PROMETHEUS_MULTIPROC_DIR and the endpoint sums them. `python -m workers` gives
-each worker a fresh directory before anything imports prometheus_client; without one (a job
-run in-process, as some tests do) the metrics simply stay in that process.
+A worker is one process (task threads plus the model thread), so the default registry holds
+everything; `serve` exposes it on METRICS_PORT.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +27,11 @@ QUEUE_WAIT = Histogram(
     "chronos_queue_worker_queue_wait_seconds", "From acceptance to a worker starting the job.", ["model", "lane"],
     buckets=_SECONDS,
 )  # fmt: skip
-LOAD = Gauge(
-    "chronos_queue_worker_model_load_seconds", "Time to load the model.", ["model"], multiprocess_mode="max"
-)  # fmt: skip
+LOAD = Gauge("chronos_queue_worker_model_load_seconds", "Time to load the model.", ["model"])
 
 
 def serve(port: int) -> None:
-    """In the worker's main process, before the pool starts: serve the pool's metrics on `port`."""
-    if not port:
-        return
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        log.warning("METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: start the worker with `python -m workers`")
-        return
-    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
-        stale.unlink()
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    start_http_server(port, registry=registry)
-    log.info("metrics on :%d/metrics", port)
+    """Serve this worker's metrics on `port` (0: not at all)."""
+    if port:
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)

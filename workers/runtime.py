@@ -1,31 +1,34 @@
-"""The model a worker serves: loaded once, warmed up, called in model-sized batches."""
+"""The model a worker serves: loaded once, warmed up, called one batch at a time by the batcher."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from chronos import BaseChronosPipeline
 
 from shared.catalog import ModelSpec
+from shared.schemas import ForecastParameters
 from shared.settings import Settings
-from workers import metrics
 from workers.weights import Weights
 
 log = logging.getLogger(__name__)
 
-
-class Cancelled(Exception):
-    """The job was cancelled while it ran; raised between batches."""
+# The sample count T5's batch limits are set for: memory grows with batch x samples.
+_REFERENCE_SAMPLES = 20
 
 
 def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 class ModelRuntime:
@@ -42,53 +45,72 @@ class ModelRuntime:
         # from_pretrained dispatches on the config's pipeline class: Bolt gets ChronosBoltPipeline.
         self.pipeline = BaseChronosPipeline.from_pretrained(weights.path, device_map=self.device, dtype=self.dtype)
         self.load_s = time.perf_counter() - started
-        self.max_batch = spec.max_batch(self.device)
+        self.max_batch = settings.max_batch or spec.max_batch(self.device)
+        # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
         warmup = {"num_samples": 2} if spec.sample_based else None
-        self.forecast([[float(i % 7) for i in range(64)]], prediction_length=8, quantile_levels=[0.5], sampling=warmup)
+        self.predict([[float(i % 7) for i in range(64)]] * self.max_batch, 8, [0.5], sampling=warmup)
         log.info(
             "loaded %s (%s weights from %s) on %s/%s in %.1fs, max batch %d, %d torch threads",
             spec.id, weights.kind, weights.source, self.device, str(self.dtype).removeprefix("torch."),
             self.load_s, self.max_batch, torch.get_num_threads(),
         )  # fmt: skip
 
-    def forecast(
+    def batch_limit(self, params: ForecastParameters) -> int:
+        """Series per forward pass for these parameters: T5 scales down as samples per series go up."""
+        if self.spec.sample_based and params.num_samples:
+            return max(1, self.max_batch * _REFERENCE_SAMPLES // max(params.num_samples, _REFERENCE_SAMPLES))
+        return self.max_batch
+
+    def predict(
         self,
         targets: Sequence[Sequence[float | None]],
         prediction_length: int,
         quantile_levels: Sequence[float],
         sampling: Mapping[str, float | int] | None = None,
         return_samples: bool = False,
-        should_stop: Callable[[], bool] | None = None,
     ) -> list[dict[str, list]]:
-        """Forecast every series: one dict per series with 'mean', one key per quantile level, and
-        'samples' (sample paths, T5 only) when asked for.
-
-        `sampling` holds num_samples/temperature/top_k/top_p for sample-based models.
-        """
-        out: list[dict[str, list]] = []
-        for start in range(0, len(targets), self.max_batch):
-            # The first batch follows the claim on the job directly; later ones honour a cancel request.
-            if start and should_stop is not None and should_stop():
-                raise Cancelled()
-            batch = [self._tensor(t) for t in targets[start : start + self.max_batch]]
-            metrics.BATCH.labels(self.spec.id).observe(len(batch))
-            with torch.inference_mode():
-                if self.spec.sample_based:
-                    quantiles, mean, samples = self._from_samples(batch, prediction_length, quantile_levels, sampling)
-                else:
-                    quantiles, mean = self.pipeline.predict_quantiles(
-                        batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels)
-                    )
-            quantiles = quantiles.to(torch.float32).numpy()
-            mean = mean.to(torch.float32).numpy()
-            for i in range(len(batch)):
-                series = {"mean": mean[i].tolist()}
-                for j, level in enumerate(quantile_levels):
-                    series[str(level)] = quantiles[i, :, j].tolist()
-                if return_samples:
-                    series["samples"] = samples[i].tolist()
-                out.append(series)
+        """One forward pass over `targets`: per series 'mean', one key per quantile level, and
+        'samples' (T5 only) when asked. `sampling` holds num_samples/temperature/top_k/top_p (T5)."""
+        batch = [self._tensor(t) for t in targets]
+        with torch.inference_mode():
+            if self.spec.sample_based:
+                quantiles, mean, samples = self._from_samples(batch, prediction_length, quantile_levels, sampling)
+            else:
+                quantiles, mean = self.pipeline.predict_quantiles(
+                    batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels)
+                )
+        quantiles = quantiles.to(torch.float32).numpy()
+        mean = mean.to(torch.float32).numpy()
+        out = []
+        for i in range(len(batch)):
+            series = {"mean": mean[i].tolist()}
+            for j, level in enumerate(quantile_levels):
+                series[str(level)] = quantiles[i, :, j].tolist()
+            if return_samples:
+                series["samples"] = samples[i].tolist()
+            out.append(series)
         return out
+
+    def predict_isolating(self, targets: Sequence, *args, **kwargs) -> list[dict | Exception]:
+        """`predict`, but a failure is narrowed down by halving the batch: the series that fail on
+        their own get their exception, every other series its forecast. Out of memory also lowers
+        `max_batch` for the batches to come, so no job fails because its batch was too big."""
+        try:
+            return self.predict(targets, *args, **kwargs)
+        except Exception as exc:
+            if _out_of_memory(exc):
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                if len(targets) > 1 and self.max_batch > len(targets) // 2:
+                    self.max_batch = max(1, len(targets) // 2)
+                    log.warning("out of memory at batch %d: max batch lowered to %d", len(targets), self.max_batch)
+            if len(targets) == 1:
+                log.error("a series failed on its own: %s: %s", type(exc).__name__, exc)
+                return [exc]
+            half = len(targets) // 2
+            return self.predict_isolating(targets[:half], *args, **kwargs) + self.predict_isolating(
+                targets[half:], *args, **kwargs
+            )
 
     def _from_samples(self, batch, prediction_length, quantile_levels, sampling):
         """T5: draw sample paths, then quantiles and mean over them, as `ChronosPipeline.predict_quantiles` does."""

@@ -1,0 +1,196 @@
+"""What the benchmarks share: a stack of real processes on free loopback ports, and the raw pipeline.
+
+`Stack` starts redis-server, one `python -m workers` per model (synthetic weights of the full
+architecture, built once into .cache/synthetic) and the API under uvicorn, and stops them all
+on exit. `Raw` loads the same checkpoint in the benchmark's own process for side-by-side figures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import catalog, keys  # noqa: E402
+
+SYNTHETIC = ROOT / ".cache" / "synthetic"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def series(n: int, k: int = 0) -> list[float]:
+    return [float(10 + ((i + 3 * k) % 24) + 0.1 * i + 0.01 * k) for i in range(n)]
+
+
+class Stack:
+    """redis-server, the API and one worker per model, as separate processes; a context manager."""
+
+    def __init__(self, models: list[str], worker_env: dict[str, str] | None = None):
+        self.specs = [catalog.get(m) for m in models]
+        self.worker_env = worker_env or {}
+        self._exit = ExitStack()
+
+    def __enter__(self) -> Stack:
+        tmp = Path(self._exit.enter_context(tempfile.TemporaryDirectory()))
+        self.logs = tmp
+        redis_port, api_port = free_port(), free_port()
+        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        self._spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(tmp)], {}, "redis")  # fmt: skip
+        self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        wait_until(self._pings, "redis")
+        env = {"REDIS_URL": self.redis_url, "WEIGHTS": "synthetic", "SYNTHETIC_DIR": str(SYNTHETIC),
+               "HEARTBEAT_S": "1", "AUTH_DISABLED": "true"}  # fmt: skip
+        self.metrics_ports = {}
+        for spec in self.specs:
+            port = free_port()
+            self.metrics_ports[spec.id] = port
+            worker_env = {**env, "CHRONOS_MODEL": spec.id, "METRICS_PORT": str(port), **self.worker_env}
+            self._spawn([sys.executable, "-m", "workers"], worker_env, f"worker-{spec.slug}")
+        api = ["uvicorn", "--factory", "api.main:create_app", "--port", str(api_port), "--log-level", "warning"]
+        self._spawn([sys.executable, "-m", *api], env, "api")
+        for spec in self.specs:
+            wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec)) > 0, f"the {spec.slug} worker")
+        self.base = f"http://127.0.0.1:{api_port}"
+        wait_until(lambda: _ok(f"{self.base}/readyz"), "the API")
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:  # say why, before the logs go with the temporary directory
+            for log in sorted(self.logs.glob("*.log")):
+                print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+        self._exit.close()
+
+    def worker_metric(self, model: str, name: str) -> float:
+        """A summed sample of the model's worker metrics (e.g. chronos_queue_worker_batch_size_sum)."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[model]}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+    def _spawn(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
+        log = self.logs / f"{name}.log"
+        proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+        def stop():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+        self._exit.callback(stop)
+        return proc
+
+    def _pings(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.ConnectionError:
+            return False
+
+
+class Raw:
+    """The same synthetic checkpoint, loaded in this process: the baseline the service is measured against."""
+
+    def __init__(self, model: str):
+        import torch
+        from chronos import BaseChronosPipeline
+
+        self.spec = catalog.get(model)
+        self.torch = torch
+        # The device and dtype a worker would pick (workers/runtime.py): CUDA in bfloat16 when present.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        path = str(SYNTHETIC / self.spec.slug)
+        self.pipeline = BaseChronosPipeline.from_pretrained(path, device_map=device, dtype=dtype)
+
+    def call(self, targets: list[list[float]], horizon: int) -> None:
+        batch = [self.torch.tensor(t[-self.spec.context_length :], dtype=self.torch.float32) for t in targets]
+        with self.torch.inference_mode():
+            self.pipeline.predict_quantiles(batch, prediction_length=horizon, quantile_levels=[0.1, 0.5, 0.9])
+
+    def throughput(self, batch: int, length: int, horizon: int, seconds: float = 4.0) -> float:
+        """Series per second at this batch size, over about `seconds` after one warm-up call."""
+        targets = [series(length, k) for k in range(batch)]
+        self.call(targets, horizon)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            self.call(targets, horizon)
+            done += batch
+        return done / (time.perf_counter() - started)
+
+    def best(self, batches: list[int], length: int, horizon: int) -> tuple[int, float]:
+        """The batch size with the best throughput, and that throughput."""
+        rates = {b: self.throughput(b, length, horizon) for b in batches}
+        for b, rate in rates.items():
+            print(f"  raw batch {b:5d}: {rate:8.1f} series/s")
+        best = max(rates, key=rates.get)
+        return best, rates[best]
+
+
+def timed_predicts(base: str, model: str, n: int, length: int, horizon: int) -> tuple[list[float], dict[str, float]]:
+    """Latencies of n sequential /v1/predict calls (after 10 warm-up calls), and the median time of
+    each leg of a call (timestamps from the job record and the client, one clock)."""
+    latencies, legs = [], []
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for i in range(n + 10):
+            sent, started = time.time(), time.perf_counter()
+            payload = {"model": model, "inputs": [{"target": series(length, 7_000_000 + i)}],
+                       "parameters": {"prediction_length": horizon}}  # fmt: skip
+            response = http.post("/v1/predict", json=payload)
+            elapsed, received = time.perf_counter() - started, time.time()
+            assert response.status_code == 200, response.text
+            job = response.json()
+            if i >= 10:
+                latencies.append(elapsed)
+                legs.append({
+                    "HTTP in -> accepted": job["created_at"] - sent,
+                    "accepted -> claimed": job["started_at"] - job["created_at"],
+                    "claimed -> stored": job["finished_at"] - job["started_at"],
+                    "  of which model pass": job["timings"]["inference_s"],
+                    "stored -> client": received - job["finished_at"],
+                })  # fmt: skip
+    return latencies, {leg: statistics.median(entry[leg] for entry in legs) for leg in legs[0]}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,179 @@
+"""Throughput of the whole path against the raw pipeline, side by side in one run.
+
+    .venv/bin/python bench/throughput.py flood [--model amazon/chronos-bolt-tiny] [--clients 128] [--seconds 20]
+    .venv/bin/python bench/throughput.py sync  [--model amazon/chronos-bolt-tiny] [--n 100] [--clients 64]
+    .venv/bin/python bench/throughput.py bulk  [--model amazon/chronos-bolt-small] [--series 10000]
+
+flood: many concurrent clients, each submitting one-series async jobs (POST /v1/forecasts, then
+       long-wait GET) in a loop, HTTP → queue → worker → result; series/s completed in the
+       measuring window vs the raw pipeline's best batched throughput on the same checkpoint.
+sync:  p50/p99 of sequential POST /v1/predict with no load, then with a flood of async jobs for
+       the same model running in another process.
+bulk:  one job of many series (default 10,000) from POST to the last result, vs raw batched.
+
+Each run starts its own redis-server, worker and API (bench/harness.py) and stops them after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from harness import ROOT, Raw, Stack, percentile, series, timed_predicts, torch_threads
+
+LENGTH, HORIZON = 512, 20
+
+
+def body(model: str, targets: list[list[float]], horizon: int = HORIZON) -> dict:
+    return {"model": model, "inputs": [{"target": t} for t in targets], "parameters": {"prediction_length": horizon}}
+
+
+async def _flood(base: str, model: str, clients: int, warmup_s: float, seconds: float, length: int) -> list[float]:
+    """Completion times (monotonic) of one-series jobs from `clients` looping clients, for warmup + seconds.
+
+    aiohttp, not httpx, drives the load: httpx's async pool spends more CPU on its own bookkeeping
+    at this concurrency than the API spends serving, and the client shares the machine.
+    """
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + warmup_s + seconds
+    completed: list[float] = []
+    connector = aiohttp.TCPConnector(limit=clients + 8)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+
+        async def client(k: int) -> None:
+            i = 0
+            while loop.time() < deadline:
+                async with http.post("/v1/forecasts", json=body(model, [series(length, k * 100_000 + i)])) as r:
+                    job = await r.json(content_type=None)
+                while job["status"] in ("queued", "running"):
+                    async with http.get(f"/v1/forecasts/{job['id']}", params={"wait": "30"}) as r:
+                        job = await r.json(content_type=None)
+                assert job["status"] == "succeeded", job
+                completed.append(time.monotonic())
+                i += 1
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return completed
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def flood(args) -> None:
+    with Stack([args.model], _env(args.worker_env)) as stack:
+        print(
+            f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads), {LENGTH} points, horizon {HORIZON}"
+        )
+        raw = Raw(args.model)
+        best_batch, raw_rate = raw.best([8, 16, 32, 64], LENGTH, HORIZON)
+        del raw
+        sums = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
+        started = time.monotonic()
+        completed = asyncio.run(_flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH))
+        window = [t for t in completed if t >= started + args.warmup]
+        served = len(window) / args.seconds
+        after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
+        mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
+    print(f"flood: {args.clients} clients, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s"
+          f"{', worker ' + ' '.join(args.worker_env) if args.worker_env else ''}")  # fmt: skip
+    print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
+    print(f"  served (HTTP→result) {served:8.1f} series/s, mean worker batch {mean_batch:.1f} series")
+    print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.80)")
+
+
+def sync(args) -> None:
+    with Stack([args.model], _env(args.worker_env)) as stack:
+        quiet, quiet_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)
+        load = subprocess.Popen(
+            [sys.executable, __file__, "_load", "--base", stack.base, "--model", args.model, "--clients", str(args.clients)],
+            cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            time.sleep(5)  # let the flood fill the queue
+            depth = httpx.get(f"{stack.base}/metrics", timeout=5).text
+            loaded, loaded_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)
+        finally:
+            os.killpg(load.pid, signal.SIGTERM)
+            load.wait(30)
+    backlog = [
+        line for line in depth.splitlines() if line.startswith("chronos_queue_queue_depth{") and args.model in line
+    ]
+    print(f"sync: {args.model}, {LENGTH} points, horizon {HORIZON}, n={args.n} sequential /v1/predict")
+    print(f"  {'':24}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name, samples in (("no load", quiet), (f"under flood ({args.clients} clients)", loaded)):
+        print(f"  {name:24}{1e3 * percentile(samples, 0.5):10.1f}{1e3 * percentile(samples, 0.99):10.1f}"
+              f"{1e3 * statistics.fmean(samples):10.1f}")  # fmt: skip
+    print(f"  queue during the flood: {'; '.join(backlog)}")
+    print(f"  where a call's time goes (median ms)  {'no load':>10}{'flood':>10}")
+    for leg in quiet_legs:
+        print(f"    {leg:34}{1e3 * quiet_legs[leg]:10.1f}{1e3 * loaded_legs[leg]:10.1f}")
+    print(f"  ratio p50 flood/no load {percentile(loaded, 0.5) / percentile(quiet, 0.5):.2f}   (target <= 2)")
+
+
+def _load(args) -> None:
+    """A flood that runs until this process is told to stop (used by `sync`)."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    asyncio.run(_flood(args.base, args.model, args.clients, 0, 3600, LENGTH))
+
+
+def bulk(args) -> None:
+    with Stack([args.model], _env(args.worker_env)) as stack:
+        print(f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads)")
+        raw = Raw(args.model)
+        best_batch, raw_rate = raw.best([32, 64], LENGTH, HORIZON)
+        del raw
+        payload = body(args.model, [series(LENGTH, k) for k in range(args.series)])
+        with httpx.Client(base_url=stack.base, timeout=600) as http:
+            started = time.perf_counter()
+            job = http.post("/v1/forecasts", json=payload).json()
+            accepted = time.perf_counter() - started
+            while job["status"] in ("queued", "running"):
+                job = http.get(f"/v1/forecasts/{job['id']}", params={"wait": 30}).json()
+            total = time.perf_counter() - started
+    assert job["status"] == "succeeded", job.get("error")
+    served = args.series / total
+    print(f"bulk: one job of {args.series} series x {LENGTH} points, horizon {HORIZON}")
+    print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
+    print(f"  served (POST→result) {served:8.1f} series/s: {total:.1f}s in all, {accepted:.1f}s to accept, "
+          f"{job['timings']['inference_s']:.1f}s in the model")  # fmt: skip
+    print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.85)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    f = commands.add_parser("flood")
+    f.add_argument("--model", default="amazon/chronos-bolt-tiny")
+    f.add_argument("--clients", type=int, default=128)
+    f.add_argument("--seconds", type=float, default=20)
+    f.add_argument("--warmup", type=float, default=5)
+    s = commands.add_parser("sync")
+    s.add_argument("--model", default="amazon/chronos-bolt-tiny")
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--clients", type=int, default=64)
+    b = commands.add_parser("bulk")
+    b.add_argument("--model", default="amazon/chronos-bolt-small")
+    b.add_argument("--series", type=int, default=10_000)
+    for sub in (f, s, b):
+        sub.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE", help="worker settings to try")
+    load = commands.add_parser("_load")
+    load.add_argument("--base", required=True)
+    load.add_argument("--model", required=True)
+    load.add_argument("--clients", type=int, required=True)
+    args = parser.parse_args()
+    {"flood": flood, "sync": sync, "bulk": bulk, "_load": _load}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

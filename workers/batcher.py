@@ -1,0 +1,194 @@
+"""Dynamic batching across jobs: every job a worker holds feeds one model thread.
+
+A worker runs Celery's threads pool with many slots (`WORKER_SLOTS`). Each task thread claims
+its job, hands the job's series to the `Batcher` as one `Work`, and waits; the batcher's single
+thread owns the model and runs one forward pass after another, each over series of as many
+jobs as fit (`max_batch`). Results are split back to their jobs, and each task thread stores
+its job's outcome and only then returns, so its message is acked after the result is stored.
+
+Which series share a forward pass:
+- Only compatible ones (`group_key`): the same number of autoregressive rounds beyond the
+  model's native horizon, and for T5 the same sampling options. Within a group the pass runs
+  the longest horizon and the union of quantile levels, and each job gets its own slice: Bolt
+  always computes its native horizon and each quantile level independently, so a slice equals
+  what the job would get alone (up to the float noise of left-padding to the longest series);
+  T5 samples step by step, so a slice is a draw from the same distribution.
+- Sync-lane work goes first: while any is pending, a pass takes only sync-lane series, so a
+  /v1/predict waits for at most the pass in progress, never for a bulk backlog.
+- A large job is taken one model-sized batch at a time, in arrival order with the others.
+
+No batching timer by default: while a pass runs, newly arrived jobs pile up and the next pass
+takes them together, so an idle worker answers a lone request at once. `BATCH_WAIT_MS` adds a
+wait for more work when a batch is not full.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.catalog import ModelSpec
+from shared.jobs import Lane
+from shared.schemas import ForecastParameters
+from workers import metrics
+from workers.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+def group_key(spec: ModelSpec, params: ForecastParameters) -> tuple:
+    """What series must share to run in one forward pass (see the module docstring)."""
+    rounds = (params.prediction_length - 1) // spec.prediction_length
+    if spec.sample_based:
+        return (rounds, tuple(sorted(params.sampling().items())))
+    return (rounds,)
+
+
+@dataclass(eq=False)
+class Work:
+    """One job's series on their way through the model."""
+
+    job_id: str
+    targets: list
+    params: ForecastParameters
+    lane: Lane
+    key: tuple
+    results: list = field(init=False)
+    scheduled: int = 0  # series handed to a forward pass so far
+    done: int = 0
+    model_s: float = 0.0  # time in the forward passes this job took part in
+    error: str | None = None
+    cancelled: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.results = [None] * len(self.targets)
+
+    @property
+    def unscheduled(self) -> int:
+        return len(self.targets) - self.scheduled
+
+
+class Batcher:
+    """The model thread and the work waiting for it."""
+
+    def __init__(self, runtime: ModelRuntime, cancelled: Callable[[list[str]], set[str]], wait_s: float = 0.0):
+        self.runtime, self.cancelled, self.wait_s = runtime, cancelled, wait_s
+        self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, work: Work) -> None:
+        with self._cond:
+            self._pending[work.lane].append(work)
+            self._cond.notify()
+
+    def abandon(self, work: Work) -> None:
+        """Schedule none of the job's remaining series (its task gave up on it)."""
+        with self._cond:
+            if work in self._pending[work.lane]:
+                self._pending[work.lane].remove(work)
+
+    # -- the model thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                self._execute(batch)
+            except Exception as exc:  # never let the model thread die: fail the batch's jobs instead
+                log.exception("batch failed outside the model")
+                for work, _, _ in batch:
+                    self._finish(work, error=f"{type(exc).__name__}: {exc}")
+
+    def _pending_series(self) -> int:
+        return sum(w.unscheduled for q in self._pending.values() for w in q)
+
+    def _take(self) -> list[tuple[Work, int, int]]:
+        """The next forward pass: (work, first series, end) slices of compatible jobs, sync lane first."""
+        with self._cond:
+            self._cond.wait_for(lambda: any(self._pending.values()))
+            lane = Lane.SYNC if self._pending[Lane.SYNC] else Lane.ASYNC
+            first = self._pending[lane][0]
+            room = self.runtime.batch_limit(first.params)
+            if self.wait_s and self._pending_series() < room:
+                self._cond.wait_for(lambda: self._pending_series() >= room, timeout=self.wait_s)
+                lane = Lane.SYNC if self._pending[Lane.SYNC] else lane
+                first = self._pending[lane][0]
+            picked = []
+            queue = self._pending[lane]
+            for work in list(queue):
+                if work.key != first.key:
+                    continue
+                n = min(room, work.unscheduled)
+                picked.append((work, work.scheduled, work.scheduled + n))
+                work.scheduled += n
+                room -= n
+                if not work.unscheduled:
+                    queue.remove(work)
+                if not room:
+                    break
+            return picked
+
+    def _execute(self, batch: list[tuple[Work, int, int]]) -> None:
+        stopped = self.cancelled(list({w.job_id for w, _, _ in batch}))
+        live = []
+        for work, start, end in batch:
+            if work.job_id in stopped:
+                self.abandon(work)
+                self._finish(work, cancelled=True)
+            elif not work.finished.is_set():  # a job failed in an earlier pass has nothing left to run
+                live.append((work, start, end))
+        if not live:
+            return
+        params = [w.params for w, _, _ in live]
+        horizon = max(p.prediction_length for p in params)
+        levels = sorted({q for p in params for q in p.quantile_levels})
+        targets = [w.targets[i] for w, start, end in live for i in range(start, end)]
+        metrics.BATCH.labels(self.runtime.spec.id).observe(len(targets))
+        started = time.perf_counter()
+        outputs = self.runtime.predict_isolating(
+            targets,
+            horizon,
+            levels,
+            sampling=params[0].sampling(),
+            return_samples=any(p.return_samples for p in params),
+        )
+        elapsed = time.perf_counter() - started
+        at = 0
+        for work, start, end in live:
+            work.model_s += elapsed
+            for i in range(start, end):
+                out = outputs[at]
+                at += 1
+                if isinstance(out, Exception):
+                    self.abandon(work)
+                    self._finish(work, error=f"{type(out).__name__}: {out}")
+                    break
+                work.results[i] = _slice(out, work.params)
+                work.done += 1
+            if work.done == len(work.targets):
+                self._finish(work)
+
+    @staticmethod
+    def _finish(work: Work, error: str | None = None, cancelled: bool = False) -> None:
+        if work.finished.is_set():
+            return
+        work.error, work.cancelled = error, cancelled
+        work.finished.set()
+
+
+def _slice(out: dict, params: ForecastParameters) -> dict:
+    """One series' share of a pass: its own horizon and quantile levels (and samples if asked)."""
+    h = params.prediction_length
+    series = {"mean": out["mean"][:h], **{str(q): out[str(q)][:h] for q in params.quantile_levels}}
+    if params.return_samples:
+        series["samples"] = [path[:h] for path in out["samples"]]
+    return series
