@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
 
-from api import problems
+from api import problems, security
 from api.auth import KeyRing
 from api.events import JobEvents
 from api.limits import BodySizeLimit
@@ -22,7 +22,10 @@ from api.service import JobService
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:  # started by uvicorn: configure logging as the service logs
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler()
+        handler.addFilter(security.RequestIdFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         settings = get_settings()
 
     @asynccontextmanager
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ApiMetrics()
     problems.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    security.install(app, settings.cors_origin_list())
     app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
     for router in (forecasts.router, models.router, health.router, compat.default, compat.per_model):
         app.include_router(router)

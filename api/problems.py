@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis.exceptions as redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -105,6 +106,16 @@ def install(app: FastAPI) -> None:
         code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         return Problem(exc.status_code, code, str(exc.detail), headers=exc.headers).response(request.url.path)
 
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_away(request: Request, exc: Exception):
+        # Redis is the job store: without it nothing can be accepted or read. Say so and when to retry;
+        # the client's connection pool reconnects by itself once Redis is back.
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return Problem(
+            503, "redis-unavailable", "the job store (Redis) is not reachable; retry", headers={"Retry-After": "1"}
+        ).response(request.url.path)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -146,6 +157,15 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         409, "this URL serves amazon/chronos-t5-tiny; for amazon/chronos-bolt-base use /models/<slug>/forecast/v1/chronos/...",
         {"field": "model_variant"},
     ),
+    "rate-limited": (429, "over 200 submissions/s for this key (burst 400)", {}),
+    "too-many-in-flight": (
+        429, "this key has 10000 jobs not yet finished (MAX_IN_FLIGHT 10000); wait for some to finish", {}
+    ),
+    "queue-full": (503, "queue chronos-bolt-small holds 100000 jobs or more; retry later", {}),
+    "idempotency-key-reused": (
+        422, "this Idempotency-Key was used with a different request; use a new key for a new request",
+        {"field": "Idempotency-Key", "job_id": "3f2a…"},
+    ),
     "body-too-large": (413, "request body over 67108864 bytes (MAX_BODY_BYTES)", {}),
     "validation-error": (
         422, "inputs[0].target: target holds an infinite value; use null or NaN for missing values",
@@ -165,7 +185,7 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         503, "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts", {}
     ),
     "broker-unavailable": (503, "could not enqueue the job; retry", {}),
-    "redis-unavailable": (503, "Redis is not reachable", {}),
+    "redis-unavailable": (503, "the job store (Redis) is not reachable; retry", {}),
     "forecast-timeout": (
         504, "no forecast within 290s; the job continues: GET /v1/forecasts/3f2a…", {"job_id": "3f2a…"}
     ),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 
@@ -84,43 +86,116 @@ class JobService:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    async def submit(self, request: ForecastRequest, lane: Lane, owner: str) -> JobRecord:
-        """Validate against the catalog and limits, record the job, and enqueue it on its model's queue."""
+    async def submit(
+        self, request: ForecastRequest, lane: Lane, owner: str, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Validate, admit, record the job and enqueue it on its model's queue.
+
+        Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
+        """
         spec = self.model(request.model)
         if not spec.served:
             raise Problem(501, "model-not-served", f"{spec.id} is in the catalog but not served yet", field="model")
         limits.check(request, spec, self.settings)
         if lane is Lane.SYNC:
             await self._check_sync(spec)
+        queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
+        await self._admit(owner, queue)
+
         job_id = uuid.uuid4().hex
+        now = time.time()
         record = new_record(
-            job_id, spec.id, len(request.inputs), request.parameters.prediction_length, lane, time.time(), owner
+            job_id, spec.id, len(request.inputs), request.parameters.prediction_length, lane, now, owner
         )
         job_key = keys.job(job_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key, mapping=record)
-            pipe.expire(job_key, self.settings.result_ttl_s + self.settings.max_job_s)
-            await pipe.execute()
+        ttl = self.settings.result_ttl_s + self.settings.max_job_s
+        digest = _digest(json.dumps([lane.value, request.model_dump(mode="json")], sort_keys=True))
+        idem_key = keys.idempotency(owner, _digest(idempotency_key)) if idempotency_key else None
+        fields = [item for pair in record.items() for item in pair]
+        outcome = await self.scripts.create(
+            keys=[job_key, keys.in_flight(owner), *([idem_key] if idem_key else [])],
+            args=[ttl, self.settings.max_in_flight, repr(now - ttl), f"{job_id} {digest}", *fields],
+        )
+        if outcome is not None:
+            return await self._refused_or_replayed(outcome, digest, owner, idem_key)
+
         payload = request.model_dump(mode="json", exclude={"model"})
-        queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
         try:
             await asyncio.to_thread(
                 self.celery.send_task, keys.FORECAST_TASK, args=[job_id, payload], task_id=job_id, queue=queue
             )
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", job_id, exc)
-            await self.client.delete(job_key)
-            raise Problem(503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"})
+            await self.client.delete(job_key, *([idem_key] if idem_key else []))
+            await self.client.zrem(keys.in_flight(owner), job_id)
+            raise Problem(
+                503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
+            ) from exc
         log.info("job %s accepted: %s, %d series, lane %s", job_id, spec.id, len(request.inputs), lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
-        return JobRecord.from_hash({k: str(v) for k, v in record.items()})
+        return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
 
-    async def run(self, request: ForecastRequest, lane: Lane, owner: str, timeout_s: float) -> JobRecord:
+    async def _admit(self, owner: str, queue: str) -> None:
+        """The submission rate limit and the queue-depth cap (the in-flight cap is checked on creation)."""
+        settings = self.settings
+        if settings.rate_limit_per_s:
+            wait = float(
+                await self.scripts.take_token(
+                    keys=[keys.rate_bucket(owner)], args=[settings.rate_limit_per_s, settings.rate_limit_burst]
+                )
+            )
+            if wait > 0:
+                raise Problem(
+                    429,
+                    "rate-limited",
+                    f"over {settings.rate_limit_per_s:g} submissions/s for this key (burst {settings.rate_limit_burst})",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        if settings.max_queue_depth and await self.client.llen(queue) >= settings.max_queue_depth:
+            raise Problem(
+                503,
+                "queue-full",
+                f"queue {queue} holds {settings.max_queue_depth} jobs or more; retry later",
+                headers={"Retry-After": "5"},
+            )
+
+    async def _refused_or_replayed(
+        self, outcome: str, digest: str, owner: str, idem_key: str | None
+    ) -> tuple[JobRecord, bool]:
+        if outcome.startswith("in-flight:"):
+            raise Problem(
+                429,
+                "too-many-in-flight",
+                f"this key has {outcome.split(':')[1]} jobs not yet finished (MAX_IN_FLIGHT "
+                f"{self.settings.max_in_flight}); wait for some to finish",
+                headers={"Retry-After": "5"},
+            )
+        earlier_id, earlier_digest = outcome.split(" ", 1)
+        if earlier_digest != digest:
+            raise Problem(
+                422,
+                "idempotency-key-reused",
+                "this Idempotency-Key was used with a different request; use a new key for a new request",
+                field="Idempotency-Key",
+                job_id=earlier_id,
+            )
+        try:
+            return await self.require(earlier_id, owner), True
+        except Problem:  # the earlier job's record expired: the key names nothing any more
+            await self.client.delete(idem_key)
+            raise Problem(
+                404, "unknown-job", f"the job this Idempotency-Key named ({earlier_id}) expired; use a new key"
+            ) from None
+
+    async def run(
+        self, request: ForecastRequest, lane: Lane, owner: str, timeout_s: float, idempotency_key: str | None = None
+    ) -> JobRecord:
         """Submit and wait: the succeeded record, or the job as it stands when `timeout_s` runs out.
 
         A job that failed or was cancelled meanwhile is a problem response carrying its id.
         """
-        record = await self.wait((await self.submit(request, lane, owner)).id, timeout_s, owner)
+        submitted, _ = await self.submit(request, lane, owner, idempotency_key)
+        record = await self.wait(submitted.id, timeout_s, owner)
         if record.status is JobStatus.FAILED:
             raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
         if record.terminal and record.status is not JobStatus.SUCCEEDED:
@@ -185,7 +260,7 @@ class JobService:
     async def cancel(self, job_id: str, owner: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns its record and whether it stopped already."""
         outcome = await self.scripts.cancel(
-            keys=[keys.job(job_id)],
+            keys=[keys.job(job_id), keys.in_flight(owner)],
             args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, owner],
         )
         if outcome not in ("cancelled", "cancelling", "missing"):
@@ -197,3 +272,7 @@ class JobService:
             return bool(await asyncio.wait_for(self.client.ping(), 1.0))
         except Exception:
             return False
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

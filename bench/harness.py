@@ -70,7 +70,7 @@ class Stack:
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
         wait_until(self._pings, "redis")
         env = {"REDIS_URL": self.redis_url, "WEIGHTS": "synthetic", "SYNTHETIC_DIR": str(SYNTHETIC),
-               "HEARTBEAT_S": "1", "AUTH_DISABLED": "true"}  # fmt: skip
+               "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0"}  # fmt: skip
         self.metrics_ports = {}
         for spec in self.specs:
             port = free_port()

@@ -38,6 +38,34 @@ class Lane(StrEnum):
     SYNC = "sync"
 
 
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] idempotency key (optional).
+# ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value, then
+# field/value pairs of the record. Returns nil when the job was created; the idempotency key's
+# value when that key was used before (nothing is written); 'in-flight:<n>' when the owner
+# already has `cap` jobs in flight.
+CREATE = """
+if KEYS[3] then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return existing end
+end
+local cap = tonumber(ARGV[2])
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+  local n = redis.call('ZCARD', KEYS[2])
+  if n >= cap then return 'in-flight:' .. n end
+end
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
+local created
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'created_at' then created = ARGV[i + 1] end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], created, redis.call('HGET', KEYS[1], 'id'))
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return false
+"""
+
 # KEYS[1] job  ARGV: now, worker name.  Returns the status the job is in afterwards;
 # anything but 'running' tells the worker to drop the message (cancelled, finished, expired).
 START = """
@@ -51,7 +79,8 @@ end
 return s
 """
 
-# KEYS[1] job  ARGV: final status, now, ttl, channel, job id, then field/value pairs.
+# KEYS[1] job, KEYS[2] the owner's in-flight set  ARGV: final status, now, ttl, channel, job id,
+# then field/value pairs.
 # Only a running job can finish; the first terminal write wins, so a redelivered
 # duplicate cannot overwrite a result. A pending cancel request turns success into
 # 'cancelled' and its fields are not stored.
@@ -65,11 +94,12 @@ if final ~= 'cancelled' then
   for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[5])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return final
 """
 
-# KEYS[1] job  ARGV: now, ttl, channel, job id, owner.
+# KEYS[1] job, KEYS[2] the owner's in-flight set  ARGV: now, ttl, channel, job id, owner.
 # Returns 'cancelled' (was queued), 'cancelling' (running: stops at the next batch),
 # the terminal status it already had, or 'missing' (also when another owner's job).
 CANCEL = """
@@ -78,6 +108,7 @@ if not s or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 'missing
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[4])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
   return 'cancelled'
 end
@@ -86,6 +117,22 @@ if s == 'running' then
   return 'cancelling'
 end
 return s
+"""
+
+
+# KEYS[1] the owner's token bucket  ARGV: rate (tokens/s), burst.
+# Takes one token; returns 0 when there was one, else the seconds until there will be (as text).
+TAKE_TOKEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = math.min(burst, (tonumber(b[1]) or burst) + (now - (tonumber(b[2]) or now)) * rate)
+local wait = 0
+if tokens < 1 then wait = (1 - tokens) / rate else tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return tostring(wait)
 """
 
 
@@ -185,6 +232,8 @@ class Scripts:
     a value or an awaitable accordingly)."""
 
     def __init__(self, client: Any):
+        self.create = client.register_script(CREATE)
+        self.take_token = client.register_script(TAKE_TOKEN)
         self.start = client.register_script(START)
         self.finish = client.register_script(FINISH)
         self.cancel = client.register_script(CANCEL)

@@ -18,6 +18,21 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def in_flight(owner: str) -> str:
+    """Sorted set of an owner's jobs not yet finished (score: acceptance time), for the in-flight cap."""
+    return f"{PREFIX}:inflight:{owner}"
+
+
+def rate_bucket(owner: str) -> str:
+    """Hash holding an owner's token bucket (tokens, last refill), for the submission rate limit."""
+    return f"{PREFIX}:rate:{owner}"
+
+
+def idempotency(owner: str, key_digest: str) -> str:
+    """The job an owner's Idempotency-Key named: '<job id> <request digest>'."""
+    return f"{PREFIX}:idem:{owner}:{key_digest}"
+
+
 def workers(spec: ModelSpec) -> str:
     """Hash of the workers serving a model: worker name -> JSON heartbeat."""
     return f"{PREFIX}:workers:{spec.slug}"

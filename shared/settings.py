@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     max_num_samples: int = Field(100, ge=1)
     max_quantile_levels: int = Field(21, ge=1)
 
+    # Admission, per API key: job submissions per second (token bucket; 0: no limit) and burst,
+    # and jobs not yet finished (0: no cap), both answered 429; per model, messages waiting in its
+    # queue (0: no cap), answered 503. All with Retry-After.
+    rate_limit_per_s: float = Field(200.0, ge=0)
+    rate_limit_burst: int = Field(400, ge=1)
+    max_in_flight: int = Field(10_000, ge=0)
+    max_queue_depth: int = Field(100_000, ge=0)
+
     # Synchronous lane. SYNC_MODELS (comma-separated ids or slugs) overrides the catalog's defaults.
     sync_models: str | None = None
     sync_timeout_default_s: float = Field(10.0, gt=0)
@@ -41,6 +49,9 @@ class Settings(BaseSettings):
     api_keys: str | None = None
     api_keys_file: str | None = None
     auth_disabled: bool = False
+
+    # Browser origins allowed to call the API (comma-separated); none by default, so no CORS headers.
+    cors_origins: str | None = None
 
     # Compatibility routes (DESIGN §4): the model behind un-prefixed /forecast/v1/chronos/*, how long
     # a compat call waits for its forecast (the evaluation client gives up after 300 s), and how long
@@ -84,6 +95,9 @@ class Settings(BaseSettings):
         if catalog.find(value) is None:
             raise ValueError(f"unknown model in COMPAT_MODEL: {value}")
         return value
+
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
 
     def key_list(self) -> list[str]:
         """The configured API keys, from API_KEYS and API_KEYS_FILE together."""

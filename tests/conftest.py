@@ -48,11 +48,11 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
 
-def start_redis(workdir: Path, *extra: str) -> RedisServer:
+def start_redis(workdir: Path, *extra: str, port: int | None = None) -> RedisServer:
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed (`.ci/run` installs it; locally: apt-get install redis-server)")
-    port = free_port()
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra],

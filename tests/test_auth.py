@@ -81,3 +81,26 @@ def test_keys_are_read_from_a_file_with_comments(redis_server, tmp_path):
         statuses = [client.get("/v1/models", headers={"X-API-Key": k}).status_code for k in ("file-key-2", "# team a")]
 
     assert statuses == [200, 401]
+
+
+def test_every_answer_carries_security_headers_and_a_request_id(api):
+    chosen = api.get("/v1/models", headers={"X-Request-Id": "trace-123"})
+    made = api.get("/v1/forecasts/nope")
+
+    for response in (chosen, made):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["cache-control"] == "no-store"
+    assert chosen.headers["x-request-id"] == "trace-123"
+    assert len(made.headers["x-request-id"]) == 32
+    assert "access-control-allow-origin" not in api.get("/v1/models", headers={"Origin": "https://evil.example"}).headers
+
+
+def test_cors_answers_only_configured_origins(redis_server):
+    app = create_app(settings_for(redis_server, cors_origins="https://dash.example"))
+    with TestClient(app, headers={"X-API-Key": "test-key"}) as client:
+        allowed = client.get("/v1/models", headers={"Origin": "https://dash.example"})
+        other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+
+    assert allowed.headers["access-control-allow-origin"] == "https://dash.example"
+    assert "access-control-allow-origin" not in other.headers

@@ -52,7 +52,8 @@ def build(
     # Under /models/{slug}, an unknown slug is a 404 on every route.
     url_errors = ("unknown-model",) if "{slug}" in prefix else ()
     run_errors = (*BODY_ERRORS, *url_errors, "unauthorized", "limit-exceeded", "model-not-served", "no-worker",
-                  "broker-unavailable", "forecast-failed", "job-cancelled", "forecast-timeout")  # fmt: skip
+                  "broker-unavailable", "redis-unavailable", "forecast-failed", "job-cancelled", "forecast-timeout",
+                  "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
 
     @router.get("/health", responses=documented(*url_errors))
     async def health(spec: Model, jobs: Service) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 
 from shared.jobs import JobStatus, Lane
 from shared.schemas import ForecastRequest, JobView
@@ -18,6 +18,14 @@ from api.service import JobService
 router = APIRouter(prefix="/v1", tags=["forecasts"])
 
 Service = Annotated[JobService, Depends(service)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Any unique string: a retried request with the same key and body returns the same job.",
+    ),
+]
 Config = Annotated[Settings, Depends(settings)]
 
 
@@ -26,20 +34,33 @@ def _location(response: Response, job_id: str) -> None:
 
 
 SUBMIT_ERRORS = (*BODY_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
-                 "model-not-served", "broker-unavailable")  # fmt: skip
+                 "model-not-served", "broker-unavailable", "redis-unavailable", "rate-limited",
+                 "too-many-in-flight", "queue-full", "idempotency-key-reused")  # fmt: skip
 
 
 @router.post(
     "/forecasts", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses=documented(*SUBMIT_ERRORS)
 )
-async def submit_forecast(body: ForecastRequest, response: Response, jobs: Service, owner: Caller) -> JobView:
-    """Queue a forecast job on its model's queue; poll or long-wait on the returned id."""
-    record = await jobs.submit(body, Lane.ASYNC, owner)
+async def submit_forecast(
+    body: ForecastRequest, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
+) -> JobView:
+    """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
+
+    With an `Idempotency-Key`, sending the same request again returns the same job
+    (`Idempotent-Replayed: true`) instead of queueing another.
+    """
+    record, replayed = await jobs.submit(body, Lane.ASYNC, owner, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     _location(response, record.id)
     return JobView.of(record)
 
 
-@router.get("/forecasts/{job_id}", response_model=JobView, responses=documented("unauthorized", "unknown-job"))
+@router.get(
+    "/forecasts/{job_id}",
+    response_model=JobView,
+    responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
+)
 async def get_forecast(
     job_id: str,
     jobs: Service,
@@ -58,7 +79,7 @@ async def get_forecast(
     response_model=JobView,
     responses={
         202: {"model": JobView, "description": "Running: it stops at its next batch."},
-        **documented("unauthorized", "unknown-job", "job-finished"),
+        **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable"),
     },
 )
 async def cancel_forecast(job_id: str, response: Response, jobs: Service, owner: Caller) -> JobView:
@@ -84,13 +105,14 @@ async def predict(
     config: Config,
     owner: Caller,
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobView:
     """Forecast in one round trip on a sync-eligible model, through its priority lane.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
-    record = await jobs.run(body, Lane.SYNC, owner, wait)
+    record = await jobs.run(body, Lane.SYNC, owner, wait, idempotency_key)
     if record.status is JobStatus.SUCCEEDED:
         return JobView.of(record)
     response.status_code = status.HTTP_202_ACCEPTED

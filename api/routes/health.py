@@ -23,7 +23,9 @@ async def healthz() -> dict:
 async def readyz(jobs: Annotated[JobService, Depends(service)]) -> dict:
     """Redis is reachable (503 otherwise)."""
     if not await jobs.ready():
-        raise Problem(503, "redis-unavailable", "Redis is not reachable", headers={"Retry-After": "1"})
+        raise Problem(
+            503, "redis-unavailable", "the job store (Redis) is not reachable; retry", headers={"Retry-After": "1"}
+        )
     return {"status": "ready"}
 
 
