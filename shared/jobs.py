@@ -66,12 +66,23 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return false
 """
 
-# KEYS[1] job  ARGV: now, worker name.  Returns the status the job is in afterwards;
-# anything but 'running' tells the worker to drop the message (cancelled, finished, expired).
+# KEYS[1] job, KEYS[2] the owner's in-flight set  ARGV: now, worker name, max deliveries, ttl,
+# channel, job id. Returns the status the job is in afterwards; anything but 'running' tells the
+# worker to drop the message (cancelled, finished, expired). A job delivered `max deliveries`
+# times already (each time its worker died while running it) ends 'failed' instead of looping.
 START = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then
+  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+  if attempts >= tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error',
+      'delivered ' .. attempts .. ' times and its worker was lost each time; not retried again')
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    redis.call('ZREM', KEYS[2], ARGV[6])
+    redis.call('PUBLISH', ARGV[5], ARGV[6])
+    return 'failed'
+  end
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   return 'running'

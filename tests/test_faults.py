@@ -1,15 +1,17 @@
-"""Faults: the API while Redis is away, and back."""
+"""Faults: the API while Redis is away; a worker killed mid-job; a worker told to stop."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 
-from conftest import API_KEY, forecast_body, settings_for, start_redis
+from conftest import API_KEY, forecast_body, settings_for, start_redis, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,3 +44,60 @@ def test_api_answers_503_while_redis_is_away_and_recovers_without_a_restart(tmp_
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["code"] == "redis-unavailable" and response.headers["retry-after"] == "1"
     assert again.status_code == 202 and ready.status_code == 200
+
+
+MODEL = "amazon/chronos-bolt-small"  # served by no session worker: these tests start and stop their own
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(synthetic_dir):
+    from shared import catalog
+    from workers import synthetic
+
+    spec = catalog.get(MODEL)
+    if not (synthetic_dir / spec.slug).exists():
+        synthetic.build(spec, synthetic_dir / spec.slug, seed=0)
+    return synthetic_dir
+
+
+def running(api, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := api.get(f"/v1/forecasts/{job_id}").json())["status"] == "queued":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job
+
+
+def test_a_worker_killed_mid_job_has_the_job_run_again_elsewhere_to_completion(
+    api, redis_server, small_checkpoint, tmp_path
+):
+    victim = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
+    job = api.post("/v1/forecasts", json=forecast_body(MODEL, n_series=300, length=400)).json()
+    claimed = running(api, job["id"])
+    os.killpg(victim.process.pid, signal.SIGKILL)  # the whole worker, mid-job: no ack, no result
+    victim.process.wait(10)
+
+    rescuer = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
+    try:
+        done = wait_for(api, job["id"], timeout=120)
+    finally:
+        rescuer.stop()
+
+    assert claimed["status"] == "running" and done["status"] == "succeeded", done
+    assert done["attempts"] == 2 and len(done["predictions"]) == 300
+    worker = redis_server.client().hget(f"cq:job:{job['id']}", "worker")
+    assert worker.split("/")[0] != "" and str(victim.process.pid) not in worker
+    assert "restored 1 job(s)" in rescuer.tail(200)
+
+
+def test_sigterm_lets_a_worker_finish_the_job_in_hand_before_it_exits(api, redis_server, small_checkpoint, tmp_path):
+    worker = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
+    job = api.post("/v1/forecasts", json=forecast_body(MODEL, n_series=200, length=400)).json()
+    running(api, job["id"])
+
+    worker.process.send_signal(signal.SIGTERM)
+    exit_code = worker.process.wait(120)
+    done = api.get(f"/v1/forecasts/{job['id']}").json()
+
+    assert exit_code == 0
+    assert done["status"] == "succeeded" and done["attempts"] == 1 and len(done["predictions"]) == 200

@@ -30,7 +30,9 @@ def queued_job(client) -> str:
 
 
 def start(scripts, job_id):
-    return scripts.start(keys=[keys.job(job_id)], args=[repr(time.time()), "w1"])
+    return scripts.start(
+        keys=[keys.job(job_id), keys.in_flight("owner")], args=[repr(time.time()), "w1", 3, 60, keys.EVENTS_CHANNEL, job_id]
+    )
 
 
 def finish(scripts, job_id, status=JobStatus.SUCCEEDED, **fields):
@@ -114,3 +116,14 @@ def test_a_vanished_record_is_reported_missing(client, scripts):
     assert start(scripts, "nope") == "missing"
     assert finish(scripts, "nope") == "missing"
     assert cancel(scripts, "nope") == "missing"
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_looping(client, scripts):
+    job_id = queued_job(client)
+
+    claims = [start(scripts, job_id) for _ in range(4)]  # each claim without a finish: its worker died
+
+    assert claims == ["running", "running", "running", "failed"]
+    rec = record(client, job_id)
+    assert rec.status is JobStatus.FAILED and rec.attempts == 3
+    assert "delivered 3 times" in rec.error and rec.finished_at is not None

@@ -9,6 +9,7 @@ its series to the batcher (workers/batcher.py).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from celery import signals
 from shared import catalog, keys
 from shared.celery_app import make_celery
 from shared.settings import get_settings
-from workers import metrics
+from workers import metrics, reaper
 from workers.batcher import Batcher
 from workers.executor import execute
 from workers.weights import resolve
@@ -73,16 +74,20 @@ def _load(sender=None, **_):
     _Worker.batcher.start()
     _Worker.name = f"{sender.hostname}/{os.getpid()}"
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
+    atexit.register(_sign_off)
 
 
-@signals.worker_shutdown.connect
-def _sign_off(**_):
+def _sign_off() -> None:
+    """At process exit (after a warm shutdown has finished the jobs in hand): leave the worker list.
+
+    Not at Celery's shutdown signal: while jobs still run, the heartbeat must go on, or other
+    workers would take this one for dead and run its jobs again.
+    """
     _Worker.stop.set()
-    if _Worker.client is not None and spec is not None:
-        try:
-            _Worker.client.hdel(keys.workers(spec), _Worker.name)
-        except redis.RedisError:
-            pass
+    try:
+        _Worker.client.hdel(keys.workers(spec), _Worker.name)
+    except redis.RedisError:
+        pass
 
 
 def _cancel_requested(job_ids: list[str]) -> set[str]:
@@ -99,7 +104,8 @@ def _cancel_requested(job_ids: list[str]) -> set[str]:
 
 
 def _heartbeat() -> None:
-    """Keep this worker listed under its model while it lives (entries age out when it dies)."""
+    """Keep this worker listed under its model while it lives (entries age out when it dies), and
+    give the jobs of workers that died back to the queue (workers/reaper.py)."""
     runtime = _Worker.batcher.runtime
     info = {
         "name": _Worker.name,
@@ -120,6 +126,10 @@ def _heartbeat() -> None:
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
+        try:
+            reaper.restore(app, _Worker.client, spec, settings.heartbeat_s)
+        except Exception as exc:  # the heartbeat must outlive any trouble here
+            log.warning("looking for a dead worker's jobs failed: %s", exc)
         _Worker.stop.wait(settings.heartbeat_s)
 
 

@@ -26,12 +26,16 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
     spec = batcher.runtime.spec
     scripts = Scripts(client)
     job_key = keys.job(job_id)
-    state = scripts.start(keys=[job_key], args=[repr(time.time()), worker])
+    created_at, lane, owner = client.hmget(job_key, "created_at", "lane", "owner")
+    in_flight = keys.in_flight(owner or "")
+    state = scripts.start(
+        keys=[job_key, in_flight],
+        args=[repr(time.time()), worker, settings.max_deliveries, settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
+    )
     if state != JobStatus.RUNNING:
         log.info("job %s: not runnable (%s), message dropped", job_id, state)
-        metrics.JOBS.labels(spec.id, "dropped").inc()
+        metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
         return state
-    created_at, lane, owner = client.hmget(job_key, "created_at", "lane", "owner")
     lane = Lane(lane or Lane.ASYNC)
     if created_at:
         metrics.QUEUE_WAIT.labels(spec.id, lane.value).observe(max(0.0, time.time() - float(created_at)))
@@ -64,7 +68,7 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
         fields["predictions"] = work.results
         outcome = JobStatus.SUCCEEDED
     final = scripts.finish(
-        keys=[job_key, keys.in_flight(owner or "")],
+        keys=[job_key, in_flight],
         args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
     )
     log.info("job %s: %s (%d series, %.3fs in the model)", job_id, final, len(inputs), fields["inference_s"])
