@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared import catalog
 from shared.jobs import JobRecord
-from shared.schemas import ForecastParameters, ForecastRequest, ModelView, SeriesInput
+from shared.schemas import ForecastParameters, ForecastRequest, ModelView, SeriesInput, finite_with_an_observation
 
 API_VERSION = "1.0.0"
 # The old server's quantile keys: "10" ... "90" for the levels 0.1 ... 0.9.
@@ -59,6 +59,7 @@ class InferenceRequest(BaseModel):
     )
 
     context: list[float | None] = Field(min_length=1, description="History, oldest first.")
+    _observed = field_validator("context")(lambda values: finite_with_an_observation(values))
     prediction_length: int = Field(gt=0)
     num_samples: int = Field(20, gt=0, description="T5 sample paths; Bolt outputs quantiles and ignores it.")
     temperature: float = Field(1.0, gt=0)
@@ -115,6 +116,7 @@ class TimeseriesRequest(BaseModel):
     context_period_size: int | None = Field(None, gt=0, description="Use at most this many of the latest points.")
     forecast_period_size: int = Field(gt=0)
     recent_data: list[float | None] = Field(min_length=1)
+    _observed = field_validator("recent_data")(lambda values: finite_with_an_observation(values))
     as_of_date: str | None = None
 
 

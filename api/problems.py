@@ -168,8 +168,8 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     ),
     "body-too-large": (413, "request body over 67108864 bytes (MAX_BODY_BYTES)", {}),
     "validation-error": (
-        422, "inputs[0].target: target holds an infinite value; use null or NaN for missing values",
-        {"field": "inputs[0].target", "errors": [{"field": "inputs[0].target", "message": "target holds an infinite value"}]},
+        422, "inputs[0].target: holds an infinite value; use null or NaN for missing values",
+        {"field": "inputs[0].target", "errors": [{"field": "inputs[0].target", "message": "holds an infinite value; use null or NaN for missing values"}]},
     ),
     "limit-exceeded": (
         422, "parameters.prediction_length: 2048 steps; at most 1024", {"field": "parameters.prediction_length"}

@@ -18,6 +18,16 @@ from shared.jobs import JobRecord, JobStatus, Lane
 DEFAULT_QUANTILES = [0.1, 0.5, 0.9]
 
 
+def finite_with_an_observation(values: list[float | None]) -> list[float | None]:
+    """A series' values: at least one observed, none infinite (null or NaN marks a missing value)."""
+    observed = [x for x in values if x is not None and not math.isnan(x)]
+    if not observed:
+        raise ValueError("holds no observed value (all null/NaN)")
+    if not all(map(math.isfinite, observed)):
+        raise ValueError("holds an infinite value; use null or NaN for missing values")
+    return values
+
+
 class SeriesInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,15 +37,7 @@ class SeriesInput(BaseModel):
     item_id: str | None = Field(None, max_length=256)
     start: str | None = Field(None, max_length=64, description="Timestamp of the first value (echoed back).")
 
-    @field_validator("target")
-    @classmethod
-    def _finite_with_an_observation(cls, target: list[float | None]) -> list[float | None]:
-        observed = [x for x in target if x is not None and not math.isnan(x)]
-        if not observed:
-            raise ValueError("target has no observed value (all null/NaN)")
-        if not all(map(math.isfinite, observed)):
-            raise ValueError("target holds an infinite value; use null or NaN for missing values")
-        return target
+    _observed = field_validator("target")(lambda values: finite_with_an_observation(values))
 
 
 class ForecastParameters(BaseModel):
