@@ -37,6 +37,7 @@ bench: install
 	$(PY) bench/throughput.py flood
 	$(PY) bench/throughput.py sync
 	$(PY) bench/throughput.py bulk
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .cache .run *.egg-info

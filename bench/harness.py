@@ -55,9 +55,13 @@ def series(n: int, k: int = 0) -> list[float]:
 class Stack:
     """redis-server, the API and one worker per model, as separate processes; a context manager."""
 
-    def __init__(self, models: list[str], worker_env: dict[str, str] | None = None):
+    def __init__(
+        self, models: list[str], worker_env: dict[str, str] | None = None, workers_per_model: int = 1, aof: bool = False
+    ):
         self.specs = [catalog.get(m) for m in models]
         self.worker_env = worker_env or {}
+        self.workers_per_model, self.aof = workers_per_model, aof
+        self.procs: dict[str, subprocess.Popen] = {}
         self._exit = ExitStack()
 
     def __enter__(self) -> Stack:
@@ -65,20 +69,20 @@ class Stack:
         self.logs = tmp
         redis_port, api_port = free_port(), free_port()
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        self._spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(tmp)], {}, "redis")  # fmt: skip
+        self._redis_args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
+                            "--dir", str(tmp)]  # fmt: skip
+        self._spawn(self._redis_args, {}, "redis")
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
         wait_until(self._pings, "redis")
-        env = {"REDIS_URL": self.redis_url, "WEIGHTS": "synthetic", "SYNTHETIC_DIR": str(SYNTHETIC),
-               "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0"}  # fmt: skip
+        self.env = {"REDIS_URL": self.redis_url, "WEIGHTS": "synthetic", "SYNTHETIC_DIR": str(SYNTHETIC),
+                    "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0"}  # fmt: skip
         self.metrics_ports = {}
         for spec in self.specs:
-            port = free_port()
-            self.metrics_ports[spec.id] = port
-            worker_env = {**env, "CHRONOS_MODEL": spec.id, "METRICS_PORT": str(port), **self.worker_env}
-            self._spawn([sys.executable, "-m", "workers"], worker_env, f"worker-{spec.slug}")
+            for i in range(self.workers_per_model):
+                self.start_worker(spec.id, f"worker-{spec.slug}" + (f"-{i}" if i else ""))
         api = ["uvicorn", "--factory", "api.main:create_app", "--port", str(api_port), "--log-level", "warning"]
-        self._spawn([sys.executable, "-m", *api], env, "api")
+        self._spawn([sys.executable, "-m", *api], self.env, "api")
         for spec in self.specs:
             wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec)) > 0, f"the {spec.slug} worker")
         self.base = f"http://127.0.0.1:{api_port}"
@@ -91,6 +95,25 @@ class Stack:
                 print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
         self._exit.close()
 
+    def start_worker(self, model: str, name: str) -> None:
+        port = free_port()
+        self.metrics_ports.setdefault(model, port)
+        env = {**self.env, "CHRONOS_MODEL": model, "METRICS_PORT": str(port), **self.worker_env}
+        self._spawn([sys.executable, "-m", "workers"], env, name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process (and everything it started) and wait for it to go."""
+        proc = self.procs[name]
+        os.killpg(proc.pid, sig)
+        proc.wait(60)
+
+    def restart_redis(self, down_s: float = 2.0) -> None:
+        """Stop Redis as an operator would (SIGTERM: it writes its append-only file), then start it again."""
+        self.kill("redis", signal.SIGTERM)
+        time.sleep(down_s)
+        self._spawn(self._redis_args, {}, "redis")
+        wait_until(self._pings, "redis")
+
     def worker_metric(self, model: str, name: str) -> float:
         """A summed sample of the model's worker metrics (e.g. chronos_queue_worker_batch_size_sum)."""
         text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[model]}/metrics", timeout=5).text
@@ -98,7 +121,7 @@ class Stack:
 
     def _spawn(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
-        proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("w"),
+        proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("a"),
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
         def stop():
@@ -110,6 +133,7 @@ class Stack:
                     os.killpg(proc.pid, signal.SIGKILL)
 
         self._exit.callback(stop)
+        self.procs[name] = proc
         return proc
 
     def _pings(self) -> bool:

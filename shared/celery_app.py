@@ -36,6 +36,9 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> C
         # Ack after the job's result is stored: a worker that dies mid-job leaves its messages
         # unacked, and Redis delivers them again after the visibility timeout.
         task_acks_late=True,
+        # Jobs record their own failures; a task that raises met an infrastructure failure (Redis
+        # away for minutes): leave its message unacked so that it is delivered again.
+        task_acks_on_failure_or_timeout=False,
         # A worker reserves one message per free thread slot (workers run the threads pool), so it
         # fetches again, sync lane first, each time jobs finish.
         worker_prefetch_multiplier=1,

@@ -16,6 +16,26 @@ from workers.batcher import Batcher, Work, group_key
 
 log = logging.getLogger(__name__)
 
+# How long a job's Redis writes keep retrying while Redis is away (a restart takes seconds).
+_REDIS_PATIENCE_S = 300.0
+
+
+def _outlasting_redis(call, *args, **kwargs):
+    """`call`, retried while Redis is unreachable, so a Redis restart never strands a finished job.
+
+    Past the patience the error propagates: the task fails without an ack
+    (`task_acks_on_failure_or_timeout=False`) and Redis delivers the message again later.
+    """
+    deadline = time.monotonic() + _REDIS_PATIENCE_S
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable (%s); retrying", exc)
+            time.sleep(0.5)
+
 
 def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, settings: Settings, worker: str) -> str:
     """Run one job message (on a task thread); returns the job's status afterwards.
@@ -26,9 +46,10 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
     spec = batcher.runtime.spec
     scripts = Scripts(client)
     job_key = keys.job(job_id)
-    created_at, lane, owner = client.hmget(job_key, "created_at", "lane", "owner")
+    created_at, lane, owner = _outlasting_redis(client.hmget, job_key, "created_at", "lane", "owner")
     in_flight = keys.in_flight(owner or "")
-    state = scripts.start(
+    state = _outlasting_redis(
+        scripts.start,
         keys=[job_key, in_flight],
         args=[repr(time.time()), worker, settings.max_deliveries, settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
     )
@@ -67,7 +88,8 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
                 forecast["start"] = series["start"]
         fields["predictions"] = work.results
         outcome = JobStatus.SUCCEEDED
-    final = scripts.finish(
+    final = _outlasting_redis(
+        scripts.finish,
         keys=[job_key, in_flight],
         args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
     )
