@@ -112,22 +112,24 @@ class JobService:
         digest = _digest(json.dumps([lane.value, request.model_dump(mode="json")], sort_keys=True))
         idem_key = keys.idempotency(owner, _digest(idempotency_key)) if idempotency_key else None
         fields = [item for pair in record.items() for item in pair]
+        payload = request.model_dump(mode="json", exclude={"model"})
         outcome = await self.scripts.create(
-            keys=[job_key, keys.in_flight(owner), *([idem_key] if idem_key else [])],
-            args=[ttl, self.settings.max_in_flight, repr(now - ttl), f"{job_id} {digest}", *fields],
-        )
+            keys=[job_key, keys.in_flight(owner), keys.payload(job_id), keys.queued(spec),
+                  *([idem_key] if idem_key else [])],
+            args=[ttl, self.settings.max_in_flight, repr(now - ttl), f"{job_id} {digest}", json.dumps(payload), *fields],
+        )  # fmt: skip
         if outcome is not None:
             return await self._refused_or_replayed(outcome, digest, owner, idem_key)
 
-        payload = request.model_dump(mode="json", exclude={"model"})
         try:
             await asyncio.to_thread(
                 self.celery.send_task, keys.FORECAST_TASK, args=[job_id, payload], task_id=job_id, queue=queue
             )
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", job_id, exc)
-            await self.client.delete(job_key, *([idem_key] if idem_key else []))
+            await self.client.delete(job_key, keys.payload(job_id), *([idem_key] if idem_key else []))
             await self.client.zrem(keys.in_flight(owner), job_id)
+            await self.client.zrem(keys.queued(spec), job_id)
             raise Problem(
                 503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
             ) from exc
@@ -260,7 +262,7 @@ class JobService:
     async def cancel(self, job_id: str, owner: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns its record and whether it stopped already."""
         outcome = await self.scripts.cancel(
-            keys=[keys.job(job_id), keys.in_flight(owner)],
+            keys=[keys.job(job_id), keys.in_flight(owner), keys.payload(job_id)],
             args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, owner],
         )
         if outcome not in ("cancelled", "cancelling", "missing"):

@@ -38,14 +38,16 @@ class Lane(StrEnum):
     SYNC = "sync"
 
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] idempotency key (optional).
-# ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value, then
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload, KEYS[4] the model's
+# set of queued jobs, KEYS[5] idempotency key (optional).
+# ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value,
+# payload (kept until the job ends, so a message lost in transit can be sent again), then
 # field/value pairs of the record. Returns nil when the job was created; the idempotency key's
 # value when that key was used before (nothing is written); 'in-flight:<n>' when the owner
 # already has `cap` jobs in flight.
 CREATE = """
-if KEYS[3] then
-  local existing = redis.call('GET', KEYS[3])
+if KEYS[5] then
+  local existing = redis.call('GET', KEYS[5])
   if existing then return existing end
 end
 local cap = tonumber(ARGV[2])
@@ -54,32 +56,36 @@ if cap > 0 then
   local n = redis.call('ZCARD', KEYS[2])
   if n >= cap then return 'in-flight:' .. n end
 end
-if KEYS[3] then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
+if KEYS[5] then redis.call('SET', KEYS[5], ARGV[4], 'EX', ARGV[1]) end
+redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[1])
 local created
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   if ARGV[i] == 'created_at' then created = ARGV[i + 1] end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], created, redis.call('HGET', KEYS[1], 'id'))
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[4], created, redis.call('HGET', KEYS[1], 'id'))
 return false
 """
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set  ARGV: now, worker name, max deliveries, ttl,
-# channel, job id. Returns the status the job is in afterwards; anything but 'running' tells the
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the model's queued set, KEYS[4] the
+# job's payload  ARGV: now, worker name, max deliveries, ttl, channel, job id. Returns the status the job is in afterwards; anything but 'running' tells the
 # worker to drop the message (cancelled, finished, expired). A job delivered `max deliveries`
 # times already (each time its worker died while running it) ends 'failed' instead of looping.
 START = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then
+  redis.call('ZREM', KEYS[3], ARGV[6])
   local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
   if attempts >= tonumber(ARGV[3]) then
     redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error',
       'delivered ' .. attempts .. ' times and its worker was lost each time; not retried again')
     redis.call('EXPIRE', KEYS[1], ARGV[4])
     redis.call('ZREM', KEYS[2], ARGV[6])
+    redis.call('DEL', KEYS[4])
     redis.call('PUBLISH', ARGV[5], ARGV[6])
     return 'failed'
   end
@@ -90,8 +96,8 @@ end
 return s
 """
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set  ARGV: final status, now, ttl, channel, job id,
-# then field/value pairs.
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload  ARGV: final status,
+# now, ttl, channel, job id, then field/value pairs.
 # Only a running job can finish; the first terminal write wins, so a redelivered
 # duplicate cannot overwrite a result. A pending cancel request turns success into
 # 'cancelled' and its fields are not stored.
@@ -106,11 +112,13 @@ if final ~= 'cancelled' then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[2], ARGV[5])
+redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return final
 """
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set  ARGV: now, ttl, channel, job id, owner.
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload
+# ARGV: now, ttl, channel, job id, owner.
 # Returns 'cancelled' (was queued), 'cancelling' (running: stops at the next batch),
 # the terminal status it already had, or 'missing' (also when another owner's job).
 CANCEL = """
@@ -120,6 +128,7 @@ if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[4])
+  redis.call('DEL', KEYS[3])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
   return 'cancelled'
 end

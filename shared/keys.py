@@ -18,6 +18,16 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def payload(job_id: str) -> str:
+    """A job's request as queued (JSON), kept until it ends, so that a lost message can be sent again."""
+    return f"{PREFIX}:payload:{job_id}"
+
+
+def queued(spec: ModelSpec) -> str:
+    """Sorted set of a model's jobs accepted and not yet claimed by a worker (score: acceptance time)."""
+    return f"{PREFIX}:queued:{spec.slug}"
+
+
 def in_flight(owner: str) -> str:
     """Sorted set of an owner's jobs not yet finished (score: acceptance time), for the in-flight cap."""
     return f"{PREFIX}:inflight:{owner}"

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0)
     torch_threads: int = Field(0, ge=0)
     heartbeat_s: float = Field(5.0, gt=0)
+    # A job still queued after this long with its message nowhere is sent again (workers/reaper.py).
+    lost_message_grace_s: float = Field(30.0, gt=0)
     # A job is delivered at most this many times: each redelivery means its worker died running it.
     max_deliveries: int = Field(3, ge=1)
     # Prometheus endpoint of a worker (0 = none). Each worker on one host needs its own port.

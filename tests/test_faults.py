@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import time
@@ -101,3 +103,54 @@ def test_sigterm_lets_a_worker_finish_the_job_in_hand_before_it_exits(api, redis
 
     assert exit_code == 0
     assert done["status"] == "succeeded" and done["attempts"] == 1 and len(done["predictions"]) == 200
+
+
+def test_a_job_whose_message_was_lost_in_transit_is_sent_again_from_its_kept_payload(api, redis_server):
+    from shared import catalog, keys
+    from shared.celery_app import make_celery
+    from workers.reaper import resend_lost
+
+    spec = catalog.get("amazon/chronos-bolt-mini")  # no worker: its messages stay in the queue
+    body = forecast_body(spec.id, n_series=2)
+    job_id = api.post("/v1/forecasts", json=body).json()["id"]
+    client = redis_server.client()
+    # What kombu's pop-then-record window does to a worker killed in between: the message is gone.
+    (lost,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
+    client.lrem(keys.queue(spec), 1, lost)
+    client.delete(f"{keys.queued(spec)}:sweep")
+    time.sleep(0.05)
+
+    resent = resend_lost(make_celery(settings_for(redis_server), serve=spec), client, spec, grace_s=0.01)
+
+    assert resent == 1
+    (again,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
+    envelope = json.loads(again)
+    args = json.loads(base64.b64decode(envelope["body"]))[0]
+    assert envelope["headers"]["id"] == job_id and args[0] == job_id
+    assert args[1]["inputs"][1]["target"] == body["inputs"][1]["target"]  # the request as accepted
+    assert api.get(f"/v1/forecasts/{job_id}").json()["status"] == "queued"
+    api.delete(f"/v1/forecasts/{job_id}")
+    assert client.get(keys.payload(job_id)) is None  # the kept payload goes when the job ends
+
+
+def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_back_to_the_queue(api, redis_server):
+    from shared import catalog, keys
+    from shared.celery_app import make_celery
+    from workers.reaper import restore
+
+    spec = catalog.get("amazon/chronos-bolt-mini")
+    job_id = api.post("/v1/forecasts", json=forecast_body(spec.id)).json()["id"]
+    client = redis_server.client()
+    # What kombu leaves behind for a worker killed after fetching but before claiming: the message
+    # recorded as handed out (unacked, with the time), the job still queued.
+    (raw,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
+    client.lrem(keys.queue(spec), 1, raw)
+    client.hset("unacked", "tag-of-a-dead-worker", json.dumps([json.loads(raw), "", keys.queue(spec)]))
+    client.zadd("unacked_index", {"tag-of-a-dead-worker": time.time() - 60})
+
+    restored = restore(make_celery(settings_for(redis_server), serve=spec), client, spec, heartbeat_s=1)
+
+    assert restored == 1
+    assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
+    assert client.hget("unacked", "tag-of-a-dead-worker") is None
+    api.delete(f"/v1/forecasts/{job_id}")

@@ -31,17 +31,18 @@ def queued_job(client) -> str:
 
 def start(scripts, job_id):
     return scripts.start(
-        keys=[keys.job(job_id), keys.in_flight("owner")], args=[repr(time.time()), "w1", 3, 60, keys.EVENTS_CHANNEL, job_id]
+        keys=[keys.job(job_id), keys.in_flight("owner"), "cq:queued:test", keys.payload(job_id)],
+        args=[repr(time.time()), "w1", 3, 60, keys.EVENTS_CHANNEL, job_id],
     )
 
 
 def finish(scripts, job_id, status=JobStatus.SUCCEEDED, **fields):
     args = finish_args(status, time.time(), 60, keys.EVENTS_CHANNEL, job_id, fields)
-    return scripts.finish(keys=[keys.job(job_id), keys.in_flight("owner")], args=args)
+    return scripts.finish(keys=[keys.job(job_id), keys.in_flight("owner"), keys.payload(job_id)], args=args)
 
 
 def cancel(scripts, job_id, owner="owner"):
-    return scripts.cancel(keys=[keys.job(job_id), keys.in_flight(owner)], args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id, owner])
+    return scripts.cancel(keys=[keys.job(job_id), keys.in_flight(owner), keys.payload(job_id)], args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id, owner])
 
 
 def record(client, job_id) -> JobRecord:

@@ -128,6 +128,7 @@ def _heartbeat() -> None:
             log.warning("heartbeat failed: %s", exc)
         try:
             reaper.restore(app, _Worker.client, spec, settings.heartbeat_s)
+            reaper.resend_lost(app, _Worker.client, spec, settings.lost_message_grace_s)
         except Exception as exc:  # the heartbeat must outlive any trouble here
             log.warning("looking for a dead worker's jobs failed: %s", exc)
         _Worker.stop.wait(settings.heartbeat_s)

@@ -50,7 +50,7 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
     in_flight = keys.in_flight(owner or "")
     state = _outlasting_redis(
         scripts.start,
-        keys=[job_key, in_flight],
+        keys=[job_key, in_flight, keys.queued(spec), keys.payload(job_id)],
         args=[repr(time.time()), worker, settings.max_deliveries, settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
     )
     if state != JobStatus.RUNNING:
@@ -90,7 +90,7 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
         outcome = JobStatus.SUCCEEDED
     final = _outlasting_redis(
         scripts.finish,
-        keys=[job_key, in_flight],
+        keys=[job_key, in_flight, keys.payload(job_id)],
         args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
     )
     log.info("job %s: %s (%d series, %.3fs in the model)", job_id, final, len(inputs), fields["inference_s"])

@@ -7,12 +7,19 @@ its jobs waiting that long. Every worker therefore looks, each heartbeat, for me
 own model whose job is held by a worker that has stopped heartbeating, and restores them
 through kombu's own `restore_by_tag` (the same transaction kombu runs for expired messages).
 The next delivery claims the job again (`attempts` + 1); after `MAX_DELIVERIES` it fails.
+
+One window kombu leaves open: its Redis transport pops a message off the list and records it in
+`unacked` in a second step, so a worker killed in between loses the message outright. For that,
+`resend_lost` re-sends jobs still `queued` after `grace_s` whose message is in neither their
+queue nor `unacked`, from the payload the API kept (`keys.payload`). A duplicate it might send
+is harmless: the first delivery claims the job, later ones find it running or finished.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import redis
@@ -35,7 +42,7 @@ def live_workers(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> se
 
 
 def orphans(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> list[str]:
-    """Delivery tags of unacked messages for this model whose job's worker is no longer alive."""
+    """Delivery tags of unacked messages for this model whose worker is gone."""
     queues = set(keys.worker_queues(spec))
     held = []
     for tag, raw in client.hgetall("unacked").items():  # kombu's key for messages handed out, not acked
@@ -46,13 +53,21 @@ def orphans(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> list[st
         return []
     alive = live_workers(client, spec, heartbeat_s)
     with client.pipeline(transaction=False) as pipe:
-        for _, job_id in held:
+        for tag, job_id in held:
             pipe.hmget(keys.job(job_id), "status", "worker")
-        records = pipe.execute()
-    # Only jobs claimed by a worker that stopped heartbeating: a message not yet claimed may be
-    # in a live worker's hands between fetch and claim.
-    return [tag for (tag, _), (status, worker) in zip(held, records, strict=True)
-            if status == "running" and worker and worker not in alive]  # fmt: skip
+            pipe.zscore("unacked_index", tag)  # when kombu handed the message out
+        replies = pipe.execute()
+    unclaimed_before = time.time() - 3 * heartbeat_s
+    orphaned = []
+    for (tag, _), (status, worker), handed_out in zip(held, replies[::2], replies[1::2], strict=True):
+        # Claimed by a worker that stopped heartbeating; or handed out long ago and never claimed,
+        # which happens only to a worker killed between fetching a message and claiming its job
+        # (a live worker claims at once: it fetches only when a slot is free).
+        if (status == "running" and worker and worker not in alive) or (
+            status == "queued" and handed_out is not None and handed_out < unclaimed_before
+        ):
+            orphaned.append(tag)
+    return orphaned
 
 
 def restore(app: Celery, client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> int:
@@ -66,3 +81,42 @@ def restore(app: Celery, client: redis.Redis, spec: ModelSpec, heartbeat_s: floa
             qos.restore_by_tag(tag)
     log.warning("restored %d job(s) of %s whose worker stopped heartbeating", len(tags), spec.id)
     return len(tags)
+
+
+# kombu's JSON puts Celery's headers (task id first) after the body; a task id is 32 hex digits here.
+_TASK_ID = re.compile(r'"id": "([0-9a-f]{32})"')
+# Above this many waiting messages the sweep waits for the backlog to shrink (it reads every message).
+SCAN_MAX = 5_000
+
+
+def resend_lost(app: Celery, client: redis.Redis, spec: ModelSpec, grace_s: float) -> int:
+    """Send again the model's jobs queued longer than `grace_s` whose message is nowhere; returns how many.
+
+    One worker of the model sweeps at a time (a lock that expires with the grace period).
+    """
+    if not client.set(f"{keys.queued(spec)}:sweep", "1", nx=True, ex=max(1, int(grace_s))):
+        return 0
+    stale = client.zrangebyscore(keys.queued(spec), "-inf", time.time() - grace_s, start=0, num=200)
+    if not stale:
+        return 0
+    queues = keys.worker_queues(spec)
+    if sum(client.llen(q) for q in queues) > SCAN_MAX:
+        return 0
+    present = {m.group(1) for q in queues for raw in client.lrange(q, 0, -1) if (m := _TASK_ID.search(raw))}
+    present |= {m.group(1) for raw in client.hvals("unacked") if (m := _TASK_ID.search(raw))}
+    resent = 0
+    for job_id in stale:
+        status, lane = client.hmget(keys.job(job_id), "status", "lane")
+        payload = client.get(keys.payload(job_id))
+        if status != "queued" or payload is None:
+            client.zrem(keys.queued(spec), job_id)  # claimed, finished or expired meanwhile
+            continue
+        if job_id in present:
+            continue
+        queue = keys.sync_queue(spec) if lane == "sync" else keys.queue(spec)
+        app.send_task(keys.FORECAST_TASK, args=[job_id, json.loads(payload)], task_id=job_id, queue=queue)
+        client.zadd(keys.queued(spec), {job_id: time.time()})  # another grace period before looking again
+        resent += 1
+    if resent:
+        log.warning("sent %d job(s) of %s again: accepted, never claimed, message lost", resent, spec.id)
+    return resent
