@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from fastapi import FastAPI
 
 from shared.celery_app import make_celery
@@ -32,9 +35,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # A blocking pool: under a burst, requests wait their turn for a connection (up to 10 s)
         # instead of failing with "Too many connections".
+        # A connection that died with a Redis restart is retried on a fresh one, not reported as an error.
         pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=10, decode_responses=True
-        )
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=10, decode_responses=True,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )  # fmt: skip
         client = aioredis.Redis(connection_pool=pool)
         events = JobEvents(client)
         events.start()

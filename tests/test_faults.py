@@ -154,3 +154,27 @@ def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_bac
     assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
     assert client.hget("unacked", "tag-of-a-dead-worker") is None
     api.delete(f"/v1/forecasts/{job_id}")
+
+
+def test_every_job_answered_202_ends_after_redis_restarts_with_its_append_only_file(
+    redis_server, synthetic_dir, tmp_path
+):
+    """Redis as compose runs it (AOF on) is restarted with jobs queued and running: none is lost."""
+    from conftest import BOLT
+
+    store = start_redis(tmp_path / "aof", "--appendonly", "yes", "--appendfsync", "everysec")
+    worker = start_worker(store, synthetic_dir, BOLT, tmp_path, MAX_BATCH="8")
+    try:
+        with TestClient(create_app(settings_for(store)), headers={"X-API-Key": API_KEY}) as api:
+            accepted = [api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=8, length=300)).json()["id"]
+                        for _ in range(30)]  # fmt: skip
+            store.process.terminate()  # SIGTERM: Redis writes its append-only file and exits
+            store.process.wait(30)
+            store = start_redis(tmp_path / "aof", "--appendonly", "yes", port=store.port)
+            statuses = [wait_for(api, job_id, timeout=120)["status"] for job_id in accepted]
+    finally:
+        worker.stop()
+        store.process.terminate()
+        store.process.wait(10)
+
+    assert statuses == ["succeeded"] * 30

@@ -18,6 +18,8 @@ import time
 
 import redis
 from celery import signals
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared import catalog, keys
 from shared.celery_app import make_celery
@@ -69,7 +71,10 @@ def _load(sender=None, **_):
     runtime = ModelRuntime(spec, weights, settings)
     metrics.LOAD.labels(spec.id).set(runtime.load_s)
     metrics.serve(settings.metrics_port)
-    _Worker.client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    _Worker.client = redis.Redis.from_url(
+        settings.redis_url, decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )  # fmt: skip
     _Worker.batcher = Batcher(runtime, _cancel_requested, wait_s=settings.batch_wait_ms / 1000)
     _Worker.batcher.start()
     _Worker.name = f"{sender.hostname}/{os.getpid()}"
