@@ -28,6 +28,17 @@ def queued(spec: ModelSpec) -> str:
     return f"{PREFIX}:queued:{spec.slug}"
 
 
+def sweep_lock(spec: ModelSpec) -> str:
+    """Held by the one worker of a model that looks for lost messages (workers/reaper.py)."""
+    return f"{PREFIX}:sweep:{spec.slug}"
+
+
+# kombu's own keys (its Redis transport's defaults): messages handed to a worker and not yet
+# acked, and when each was handed out. Read by the reaper, written only by kombu.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+
 def in_flight(owner: str) -> str:
     """Sorted set of an owner's jobs not yet finished (score: acceptance time), for the in-flight cap."""
     return f"{PREFIX}:inflight:{owner}"

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 
-from conftest import OTHER_KEY, forecast_body, job_keys, settings_for
+from conftest import API_KEY, OTHER_KEY, forecast_body, job_keys, settings_for
 
 QUEUED_MODEL = "amazon/chronos-bolt-mini"  # no worker serves it in the tests: its jobs stay queued
 
@@ -98,7 +98,7 @@ def test_every_answer_carries_security_headers_and_a_request_id(api):
 
 def test_cors_answers_only_configured_origins(redis_server):
     app = create_app(settings_for(redis_server, cors_origins="https://dash.example"))
-    with TestClient(app, headers={"X-API-Key": "test-key"}) as client:
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
         allowed = client.get("/v1/models", headers={"Origin": "https://dash.example"})
         other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
 

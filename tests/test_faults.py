@@ -117,7 +117,7 @@ def test_a_job_whose_message_was_lost_in_transit_is_sent_again_from_its_kept_pay
     # What kombu's pop-then-record window does to a worker killed in between: the message is gone.
     (lost,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
     client.lrem(keys.queue(spec), 1, lost)
-    client.delete(f"{keys.queued(spec)}:sweep")
+    client.delete(keys.sweep_lock(spec))
     time.sleep(0.05)
 
     resent = resend_lost(make_celery(settings_for(redis_server), serve=spec), client, spec, grace_s=0.01)
@@ -145,14 +145,14 @@ def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_bac
     # recorded as handed out (unacked, with the time), the job still queued.
     (raw,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
     client.lrem(keys.queue(spec), 1, raw)
-    client.hset("unacked", "tag-of-a-dead-worker", json.dumps([json.loads(raw), "", keys.queue(spec)]))
-    client.zadd("unacked_index", {"tag-of-a-dead-worker": time.time() - 60})
+    client.hset(keys.KOMBU_UNACKED, "tag-of-a-dead-worker", json.dumps([json.loads(raw), "", keys.queue(spec)]))
+    client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": time.time() - 60})
 
     restored = restore(make_celery(settings_for(redis_server), serve=spec), client, spec, heartbeat_s=1)
 
     assert restored == 1
     assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
-    assert client.hget("unacked", "tag-of-a-dead-worker") is None
+    assert client.hget(keys.KOMBU_UNACKED, "tag-of-a-dead-worker") is None
     api.delete(f"/v1/forecasts/{job_id}")
 
 

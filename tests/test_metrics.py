@@ -6,7 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BOLT, forecast_body, wait_for
+from conftest import API_KEY, BOLT, forecast_body, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_api_metrics_count_requests_by_route_template_and_show_queues_and_worker
     assert value(text, "chronos_queue_queue_depth", model="amazon/chronos-bolt-mini", lane="async") >= 1
     assert value(text, "chronos_queue_workers_online", model=BOLT) >= 1
     assert queued["id"] not in text  # route templates, not raw paths
-    api.headers["X-API-Key"] = "test-key"
+    api.headers["X-API-Key"] = API_KEY
     api.delete(f"/v1/forecasts/{queued['id']}")
 
 

@@ -29,9 +29,7 @@ def runtime(redis_server, synthetic_dir) -> ModelRuntime:
 
 @pytest.fixture()
 def batcher(runtime) -> Batcher:
-    cancelled: set[str] = set()
-    batcher = Batcher(runtime, lambda ids: cancelled & set(ids))
-    batcher.cancelled_ids = cancelled
+    batcher = Batcher(runtime, lambda ids: set())
     batcher.start()
     return batcher
 

@@ -45,7 +45,7 @@ def orphans(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> list[st
     """Delivery tags of unacked messages for this model whose worker is gone."""
     queues = set(keys.worker_queues(spec))
     held = []
-    for tag, raw in client.hgetall("unacked").items():  # kombu's key for messages handed out, not acked
+    for tag, raw in client.hgetall(keys.KOMBU_UNACKED).items():
         message, _exchange, routing_key = json.loads(raw)
         if routing_key in queues:
             held.append((tag, message["headers"]["id"]))  # Celery's task id is the job id
@@ -55,7 +55,7 @@ def orphans(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> list[st
     with client.pipeline(transaction=False) as pipe:
         for tag, job_id in held:
             pipe.hmget(keys.job(job_id), "status", "worker")
-            pipe.zscore("unacked_index", tag)  # when kombu handed the message out
+            pipe.zscore(keys.KOMBU_UNACKED_INDEX, tag)
         replies = pipe.execute()
     unclaimed_before = time.time() - 3 * heartbeat_s
     orphaned = []
@@ -94,7 +94,7 @@ def resend_lost(app: Celery, client: redis.Redis, spec: ModelSpec, grace_s: floa
 
     One worker of the model sweeps at a time (a lock that expires with the grace period).
     """
-    if not client.set(f"{keys.queued(spec)}:sweep", "1", nx=True, ex=max(1, int(grace_s))):
+    if not client.set(keys.sweep_lock(spec), "1", nx=True, ex=max(1, int(grace_s))):
         return 0
     stale = client.zrangebyscore(keys.queued(spec), "-inf", time.time() - grace_s, start=0, num=200)
     if not stale:
@@ -103,7 +103,7 @@ def resend_lost(app: Celery, client: redis.Redis, spec: ModelSpec, grace_s: floa
     if sum(client.llen(q) for q in queues) > SCAN_MAX:
         return 0
     present = {m.group(1) for q in queues for raw in client.lrange(q, 0, -1) if (m := _TASK_ID.search(raw))}
-    present |= {m.group(1) for raw in client.hvals("unacked") if (m := _TASK_ID.search(raw))}
+    present |= {m.group(1) for raw in client.hvals(keys.KOMBU_UNACKED) if (m := _TASK_ID.search(raw))}
     resent = 0
     for job_id in stale:
         status, lane = client.hmget(keys.job(job_id), "status", "lane")
