@@ -21,7 +21,8 @@ FAST = {"auth_disabled": True, "api_keys": None, "wait_max_s": 0.2, "sync_timeou
         "sync_timeout_default_s": 0.2, "compat_timeout_s": 0.2, "compat_init_wait_s": 0}  # fmt: skip
 # 5xx answers that are part of the contract: nothing was lost, come back later (or never, for 501).
 # redis-unavailable included: /readyz gives Redis 1 s to answer a ping, which a loaded machine
-# (the rest of the suite running workers) can miss; one full-suite run failed that way, once.
+# (the rest of the suite running workers) can miss. One full-suite run failed this test once and
+# never again; that is the likeliest cause, not a confirmed one.
 EXPECTED_5XX = {"model-not-served", "no-worker", "queue-full", "forecast-timeout", "redis-unavailable",
                 "broker-unavailable"}  # fmt: skip
 
