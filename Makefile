@@ -30,7 +30,7 @@ test: install
 run: install
 	$(PY) -m cli.stack run
 
-# Every benchmark, one after the other (about 8 minutes on 2 cores); bench/README.md has each command.
+# Every benchmark, one after the other (about 9 minutes on 2 cores); bench/README.md has each command.
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	$(PY) bench/predict_latency.py
@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/throughput.py sync
 	$(PY) bench/throughput.py bulk
 	$(PY) bench/chaos.py
+	$(PY) bench/backtest.py
 
 clean:
 	rm -rf $(VENV) .cache .run *.egg-info

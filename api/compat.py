@@ -179,8 +179,6 @@ def timeseries_response(record: JobRecord, body: TimeseriesRequest) -> Timeserie
 
 def status(view: ModelView) -> StatusResponse:
     """The old server's model status, from the live state of the model's workers."""
-    if not view.served:
-        return StatusResponse(model_status="error", details=f"Model: {view.id}. Error: not served by this deployment")
     if view.workers_online == 0:
         return StatusResponse(
             model_status="uninitialized",

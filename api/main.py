@@ -19,7 +19,8 @@ from api.auth import KeyRing
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
-from api.routes import compat, forecasts, health, models
+from api.callbacks import Dispatcher
+from api.routes import backtests, callbacks, compat, forecasts, health, models
 from api.service import JobService
 
 
@@ -46,9 +47,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events.start()
         celery = make_celery(settings)
         app.state.service = JobService(settings, client, celery, events, app.state.metrics)
+        dispatcher = Dispatcher(client, settings) if settings.callback_prefixes() else None
+        if dispatcher:
+            dispatcher.start()
         try:
             yield
         finally:
+            if dispatcher:
+                await dispatcher.stop()
             await events.stop()
             celery.close()
             await client.aclose()
@@ -66,6 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     security.install(app, settings.cors_origin_list())
     app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
-    for router in (forecasts.router, models.router, health.router, compat.default, compat.per_model):
+    for router in (
+        forecasts.router,
+        backtests.router,
+        callbacks.router,
+        models.router,
+        health.router,
+        compat.default,
+        compat.per_model,
+    ):
         app.include_router(router)
     return app

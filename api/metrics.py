@@ -26,7 +26,7 @@ class ApiMetrics:
             ["method", "route", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.accepted = Counter(
-            "chronos_queue_jobs_accepted_total", "Jobs accepted, by model and lane.", ["model", "lane"],
+            "chronos_queue_jobs_accepted_total", "Jobs accepted, by model and lane ('cached': answered from the result cache).", ["model", "lane"],
             registry=self.registry,
         )  # fmt: skip
         self.queue_depth = Gauge(
@@ -68,6 +68,6 @@ class RequestTimer:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            self.metrics.requests.labels(
-                scope["method"], getattr(route, "path", "unmatched"), str(status)
-            ).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(scope["method"], getattr(route, "path", "unmatched"), str(status)).observe(
+                time.perf_counter() - started
+            )

@@ -83,6 +83,7 @@ def field_path(loc: tuple | list) -> str:
 def install(app: FastAPI) -> None:
     """Answer every error as problem+json, and document it so in the OpenAPI schema."""
     _document_validation_errors(app)
+
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem):
         return exc.response(request.url.path)
@@ -178,9 +179,15 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         422, "parameters.temperature: amazon/chronos-bolt-small outputs quantiles directly; sampling options apply to T5 models only",
         {"field": "parameters.temperature"},
     ),
+    "unsupported-input": (
+        422, "inputs[0].past_covariates: amazon/chronos-bolt-small takes no covariates; amazon/chronos-2 does",
+        {"field": "inputs[0].past_covariates"},
+    ),
+    "callback-not-allowed": (
+        422, "callback_url: not under an allowed prefix (https://hooks.example.com/chronos/)", {"field": "callback_url"}
+    ),
     "forecast-failed": (500, "RuntimeError: CUDA out of memory", {"job_id": "3f2a…"}),
     "internal-error": (500, "internal error; see the server log", {}),
-    "model-not-served": (501, "amazon/chronos-2 is in the catalog but not served yet", {"field": "model"}),
     "no-worker": (
         503, "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts", {}
     ),
@@ -203,8 +210,7 @@ def documented(*codes: str) -> dict[int | str, dict[str, Any]]:
         status, detail, extra = EXAMPLES[code]
         title = _TITLES.get(status, "Error")
         entry = out.setdefault(
-            status,
-            {"description": title, "content": {MEDIA_TYPE: {"schema": schema, "examples": {}}}},
+            status, {"description": title, "content": {MEDIA_TYPE: {"schema": schema, "examples": {}}}}
         )
         example = {"type": f"urn:chronos-queue:problem:{code}", "title": title, "status": status, "code": code,
                    "detail": detail, **extra}  # fmt: skip

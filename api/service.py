@@ -9,16 +9,17 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from celery import Celery
 
-from shared import catalog, keys
-from shared.jobs import JobRecord, JobStatus, Lane, Scripts, new_record
-from shared.schemas import ForecastRequest, ModelView, WorkerView
+from shared import cache, catalog, keys
+from shared.jobs import JobKind, JobRecord, JobStatus, Lane, Scripts, new_record
+from shared.schemas import BacktestRequest, ForecastRequest, ModelView, WorkerView
 from shared.settings import Settings
 
-from api import limits
+from api import callbacks, limits
 from api.events import JobEvents
 from api.metrics import ApiMetrics
 from api.problems import Problem
@@ -35,6 +36,7 @@ class JobService:
     ):
         self.settings, self.client, self.celery, self.events, self.metrics = settings, client, celery, events, metrics
         self.scripts = Scripts(client)
+        self._revisions: dict[str, tuple[str | None, float]] = {}  # model id -> (weights revision, good until)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -67,7 +69,6 @@ class JobService:
                     id=spec.id,
                     slug=spec.slug,
                     family=spec.family.value,
-                    served=spec.served,
                     queue=keys.queue(spec),
                     sync_queue=keys.sync_queue(spec),
                     context_length=spec.context_length,
@@ -94,25 +95,71 @@ class JobService:
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         """
         spec = self.model(request.model)
-        if not spec.served:
-            raise Problem(501, "model-not-served", f"{spec.id} is in the catalog but not served yet", field="model")
         limits.check(request, spec, self.settings)
         if lane is Lane.SYNC:
             await self._check_sync(spec)
+        callbacks.check_url(request.callback_url, self.settings)
+        payload = request.model_dump(mode="json", exclude={"model", "callback_url"})
+        return await self._enqueue(
+            spec, lane, owner, idempotency_key, payload, len(request.inputs), request.parameters.prediction_length,
+            callback_url=request.callback_url,
+        )  # fmt: skip
+
+    async def submit_backtest(
+        self, request: BacktestRequest, owner: str, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """A backtest is one job on the model's bulk queue: every origin's forecast, then the scores."""
+        spec = self.model(request.model)
+        limits.check_backtest(request, spec, self.settings)
+        callbacks.check_url(request.callback_url, self.settings)
+        backtest = request.model_dump(mode="json", exclude={"model", "callback_url"})
+        payload = {"kind": JobKind.BACKTEST.value, "backtest": backtest}
+        n_origins = len(request.origins.values())
+        return await self._enqueue(
+            spec, Lane.ASYNC, owner, idempotency_key, payload, n_origins, request.parameters.prediction_length,
+            kind=JobKind.BACKTEST, callback_url=request.callback_url,
+        )  # fmt: skip
+
+    async def _enqueue(
+        self,
+        spec: catalog.ModelSpec,
+        lane: Lane,
+        owner: str,
+        idempotency_key: str | None,
+        payload: dict,
+        n_series: int,
+        prediction_length: int,
+        kind: JobKind = JobKind.FORECAST,
+        callback_url: str | None = None,
+    ) -> tuple[JobRecord, bool]:
         queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
         await self._admit(owner, queue)
 
         job_id = uuid.uuid4().hex
         now = time.time()
-        record = new_record(
-            job_id, spec.id, len(request.inputs), request.parameters.prediction_length, lane, now, owner
-        )
+        record = new_record(job_id, spec.id, n_series, prediction_length, lane, now, owner, kind)
+        if callback_url:
+            record.update(callback_url=callback_url, callback_status="pending")
         job_key = keys.job(job_id)
-        ttl = self.settings.result_ttl_s + self.settings.max_job_s
-        digest = _digest(json.dumps([lane.value, request.model_dump(mode="json")], sort_keys=True))
+        digest = _digest(json.dumps([lane.value, spec.id, payload], sort_keys=True))
         idem_key = keys.idempotency(owner, _digest(idempotency_key)) if idempotency_key else None
+        hit = await self._cached(spec, payload)
+        if hit is not None:
+            record.update(hit, status=JobStatus.SUCCEEDED.value, started_at=repr(now), finished_at=repr(now),
+                          cached="1", inference_s=0.0)  # fmt: skip
+            record = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in record.items()}
+            outcome = await self.scripts.create_done(
+                keys=[job_key, *([idem_key] if idem_key else [])],
+                args=[self.settings.result_ttl_s, f"{job_id} {digest}", *(x for pair in record.items() for x in pair)],
+            )
+            if outcome is not None:
+                return await self._refused_or_replayed(outcome, digest, owner, idem_key)
+            log.info("%s %s answered from the result cache: %s", kind.value, job_id, spec.id)
+            self.metrics.accepted.labels(spec.id, "cached").inc()
+            return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
+
+        ttl = self.settings.result_ttl_s + self.settings.max_job_s
         fields = [item for pair in record.items() for item in pair]
-        payload = request.model_dump(mode="json", exclude={"model"})
         outcome = await self.scripts.create(
             keys=[job_key, keys.in_flight(owner), keys.payload(job_id), keys.queued(spec),
                   *([idem_key] if idem_key else [])],
@@ -133,9 +180,38 @@ class JobService:
             raise Problem(
                 503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
             ) from exc
-        log.info("job %s accepted: %s, %d series, lane %s", job_id, spec.id, len(request.inputs), lane.value)
+        log.info("%s %s accepted: %s, %d series, lane %s", kind.value, job_id, spec.id, n_series, lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
         return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
+
+    async def _cached(self, spec: catalog.ModelSpec, payload: dict) -> dict | None:
+        """The stored result of an identical earlier request, if the model's workers agree on one
+        weights revision and the request is deterministic (see shared/cache.py)."""
+        if not self.settings.cache_ttl_s or not cache.cacheable(spec, payload):
+            return None
+        revision = await self._revision(spec)
+        if revision is None:
+            return None
+        stored = await self.client.get(keys.cache(cache.digest(spec, revision, payload)))
+        return json.loads(stored) if stored else None
+
+    async def _revision(self, spec: catalog.ModelSpec) -> str | None:
+        """The weights revision every live worker of `spec` serves (None when none or several),
+        re-read from their heartbeats at most once a second."""
+        loop = asyncio.get_running_loop()
+        known = self._revisions.get(spec.id)
+        if known is not None and known[1] > loop.time():
+            return known[0]
+        now = time.time()
+        heartbeats = await self.client.hgetall(keys.workers(spec))
+        live = {
+            info.get("revision")
+            for info in map(json.loads, heartbeats.values())
+            if now - info["last_seen"] < 3 * self.settings.heartbeat_s
+        }
+        revision = live.pop() if len(live) == 1 else None
+        self._revisions[spec.id] = (revision, loop.time() + min(1.0, self.settings.heartbeat_s))
+        return revision
 
     async def _admit(self, owner: str, queue: str) -> None:
         """The submission rate limit and the queue-depth cap (the in-flight cap is checked on creation)."""
@@ -218,13 +294,11 @@ class JobService:
         await self.serving(spec)
 
     async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> ModelView:
-        """The model's live view once a worker serves it (waiting up to `wait_s`), else 503 (501 if never)."""
+        """The model's live view once a worker serves it (waiting up to `wait_s`), else 503."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
             (view,) = await self.models((spec,))
-            if not spec.served:
-                raise Problem(501, "model-not-served", f"{spec.id} is in the catalog but not served yet", field="model")
             if view.workers_online:
                 return view
             if loop.time() >= deadline:
@@ -256,6 +330,30 @@ class JobService:
                     return record
                 try:
                     await asyncio.wait_for(announced.wait(), min(remaining, _RECHECK_S))
+                except TimeoutError:
+                    pass
+
+    async def changes(self, job_id: str, owner: str, keepalive_s: float = 15.0) -> AsyncIterator[JobRecord | None]:
+        """The job's record now and at each change of status or progress, ending with its terminal
+        state; None every `keepalive_s` without a change (a stream sends a comment to stay open)."""
+        loop = asyncio.get_running_loop()
+        last: tuple | None = None
+        quiet_since = loop.time()
+        with self.events.watch(job_id) as announced:
+            while True:
+                announced.clear()
+                record = await self.require(job_id, owner)
+                state = (record.status, record.progress_done, record.cancel_requested)
+                if state != last:
+                    last, quiet_since = state, loop.time()
+                    yield record
+                    if record.terminal:
+                        return
+                elif loop.time() - quiet_since >= keepalive_s:
+                    quiet_since = loop.time()
+                    yield None
+                try:
+                    await asyncio.wait_for(announced.wait(), _RECHECK_S)
                 except TimeoutError:
                     pass
 

@@ -76,7 +76,9 @@ class Stack:
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
         wait_until(self._pings, "redis")
         self.env = {"REDIS_URL": self.redis_url, "WEIGHTS": "synthetic", "SYNTHETIC_DIR": str(SYNTHETIC),
-                    "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0"}  # fmt: skip
+                    "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0",
+                    # Benchmarks measure the model path: repeated bodies must not be answered from the cache.
+                    "CACHE_TTL_S": "0"}  # fmt: skip
         self.metrics_ports = {}
         for spec in self.specs:
             for i in range(self.workers_per_model):

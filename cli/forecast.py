@@ -128,6 +128,43 @@ def run(
     return predictions, weights
 
 
+def backtest(
+    client: Client, series: Series, model: str, first: int, last: int, horizon: int, *, progress: bool, **options
+):
+    """Run one backtest job, with a progress bar of the origins done; returns the finished job."""
+    import time
+
+    from tqdm import tqdm
+
+    job = client.submit_backtest(model, {"item_id": series.item_id, "target": series.values}, first, last, horizon,
+                                 **options)  # fmt: skip
+    with tqdm(total=job.progress.total, unit="origin", disable=not progress, file=sys.stderr) as bar:
+        while job.status.value in ("queued", "running"):
+            time.sleep(0.5)
+            job = client.get(job.id)
+            bar.update(job.progress.done - bar.n)
+    if job.status.value != "succeeded":
+        raise RuntimeError(f"backtest {job.id} {job.status.value}: {job.error or ''}".strip())
+    return job
+
+
+def backtest_rows(series: Series, forecasts: list[dict], horizon: int) -> list[dict]:
+    """One row per origin and step: origin, step, the actual when the series holds it, the quantiles."""
+    out = []
+    for forecast in forecasts:
+        origin = forecast["origin"]
+        levels = [k for k in forecast if k != "origin"]
+        for step in range(horizon):
+            at = origin + step
+            actual = series.values[at] if at < len(series.values) else None
+            row = {"origin": origin, "step": step + 1, "actual": actual}
+            if series.timestamps is not None and at < len(series.timestamps):
+                row["timestamp"] = series.timestamps[at].isoformat()
+            row.update({level: forecast[level][step] for level in levels})
+            out.append(row)
+    return out
+
+
 def rows(series: list[Series], predictions: list[dict], horizon: int, freq: str | None) -> list[dict]:
     """One row per series and step: item_id, step, timestamp (when known), mean, quantiles."""
     out = []

@@ -1,14 +1,16 @@
 """`chronos-queue`: forecasts from files, and operator commands.
 
-    chronos-queue forecast INPUT.csv|json --model amazon/chronos-bolt-small --horizon 24 [--out f.csv] [--plot f.png]
-    chronos-queue weights synthetic --model amazon/chronos-bolt-tiny --out DIR [--seed N]
-    chronos-queue weights resolve --model amazon/chronos-bolt-tiny
-    chronos-queue worker   (same as `python -m workers`; CHRONOS_MODEL picks the model)
+chronos-queue forecast INPUT.csv|json --model amazon/chronos-bolt-small --horizon 24 [--out f.csv] [--plot f.png]
+chronos-queue backtest INPUT.csv|json --model amazon/chronos-bolt-small --horizon 20 --first 252 [--out f.csv]
+chronos-queue weights synthetic --model amazon/chronos-bolt-tiny --out DIR [--seed N]
+chronos-queue weights resolve --model amazon/chronos-bolt-tiny
+chronos-queue worker   (same as `python -m workers`; CHRONOS_MODEL picks the model)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -50,11 +52,30 @@ def main(argv: list[str] | None = None) -> int:
     fc.add_argument("--value-column", default="target")
     fc.add_argument("--no-progress", action="store_true")
 
+    bt = commands.add_parser("backtest", help="backtest one series of a CSV or JSON file as one job, with scores")
+    bt.add_argument("input", type=Path, help="as for `forecast`; the first series, or the one named by --item")
+    bt.add_argument("--item", help="which series of the file")
+    bt.add_argument("--model", required=True, help="catalog id or slug")
+    bt.add_argument("--horizon", type=int, required=True, help="steps forecast from each origin")
+    bt.add_argument("--first", type=int, required=True, help="first origin: points known at the first forecast")
+    bt.add_argument("--last", type=int, help="last origin (default: the series' length)")
+    bt.add_argument("--step", type=int, default=1)
+    bt.add_argument("--context", type=int, help="points before each origin given to the model")
+    bt.add_argument("--season", type=int, default=1, help="season of the naive forecast that scales MASE")
+    bt.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated levels (the median is always added)")
+    bt.add_argument("--out", type=Path, help="per-origin forecasts as CSV (one row per origin and step)")
+    bt.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
+    bt.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
+    bt.add_argument("--id-column", default="item_id")
+    bt.add_argument("--time-column", default="timestamp")
+    bt.add_argument("--value-column", default="target")
+    bt.add_argument("--no-progress", action="store_true")
+
     args, rest = parser.parse_known_args(argv)
-    if args.command == "forecast":
+    if args.command in ("forecast", "backtest"):
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _forecast(args)
+        return _forecast(args) if args.command == "forecast" else _backtest(args)
     if args.command == "worker":
         from workers.__main__ import main as worker_main
 
@@ -105,15 +126,12 @@ def _forecast(args: argparse.Namespace) -> int:
                 client, series, args.model, args.horizon, quantiles, args.series_per_job,
                 progress=not args.no_progress, num_samples=args.num_samples,
             )  # fmt: skip
-    except ChronosQueueError as exc:
-        where = f" ({exc.field})" if exc.field else ""
-        print(f"error: {exc.status} {exc.code}{where}: {exc.detail}", file=sys.stderr)
-        return 1
-    except (RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ChronosQueueError, RuntimeError, OSError) as exc:
+        return _failed(exc)
     if "synthetic" in weights:
-        print(f"warning: {args.model} answered with SYNTHETIC weights: these forecasts are meaningless", file=sys.stderr)
+        print(
+            f"warning: {args.model} answered with SYNTHETIC weights: these forecasts are meaningless", file=sys.stderr
+        )
     fmt = args.format or ("json" if args.out and args.out.suffix.lower() == ".json" else "csv")
     forecast.write(forecast.rows(series, predictions, args.horizon, args.freq), args.out, fmt)
     if args.plot:
@@ -121,6 +139,49 @@ def _forecast(args: argparse.Namespace) -> int:
         drawn = forecast.plot(series, predictions, args.horizon, args.plot, title)
         print(f"plot of {drawn} of {len(series)} series: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    from cli import forecast
+    from client import ChronosQueueError, Client
+
+    try:
+        found = forecast.read(args.input, args.id_column, args.time_column, args.value_column)
+        chosen = [s for s in found if args.item is None or s.item_id == args.item]
+        if not chosen:
+            raise ValueError(f"no series {args.item!r}" if args.item else "no series")
+        series = chosen[0]
+        quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            job = forecast.backtest(
+                client, series, args.model, args.first, args.last or len(series.values), args.horizon,
+                step=args.step, context_length=args.context, quantile_levels=quantiles, season_length=args.season,
+                progress=not args.no_progress,
+            )  # fmt: skip
+    except (ChronosQueueError, RuntimeError, OSError) as exc:
+        return _failed(exc)
+    if job.weights == "synthetic":
+        print(f"warning: {args.model} answered with SYNTHETIC weights: these scores are meaningless", file=sys.stderr)
+    if args.out:
+        forecast.write(forecast.backtest_rows(series, job.backtest["forecasts"], args.horizon), args.out, "csv")
+    print(json.dumps({"job": job.id, "item_id": series.item_id, "model": job.model, **job.backtest["metrics"]}))
+    return 0
+
+
+def _failed(exc: Exception) -> int:
+    """Say why a command failed (a problem answer with its code and field); exit status 1."""
+    from client import ChronosQueueError
+
+    if isinstance(exc, ChronosQueueError):
+        where = f" ({exc.field})" if exc.field else ""
+        print(f"error: {exc.status} {exc.code}{where}: {exc.detail}", file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def models_from_env() -> list[catalog.ModelSpec]:
     specs = []
     for name in names:
         spec = catalog.find(name)
-        if spec is None or not spec.served:
-            served = ", ".join(m.id for m in catalog.CATALOG if m.served)
-            sys.exit(f"CHRONOS_MODELS: {name!r} is not a servable model; choose from {served}")
+        if spec is None:
+            known = ", ".join(m.id for m in catalog.CATALOG)
+            sys.exit(f"CHRONOS_MODELS: {name!r} is not a catalog model; choose from {known}")
         specs.append(spec)
     return specs
 
@@ -84,7 +84,12 @@ def run() -> None:
         _ensure_redis_server()
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     metrics_ports = [("WORKER_METRICS_PORT", metrics_base + i) for i in range(len(specs))] if metrics_base else []
-    for name, port in (("API_PORT", api_port), ("FLOWER_PORT", flower_port), ("REDIS_PORT", redis_port), *metrics_ports):
+    for name, port in (
+        ("API_PORT", api_port),
+        ("FLOWER_PORT", flower_port),
+        ("REDIS_PORT", redis_port),
+        *metrics_ports,
+    ):
         if port is not None and _in_use(port):
             sys.exit(f"port {port} ({name}) is in use; pick another, e.g. {name}={port + 1} make run")
     (RUN_DIR / "redis").mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ from client.errors import (
     Unavailable,
     WaitTimeout,
 )
+from client.signature import verify_signature
 
 __all__ = [
     "AsyncClient", "ChronosQueueError", "Client", "Conflict", "InvalidRequest", "NotFound", "RateLimited",
-    "ServerError", "Unauthorized", "Unavailable", "WaitTimeout",
+    "ServerError", "Unauthorized", "Unavailable", "WaitTimeout", "verify_signature",
 ]  # fmt: skip

@@ -47,6 +47,30 @@ def _forecast_call(path: str, model: str, series: Sequence[Series], prediction_l
     return _Call("POST", path, json={"model": model, "inputs": _inputs(series), "parameters": parameters})
 
 
+def _backtest_call(
+    model: str,
+    series: Series,
+    first: int,
+    last: int,
+    prediction_length: int,
+    step: int,
+    context_length: int | None,
+    extra: dict,
+) -> _Call:
+    body = {
+        "model": model,
+        "series": _inputs([series])[0],
+        "origins": {"first": first, "last": last, "step": step},
+        "context_length": context_length,
+        "parameters": {"prediction_length": prediction_length},
+    }
+    for name in ("quantile_levels", "num_samples", "temperature", "top_k", "top_p", "seed"):
+        if extra.get(name) is not None:
+            body["parameters"][name] = extra.pop(name)
+    body.update({k: v for k, v in extra.items() if v is not None})  # season_length, known_covariates, callback_url
+    return _Call("POST", "/v1/backtests", json=body)
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     """Retry-After in seconds (the form this service sends); None when absent or a date."""
     try:
@@ -127,7 +151,26 @@ class Client(_Base):
         call = _forecast_call("/v1/forecasts", model, series, prediction_length, parameters)
         return JobView.model_validate(self._send(call).json())
 
+    def submit_backtest(
+        self,
+        model: str,
+        series: Series,
+        first: int,
+        last: int,
+        prediction_length: int,
+        *,
+        step: int = 1,
+        context_length: int | None = None,
+        **extra,
+    ) -> JobView:
+        """Queue a backtest of one series: a forecast from every origin first, first+step, … last
+        (each from the `context_length` points before it), scored against the series' actuals.
+        `extra`: quantile_levels, T5 sampling options, season_length, known_covariates, callback_url."""
+        call = _backtest_call(model, series, first, last, prediction_length, step, context_length, extra)
+        return JobView.model_validate(self._send(call).json())
+
     def get(self, job_id: str) -> JobView:
+        """Any job (forecast or backtest) as it stands, with its `progress`."""
         return JobView.model_validate(self._send(_Call("GET", f"/v1/forecasts/{job_id}")).json())
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobView:
@@ -141,7 +184,13 @@ class Client(_Base):
                 return done.value
 
     def predict(
-        self, model: str, series: Sequence[Series], prediction_length: int, *, timeout: float | None = None, **parameters
+        self,
+        model: str,
+        series: Sequence[Series],
+        prediction_length: int,
+        *,
+        timeout: float | None = None,
+        **parameters,
     ) -> JobView:
         """Forecast in one call on a sync-eligible model; if the server's wait runs out, keep waiting."""
         call = _forecast_call("/v1/predict", model, series, prediction_length, parameters)
@@ -187,6 +236,21 @@ class AsyncClient(_Base):
         call = _forecast_call("/v1/forecasts", model, series, prediction_length, parameters)
         return JobView.model_validate((await self._send(call)).json())
 
+    async def submit_backtest(
+        self,
+        model: str,
+        series: Series,
+        first: int,
+        last: int,
+        prediction_length: int,
+        *,
+        step: int = 1,
+        context_length: int | None = None,
+        **extra,
+    ) -> JobView:
+        call = _backtest_call(model, series, first, last, prediction_length, step, context_length, extra)
+        return JobView.model_validate((await self._send(call)).json())
+
     async def get(self, job_id: str) -> JobView:
         return JobView.model_validate((await self._send(_Call("GET", f"/v1/forecasts/{job_id}"))).json())
 
@@ -200,7 +264,13 @@ class AsyncClient(_Base):
                 return done.value
 
     async def predict(
-        self, model: str, series: Sequence[Series], prediction_length: int, *, timeout: float | None = None, **parameters
+        self,
+        model: str,
+        series: Sequence[Series],
+        prediction_length: int,
+        *,
+        timeout: float | None = None,
+        **parameters,
     ) -> JobView:
         call = _forecast_call("/v1/predict", model, series, prediction_length, parameters)
         call.params = {"timeout": timeout} if timeout else {}

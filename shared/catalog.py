@@ -42,8 +42,6 @@ class ModelSpec:
     sync_eligible: bool
     max_batch_cpu: int
     max_batch_cuda: int
-    # Chronos-2 serving lands with its own issue; until then its queue exists but no worker serves it.
-    served: bool = True
 
     @property
     def slug(self) -> str:
@@ -53,6 +51,11 @@ class ModelSpec:
     @property
     def sample_based(self) -> bool:
         return self.family is Family.T5
+
+    @property
+    def takes_covariates(self) -> bool:
+        """Past/future covariates and several target variates per series (Chronos-2 only)."""
+        return self.family is Family.CHRONOS2
 
     @property
     def native_quantiles(self) -> tuple[float, ...] | None:
@@ -92,9 +95,19 @@ CATALOG: tuple[ModelSpec, ...] = (
     _bolt("small", 512, 2048, 6, 8, 48, max_batch_cpu=64, max_batch_cuda=1024),
     _bolt("base", 768, 3072, 12, 12, 205, max_batch_cpu=32, max_batch_cuda=1024),
     ModelSpec(
-        id="amazon/chronos-2", family=Family.CHRONOS2, d_model=768, d_ff=3072, encoder_layers=12,
-        decoder_layers=0, heads=12, params_m=120, context_length=8192, prediction_length=1024,
-        sync_eligible=False, max_batch_cpu=32, max_batch_cuda=256, served=False,
+        id="amazon/chronos-2",
+        family=Family.CHRONOS2,
+        d_model=768,
+        d_ff=3072,
+        encoder_layers=12,
+        decoder_layers=0,
+        heads=12,
+        params_m=120,
+        context_length=8192,
+        prediction_length=1024,
+        sync_eligible=False,
+        max_batch_cpu=32,
+        max_batch_cuda=256,
     ),
 )
 

@@ -20,6 +20,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Mapping
 
+from shared import keys
+
+# Lua: a job that ended and asked for a callback goes onto the callbacks stream (in the same
+# script as its terminal write, so no ended job misses its callback).
+_NOTIFY = f"""
+local function notify(job_key, job_id)
+  if redis.call('HEXISTS', job_key, 'callback_url') == 1 then
+    redis.call('XADD', '{keys.CALLBACKS}', 'MAXLEN', '~', '1000000', '*', 'job', job_id)
+  end
+end
+"""
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -31,6 +43,11 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+
+
+class JobKind(StrEnum):
+    FORECAST = "forecast"
+    BACKTEST = "backtest"
 
 
 class Lane(StrEnum):
@@ -70,11 +87,31 @@ redis.call('ZADD', KEYS[4], created, redis.call('HGET', KEYS[1], 'id'))
 return false
 """
 
+# KEYS[1] job, KEYS[2] idempotency key (optional)  ARGV: record ttl, idempotency value, then
+# field/value pairs of a record that is already terminal (answered from the result cache).
+# Returns nil when created, or the idempotency key's value when that key was used before.
+CREATE_DONE = (
+    _NOTIFY
+    + """
+if KEYS[2] then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return existing end
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+notify(KEYS[1], redis.call('HGET', KEYS[1], 'id'))
+return false
+"""
+)
+
 # KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the model's queued set, KEYS[4] the
 # job's payload  ARGV: now, worker name, max deliveries, ttl, channel, job id. Returns the status the job is in afterwards; anything but 'running' tells the
 # worker to drop the message (cancelled, finished, expired). A job delivered `max deliveries`
 # times already (each time its worker died while running it) ends 'failed' instead of looping.
-START = """
+START = (
+    _NOTIFY
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then
@@ -87,6 +124,7 @@ if s == 'queued' or s == 'running' then
     redis.call('ZREM', KEYS[2], ARGV[6])
     redis.call('DEL', KEYS[4])
     redis.call('PUBLISH', ARGV[5], ARGV[6])
+    notify(KEYS[1], ARGV[6])
     return 'failed'
   end
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
@@ -95,13 +133,16 @@ if s == 'queued' or s == 'running' then
 end
 return s
 """
+)
 
 # KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload  ARGV: final status,
 # now, ttl, channel, job id, then field/value pairs.
 # Only a running job can finish; the first terminal write wins, so a redelivered
 # duplicate cannot overwrite a result. A pending cancel request turns success into
 # 'cancelled' and its fields are not stored.
-FINISH = """
+FINISH = (
+    _NOTIFY
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'running' then return s or 'missing' end
 local final = ARGV[1]
@@ -114,14 +155,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+notify(KEYS[1], ARGV[5])
 return final
 """
+)
 
 # KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload
 # ARGV: now, ttl, channel, job id, owner.
 # Returns 'cancelled' (was queued), 'cancelling' (running: stops at the next batch),
 # the terminal status it already had, or 'missing' (also when another owner's job).
-CANCEL = """
+CANCEL = (
+    _NOTIFY
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 'missing' end
 if s == 'queued' then
@@ -130,6 +175,7 @@ if s == 'queued' then
   redis.call('ZREM', KEYS[2], ARGV[4])
   redis.call('DEL', KEYS[3])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
+  notify(KEYS[1], ARGV[4])
   return 'cancelled'
 end
 if s == 'running' then
@@ -138,7 +184,17 @@ if s == 'running' then
 end
 return s
 """
+)
 
+
+# KEYS[1] job  ARGV: series done, channel, job id. Records a running job's progress and announces it
+# (an ended or expired job is left alone).
+PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'progress_done', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
 
 # KEYS[1] the owner's token bucket  ARGV: rate (tokens/s), burst.
 # Takes one token; returns 0 when there was one, else the seconds until there will be (as text).
@@ -157,11 +213,19 @@ return tostring(wait)
 
 
 def new_record(
-    job_id: str, model_id: str, n_series: int, prediction_length: int, lane: Lane, now: float, owner: str
+    job_id: str,
+    model_id: str,
+    n_series: int,
+    prediction_length: int,
+    lane: Lane,
+    now: float,
+    owner: str,
+    kind: JobKind = JobKind.FORECAST,
 ) -> dict:
-    """Fields of a freshly accepted job, as stored in its hash."""
+    """Fields of a freshly accepted job, as stored in its hash (`n_series`: origins for a backtest)."""
     return {
         "id": job_id,
+        "kind": kind.value,
         "owner": owner,
         "model": model_id,
         "status": JobStatus.QUEUED.value,
@@ -203,7 +267,15 @@ class JobRecord:
     weights: str | None = None
     error: str | None = None
     cancel_requested: bool = False
+    kind: JobKind = JobKind.FORECAST
+    progress_done: int = 0
+    cached: bool = False
+    callback_url: str | None = None
+    callback_status: str | None = None
+    callback_attempts: int = 0
+    callback_error: str | None = None
     predictions: list[dict] | None = field(default=None, repr=False)
+    backtest: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
@@ -227,7 +299,15 @@ class JobRecord:
             weights=h.get("weights"),
             error=h.get("error"),
             cancel_requested=h.get("cancel_requested") == "1",
+            kind=JobKind(h.get("kind", JobKind.FORECAST)),
+            progress_done=int(h.get("progress_done", 0)),
+            cached=h.get("cached") == "1",
+            callback_url=h.get("callback_url"),
+            callback_status=h.get("callback_status"),
+            callback_attempts=int(h.get("callback_attempts", 0)),
+            callback_error=h.get("callback_error") or None,
             predictions=json.loads(h["predictions"]) if h.get("predictions") else None,
+            backtest=json.loads(h["backtest"]) if h.get("backtest") else None,
         )
 
     @property
@@ -253,7 +333,9 @@ class Scripts:
 
     def __init__(self, client: Any):
         self.create = client.register_script(CREATE)
+        self.create_done = client.register_script(CREATE_DONE)
         self.take_token = client.register_script(TAKE_TOKEN)
         self.start = client.register_script(START)
         self.finish = client.register_script(FINISH)
         self.cancel = client.register_script(CANCEL)
+        self.progress = client.register_script(PROGRESS)

@@ -6,11 +6,19 @@ from shared.catalog import ModelSpec
 
 PREFIX = "cq"
 
-# Workers publish a job id here when the job reaches a terminal state; API processes
-# keep one subscription each and wake the requests waiting on that id.
+# Workers publish a job id here when the job reaches a terminal state or makes progress; API
+# processes keep one subscription each and wake the requests waiting on that id.
 EVENTS_CHANNEL = f"{PREFIX}:events"
 
 FORECAST_TASK = "chronos_queue.forecast"
+
+# Completion callbacks (api/callbacks.py): the job-state scripts add a job that has a callback_url
+# to this stream when it ends; API processes deliver them as one consumer group. Failed deliveries
+# wait in the retry set (score: when to try again). The master secret signs every key's callbacks.
+CALLBACKS = f"{PREFIX}:callbacks"
+CALLBACK_GROUP = "dispatchers"
+CALLBACK_RETRIES = f"{PREFIX}:callbacks:retry"
+CALLBACK_MASTER = f"{PREFIX}:callbacks:master"
 
 
 def job(job_id: str) -> str:
@@ -52,6 +60,11 @@ def rate_bucket(owner: str) -> str:
 def idempotency(owner: str, key_digest: str) -> str:
     """The job an owner's Idempotency-Key named: '<job id> <request digest>'."""
     return f"{PREFIX}:idem:{owner}:{key_digest}"
+
+
+def cache(digest: str) -> str:
+    """A cached result (JSON), by `shared.cache.digest` of model, weights revision and request."""
+    return f"{PREFIX}:cache:{digest}"
 
 
 def workers(spec: ModelSpec) -> str:

@@ -9,11 +9,11 @@ Limits that depend on configuration (series count, horizon, ...) are checked by
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.jobs import JobRecord, JobStatus, Lane
+from shared.jobs import JobKind, JobRecord, JobStatus, Lane
 
 DEFAULT_QUANTILES = [0.1, 0.5, 0.9]
 
@@ -28,16 +28,62 @@ def finite_with_an_observation(values: list[float | None]) -> list[float | None]
     return values
 
 
+CallbackUrl = Annotated[
+    str | None,
+    Field(
+        max_length=2048,
+        description="POSTed the job's final status when it ends, HMAC-signed (X-Chronos-Signature); only URLs "
+        "the operator allows (CALLBACK_ALLOWED_URLS).",
+    ),
+]
+Values = list[float | None]
+# A covariate is numeric (null/NaN: missing) or categorical (strings; null: missing).
+Covariate = list[float | None] | list[str | None]
+
+
 class SeriesInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target: list[float | None] = Field(
-        min_length=1, description="Observed values, oldest first. null or NaN marks a missing value."
+    target: Values | list[Values] = Field(
+        min_length=1,
+        description="Observed values, oldest first; null or NaN marks a missing value. A list of lists is "
+        "several target variates of one series, forecast jointly (Chronos-2 only); they share one length.",
     )
     item_id: str | None = Field(None, max_length=256)
     start: str | None = Field(None, max_length=64, description="Timestamp of the first value (echoed back).")
+    past_covariates: dict[str, Covariate] | None = Field(
+        None,
+        description="Chronos-2 only. Covariates observed alongside the target, by name, each as long as the target.",
+    )
+    future_covariates: dict[str, Covariate] | None = Field(
+        None,
+        description="Chronos-2 only. Known future values of some past covariates (same names), each "
+        "`prediction_length` long.",
+    )
 
-    _observed = field_validator("target")(lambda values: finite_with_an_observation(values))
+    @field_validator("target")
+    @classmethod
+    def _observed(cls, target: list) -> list:
+        if target and isinstance(target[0], list):
+            if len({len(variate) for variate in target}) != 1 or not target[0]:
+                raise ValueError("target variates must be non-empty and share one length")
+            for variate in target:
+                finite_with_an_observation(variate)
+            return target
+        return finite_with_an_observation(target)
+
+    @property
+    def multivariate(self) -> bool:
+        return isinstance(self.target[0], list)
+
+    @property
+    def length(self) -> int:
+        """Points per variate."""
+        return len(self.target[0]) if self.multivariate else len(self.target)
+
+    @property
+    def covariate_names(self) -> list[str]:
+        return [*(self.past_covariates or {}), *(self.future_covariates or {})]
 
 
 class ForecastParameters(BaseModel):
@@ -50,6 +96,10 @@ class ForecastParameters(BaseModel):
     temperature: float | None = Field(None, gt=0, description="Sampling temperature (T5 models only).")
     top_k: int | None = Field(None, ge=1, description="Top-k sampling (T5 models only).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (T5 models only).")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1,
+        description="T5 models only: fixes the sampling, so the same request gives the same forecast (and is cached).",
+    )  # fmt: skip
     return_samples: bool = Field(
         False, description="Also return the sample paths as `samples` (T5 models only: Bolt outputs quantiles)."
     )
@@ -90,12 +140,75 @@ class ForecastRequest(BaseModel):
     model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
     inputs: list[SeriesInput] = Field(min_length=1)
     parameters: ForecastParameters
+    callback_url: CallbackUrl = None
+
+
+class Origins(BaseModel):
+    """Forecast origins: an origin is how many points of the series are known when forecasting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first: int = Field(ge=1, description="First origin (at least 1: one observed point).")
+    last: int = Field(ge=1, description="Last origin, included (at most the series' length).")
+    step: int = Field(1, ge=1)
+
+    def values(self) -> range:
+        return range(self.first, self.last + 1, self.step)
+
+
+class BacktestRequest(BaseModel):
+    """Rolling-origin evaluation of one series as one job: a forecast from every origin, scored
+    against the actuals the series holds."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "series": {"item_id": "SPY", "target": [float(100 + (t % 9)) for t in range(40)]},
+                    "origins": {"first": 30, "last": 39, "step": 1},
+                    "context_length": 30,
+                    "parameters": {"prediction_length": 5, "quantile_levels": [0.1, 0.5, 0.9]},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="Catalog id or slug.")
+    series: SeriesInput = Field(
+        description="The whole series, oldest first. Chronos-2 also takes `past_covariates` spanning it."
+    )
+    origins: Origins
+    context_length: int | None = Field(
+        None, ge=1, description="Points before each origin given to the model (default: the model's context)."
+    )
+    known_covariates: list[str] = Field(
+        default_factory=list,
+        description="Chronos-2: past covariates whose values after each origin are known in advance "
+        "(given to the model as future covariates).",
+    )
+    season_length: int = Field(1, ge=1, description="Season of the naive forecast that scales MASE.")
+    parameters: ForecastParameters = Field(description="As for a forecast; the median (0.5) is always returned.")
+    callback_url: CallbackUrl = None
 
 
 class Timings(BaseModel):
     queued_s: float | None = None
     inference_s: float | None = None
     total_s: float | None = None
+
+
+class Progress(BaseModel):
+    done: int = Field(description="Series (for a backtest: origins) forecast so far.")
+    total: int
+
+
+class CallbackView(BaseModel):
+    url: str
+    status: str = Field(description="pending, delivered, or failed (after the last attempt).")
+    attempts: int
+    error: str | None = Field(None, description="Why the last attempt failed.")
 
 
 class JobView(BaseModel):
@@ -118,6 +231,7 @@ class JobView(BaseModel):
     )  # fmt: skip
 
     id: str
+    kind: JobKind = JobKind.FORECAST
     status: JobStatus
     model: str
     lane: Lane
@@ -130,15 +244,24 @@ class JobView(BaseModel):
     weights: str | None = Field(None, description="'real' or 'synthetic' (synthetic forecasts are meaningless).")
     error: str | None = None
     cancel_requested: bool = False
+    cached: bool = Field(False, description="Answered from the result cache (an identical earlier request).")
+    callback: CallbackView | None = None
     timings: Timings
+    progress: Progress | None = Field(None, description="Series forecast so far (origins, for a backtest).")
     predictions: list[dict[str, Any]] | None = Field(
         None, description="One entry per input series: item_id, mean, and one key per requested quantile level."
+    )
+    backtest: dict[str, Any] | None = Field(
+        None,
+        description="A succeeded backtest: `metrics` (mase, wql, coverage, mae, points_scored) and `forecasts`, "
+        "one per origin (origin, and one key per quantile level, 0.5 included).",
     )
 
     @classmethod
     def of(cls, record: JobRecord) -> JobView:
         return cls(
             id=record.id,
+            kind=record.kind,
             status=record.status,
             model=record.model,
             lane=record.lane,
@@ -151,14 +274,28 @@ class JobView(BaseModel):
             weights=record.weights,
             error=record.error,
             cancel_requested=record.cancel_requested,
+            cached=record.cached,
+            callback=CallbackView(
+                url=record.callback_url,
+                status=record.callback_status or "pending",
+                attempts=record.callback_attempts,
+                error=record.callback_error,
+            )
+            if record.callback_url
+            else None,  # fmt: skip
             timings=Timings(**record.timings()),
+            progress=Progress(done=record.progress_done, total=record.n_series),
             predictions=record.predictions,
+            backtest=record.backtest,
         )
 
 
 class WorkerView(BaseModel):
     name: str
     weights: str
+    revision: str | None = Field(
+        None, description="Which weights exactly: hub commit, synthetic seed, or content digest."
+    )
     device: str
     dtype: str
     started_at: float
@@ -169,7 +306,6 @@ class ModelView(BaseModel):
     id: str
     slug: str
     family: str
-    served: bool
     queue: str
     sync_queue: str
     context_length: int

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     max_prediction_length: int = Field(1_024, ge=1)
     max_num_samples: int = Field(100, ge=1)
     max_quantile_levels: int = Field(21, ge=1)
+    # Chronos-2: target variates plus covariates in one series.
+    max_variates: int = Field(64, ge=1)
+    # Forecast origins in one backtest job.
+    max_backtest_origins: int = Field(10_000, ge=1)
 
     # Admission, per API key: job submissions per second (token bucket; 0: no limit) and burst,
     # and jobs not yet finished (0: no cap), both answered 429; per model, messages waiting in its
@@ -37,6 +41,9 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(400, ge=1)
     max_in_flight: int = Field(10_000, ge=0)
     max_queue_depth: int = Field(100_000, ge=0)
+
+    # How long a deterministic request's result is kept to answer identical requests (0: no cache).
+    cache_ttl_s: int = Field(3_600, ge=0)
 
     # Synchronous lane. SYNC_MODELS (comma-separated ids or slugs) overrides the catalog's defaults.
     sync_models: str | None = None
@@ -49,6 +56,16 @@ class Settings(BaseSettings):
     api_keys: str | None = None
     api_keys_file: str | None = None
     auth_disabled: bool = False
+
+    # Completion callbacks: URL prefixes a job's callback_url may start with (comma-separated, each
+    # `scheme://host[:port][/path]`); none by default, which refuses every callback_url. Deliveries are
+    # HMAC-signed with a per-key secret derived from CALLBACK_SECRET (generated and kept in Redis when
+    # unset), tried at most CALLBACK_MAX_ATTEMPTS times, waiting CALLBACK_BACKOFF_S, doubling, between.
+    callback_allowed_urls: str | None = None
+    callback_secret: str | None = None
+    callback_max_attempts: int = Field(5, ge=1)
+    callback_backoff_s: float = Field(2.0, gt=0)
+    callback_timeout_s: float = Field(5.0, gt=0)
 
     # Browser origins allowed to call the API (comma-separated); none by default, so no CORS headers.
     cors_origins: str | None = None
@@ -99,6 +116,9 @@ class Settings(BaseSettings):
         if catalog.find(value) is None:
             raise ValueError(f"unknown model in COMPAT_MODEL: {value}")
         return value
+
+    def callback_prefixes(self) -> list[str]:
+        return _split(self.callback_allowed_urls)
 
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins)

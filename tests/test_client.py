@@ -89,9 +89,10 @@ def test_429_and_503_are_retried_after_the_servers_retry_after_then_raised_when_
     assert limited.value.detail == "slow down" and limited.value.retry_after == 0
 
 
-def cli(*args: str, live_api: str) -> subprocess.CompletedProcess:
+def cli(*args: str, live_api: str, command: str = "forecast", progress: bool = False) -> subprocess.CompletedProcess:
+    quiet = [] if progress else ["--no-progress"]
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", "forecast", *args, "--url", live_api, "--api-key", API_KEY, "--no-progress"],
+        [sys.executable, "-m", "cli.main", command, *args, "--url", live_api, "--api-key", API_KEY, *quiet],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
 
@@ -114,7 +115,13 @@ def test_cli_forecasts_a_long_csv_with_future_timestamps_and_draws_a_plot(live_a
     assert "SYNTHETIC weights" in done.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["item_id"] for r in rows] == ["north"] * 5 + ["south"] * 5 + ["east"] * 5
-    assert [r["timestamp"][:10] for r in rows[:5]] == ["2025-02-10", "2025-02-11", "2025-02-12", "2025-02-13", "2025-02-14"]
+    assert [r["timestamp"][:10] for r in rows[:5]] == [
+        "2025-02-10",
+        "2025-02-11",
+        "2025-02-12",
+        "2025-02-13",
+        "2025-02-14",
+    ]
     assert set(rows[0]) >= {"step", "mean", "0.1", "0.5", "0.9"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -144,3 +151,22 @@ def test_cli_reports_a_bad_request_with_its_field_and_fails(live_api, tmp_path):
 
     assert done.returncode == 1
     assert "422" in done.stderr and "parameters.prediction_length" in done.stderr
+
+
+def test_client_and_cli_run_a_backtest_with_progress_and_scores(live_api, workers, tmp_path):
+    with Client(live_api, api_key=API_KEY) as cq:
+        job = cq.wait(cq.submit_backtest(BOLT, history(80), 60, 70, 3, step=5, context_length=40).id)
+    named = tmp_path / "spy.json"
+    named.write_text(json.dumps({"SPY": history(120), "QQQ": history(120, 3)}))
+    out = tmp_path / "origins.csv"
+
+    done = cli(str(named), "--item", "QQQ", "--model", BOLT, "--horizon", "4", "--first", "100", "--step", "2",
+               "--context", "64", "--out", str(out), live_api=live_api, command="backtest", progress=True)  # fmt: skip
+
+    assert job.status.value == "succeeded" and [f["origin"] for f in job.backtest["forecasts"]] == [60, 65, 70]
+    assert done.returncode == 0, done.stderr
+    scores = json.loads(done.stdout)
+    assert scores["item_id"] == "QQQ" and scores["origins_scored"] == 10 and scores["mase"] > 0
+    assert "11/11" in done.stderr  # the progress bar counted every origin (100, 102, … 120)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 11 * 4 and rows[0]["origin"] == "100" and rows[0]["actual"] == str(history(120, 3)[100])

@@ -34,9 +34,13 @@ def resolve(openapi: dict, schema: dict) -> dict:
 
 
 def test_every_request_body_has_an_example(openapi):
-    bodies = [(name, op["requestBody"]["content"]["application/json"]) for name, op in operations(openapi) if "requestBody" in op]
+    bodies = [
+        (name, op["requestBody"]["content"]["application/json"])
+        for name, op in operations(openapi)
+        if "requestBody" in op
+    ]
 
-    assert len(bodies) == 8  # native submit and predict, three compat routes twice
+    assert len(bodies) == 9  # native submit, predict and backtest, three compat routes twice
     for name, media in bodies:
         assert media.get("examples") or resolve(openapi, media["schema"]).get("examples"), name
 

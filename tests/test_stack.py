@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -67,6 +68,11 @@ def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_b
             assert httpx.get(f"http://127.0.0.1:{api_port}/v1/models").status_code == 401  # no key, no service
             sync = api.post("/v1/predict", content=curl.group(3), headers={"content-type": "application/json"})
             assert sync.status_code == 200 and sync.json()["status"] == "succeeded"
+            # The stack's Redis keeps its data between runs, so the curl may be a cache hit: also send
+            # a request no earlier run sent, which a worker must run.
+            fresh = forecast_body("amazon/chronos-bolt-tiny", length=40)
+            fresh["inputs"][0]["item_id"] = uuid.uuid4().hex
+            assert api.post("/v1/predict", json=fresh).json()["cached"] is False
             job = api.post("/v1/forecasts", json=forecast_body("amazon/chronos-t5-tiny", num_samples=4))
             assert job.status_code == 202
             done = api.get(f"/v1/forecasts/{job.json()['id']}", params={"wait": 60}).json()
@@ -96,7 +102,9 @@ def test_two_workers_on_one_queue_share_its_jobs(api, redis_server, synthetic_di
     # Two slots each: one worker cannot reserve the whole backlog before the other starts.
     pair = [start_worker(redis_server, synthetic_dir, model, tmp_path, WORKER_SLOTS="2") for _ in range(2)]
     try:
-        jobs = [api.post("/v1/forecasts", json=forecast_body(model, n_series=8, length=300)).json() for _ in range(30)]
+        # Distinct bodies: identical ones would be answered from the result cache, not by a worker.
+        bodies = [forecast_body(model, n_series=8, length=300 + i) for i in range(30)]
+        jobs = [api.post("/v1/forecasts", json=body).json() for body in bodies]
         finished = [wait_for(api, job["id"]) for job in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 30
         client = redis_server.client()

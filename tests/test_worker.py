@@ -75,18 +75,18 @@ def test_series_longer_than_the_context_are_cut_to_the_context_window(runtime):
     tail = [float(i % 17) for i in range(context)]
     long_series = [1e6] * 500 + tail
 
-    (long,), (exact,) = (runtime.predict([s], 4, [0.5]) for s in (long_series, tail))
+    (long,), (exact,) = (runtime.predict([{"target": s}], 4, [0.5]) for s in (long_series, tail))
 
     assert long["0.5"] == exact["0.5"]
 
 
-def work(runtime, targets, lane=Lane.ASYNC, **params) -> Work:
+def work(runtime, inputs, lane=Lane.ASYNC, **params) -> Work:
     p = ForecastParameters(**{"prediction_length": 4, **params})
-    return Work(uuid.uuid4().hex, targets, p, lane, group_key(runtime.spec, p))
+    return Work(uuid.uuid4().hex, inputs, p, lane, group_key(runtime.spec, p))
 
 
-def series(k: int, n: int = 48) -> list[float]:
-    return [float((t * (k + 2)) % 11) for t in range(n)]
+def series(k: int, n: int = 48) -> dict:
+    return {"target": [float((t * (k + 2)) % 11) for t in range(n)]}
 
 
 def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_would_alone(runtime):
@@ -160,7 +160,7 @@ def test_a_series_that_fails_alone_fails_only_its_job(runtime, monkeypatch):
         return real(inputs, **kwargs)
 
     monkeypatch.setattr(runtime.pipeline, "predict_quantiles", picky)
-    good, bad = work(runtime, [series(1), series(2)]), work(runtime, [[777.0, *series(3)]])
+    good, bad = work(runtime, [series(1), series(2)]), work(runtime, [{"target": [777.0, *series(3)["target"]]}])
     batcher = Batcher(runtime, lambda ids: set())
     batcher.submit(good)
     batcher.submit(bad)

@@ -62,8 +62,6 @@ def _load(sender=None, **_):
 
     if spec is None:
         raise SystemExit("CHRONOS_MODEL is not set: a worker serves exactly one catalog model")
-    if not spec.served:
-        raise SystemExit(f"{spec.id} cannot be served by this worker yet")
     weights = resolve(spec, settings)
     log.info("%s: %s weights from %s", spec.id, weights.kind, weights.source)
     if weights.kind == "synthetic":
@@ -115,6 +113,7 @@ def _heartbeat() -> None:
     info = {
         "name": _Worker.name,
         "weights": runtime.weights.kind,
+        "revision": runtime.weights.revision,
         "device": runtime.device,
         "dtype": str(runtime.dtype).removeprefix("torch."),
         "started_at": time.time(),

@@ -8,7 +8,7 @@ its job's outcome and only then returns, so its message is acked after the resul
 
 Which series share a forward pass:
 - Only compatible ones (`group_key`): the same number of autoregressive rounds beyond the
-  model's native horizon, and for T5 the same sampling options. Within a group the pass runs
+  model's native horizon, and for T5 the same sampling options; for Chronos-2 the same horizon. Within a group the pass runs
   the longest horizon and the union of quantile levels, and each job gets its own slice: Bolt
   always computes its native horizon and each quantile level independently, so a slice equals
   what the job would get alone (up to the float noise of left-padding to the longest series);
@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.catalog import ModelSpec
+from shared.catalog import Family, ModelSpec
 from shared.jobs import Lane
 from shared.schemas import ForecastParameters
 from workers import metrics
@@ -40,11 +40,20 @@ from workers.runtime import ModelRuntime
 log = logging.getLogger(__name__)
 
 
-def group_key(spec: ModelSpec, params: ForecastParameters) -> tuple:
-    """What series must share to run in one forward pass (see the module docstring)."""
+def group_key(spec: ModelSpec, params: ForecastParameters, job_id: str = "") -> tuple:
+    """What series must share to run in one forward pass (see the module docstring). A seeded T5
+    job runs in passes of its own, so its samples never depend on other jobs."""
+    if spec.family is Family.CHRONOS2:
+        # The horizon sets how many output patches the encoder attends to, so it changes every step's
+        # forecast a little: only equal horizons share a pass (a job's result never depends on its company).
+        return (params.prediction_length,)
     rounds = (params.prediction_length - 1) // spec.prediction_length
     if spec.sample_based:
-        return (rounds, tuple(sorted(params.sampling().items())))
+        return (
+            rounds,
+            tuple(sorted(params.sampling().items())),
+            *((params.seed, job_id) if params.seed is not None else ()),
+        )
     return (rounds,)
 
 
@@ -53,7 +62,7 @@ class Work:
     """One job's series on their way through the model."""
 
     job_id: str
-    targets: list
+    inputs: list  # the job's series, as in its request
     params: ForecastParameters
     lane: Lane
     key: tuple
@@ -66,11 +75,11 @@ class Work:
     finished: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
-        self.results = [None] * len(self.targets)
+        self.results = [None] * len(self.inputs)
 
     @property
     def unscheduled(self) -> int:
-        return len(self.targets) - self.scheduled
+        return len(self.inputs) - self.scheduled
 
 
 class Batcher:
@@ -151,15 +160,16 @@ class Batcher:
         params = [w.params for w, _, _ in live]
         horizon = max(p.prediction_length for p in params)
         levels = sorted({q for p in params for q in p.quantile_levels})
-        targets = [w.targets[i] for w, start, end in live for i in range(start, end)]
-        metrics.BATCH.labels(self.runtime.spec.id).observe(len(targets))
+        inputs = [w.inputs[i] for w, start, end in live for i in range(start, end)]
+        metrics.BATCH.labels(self.runtime.spec.id).observe(len(inputs))
         started = time.perf_counter()
         outputs = self.runtime.predict_isolating(
-            targets,
+            inputs,
             horizon,
             levels,
             sampling=params[0].sampling(),
             return_samples=any(p.return_samples for p in params),
+            seed=params[0].seed,
         )
         elapsed = time.perf_counter() - started
         at = 0
@@ -174,7 +184,7 @@ class Batcher:
                     break
                 work.results[i] = _slice(out, work.params)
                 work.done += 1
-            if work.done == len(work.targets):
+            if work.done == len(work.inputs):
                 self._finish(work)
 
     @staticmethod
@@ -188,7 +198,11 @@ class Batcher:
 def _slice(out: dict, params: ForecastParameters) -> dict:
     """One series' share of a pass: its own horizon and quantile levels (and samples if asked)."""
     h = params.prediction_length
-    series = {"mean": out["mean"][:h], **{str(q): out[str(q)][:h] for q in params.quantile_levels}}
+
+    def cut(values: list) -> list:  # one list per step, or one per variate (several-variate targets)
+        return [v[:h] for v in values] if values and isinstance(values[0], list) else values[:h]
+
+    series = {"mean": cut(out["mean"]), **{str(q): cut(out[str(q)]) for q in params.quantile_levels}}
     if params.return_samples:
-        series["samples"] = [path[:h] for path in out["samples"]]
+        series["samples"] = cut(out["samples"])
     return series

@@ -7,10 +7,11 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from chronos import BaseChronosPipeline
 
-from shared.catalog import ModelSpec
+from shared.catalog import Family, ModelSpec
 from shared.schemas import ForecastParameters
 from shared.settings import Settings
 from workers.weights import Weights
@@ -25,6 +26,37 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def _missing_as_nan(values: Sequence) -> np.ndarray:
+    if any(isinstance(x, str) for x in values):
+        return np.array([None if x is None else x for x in values], dtype=object)
+    return np.array([math.nan if x is None else x for x in values], dtype=np.float32)
+
+
+def _chronos2_input(series: Mapping) -> dict:
+    """A request's series as `Chronos2Pipeline` takes it: arrays, NaN (numeric) or None (categorical) for missing."""
+    target = series["target"]
+    variates = target if isinstance(target[0], list) else [target]
+    out: dict = {"target": np.stack([_missing_as_nan(v) for v in variates])}
+    for group in ("past_covariates", "future_covariates"):
+        if series.get(group):
+            out[group] = {name: _missing_as_nan(values) for name, values in series[group].items()}
+    return out
+
+
+def _schema(series: Mapping) -> tuple:
+    """What series must share to go through one Chronos-2 call: variates, covariate names and kinds."""
+    target = series["target"]
+
+    def kinds(group: str) -> tuple:
+        return tuple(
+            sorted(
+                (name, any(isinstance(x, str) for x in values)) for name, values in (series.get(group) or {}).items()
+            )
+        )
+
+    return (len(target) if isinstance(target[0], list) else 0, kinds("past_covariates"), kinds("future_covariates"))
 
 
 def _out_of_memory(exc: Exception) -> bool:
@@ -48,7 +80,7 @@ class ModelRuntime:
         self.max_batch = settings.max_batch or spec.max_batch(self.device)
         # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
         warmup = {"num_samples": 2} if spec.sample_based else None
-        self.predict([[float(i % 7) for i in range(64)]] * self.max_batch, 8, [0.5], sampling=warmup)
+        self.predict([{"target": [float(i % 7) for i in range(64)]}] * self.max_batch, 8, [0.5], sampling=warmup)
         log.info(
             "loaded %s (%s weights from %s) on %s/%s in %.1fs, max batch %d, %d torch threads",
             spec.id, weights.kind, weights.source, self.device, str(self.dtype).removeprefix("torch."),
@@ -63,53 +95,82 @@ class ModelRuntime:
 
     def predict(
         self,
-        targets: Sequence[Sequence[float | None]],
+        inputs: Sequence[Mapping],
         prediction_length: int,
         quantile_levels: Sequence[float],
         sampling: Mapping[str, float | int] | None = None,
         return_samples: bool = False,
+        seed: int | None = None,
     ) -> list[dict[str, list]]:
-        """One forward pass over `targets`: per series 'mean', one key per quantile level, and
-        'samples' (T5 only) when asked. `sampling` holds num_samples/temperature/top_k/top_p (T5)."""
-        batch = [self._tensor(t) for t in targets]
+        """One forward pass over `inputs` (series as in a request: `target`, and for Chronos-2 maybe
+        `past_covariates`/`future_covariates`): per series 'mean', one key per quantile level, and
+        'samples' (T5 only) when asked. `sampling` holds num_samples/temperature/top_k/top_p (T5),
+        `seed` seeds T5's sampling. A several-variate target gets one list per variate under each key."""
+        samples = None
+        if seed is not None:
+            torch.manual_seed(seed)
         with torch.inference_mode():
-            if self.spec.sample_based:
-                quantiles, mean, samples = self._from_samples(batch, prediction_length, quantile_levels, sampling)
+            if self.spec.family is Family.CHRONOS2:
+                quantiles, mean = self._chronos2(inputs, prediction_length, quantile_levels)
             else:
-                quantiles, mean = self.pipeline.predict_quantiles(
-                    batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels)
-                )
-        quantiles = quantiles.to(torch.float32).numpy()
-        mean = mean.to(torch.float32).numpy()
+                batch = [self._tensor(series["target"]) for series in inputs]
+                if self.spec.sample_based:
+                    q, m, samples = self._from_samples(batch, prediction_length, quantile_levels, sampling)
+                else:
+                    q, m = self.pipeline.predict_quantiles(
+                        batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels)
+                    )
+                quantiles, mean = q.to(torch.float32).numpy(), m.to(torch.float32).numpy()
         out = []
-        for i in range(len(batch)):
+        for i in range(len(inputs)):
             series = {"mean": mean[i].tolist()}
             for j, level in enumerate(quantile_levels):
-                series[str(level)] = quantiles[i, :, j].tolist()
-            if return_samples:
+                series[str(level)] = quantiles[i][..., j].tolist()
+            if return_samples and samples is not None:
                 series["samples"] = samples[i].tolist()
             out.append(series)
         return out
 
-    def predict_isolating(self, targets: Sequence, *args, **kwargs) -> list[dict | Exception]:
+    def _chronos2(self, inputs: Sequence[Mapping], prediction_length: int, quantile_levels: Sequence[float]):
+        """Chronos-2 takes one input schema per call (variates, covariate names and kinds), so series
+        are grouped by schema: one call per group. Each series' target variates and covariates form
+        their own group inside the model (no cross-learning), so jobs sharing a pass never mix."""
+        by_schema: dict[tuple, list[int]] = {}
+        for i, series in enumerate(inputs):
+            by_schema.setdefault(_schema(series), []).append(i)
+        quantiles: list = [None] * len(inputs)
+        mean: list = [None] * len(inputs)
+        for indices in by_schema.values():
+            batch = [_chronos2_input(inputs[i]) for i in indices]
+            rows = sum(len(b["target"]) + len(b.get("past_covariates", ())) for b in batch)
+            q, m = self.pipeline.predict_quantiles(
+                batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels), batch_size=rows
+            )
+            for i, qi, mi in zip(indices, q, m, strict=True):
+                univariate = not isinstance(inputs[i]["target"][0], list)
+                qi, mi = qi.to(torch.float32).numpy(), mi.to(torch.float32).numpy()  # [variates, H, Q], [variates, H]
+                quantiles[i], mean[i] = (qi[0], mi[0]) if univariate else (qi, mi)
+        return quantiles, mean
+
+    def predict_isolating(self, inputs: Sequence, *args, **kwargs) -> list[dict | Exception]:
         """`predict`, but a failure is narrowed down by halving the batch: the series that fail on
         their own get their exception, every other series its forecast. Out of memory also lowers
         `max_batch` for the batches to come, so no job fails because its batch was too big."""
         try:
-            return self.predict(targets, *args, **kwargs)
+            return self.predict(inputs, *args, **kwargs)
         except Exception as exc:
             if _out_of_memory(exc):
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                if len(targets) > 1 and self.max_batch > len(targets) // 2:
-                    self.max_batch = max(1, len(targets) // 2)
-                    log.warning("out of memory at batch %d: max batch lowered to %d", len(targets), self.max_batch)
-            if len(targets) == 1:
+                if len(inputs) > 1 and self.max_batch > len(inputs) // 2:
+                    self.max_batch = max(1, len(inputs) // 2)
+                    log.warning("out of memory at batch %d: max batch lowered to %d", len(inputs), self.max_batch)
+            if len(inputs) == 1:
                 log.error("a series failed on its own: %s: %s", type(exc).__name__, exc)
                 return [exc]
-            half = len(targets) // 2
-            return self.predict_isolating(targets[:half], *args, **kwargs) + self.predict_isolating(
-                targets[half:], *args, **kwargs
+            half = len(inputs) // 2
+            return self.predict_isolating(inputs[:half], *args, **kwargs) + self.predict_isolating(
+                inputs[half:], *args, **kwargs
             )
 
     def _from_samples(self, batch, prediction_length, quantile_levels, sampling):

@@ -85,19 +85,39 @@ def hf_config(spec: ModelSpec) -> dict:
                 "use_reg_token": True,
             },
         }
-    raise NotImplementedError(f"synthetic checkpoints for {spec.family} models are not built yet")
+    # Chronos-2: an encoder-only T5-style stack read by Chronos2CoreConfig, as published on the hub.
+    return {
+        **{k: _T5_COMMON[k] for k in ("d_kv", "dropout_rate", "layer_norm_epsilon", "initializer_factor",
+                                      "feed_forward_proj", "pad_token_id")},
+        "d_model": spec.d_model, "d_ff": spec.d_ff, "num_layers": spec.encoder_layers, "num_heads": spec.heads,
+        "architectures": ["Chronos2Model"],
+        "chronos_pipeline_class": "Chronos2Pipeline",
+        "vocab_size": 2,
+        "reg_token_id": 1,
+        "rope_theta": 10000.0,
+        "chronos_config": {
+            "context_length": spec.context_length,
+            "input_patch_size": 16,
+            "input_patch_stride": 16,
+            "output_patch_size": 16,
+            "max_output_patches": spec.prediction_length // 16,
+            "quantiles": list(spec.native_quantiles or ()),
+            "use_reg_token": True,
+            "use_arcsinh": True,
+            "time_encoding_scale": spec.context_length,
+        },
+    }  # fmt: skip
 
 
 def build(spec: ModelSpec, out: str | os.PathLike, seed: int = 0) -> Path:
     """Write a synthetic checkpoint of `spec` to `out` (atomically; an existing one is kept)."""
     import torch
-    from transformers import T5Config
 
     out = Path(out)
     if (out / MARKER).exists():
         return out
-    config = T5Config(**hf_config(spec))
-    model_class = _model_class(spec)
+    config_class, model_class = _classes(spec)
+    config = config_class(**hf_config(spec))
     torch.manual_seed(seed)
     model = model_class(config)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,11 +139,18 @@ def is_synthetic(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).exists()
 
 
-def _model_class(spec: ModelSpec):
+def _classes(spec: ModelSpec) -> tuple[type, type]:
+    """The config and model classes `from_pretrained` will read the checkpoint with."""
+    if spec.family is Family.CHRONOS2:
+        from chronos.chronos2 import Chronos2CoreConfig, Chronos2Model
+
+        return Chronos2CoreConfig, Chronos2Model
+    from transformers import T5Config
+
     if spec.family is Family.T5:
         from transformers import T5ForConditionalGeneration
 
-        return T5ForConditionalGeneration
+        return T5Config, T5ForConditionalGeneration
     from chronos.chronos_bolt import ChronosBoltModelForForecasting
 
-    return ChronosBoltModelForForecasting
+    return T5Config, ChronosBoltModelForForecasting

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from shared.catalog import ModelSpec
@@ -19,6 +22,23 @@ class Weights:
     path: str
     kind: str  # "real" | "synthetic"
     source: str  # human-readable: where they were found
+
+    @cached_property
+    def revision(self) -> str:
+        """Which weights exactly, the same on every host that serves them (it keys the result cache):
+        the hub commit of a cached snapshot, the seed of a synthetic build, else a digest of the files."""
+        path = Path(self.path)
+        if synthetic.is_synthetic(path):
+            return f"synthetic-seed-{json.loads((path / synthetic.MARKER).read_text())['seed']}"
+        if path.parent.name == "snapshots":
+            return f"hub-{path.name}"
+        digest = hashlib.sha256()
+        for file in sorted(f for f in path.iterdir() if f.is_file()):
+            digest.update(file.name.encode())
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        return f"sha256-{digest.hexdigest()[:16]}"
 
 
 def resolve(spec: ModelSpec, settings: Settings) -> Weights:

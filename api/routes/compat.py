@@ -51,7 +51,7 @@ def build(
 
     # Under /models/{slug}, an unknown slug is a 404 on every route.
     url_errors = ("unknown-model",) if "{slug}" in prefix else ()
-    run_errors = (*BODY_ERRORS, *url_errors, "unauthorized", "limit-exceeded", "model-not-served", "no-worker",
+    run_errors = (*BODY_ERRORS, *url_errors, "unauthorized", "limit-exceeded", "unsupported-input", "no-worker",
                   "broker-unavailable", "redis-unavailable", "forecast-failed", "job-cancelled", "forecast-timeout",
                   "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
 
@@ -64,7 +64,7 @@ def build(
     @router.post(
         "/forecast/v1/chronos/initialization",
         response_model=compat.InitializationResponse,
-        responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "other-model", "model-not-served", "no-worker"),
+        responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "other-model", "no-worker"),
     )
     async def initialization(
         spec: Model, jobs: Service, _: Caller, body: compat.InitializationRequest | None = None

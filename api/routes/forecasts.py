@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi.responses import StreamingResponse
 
 from shared.jobs import JobStatus, Lane
 from shared.schemas import ForecastRequest, JobView
@@ -29,13 +30,19 @@ IdempotencyKey = Annotated[
 Config = Annotated[Settings, Depends(settings)]
 
 
+STREAM_EXAMPLE = (
+    'event: status\ndata: {"id": "3f2a…", "kind": "backtest", "status": "running", "progress": {"done": 64, "total": 250}, …}\n\n'
+    'event: done\ndata: {"id": "3f2a…", "kind": "backtest", "status": "succeeded", "backtest": {…}, …}\n\n'
+)
+
+
 def _location(response: Response, job_id: str) -> None:
     response.headers["Location"] = f"/v1/forecasts/{job_id}"
 
 
 SUBMIT_ERRORS = (*BODY_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
-                 "model-not-served", "broker-unavailable", "redis-unavailable", "rate-limited",
-                 "too-many-in-flight", "queue-full", "idempotency-key-reused")  # fmt: skip
+                 "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
+                 "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
 
 
 @router.post(
@@ -72,6 +79,34 @@ async def get_forecast(
     wait = min(wait, config.wait_max_s)
     record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner))
     return JobView.of(record)
+
+
+@router.get(
+    "/forecasts/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {"example": STREAM_EXAMPLE}}, "description": "Server-Sent Events."},
+        **documented("unauthorized", "unknown-job", "redis-unavailable"),
+    },
+)
+async def job_events(job_id: str, jobs: Service, owner: Caller) -> StreamingResponse:
+    """A Server-Sent Events stream of the job's changes: `event: status` with the job (without its
+    results) whenever its status or progress changes, then `event: done` with the whole job, and the
+    stream ends. A comment line every 15 s keeps idle connections open."""
+    await jobs.require(job_id, owner)  # an unknown job is a plain 404, not an empty stream
+
+    async def stream():
+        async for record in jobs.changes(job_id, owner):
+            if record is None:
+                yield ": keep-alive\n\n"
+                continue
+            view = JobView.of(record)
+            if record.terminal:
+                yield f"event: done\ndata: {view.model_dump_json()}\n\n"
+            else:
+                yield f"event: status\ndata: {view.model_dump_json(exclude={'predictions', 'backtest'})}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
 
 @router.delete(

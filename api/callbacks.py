@@ -1,0 +1,211 @@
+"""Completion callbacks: when a job with a `callback_url` ends, POST its final status there, signed.
+
+Nothing is lost between the job's end and the delivery: the script that writes a job's
+terminal state also adds it to a Redis stream (`keys.CALLBACKS`, see shared/jobs.py). Every
+API process runs a `Dispatcher` in one consumer group on that stream, so each callback is
+delivered by one of them; an entry a dead process held is claimed by another after
+`_CLAIM_IDLE_MS`. A failed delivery (transport error or non-2xx) is retried after
+CALLBACK_BACKOFF_S, doubling each time, up to CALLBACK_MAX_ATTEMPTS; the job's `callback`
+shows pending / delivered / failed, the attempts, and the last error.
+
+Only URLs under an operator-allowed prefix (CALLBACK_ALLOWED_URLS) are accepted, redirects
+are not followed, and the body holds the job's status, never its results (fetched with GET
+and the API key).
+
+Signature (one secret per API key, from GET /v1/callbacks/secret):
+    X-Chronos-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>
+`client.verify_signature` checks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+import redis.asyncio as aioredis
+
+from shared import keys
+from shared.jobs import JobRecord
+from shared.settings import Settings
+
+from api.problems import Problem
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Chronos-Signature"
+_CLAIM_IDLE_MS = 60_000  # an entry held this long by a consumer that did not ack it is taken over
+_CONCURRENCY = 32
+
+# KEYS[1] retry set, KEYS[2] stream  ARGV: now. Moves callbacks due for another attempt back onto the stream.
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('XADD', KEYS[2], '*', 'job', id)
+end
+return #due
+"""
+
+
+def check_url(url: str | None, settings: Settings) -> None:
+    """422 unless `url` is an http(s) URL under one of the operator's allowed prefixes."""
+    if url is None:
+        return
+    prefixes = settings.callback_prefixes()
+    if not prefixes:
+        raise _refused("callbacks are off: the operator allows no callback URL (CALLBACK_ALLOWED_URLS)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise _refused("not an http(s) URL without credentials")
+    for prefix in map(urlsplit, prefixes):
+        if (parts.scheme, parts.netloc.lower()) == (prefix.scheme, prefix.netloc.lower()) and parts.path.startswith(
+            prefix.path or "/"
+        ):
+            return
+    raise _refused(f"not under an allowed prefix ({', '.join(prefixes)})")
+
+
+def _refused(detail: str) -> Problem:
+    return Problem(422, "callback-not-allowed", f"callback_url: {detail}", field="callback_url")
+
+
+async def master_secret(client: aioredis.Redis, settings: Settings) -> str:
+    """CALLBACK_SECRET, or one generated once and shared by every API process through Redis."""
+    if settings.callback_secret:
+        return settings.callback_secret
+    await client.set(keys.CALLBACK_MASTER, secrets.token_hex(32), nx=True)
+    return await client.get(keys.CALLBACK_MASTER)
+
+
+def key_secret(master: str, owner: str) -> str:
+    """The secret that signs one API key's callbacks (owner: the key's id)."""
+    return hmac.new(master.encode(), f"callbacks:{owner}".encode(), hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, body: bytes, at: int) -> str:
+    mac = hmac.new(secret.encode(), f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
+
+
+def body_of(record: JobRecord) -> bytes:
+    """What a callback says: the job's final status and where to read its results."""
+    base = "backtests" if record.kind == "backtest" else "forecasts"
+    return json.dumps(
+        {
+            "id": record.id,
+            "kind": record.kind.value,
+            "status": record.status.value,
+            "model": record.model,
+            "error": record.error,
+            "cached": record.cached,
+            "created_at": record.created_at,
+            "finished_at": record.finished_at,
+            "url": f"/v1/{base}/{record.id}",
+        },  # fmt: skip
+        separators=(",", ":"),
+    ).encode()
+
+
+class Dispatcher:
+    """Delivers the callbacks of ended jobs (one per API process, all in one consumer group)."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings):
+        self.client, self.settings = client, settings
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._deliveries: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(_CONCURRENCY)
+        self._promote = client.register_script(_PROMOTE)
+        self._http = httpx.AsyncClient(follow_redirects=False, timeout=settings.callback_timeout_s)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="callbacks")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            # A cancel that lands inside a Redis call can come out as a connection error, which the
+            # loop survives by design; the flag ends it then, and the wait is bounded either way.
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5)
+        for task in list(self._deliveries):  # unacked entries are claimed by another process later
+            task.cancel()
+        await self._http.aclose()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
+                    await self.client.xgroup_create(keys.CALLBACKS, keys.CALLBACK_GROUP, id="0", mkstream=True)
+                master = await master_secret(self.client, self.settings)
+                while not self._stopping:
+                    await self._promote(keys=[keys.CALLBACK_RETRIES, keys.CALLBACKS], args=[time.time()])
+                    _, stale, _ = await self.client.xautoclaim(
+                        keys.CALLBACKS, keys.CALLBACK_GROUP, self.name, _CLAIM_IDLE_MS, "0-0", count=_CONCURRENCY
+                    )
+                    fresh = await self.client.xreadgroup(
+                        keys.CALLBACK_GROUP, self.name, {keys.CALLBACKS: ">"}, count=_CONCURRENCY, block=500
+                    )
+                    for entry_id, fields in [*stale, *(entry for _, entries in fresh for entry in entries)]:
+                        await self._slots.acquire()
+                        task = asyncio.create_task(self._deliver(master, entry_id, fields.get("job", "")))
+                        self._deliveries.add(task)
+                        task.add_done_callback(self._done)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: try again shortly; the stream keeps every entry
+                if self._stopping:
+                    return
+                log.warning("callback dispatcher: %s; retrying", exc)
+                await asyncio.sleep(1)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._deliveries.discard(task)
+        self._slots.release()
+
+    async def _deliver(self, master: str, entry_id: str, job_id: str) -> None:
+        job_key = keys.job(job_id)
+        fields = await self.client.hgetall(job_key)
+        if not fields.get("callback_url") or fields.get("callback_status") in ("delivered", "failed"):
+            await self.client.xack(keys.CALLBACKS, keys.CALLBACK_GROUP, entry_id)  # expired, or done already
+            return
+        record = JobRecord.from_hash(fields)
+        body = body_of(record)
+        headers = {
+            "content-type": "application/json",
+            SIGNATURE_HEADER: sign(key_secret(master, record.owner), body, int(time.time())),
+            "X-Chronos-Job-Id": record.id,
+            "X-Chronos-Event": f"job.{record.status.value}",
+            "User-Agent": "chronos-queue-callbacks",
+        }
+        try:
+            answer = await self._http.post(record.callback_url, content=body, headers=headers)
+            error = None if answer.is_success else f"HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        attempts = record.callback_attempts + 1
+        if error is None:
+            update = {"callback_status": "delivered", "callback_attempts": attempts, "callback_error": ""}
+        elif attempts >= self.settings.callback_max_attempts:
+            update = {"callback_status": "failed", "callback_attempts": attempts, "callback_error": error}
+            log.warning("callback of job %s failed for good after %d attempts: %s", job_id, attempts, error)
+        else:
+            update = {"callback_attempts": attempts, "callback_error": error}
+            delay = self.settings.callback_backoff_s * 2 ** (attempts - 1)
+            await self.client.zadd(keys.CALLBACK_RETRIES, {job_id: time.time() + delay})
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key, mapping=update)
+            pipe.xack(keys.CALLBACKS, keys.CALLBACK_GROUP, entry_id)
+            await pipe.execute()

@@ -1,0 +1,54 @@
+"""Backtests: a rolling-origin evaluation of one series as one job (workers/backtest.py scores it).
+
+The job is read, long-waited and cancelled like any other (`/v1/backtests/{id}` and
+`/v1/forecasts/{id}` answer the same); its record carries `progress` while it runs and
+`backtest` (per-origin forecasts and scores) once it succeeded.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from fastapi.responses import StreamingResponse
+
+from shared.schemas import BacktestRequest, JobView
+
+from api.auth import Caller
+from api.problems import documented
+from api.routes.forecasts import SUBMIT_ERRORS, IdempotencyKey, Service, cancel_forecast, get_forecast, job_events
+
+router = APIRouter(prefix="/v1", tags=["backtests"])
+
+
+@router.post(
+    "/backtests", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses=documented(*SUBMIT_ERRORS)
+)
+async def submit_backtest(
+    body: BacktestRequest, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
+) -> JobView:
+    """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
+    from the `context_length` points before it, scored against the series' own later values (MASE,
+    weighted quantile loss, interval coverage). All origins run as one job in model-sized batches."""
+    record, replayed = await jobs.submit_backtest(body, owner, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/backtests/{record.id}"
+    return JobView.of(record)
+
+
+router.add_api_route(
+    "/backtests/{job_id}", get_forecast, methods=["GET"], response_model=JobView,
+    responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
+    summary="A backtest's status and progress; with `wait`, answer as soon as it finishes",
+)  # fmt: skip
+router.add_api_route(
+    "/backtests/{job_id}/events", job_events, methods=["GET"], response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."},
+               **documented("unauthorized", "unknown-job", "redis-unavailable")},
+    summary="A Server-Sent Events stream of the backtest's progress, ending with its result",
+)  # fmt: skip
+router.add_api_route(
+    "/backtests/{job_id}", cancel_forecast, methods=["DELETE"], response_model=JobView,
+    responses={202: {"model": JobView, "description": "Running: it stops at its next batch."},
+               **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable")},
+    summary="Cancel a backtest",
+)  # fmt: skip

@@ -1,0 +1,81 @@
+"""The result cache: identical deterministic requests are answered from Redis, marked `cached`."""
+
+from __future__ import annotations
+
+from shared import keys
+
+from conftest import BOLT, OTHER_KEY, T5, forecast_body, wait_for
+
+
+def run(api, body: dict, **headers) -> dict:
+    answer = api.post("/v1/forecasts", json=body, headers=headers)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def test_an_identical_bolt_request_is_answered_at_once_from_the_cache(api, workers, redis_server):
+    body = forecast_body(BOLT, n_series=2, length=70, horizon=6)
+    first = wait_for(api, run(api, body)["id"])
+
+    again = run(api, body)
+    other_key = run(api, body, **{"X-API-Key": OTHER_KEY})
+    changed = run(api, forecast_body(BOLT, n_series=2, length=70, horizon=7))
+
+    assert first["status"] == "succeeded" and first["cached"] is False
+    # A hit is final in the 202 itself: no queue, no worker.
+    assert again["status"] == "succeeded" and again["cached"] is True and again["id"] != first["id"]
+    assert again["predictions"] == first["predictions"] and again["weights"] == first["weights"]
+    assert again["timings"]["inference_s"] == 0.0
+    assert api.get(f"/v1/forecasts/{again['id']}").json()["cached"] is True
+    # Another key sending the same inputs gets the same deterministic answer (it knows the inputs already).
+    assert other_key["cached"] is True
+    assert changed["status"] == "queued" and changed["cached"] is False
+
+
+def test_the_sync_predict_serves_cache_hits_too(api, workers):
+    body = forecast_body(BOLT, length=50, horizon=3)
+    first = api.post("/v1/predict", json=body).json()
+
+    second = api.post("/v1/predict", json=body)
+
+    assert second.status_code == 200 and second.json()["cached"] is True
+    assert second.json()["predictions"] == first["predictions"]
+
+
+def test_t5_is_cached_only_when_its_sampling_is_seeded_and_a_seed_reproduces_the_samples(api, workers):
+    unseeded = forecast_body(T5, length=40, horizon=4, num_samples=5)
+    seeded = forecast_body(T5, length=40, horizon=4, num_samples=5, seed=42)
+    renamed = forecast_body(T5, length=40, horizon=4, num_samples=5, seed=42)
+    renamed["inputs"][0]["item_id"] = "renamed"  # echoed back, so part of the key: this one runs
+
+    wait_for(api, run(api, unseeded)["id"])
+    assert run(api, unseeded)["cached"] is False
+    first = wait_for(api, run(api, seeded)["id"])
+    hit = run(api, seeded)
+    rerun = wait_for(api, run(api, renamed)["id"])
+
+    assert hit["cached"] is True and hit["predictions"] == first["predictions"]
+    assert rerun["cached"] is False
+    assert {k: v for k, v in rerun["predictions"][0].items() if k != "item_id"} == {
+        k: v for k, v in first["predictions"][0].items() if k != "item_id"
+    }
+
+
+def test_seed_on_a_bolt_model_is_refused_as_a_sampling_option(api):
+    answer = api.post("/v1/forecasts", json=forecast_body(BOLT, seed=1))
+
+    assert answer.status_code == 422 and answer.json()["field"] == "parameters.seed"
+
+
+def test_nothing_is_cached_when_the_cache_is_off(redis_server, workers):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from conftest import API_KEY, settings_for
+
+    body = forecast_body(BOLT, length=44, horizon=2)
+    settings = settings_for(redis_server, heartbeat_s=1, cache_ttl_s=0)
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as api:
+        wait_for(api, run(api, body)["id"])
+        assert run(api, body)["cached"] is False
+    assert list(redis_server.client().scan_iter(keys.cache("*")))  # the worker still stores; this API does not look

@@ -1,0 +1,176 @@
+"""Chronos-2: covariates, several target variates, its native horizon, on a real worker and in-process."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from shared import catalog
+from workers.runtime import ModelRuntime
+from workers.weights import resolve
+
+from conftest import API_KEY, settings_for, start_worker, wait_for
+
+CHRONOS2 = "amazon/chronos-2"
+PROBLEM = "application/problem+json"
+
+
+def wave(n: int, k: int = 1) -> list[float]:
+    return [10 + math.sin(t / (3 + k)) * 4 + (t % 7) for t in range(n)]
+
+
+def covariate_series(n: int = 96, horizon: int = 12) -> dict:
+    return {
+        "item_id": "store-1",
+        "target": wave(n),
+        "past_covariates": {"price": wave(n, 2), "promo": (["yes", "no", None] * n)[:n]},
+        "future_covariates": {"price": wave(horizon, 2), "promo": ["no"] * horizon},
+    }
+
+
+def body(*inputs: dict, horizon: int = 12, **params) -> dict:
+    return {
+        "model": CHRONOS2,
+        "inputs": list(inputs),
+        "parameters": {"prediction_length": horizon, "quantile_levels": [0.1, 0.5, 0.9], **params},
+    }
+
+
+@pytest.fixture(scope="module")
+def chronos2_worker(redis_server, synthetic_dir, tmp_path_factory):
+    worker = start_worker(redis_server, synthetic_dir, CHRONOS2, tmp_path_factory.mktemp("c2logs"))
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="module")
+def runtime(redis_server, synthetic_dir) -> ModelRuntime:
+    """The same checkpoint the worker serves, loaded in this process through the worker's code."""
+    settings = settings_for(redis_server, weights="synthetic", synthetic_dir=str(synthetic_dir), max_batch=4)
+    spec = catalog.get(CHRONOS2)
+    return ModelRuntime(spec, resolve(spec, settings), settings)
+
+
+def test_a_job_with_past_and_future_covariates_is_what_the_pipeline_gives_directly(api, chronos2_worker, runtime):
+    series = covariate_series()
+    job = api.post("/v1/forecasts", json=body(series)).json()
+
+    done = wait_for(api, job["id"])
+
+    assert done["status"] == "succeeded", done
+    (served,) = done["predictions"]
+    assert served["item_id"] == "store-1" and set(served) == {"item_id", "mean", "0.1", "0.5", "0.9"}
+    assert all(len(served[k]) == 12 for k in ("mean", "0.1", "0.5", "0.9"))
+    quantiles, mean = runtime.pipeline.predict_quantiles(
+        [{"target": np.array(series["target"], dtype=np.float32),
+          "past_covariates": {"price": np.array(series["past_covariates"]["price"], dtype=np.float32),
+                              "promo": np.array(series["past_covariates"]["promo"], dtype=object)},
+          "future_covariates": {"price": np.array(series["future_covariates"]["price"], dtype=np.float32),
+                                "promo": np.array(series["future_covariates"]["promo"], dtype=object)}}],
+        prediction_length=12, quantile_levels=[0.1, 0.5, 0.9],
+    )  # fmt: skip
+    for j, level in enumerate(("0.1", "0.5", "0.9")):
+        assert served[level] == pytest.approx(quantiles[0][0, :, j].tolist(), rel=1e-5)
+    assert served["mean"] == served["0.5"]  # Chronos-2's point forecast is its median
+    assert done["weights"] == "synthetic"
+
+
+def test_several_target_variates_are_forecast_jointly_one_list_per_variate(api, chronos2_worker):
+    series = {"target": [wave(80, 1), wave(80, 2), wave(80, 3)]}
+    job = api.post("/v1/forecasts", json=body(series, horizon=5)).json()
+
+    (served,) = wait_for(api, job["id"])["predictions"]
+
+    assert len(served["0.5"]) == 3 and all(len(v) == 5 for v in served["0.5"])
+    assert len(served["mean"]) == 3
+
+
+def test_the_native_horizon_of_1024_steps_is_served(api, chronos2_worker):
+    job = api.post("/v1/forecasts", json=body({"target": wave(200)}, horizon=1024)).json()
+
+    done = wait_for(api, job["id"], timeout=120)
+
+    assert done["status"] == "succeeded", done
+    assert len(done["predictions"][0]["0.9"]) == 1024
+
+
+def test_series_of_different_schemas_share_a_pass_and_each_gets_its_own_forecast(runtime):
+    plain = {"target": wave(64)}
+    covariates = covariate_series(64, 6)
+    two = {"target": [wave(64, 1), wave(64, 2)]}
+
+    mixed = runtime.predict([plain, covariates, two], 6, [0.5])
+    alone = [runtime.predict([s], 6, [0.5])[0] for s in (plain, covariates, two)]
+
+    for together, single in zip(mixed, alone, strict=True):
+        assert np.allclose(together["0.5"], single["0.5"], rtol=1e-5)
+    assert np.array(mixed[2]["0.5"]).shape == (2, 6)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "code"),
+    [
+        (
+            lambda s: s["future_covariates"].update(price=wave(5)),
+            "inputs[0].future_covariates.price",
+            "validation-error",
+        ),
+        (lambda s: s["past_covariates"].update(price=wave(10)), "inputs[0].past_covariates.price", "validation-error"),
+        (
+            lambda s: s["future_covariates"].update(temp=wave(12)),
+            "inputs[0].future_covariates.temp",
+            "validation-error",
+        ),
+        (
+            lambda s: s["future_covariates"].update(promo=[1.0] * 12),
+            "inputs[0].future_covariates.promo",
+            "validation-error",
+        ),
+    ],
+    ids=["future-length", "past-length", "future-without-past", "kind-mismatch"],
+)
+def test_covariate_mismatches_are_422_naming_the_field_and_change_nothing(api, redis_server, change, field, code):
+    series = covariate_series()
+    change(series)
+    client = redis_server.client()
+    before = set(client.scan_iter("cq:job:*"))
+
+    answer = api.post("/v1/forecasts", json=body(series))
+
+    assert answer.status_code == 422, answer.text
+    assert answer.headers["content-type"] == PROBLEM
+    assert answer.json()["code"] == code and answer.json()["field"] == field
+    assert set(client.scan_iter("cq:job:*")) == before
+
+
+@pytest.mark.parametrize(
+    ("series", "field"),
+    [
+        ({"target": wave(20), "past_covariates": {"x": wave(20)}}, "inputs[0].past_covariates"),
+        ({"target": [wave(20), wave(20)]}, "inputs[0].target"),
+    ],
+    ids=["covariates", "several-variates"],
+)
+def test_covariates_and_variates_on_a_model_without_them_are_422(api, series, field):
+    answer = api.post(
+        "/v1/forecasts",
+        json={"model": "amazon/chronos-bolt-tiny", "inputs": [series], "parameters": {"prediction_length": 3}},
+    )
+
+    assert answer.status_code == 422
+    assert answer.json()["code"] == "unsupported-input" and answer.json()["field"] == field
+
+
+def test_target_variates_of_different_lengths_are_422(api):
+    answer = api.post("/v1/forecasts", json=body({"target": [wave(20), wave(19)]}))
+
+    assert answer.status_code == 422 and answer.json()["field"] == "inputs[0].target"
+
+
+def test_the_catalog_lists_chronos2_with_its_21_quantiles(api):
+    view = api.get("/v1/models/chronos-2", headers={"X-API-Key": API_KEY}).json()
+
+    assert view["prediction_length"] == 1024 and view["context_length"] == 8192
+    assert len(view["native_quantiles"]) == 21 and view["sample_based"] is False
