@@ -79,3 +79,19 @@ def test_nothing_is_cached_when_the_cache_is_off(redis_server, workers):
         wait_for(api, run(api, body)["id"])
         assert run(api, body)["cached"] is False
     assert list(redis_server.client().scan_iter(keys.cache("*")))  # the worker still stores; this API does not look
+
+
+def test_an_identical_backtest_is_answered_from_the_cache(api, workers):
+    body = {
+        "model": BOLT,
+        "series": {"target": [float(10 + t % 6) for t in range(90)]},
+        "origins": {"first": 60, "last": 90, "step": 3},
+        "parameters": {"prediction_length": 4},
+    }
+    first = api.post("/v1/backtests", json=body).json()
+    first = api.get(f"/v1/backtests/{first['id']}", params={"wait": 30}).json()
+
+    again = api.post("/v1/backtests", json=body).json()
+
+    assert first["status"] == "succeeded" and again["cached"] is True and again["status"] == "succeeded"
+    assert again["backtest"] == first["backtest"] and again["progress"] == {"done": 11, "total": 11}

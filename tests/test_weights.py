@@ -60,6 +60,19 @@ def test_a_checkpoint_in_the_hugging_face_cache_is_served_as_real(empty_hf_home,
         weights = resolve(BOLT, settings(weights=mode))
         assert weights.kind == "real" and weights.source == "Hugging Face cache"
         assert weights.path == str(snapshot)
+        assert weights.revision == f"hub-{revision}"  # the hub commit keys the result cache
+
+
+def test_weights_revisions_name_exactly_which_weights_a_worker_serves(synthetic_dir, tmp_path):
+    built = resolve(BOLT, settings(model_path=str(synthetic_dir / BOLT.slug)))
+    copy = tmp_path / "fine-tuned"
+    shutil.copytree(synthetic_dir / BOLT.slug, copy, ignore=shutil.ignore_patterns(synthetic.MARKER))
+    before = resolve(BOLT, settings(model_path=str(copy))).revision
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    after = resolve(BOLT, settings(model_path=str(copy))).revision
+
+    assert built.revision == "synthetic-seed-0"
+    assert before.startswith("sha256-") and after.startswith("sha256-") and before != after
 
 
 def test_any_mode_falls_back_to_a_synthetic_build(empty_hf_home, tmp_path):
