@@ -100,9 +100,11 @@ def test_series_of_different_schemas_share_a_pass_and_each_gets_its_own_forecast
     plain = {"target": wave(64)}
     covariates = covariate_series(64, 6)
     two = {"target": [wave(64, 1), wave(64, 2)]}
+    # A categorical covariate whose past values are all missing takes its kind from its future values.
+    unseen_past = {"target": wave(64), "past_covariates": {"c": [None] * 64}, "future_covariates": {"c": ["a"] * 6}}
 
-    mixed = runtime.predict([plain, covariates, two], 6, [0.5])
-    alone = [runtime.predict([s], 6, [0.5])[0] for s in (plain, covariates, two)]
+    mixed = runtime.predict([plain, covariates, two, unseen_past], 6, [0.5])
+    alone = [runtime.predict([s], 6, [0.5])[0] for s in (plain, covariates, two, unseen_past)]
 
     for together, single in zip(mixed, alone, strict=True):
         assert np.allclose(together["0.5"], single["0.5"], rtol=1e-5)

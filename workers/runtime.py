@@ -28,10 +28,21 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def _missing_as_nan(values: Sequence) -> np.ndarray:
-    if any(isinstance(x, str) for x in values):
-        return np.array([None if x is None else x for x in values], dtype=object)
+def _missing_as_nan(values: Sequence, categorical: bool = False) -> np.ndarray:
+    if categorical:
+        return np.array(list(values), dtype=object)  # None marks a missing category
     return np.array([math.nan if x is None else x for x in values], dtype=np.float32)
+
+
+def _categorical(series: Mapping) -> set[str]:
+    """Covariates holding strings in their past or future values (all-missing past values take the
+    future's kind, so a covariate is one kind across both)."""
+    return {
+        name
+        for group in ("past_covariates", "future_covariates")
+        for name, values in (series.get(group) or {}).items()
+        if any(isinstance(x, str) for x in values)
+    }
 
 
 def _chronos2_input(series: Mapping) -> dict:
@@ -39,24 +50,22 @@ def _chronos2_input(series: Mapping) -> dict:
     target = series["target"]
     variates = target if isinstance(target[0], list) else [target]
     out: dict = {"target": np.stack([_missing_as_nan(v) for v in variates])}
+    categorical = _categorical(series)
     for group in ("past_covariates", "future_covariates"):
         if series.get(group):
-            out[group] = {name: _missing_as_nan(values) for name, values in series[group].items()}
+            out[group] = {name: _missing_as_nan(values, name in categorical) for name, values in series[group].items()}
     return out
 
 
 def _schema(series: Mapping) -> tuple:
     """What series must share to go through one Chronos-2 call: variates, covariate names and kinds."""
     target = series["target"]
+    categorical = _categorical(series)
 
-    def kinds(group: str) -> tuple:
-        return tuple(
-            sorted(
-                (name, any(isinstance(x, str) for x in values)) for name, values in (series.get(group) or {}).items()
-            )
-        )
+    def names(group: str) -> tuple:
+        return tuple(sorted((name, name in categorical) for name in series.get(group) or {}))
 
-    return (len(target) if isinstance(target[0], list) else 0, kinds("past_covariates"), kinds("future_covariates"))
+    return (len(target) if isinstance(target[0], list) else 0, names("past_covariates"), names("future_covariates"))
 
 
 def _out_of_memory(exc: Exception) -> bool:
