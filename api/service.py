@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from shared import cache, catalog, keys
-from shared.jobs import JobKind, JobRecord, JobStatus, Lane, Scripts, new_record
+from shared.jobs import JobKind, JobRecord, JobStatus, Lane, Scripts, new_record, stored
 from shared.schemas import BacktestRequest, ForecastRequest, ModelView, WorkerView
 from shared.settings import Settings
 
@@ -54,14 +54,12 @@ class JobService:
                 pipe.llen(keys.sync_queue(spec))
                 pipe.hgetall(keys.workers(spec))
             replies = await pipe.execute()
-        now = time.time()
         views = []
         for i, spec in enumerate(specs):
             depth, sync_depth, heartbeats = replies[3 * i : 3 * i + 3]
             workers = [
-                WorkerView(**{k: info[k] for k in WorkerView.model_fields})
-                for info in map(json.loads, heartbeats.values())
-                if now - info["last_seen"] < 3 * self.settings.heartbeat_s
+                WorkerView(**{k: info[k] for k in WorkerView.model_fields if k in info})
+                for info in self._live(heartbeats)
             ]
             kinds = {w.weights for w in workers}
             views.append(
@@ -147,7 +145,7 @@ class JobService:
         if hit is not None:
             record.update(hit, status=JobStatus.SUCCEEDED.value, started_at=repr(now), finished_at=repr(now),
                           cached="1", inference_s=0.0)  # fmt: skip
-            record = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in record.items()}
+            record = stored(record)
             outcome = await self.scripts.create_done(
                 keys=[job_key, *([idem_key] if idem_key else [])],
                 args=[self.settings.result_ttl_s, f"{job_id} {digest}", *(x for pair in record.items() for x in pair)],
@@ -202,16 +200,19 @@ class JobService:
         known = self._revisions.get(spec.id)
         if known is not None and known[1] > loop.time():
             return known[0]
-        now = time.time()
-        heartbeats = await self.client.hgetall(keys.workers(spec))
-        live = {
-            info.get("revision")
-            for info in map(json.loads, heartbeats.values())
-            if now - info["last_seen"] < 3 * self.settings.heartbeat_s
-        }
+        live = {info.get("revision") for info in self._live(await self.client.hgetall(keys.workers(spec)))}
         revision = live.pop() if len(live) == 1 else None
         self._revisions[spec.id] = (revision, loop.time() + min(1.0, self.settings.heartbeat_s))
         return revision
+
+    def _live(self, heartbeats: dict[str, str]) -> list[dict]:
+        """The heartbeats (worker name -> JSON) of workers heard from within three heartbeats."""
+        now = time.time()
+        return [
+            info
+            for info in map(json.loads, heartbeats.values())
+            if now - info["last_seen"] < 3 * self.settings.heartbeat_s
+        ]
 
     async def _admit(self, owner: str, queue: str) -> None:
         """The submission rate limit and the queue-depth cap (the in-flight cap is checked on creation)."""

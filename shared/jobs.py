@@ -237,14 +237,18 @@ def new_record(
     }
 
 
+def stored(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Record fields as a hash holds them: strings and numbers as they are, anything else as JSON."""
+    return {
+        name: value if isinstance(value, (str, int, float)) else json.dumps(value) for name, value in fields.items()
+    }
+
+
 def finish_args(
     status: JobStatus, now: float, ttl_s: int, channel: str, job_id: str, fields: Mapping[str, Any]
 ) -> list:
-    """ARGV for FINISH; values that are not strings or numbers are stored as JSON."""
-    args: list = [status.value, repr(now), ttl_s, channel, job_id]
-    for name, value in fields.items():
-        args += [name, value if isinstance(value, (str, int, float)) else json.dumps(value)]
-    return args
+    """ARGV for FINISH, then the fields as stored."""
+    return [status.value, repr(now), ttl_s, channel, job_id, *(x for pair in stored(fields).items() for x in pair)]
 
 
 @dataclass
