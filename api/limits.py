@@ -3,26 +3,38 @@ a limit, or input the model cannot take (covariates outside Chronos-2, sampling 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+
+import numpy as np
 
 from shared.catalog import ModelSpec
-from shared.schemas import BacktestRequest, ForecastRequest, SeriesInput
+from shared.schemas import BacktestRequest, ForecastParameters
+from shared.series import SeriesSet
 from shared.settings import Settings
 
 from api.problems import Problem
 
+# Models compute in float32: a finite float64 beyond this would become infinite there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-def check(request: ForecastRequest, spec: ModelSpec, settings: Settings, prefix: str | None = None) -> None:
-    """Raise a 422 `Problem` naming the first field over its configured limit or not for this model.
-    `prefix` names the series field when the request stands for a backtest's single series."""
-    if len(request.inputs) > settings.max_series:
-        raise _over("inputs", f"{len(request.inputs)} series; at most {settings.max_series} per request")
-    params = request.parameters
-    for i, series in enumerate(request.inputs):
-        at = prefix or f"inputs[{i}]"
-        if series.length > settings.max_points:
-            raise _over(f"{at}.target", f"{series.length} points; at most {settings.max_points}")
-        _check_covariates(at, series, params.prediction_length, spec, settings)
+
+def check(
+    series: SeriesSet,
+    params: ForecastParameters,
+    spec: ModelSpec,
+    settings: Settings,
+    field: Callable[[int], str] = lambda i: f"inputs[{i}]",
+) -> None:
+    """Raise a 422 `Problem` naming the first invalid field, field over its configured limit, or
+    input this model cannot take. Every check runs vectorized over all values at once.
+    `field(i)` names series i in the request (a backtest's single series is `series`)."""
+    check_values(series, field)
+    if len(series) > settings.max_series:
+        raise _over("inputs", f"{len(series)} series; at most {settings.max_series} per request")
+    lengths = series.lengths()
+    if len(series) and (longest := int(lengths.argmax())) >= 0 and lengths[longest] > settings.max_points:
+        raise _over(f"{field(longest)}.target", f"{int(lengths[longest])} points; at most {settings.max_points}")
+    _check_covariates(series, params.prediction_length, spec, settings, field)
     if params.prediction_length > settings.max_prediction_length:
         raise _over(
             "parameters.prediction_length",
@@ -38,73 +50,114 @@ def check(request: ForecastRequest, spec: ModelSpec, settings: Settings, prefix:
     offending = [*params.sampling(), *(["seed"] if params.seed is not None else []),
                  *(["return_samples"] if params.return_samples else [])]  # fmt: skip
     if offending and not spec.sample_based:
-        field = f"parameters.{offending[0]}"
+        name = f"parameters.{offending[0]}"
         raise Problem(
             422,
             "not-sample-based",
-            f"{field}: {spec.id} outputs quantiles directly; sampling options apply to T5 models only",
-            field=field,
+            f"{name}: {spec.id} outputs quantiles directly; sampling options apply to T5 models only",
+            field=name,
+        )
+    samples = (params.num_samples or 20) if params.return_samples else 0
+    outputs = int(series.variates.sum()) * params.prediction_length * (1 + len(params.quantile_levels) + samples)
+    if outputs > settings.max_output_values:
+        raise _over(
+            "parameters.prediction_length",
+            f"the answer would hold {outputs} values (series x variates x horizon x (1 + levels + samples)); "
+            f"at most {settings.max_output_values} per request (MAX_OUTPUT_VALUES)",
         )
 
 
-def check_backtest(request: BacktestRequest, spec: ModelSpec, settings: Settings) -> None:
+def check_values(series: SeriesSet, field: Callable[[int], str]) -> None:
+    """Every target row non-empty, with an observation, nothing infinite or beyond float32 (422 naming it)."""
+    lengths = series.row_lengths
+    row_series = np.repeat(np.arange(len(series)), series.variates)
+    empty = np.flatnonzero(lengths == 0)
+    if len(empty):
+        raise _invalid(f"{field(int(row_series[empty[0]]))}.target", "must hold at least one value")
+    values = series.values
+    for bad, detail in (
+        (np.isinf(values), "holds an infinite value; use null or NaN for missing values"),
+        (np.abs(np.nan_to_num(values)) > FLOAT32_MAX,
+         f"holds a value beyond float32's range (±{FLOAT32_MAX:.3g}), which the models compute in"),
+    ):  # fmt: skip
+        where = np.flatnonzero(bad)
+        if len(where):
+            row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
+            raise _invalid(f"{field(int(row_series[row]))}.target", detail)
+    if len(values):
+        observed = np.add.reduceat(~np.isnan(values), series.offsets[:-1])
+        blank = np.flatnonzero(observed == 0)
+        if len(blank):
+            raise _invalid(f"{field(int(row_series[blank[0]]))}.target", "holds no observed value (all null/NaN)")
+
+
+def check_backtest(request: BacktestRequest, series: SeriesSet, spec: ModelSpec, settings: Settings) -> None:
     """A backtest: its series as a forecast's, its origins inside the series, within the configured limits."""
-    series, params = request.series, request.parameters
-    check(ForecastRequest(model=request.model, inputs=[series], parameters=params), spec, settings, prefix="series")
-    if series.multivariate:
+    check(series, request.parameters, spec, settings, field=lambda i: "series")
+    if series.multivariate or (request.series.target and isinstance(request.series.target[0], list)):
         raise _unsupported("series.target", "a backtest scores one target variate")
-    if series.future_covariates:
+    if request.series.future_covariates:
         raise _invalid("series.future_covariates", "give every covariate's whole history in past_covariates; "
                        "name the ones known in advance in known_covariates")  # fmt: skip
     for i, name in enumerate(request.known_covariates):
-        if name not in (series.past_covariates or {}):
+        if name not in (request.series.past_covariates or {}):
             raise _invalid(f"known_covariates[{i}]", f"{name!r} is not among series.past_covariates")
     origins = request.origins
+    length = int(series.lengths()[0])
     if origins.last < origins.first:
         raise _invalid("origins.last", f"{origins.last} comes before origins.first ({origins.first})")
-    if origins.last > series.length:
-        raise _invalid("origins.last", f"{origins.last} is past the series' end ({series.length} points)")
+    if origins.last > length:
+        raise _invalid("origins.last", f"{origins.last} is past the series' end ({length} points)")
     count = len(origins.values())
     if count > settings.max_backtest_origins:
         raise _over("origins", f"{count} origins; at most {settings.max_backtest_origins}")
 
 
-def _check_covariates(at: str, series: SeriesInput, horizon: int, spec: ModelSpec, settings: Settings) -> None:
+def _check_covariates(
+    series: SeriesSet, horizon: int, spec: ModelSpec, settings: Settings, field: Callable[[int], str]
+) -> None:
     """Covariates and several target variates: Chronos-2 only, and every length lined up."""
+    covariates = series.covariates or [None] * len(series)
     if not spec.takes_covariates:
-        for name in ("past_covariates", "future_covariates"):
-            if getattr(series, name):
-                raise _unsupported(f"{at}.{name}", f"{spec.id} takes no covariates; amazon/chronos-2 does")
+        for i, cov in enumerate(covariates):
+            if cov:
+                group = next(iter(cov))
+                raise _unsupported(f"{field(i)}.{group}_covariates", f"{spec.id} takes no covariates; amazon/chronos-2 does")
         if series.multivariate:
+            i = int(np.flatnonzero(series.variates > 1)[0])
             raise _unsupported(
-                f"{at}.target", f"{spec.id} forecasts one variate per series; amazon/chronos-2 takes several"
+                f"{field(i)}.target", f"{spec.id} forecasts one variate per series; amazon/chronos-2 takes several"
             )
         return
-    past, future = series.past_covariates or {}, series.future_covariates or {}
-    rows = (len(series.target) if series.multivariate else 1) + len(past)
-    if rows > settings.max_variates:
-        raise _over(f"{at}.target", f"{rows} target variates and covariates; at most {settings.max_variates}")
-    for group, values_of, length, what in (
-        ("past_covariates", past, series.length, f"the target's {series.length} points"),
-        ("future_covariates", future, horizon, f"parameters.prediction_length ({horizon})"),
-    ):
-        for name, values in values_of.items():
-            field = f"{at}.{group}.{name}"
-            if len(values) != length:
-                raise _invalid(field, f"{len(values)} values; it must match {what}")
-            if any(isinstance(x, float) and math.isinf(x) for x in values):
-                raise _invalid(field, "holds an infinite value; use null or NaN for missing values")
-            if group == "future_covariates":
-                if name not in past:
-                    raise _invalid(field, "has no past values: name it in past_covariates too")
-                if _kind(values) != _kind(past[name]) and _kind(values) and _kind(past[name]):
-                    raise _invalid(field, "mixes numeric and categorical values with its past_covariates")
+    lengths = series.lengths()
+    for i, cov in enumerate(covariates):
+        at = field(i)
+        past, future = (cov or {}).get("past", {}), (cov or {}).get("future", {})
+        rows = int(series.variates[i]) + len(past)
+        if rows > settings.max_variates:
+            raise _over(f"{at}.target", f"{rows} target variates and covariates; at most {settings.max_variates}")
+        for group, values_of, length, what in (
+            ("past_covariates", past, int(lengths[i]), f"the target's {int(lengths[i])} points"),
+            ("future_covariates", future, horizon, f"parameters.prediction_length ({horizon})"),
+        ):
+            for name, values in values_of.items():
+                name_field = f"{at}.{group}.{name}"
+                if len(values) != length:
+                    raise _invalid(name_field, f"{len(values)} values; it must match {what}")
+                if isinstance(values, np.ndarray) and np.isinf(values).any():
+                    raise _invalid(name_field, "holds an infinite value; use null or NaN for missing values")
+                if group == "future_covariates":
+                    if name not in past:
+                        raise _invalid(name_field, "has no past values: name it in past_covariates too")
+                    if _kind(values) != _kind(past[name]) and _kind(values) and _kind(past[name]):
+                        raise _invalid(name_field, "mixes numeric and categorical values with its past_covariates")
 
 
-def _kind(values: list) -> str | None:
+def _kind(values) -> str | None:
     """'categorical' for strings, 'numeric' for numbers, None when every value is missing."""
-    present = next((x for x in values if x is not None), None)
-    return None if present is None else ("categorical" if isinstance(present, str) else "numeric")
+    if isinstance(values, np.ndarray):
+        return "numeric" if (~np.isnan(values)).any() else None
+    return "categorical" if any(x is not None for x in values) else None
 
 
 def _invalid(field: str, detail: str) -> Problem:
@@ -120,6 +173,9 @@ def _over(field: str, detail: str) -> Problem:
     return Problem(422, "limit-exceeded", f"{field}: {detail}", field=field)
 
 
+_COLUMNAR = (b"application/vnd.apache.arrow.stream", b"application/vnd.apache.parquet")
+
+
 class BodySizeLimit:
     """ASGI middleware: refuse bodies over `max_bytes` with 413.
 
@@ -127,16 +183,20 @@ class BodySizeLimit:
     declares). A chunked body is read here, up to the limit, then replayed to the app.
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_columnar_bytes: int):
+        self.app, self.json_bytes, self.columnar_bytes = app, max_bytes, max_columnar_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        # Arrow and Parquet bodies cost next to nothing to parse, so they may be larger than JSON.
+        columnar = headers.get(b"content-type", b"").split(b";")[0].strip().lower() in _COLUMNAR
+        limit = self.columnar_bytes if columnar else self.json_bytes
+        declared = headers.get(b"content-length")
         if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                return await self._refuse(scope, receive, send)
+            if declared.isdigit() and int(declared) > limit:
+                return await self._refuse(scope, receive, send, limit)
             return await self.app(scope, receive, send)
         if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return await self.app(scope, receive, send)
@@ -147,8 +207,8 @@ class BodySizeLimit:
                 return  # client went away
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
+            if size > limit:
+                return await self._refuse(scope, receive, send, limit)
             if not message.get("more_body"):
                 break
         replayed = False
@@ -162,6 +222,6 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
-        problem = Problem(413, "body-too-large", f"request body over {self.max_bytes} bytes (MAX_BODY_BYTES)")
+    async def _refuse(self, scope, receive, send, limit: int):
+        problem = Problem(413, "body-too-large", f"request body over {limit} bytes (MAX_BODY_BYTES)")
         await problem.response(scope.get("path"))(scope, receive, send)

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
 
-from api import problems, security
+from api import bodies, problems, security
 from api.auth import KeyRing
 from api.events import JobEvents
 from api.limits import BodySizeLimit
@@ -37,16 +37,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A blocking pool: under a burst, requests wait their turn for a connection (up to 10 s)
         # instead of failing with "Too many connections".
         # A connection that died with a Redis restart is retried on a fresh one, not reported as an error.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=10, decode_responses=True,
-            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )  # fmt: skip
-        client = aioredis.Redis(connection_pool=pool)
+        pools = [
+            aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_max_connections, timeout=10, decode_responses=text,
+                retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            )
+            for text in (True, False)  # records and metadata as text; series and results as bytes
+        ]  # fmt: skip
+        client, raw = (aioredis.Redis(connection_pool=pool) for pool in pools)
         events = JobEvents(client)
         events.start()
         celery = make_celery(settings)
-        app.state.service = JobService(settings, client, celery, events, app.state.metrics)
+        app.state.service = JobService(settings, client, raw, celery, events, app.state.metrics)
         dispatcher = Dispatcher(client, settings) if settings.callback_prefixes() else None
         if dispatcher:
             dispatcher.start()
@@ -57,10 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await dispatcher.stop()
             await events.stop()
             celery.close()
-            await client.aclose()
-            await pool.disconnect()
+            for c, pool in zip((client, raw), pools):
+                await c.aclose()
+                await pool.disconnect()
 
     app = FastAPI(
+        redirect_slashes=False,  # a redirect would name whatever Host the client sent
         title="chronos-queue",
         version="0.1.0",
         summary="Queue-backed forecasting with Amazon Chronos models",
@@ -69,7 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyRing.from_settings(settings)
     app.state.metrics = ApiMetrics()
     problems.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, max_columnar_bytes=settings.max_columnar_body_bytes
+    )
     security.install(app, settings.cors_origin_list())
     app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
     for router in (
@@ -82,4 +89,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         compat.per_model,
     ):
         app.include_router(router)
+    bodies.install(app)
     return app

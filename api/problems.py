@@ -56,6 +56,7 @@ _TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
+    408: "Request Timeout",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
@@ -93,14 +94,7 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return Problem(400, "malformed-json", "the request body is not valid JSON").response(request.url.path)
-        items = [{"field": field_path(e["loc"]), "message": _message(e)} for e in errors]
-        first = items[0]
-        detail = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
-        if len(items) > 1:
-            detail += f" (and {len(items) - 1} more)"
-        return Problem(422, "validation-error", detail, field=first["field"], errors=items[:20]).response(
-            request.url.path
-        )
+        return validation_problem(errors).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -121,6 +115,20 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return Problem(500, "internal-error", "internal error; see the server log").response(request.url.path)
+
+
+def validation_problem(errors: list, prefix: str = "") -> Problem:
+    """A 422 naming the first invalid field (pydantic error list; `prefix` is where the model sits in the body)."""
+    items = []
+    for e in errors:
+        path = field_path(e["loc"])
+        field = f"{prefix}.{path}" if prefix and path else (prefix or path)
+        items.append({"field": field, "message": _message(e)})
+    first = items[0]
+    detail = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+    if len(items) > 1:
+        detail += f" (and {len(items) - 1} more)"
+    return Problem(422, "validation-error", detail, field=first["field"], errors=items[:20])
 
 
 def _message(error: dict) -> str:
@@ -168,6 +176,11 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         {"field": "Idempotency-Key", "job_id": "3f2a…"},
     ),
     "body-too-large": (413, "request body over 67108864 bytes (MAX_BODY_BYTES)", {}),
+    "body-timeout": (408, "the request body did not arrive within 30s", {}),
+    "unsupported-media-type": (
+        415, "bodies are application/json, application/vnd.apache.arrow.stream or application/vnd.apache.parquet, not text/csv", {}
+    ),
+    "malformed-body": (400, "not a readable application/vnd.apache.arrow.stream body: …", {}),
     "validation-error": (
         422, "inputs[0].target: holds an infinite value; use null or NaN for missing values",
         {"field": "inputs[0].target", "errors": [{"field": "inputs[0].target", "message": "holds an infinite value; use null or NaN for missing values"}]},
@@ -199,7 +212,9 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
 }  # fmt: skip
 
 # The errors every route with a JSON body can answer before it runs.
-BODY_ERRORS = ("malformed-json", "body-too-large", "validation-error")
+BODY_ERRORS = ("malformed-json", "body-too-large", "body-timeout", "validation-error")
+# The errors of routes that also take Arrow or Parquet bodies.
+COLUMNAR_ERRORS = ("unsupported-media-type", "malformed-body")
 
 
 def documented(*codes: str) -> dict[int | str, dict[str, Any]]:

@@ -14,12 +14,17 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from celery import Celery
 
+import msgspec
+
 from shared import cache, catalog, keys
 from shared.jobs import JobKind, JobRecord, JobStatus, Lane, Scripts, new_record, stored
 from shared.schemas import BacktestRequest, ForecastRequest, ModelView, WorkerView
+from shared.series import SeriesSet
+from shared.series import identity as series_identity
 from shared.settings import Settings
 
-from api import callbacks, limits
+from api import callbacks, limits, render
+from api.bodies import ForecastJob, forecast_job, series_from_inputs
 from api.events import JobEvents
 from api.metrics import ApiMetrics
 from api.problems import Problem
@@ -32,9 +37,17 @@ _RECHECK_S = 1.0
 
 class JobService:
     def __init__(
-        self, settings: Settings, client: aioredis.Redis, celery: Celery, events: JobEvents, metrics: ApiMetrics
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        raw: aioredis.Redis,
+        celery: Celery,
+        events: JobEvents,
+        metrics: ApiMetrics,
     ):
-        self.settings, self.client, self.celery, self.events, self.metrics = settings, client, celery, events, metrics
+        """`client` decodes replies as text; `raw` does not, for series and results (binary)."""
+        self.settings, self.client, self.raw, self.celery = settings, client, raw, celery
+        self.events, self.metrics = events, metrics
         self.scripts = Scripts(client)
         self._revisions: dict[str, tuple[str | None, float]] = {}  # model id -> (weights revision, good until)
 
@@ -86,21 +99,21 @@ class JobService:
     # -- jobs ---------------------------------------------------------------------------------
 
     async def submit(
-        self, request: ForecastRequest, lane: Lane, owner: str, idempotency_key: str | None = None
+        self, job: ForecastJob, lane: Lane, owner: str, idempotency_key: str | None = None
     ) -> tuple[JobRecord, bool]:
         """Validate, admit, record the job and enqueue it on its model's queue.
 
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         """
-        spec = self.model(request.model)
-        limits.check(request, spec, self.settings)
+        spec = self.model(job.model)
+        limits.check(job.series, job.parameters, spec, self.settings)
         if lane is Lane.SYNC:
             await self._check_sync(spec)
-        callbacks.check_url(request.callback_url, self.settings)
-        payload = request.model_dump(mode="json", exclude={"model", "callback_url"})
+        callbacks.check_url(job.callback_url, self.settings)
+        request = {"parameters": job.parameters.model_dump(mode="json")}
         return await self._enqueue(
-            spec, lane, owner, idempotency_key, payload, len(request.inputs), request.parameters.prediction_length,
-            callback_url=request.callback_url,
+            spec, lane, owner, idempotency_key, request, job.series, job.nested,
+            job.parameters.prediction_length, callback_url=job.callback_url,
         )  # fmt: skip
 
     async def submit_backtest(
@@ -108,14 +121,14 @@ class JobService:
     ) -> tuple[JobRecord, bool]:
         """A backtest is one job on the model's bulk queue: every origin's forecast, then the scores."""
         spec = self.model(request.model)
-        limits.check_backtest(request, spec, self.settings)
+        series = series_from_inputs([request.series])
+        limits.check_backtest(request, series, spec, self.settings)
         callbacks.check_url(request.callback_url, self.settings)
-        backtest = request.model_dump(mode="json", exclude={"model", "callback_url"})
-        payload = {"kind": JobKind.BACKTEST.value, "backtest": backtest}
+        stored = request.model_dump(mode="json", exclude={"model", "callback_url", "series"})
         n_origins = len(request.origins.values())
         return await self._enqueue(
-            spec, Lane.ASYNC, owner, idempotency_key, payload, n_origins, request.parameters.prediction_length,
-            kind=JobKind.BACKTEST, callback_url=request.callback_url,
+            spec, Lane.ASYNC, owner, idempotency_key, stored, series, None, request.parameters.prediction_length,
+            kind=JobKind.BACKTEST, callback_url=request.callback_url, n_series=n_origins,
         )  # fmt: skip
 
     async def _enqueue(
@@ -124,74 +137,113 @@ class JobService:
         lane: Lane,
         owner: str,
         idempotency_key: str | None,
-        payload: dict,
-        n_series: int,
+        request: dict,
+        series: SeriesSet,
+        nested: list[bool] | None,
         prediction_length: int,
         kind: JobKind = JobKind.FORECAST,
         callback_url: str | None = None,
+        n_series: int | None = None,
     ) -> tuple[JobRecord, bool]:
         queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
         await self._admit(owner, queue)
 
         job_id = uuid.uuid4().hex
         now = time.time()
-        record = new_record(job_id, spec.id, n_series, prediction_length, lane, now, owner, kind)
+        n = len(series) if n_series is None else n_series
+        record = new_record(job_id, spec.id, n, prediction_length, lane, now, owner, kind, request)
         if callback_url:
             record.update(callback_url=callback_url, callback_status="pending")
         job_key = keys.job(job_id)
-        digest = _digest(json.dumps([lane.value, spec.id, payload], sort_keys=True))
+        identity = series_identity(series, {"kind": kind.value, **request})
+        digest = _digest(f"{lane.value}\0{spec.id}\0{identity}")
         idem_key = keys.idempotency(owner, _digest(idempotency_key)) if idempotency_key else None
-        hit = await self._cached(spec, payload)
+        ttl = self.settings.result_ttl_s + self.settings.max_job_s
+        items = _items(series, nested)
+        # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
+        # another one sent the same series.
+        cached_as = identity if self.settings.cache_scope == "global" else f"{owner}:{identity}"
+        record["identity"] = cached_as
+        hit = await self._cached(spec, request, cached_as)
+        async with self.client.pipeline(transaction=False) as pipe:
+            if items is not None:
+                pipe.set(keys.job_items(job_id), items, ex=ttl)
+            if hit is not None:
+                record.update(hit, status=JobStatus.SUCCEEDED.value, started_at=repr(now), finished_at=repr(now),
+                              cached="1", inference_s=0.0)  # fmt: skip
+                record = stored(record)
+                await self.scripts.create_done(
+                    keys=[job_key, keys.cache_output(hit["digest"]), keys.job_output(job_id),
+                          *([idem_key] if idem_key else [])],
+                    args=[self.settings.result_ttl_s, f"{job_id} {digest}", *(x for pair in record.items() for x in pair)],
+                    client=pipe,
+                )  # fmt: skip
+            else:
+                for chunk in _chunks(series.encode()):
+                    pipe.rpush(keys.job_input(job_id), *chunk)
+                pipe.expire(keys.job_input(job_id), ttl)
+                fields = [item for pair in stored(record).items() for item in pair]
+                await self.scripts.create(
+                    keys=[job_key, keys.in_flight(owner), keys.job_input(job_id), keys.queued(spec),
+                          keys.job_items(job_id), *([idem_key] if idem_key else [])],
+                    args=[ttl, self.settings.max_in_flight, repr(now - ttl), f"{job_id} {digest}", *fields],
+                    client=pipe,
+                )  # fmt: skip
+            outcome = (await pipe.execute())[-1]
+        if outcome is not None:
+            await self.client.delete(keys.job_items(job_id))  # CREATE dropped the series already
+            return await self._refused_or_replayed(outcome, digest, owner, idem_key)
         if hit is not None:
-            record.update(hit, status=JobStatus.SUCCEEDED.value, started_at=repr(now), finished_at=repr(now),
-                          cached="1", inference_s=0.0)  # fmt: skip
-            record = stored(record)
-            outcome = await self.scripts.create_done(
-                keys=[job_key, *([idem_key] if idem_key else [])],
-                args=[self.settings.result_ttl_s, f"{job_id} {digest}", *(x for pair in record.items() for x in pair)],
-            )
-            if outcome is not None:
-                return await self._refused_or_replayed(outcome, digest, owner, idem_key)
             log.info("%s %s answered from the result cache: %s", kind.value, job_id, spec.id)
             self.metrics.accepted.labels(spec.id, "cached").inc()
             return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
 
-        ttl = self.settings.result_ttl_s + self.settings.max_job_s
-        fields = [item for pair in record.items() for item in pair]
-        outcome = await self.scripts.create(
-            keys=[job_key, keys.in_flight(owner), keys.payload(job_id), keys.queued(spec),
-                  *([idem_key] if idem_key else [])],
-            args=[ttl, self.settings.max_in_flight, repr(now - ttl), f"{job_id} {digest}", json.dumps(payload), *fields],
-        )  # fmt: skip
-        if outcome is not None:
-            return await self._refused_or_replayed(outcome, digest, owner, idem_key)
-
         try:
             await asyncio.to_thread(
-                self.celery.send_task, keys.FORECAST_TASK, args=[job_id, payload], task_id=job_id, queue=queue
+                self.celery.send_task, keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=queue
             )
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", job_id, exc)
-            await self.client.delete(job_key, keys.payload(job_id), *([idem_key] if idem_key else []))
+            await self.client.delete(
+                job_key, keys.job_input(job_id), keys.job_items(job_id), *([idem_key] if idem_key else [])
+            )
             await self.client.zrem(keys.in_flight(owner), job_id)
             await self.client.zrem(keys.queued(spec), job_id)
             raise Problem(
                 503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
             ) from exc
-        log.info("%s %s accepted: %s, %d series, lane %s", kind.value, job_id, spec.id, n_series, lane.value)
+        log.info("%s %s accepted: %s, %d series, lane %s", kind.value, job_id, spec.id, n, lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
-        return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
+        return JobRecord.from_hash({k: str(v) for k, v in stored(record).items()}), False
 
-    async def _cached(self, spec: catalog.ModelSpec, payload: dict) -> dict | None:
-        """The stored result of an identical earlier request, if the model's workers agree on one
-        weights revision and the request is deterministic (see shared/cache.py)."""
-        if not self.settings.cache_ttl_s or not cache.cacheable(spec, payload):
+    async def _cached(self, spec: catalog.ModelSpec, request: dict, identity: str) -> dict | None:
+        """The stored fields of an identical earlier request's result (and `digest`, naming its
+        output list), if the model's workers agree on one weights revision and the request is
+        deterministic (see shared/cache.py)."""
+        if not self.settings.cache_ttl_s or not cache.cacheable(spec, request["parameters"]):
             return None
         revision = await self._revision(spec)
         if revision is None:
             return None
-        stored = await self.client.get(keys.cache(cache.digest(spec, revision, payload)))
-        return json.loads(stored) if stored else None
+        digest = cache.digest(spec, revision, identity)
+        found = await self.client.get(keys.cache(digest))
+        return {**json.loads(found), "digest": digest} if found else None
+
+    async def results(self, record: JobRecord) -> tuple[list[bytes], list | None]:
+        """A succeeded job's output elements (one per series or origin) and its items (ids, starts, shapes)."""
+        async with self.raw.pipeline(transaction=False) as pipe:
+            pipe.lrange(keys.job_output(record.id), 0, -1)
+            pipe.get(keys.job_items(record.id))
+            outputs, items = await pipe.execute()
+        return outputs, (msgspec.msgpack.decode(items) if items else None)
+
+    async def with_predictions(self, record: JobRecord) -> JobRecord:
+        """The record with its predictions (or backtest forecasts) as Python lists: for small answers
+        that other shapes are built from (the compat routes)."""
+        if record.status is JobStatus.SUCCEEDED:
+            outputs, items = await self.results(record)
+            render.attach(record, outputs, items)
+        return record
 
     async def _revision(self, spec: catalog.ModelSpec) -> str | None:
         """The weights revision every live worker of `spec` serves (None when none or several),
@@ -267,13 +319,20 @@ class JobService:
             ) from None
 
     async def run(
-        self, request: ForecastRequest, lane: Lane, owner: str, timeout_s: float, idempotency_key: str | None = None
+        self,
+        request: ForecastJob | ForecastRequest,
+        lane: Lane,
+        owner: str,
+        timeout_s: float,
+        idempotency_key: str | None = None,
+        with_results: bool = True,
     ) -> JobRecord:
         """Submit and wait: the succeeded record, or the job as it stands when `timeout_s` runs out.
 
         A job that failed or was cancelled meanwhile is a problem response carrying its id.
         """
-        submitted, _ = await self.submit(request, lane, owner, idempotency_key)
+        job = request if isinstance(request, ForecastJob) else forecast_job(request)
+        submitted, _ = await self.submit(job, lane, owner, idempotency_key)
         record = await self.wait(submitted.id, timeout_s, owner)
         if record.status is JobStatus.FAILED:
             raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
@@ -281,7 +340,7 @@ class JobService:
             raise Problem(
                 409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id
             )
-        return record
+        return await self.with_predictions(record) if with_results else record
 
     async def _check_sync(self, spec: catalog.ModelSpec) -> None:
         if not self.settings.sync_eligible(spec):
@@ -312,7 +371,8 @@ class JobService:
             await asyncio.sleep(0.5)
 
     async def require(self, job_id: str, owner: str) -> JobRecord:
-        """The job's record; 404 when there is none or it belongs to another owner (same answer for both)."""
+        """The job's record; 404 when there is none or it belongs to another owner (same answer for both).
+        The record is small: results live in their own list, read only for the owner (`results`)."""
         fields = await self.client.hgetall(keys.job(job_id))
         if not fields or fields.get("owner") != owner:
             raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
@@ -361,7 +421,7 @@ class JobService:
     async def cancel(self, job_id: str, owner: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns its record and whether it stopped already."""
         outcome = await self.scripts.cancel(
-            keys=[keys.job(job_id), keys.in_flight(owner), keys.payload(job_id)],
+            keys=[keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id)],
             args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, owner],
         )
         if outcome not in ("cancelled", "cancelling", "missing"):
@@ -377,3 +437,26 @@ class JobService:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _items(series: SeriesSet, nested: list[bool] | None) -> bytes | None:
+    """What rendering a job's answer needs besides the numbers: item ids, starts, which series came
+    as a list of variates. None when every series is plain (nothing to store)."""
+    if not any(series.item_ids) and not any(series.starts) and not nested:
+        return None
+    return msgspec.msgpack.encode(
+        [[item, start, bool(nested and nested[i])] for i, (item, start) in enumerate(zip(series.item_ids, series.starts))]
+    )
+
+
+def _chunks(elements: list[bytes], budget: int = 8 << 20) -> list[list[bytes]]:
+    """Elements in groups of about `budget` bytes: one RPUSH each, so no command grows with the job."""
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for element in elements:
+        if size + len(element) > budget and out[-1]:
+            out.append([])
+            size = 0
+        out[-1].append(element)
+        size += len(element)
+    return out

@@ -55,28 +55,31 @@ class Lane(StrEnum):
     SYNC = "sync"
 
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload, KEYS[4] the model's
-# set of queued jobs, KEYS[5] idempotency key (optional).
-# ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value,
-# payload (kept until the job ends, so a message lost in transit can be sent again), then
-# field/value pairs of the record. Returns nil when the job was created; the idempotency key's
-# value when that key was used before (nothing is written); 'in-flight:<n>' when the owner
-# already has `cap` jobs in flight.
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's input list, KEYS[4] the model's
+# set of queued jobs, KEYS[5] the job's items, KEYS[6] idempotency key (optional).
+# ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value, then
+# field/value pairs of the record. The input list and items were written just before, in the same
+# round trip; a refusal deletes them. Returns nil when the job was created; the idempotency key's
+# value when that key was used before (nothing is kept); 'in-flight:<n>' when the owner already
+# has `cap` jobs in flight.
 CREATE = """
-if KEYS[5] then
-  local existing = redis.call('GET', KEYS[5])
-  if existing then return existing end
+local function refuse(answer)
+  redis.call('DEL', KEYS[3], KEYS[5])
+  return answer
+end
+if KEYS[6] then
+  local existing = redis.call('GET', KEYS[6])
+  if existing then return refuse(existing) end
 end
 local cap = tonumber(ARGV[2])
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
   local n = redis.call('ZCARD', KEYS[2])
-  if n >= cap then return 'in-flight:' .. n end
+  if n >= cap then return refuse('in-flight:' .. n) end
 end
-if KEYS[5] then redis.call('SET', KEYS[5], ARGV[4], 'EX', ARGV[1]) end
-redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[1])
+if KEYS[6] then redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[1]) end
 local created
-for i = 6, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   if ARGV[i] == 'created_at' then created = ARGV[i + 1] end
 end
@@ -87,28 +90,32 @@ redis.call('ZADD', KEYS[4], created, redis.call('HGET', KEYS[1], 'id'))
 return false
 """
 
-# KEYS[1] job, KEYS[2] idempotency key (optional)  ARGV: record ttl, idempotency value, then
-# field/value pairs of a record that is already terminal (answered from the result cache).
-# Returns nil when created, or the idempotency key's value when that key was used before.
+# KEYS[1] job, KEYS[2] the cached output list, KEYS[3] the job's output list, KEYS[4] idempotency key
+# (optional)  ARGV: record ttl, idempotency value, then field/value pairs of a record that is already
+# terminal (answered from the result cache). Returns nil when created, or the idempotency key's value
+# when that key was used before.
 CREATE_DONE = (
     _NOTIFY
     + """
-if KEYS[2] then
-  local existing = redis.call('GET', KEYS[2])
+if KEYS[4] then
+  local existing = redis.call('GET', KEYS[4])
   if existing then return existing end
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+  redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[1])
 end
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if redis.call('COPY', KEYS[2], KEYS[3], 'REPLACE') == 1 then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
 notify(KEYS[1], redis.call('HGET', KEYS[1], 'id'))
 return false
 """
 )
 
 # KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the model's queued set, KEYS[4] the
-# job's payload  ARGV: now, worker name, max deliveries, ttl, channel, job id. Returns the status the job is in afterwards; anything but 'running' tells the
-# worker to drop the message (cancelled, finished, expired). A job delivered `max deliveries`
-# times already (each time its worker died while running it) ends 'failed' instead of looping.
+# job's input list, KEYS[5] its output list  ARGV: now, worker name, max deliveries, ttl, channel,
+# job id. Returns the status afterwards; anything but 'running' tells the worker to drop the
+# message (cancelled, finished, expired). A redelivered job
+# starts over: its partial output is cleared. A job delivered `max deliveries` times already (each
+# time its worker died while running it) ends 'failed' instead of looping.
 START = (
     _NOTIFY
     + """
@@ -122,24 +129,25 @@ if s == 'queued' or s == 'running' then
       'delivered ' .. attempts .. ' times and its worker was lost each time; not retried again')
     redis.call('EXPIRE', KEYS[1], ARGV[4])
     redis.call('ZREM', KEYS[2], ARGV[6])
-    redis.call('DEL', KEYS[4])
+    redis.call('DEL', KEYS[4], KEYS[5])
     redis.call('PUBLISH', ARGV[5], ARGV[6])
     notify(KEYS[1], ARGV[6])
     return 'failed'
   end
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0)
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('DEL', KEYS[5])
   return 'running'
 end
 return s
 """
 )
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload  ARGV: final status,
-# now, ttl, channel, job id, then field/value pairs.
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's input list, KEYS[4] its output
+# list, KEYS[5] its items  ARGV: final status, now, ttl, channel, job id, then field/value pairs.
 # Only a running job can finish; the first terminal write wins, so a redelivered
 # duplicate cannot overwrite a result. A pending cancel request turns success into
-# 'cancelled' and its fields are not stored.
+# 'cancelled' and its fields are not stored. Output and items live as long as the record.
 FINISH = (
     _NOTIFY
     + """
@@ -152,6 +160,12 @@ if final ~= 'cancelled' then
   for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+if final == 'succeeded' then
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
+else
+  redis.call('DEL', KEYS[4])
+end
 redis.call('ZREM', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
@@ -160,7 +174,7 @@ return final
 """
 )
 
-# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's payload
+# KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the job's input list, KEYS[4] its output list
 # ARGV: now, ttl, channel, job id, owner.
 # Returns 'cancelled' (was queued), 'cancelling' (running: stops at the next batch),
 # the terminal status it already had, or 'missing' (also when another owner's job).
@@ -173,7 +187,7 @@ if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[4])
-  redis.call('DEL', KEYS[3])
+  redis.call('DEL', KEYS[3], KEYS[4])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
   notify(KEYS[1], ARGV[4])
   return 'cancelled'
@@ -221,8 +235,10 @@ def new_record(
     now: float,
     owner: str,
     kind: JobKind = JobKind.FORECAST,
+    request: dict | None = None,
 ) -> dict:
-    """Fields of a freshly accepted job, as stored in its hash (`n_series`: origins for a backtest)."""
+    """Fields of a freshly accepted job, as stored in its hash (`n_series`: origins for a backtest;
+    `request`: what the worker needs besides the series, such as the forecast parameters)."""
     return {
         "id": job_id,
         "kind": kind.value,
@@ -234,6 +250,7 @@ def new_record(
         "prediction_length": prediction_length,
         "created_at": repr(now),
         "attempts": 0,
+        "request": json.dumps(request or {}),
     }
 
 
@@ -278,8 +295,10 @@ class JobRecord:
     callback_status: str | None = None
     callback_attempts: int = 0
     callback_error: str | None = None
-    predictions: list[dict] | None = field(default=None, repr=False)
+    request: dict = field(default_factory=dict, repr=False)
+    # A backtest's scores (stored); a forecast's predictions are loaded from its output list on demand.
     backtest: dict | None = field(default=None, repr=False)
+    predictions: list[dict] | None = field(default=None, repr=False)
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
@@ -310,7 +329,7 @@ class JobRecord:
             callback_status=h.get("callback_status"),
             callback_attempts=int(h.get("callback_attempts", 0)),
             callback_error=h.get("callback_error") or None,
-            predictions=json.loads(h["predictions"]) if h.get("predictions") else None,
+            request=json.loads(h["request"]) if h.get("request") else {},
             backtest=json.loads(h["backtest"]) if h.get("backtest") else None,
         )
 

@@ -26,9 +26,20 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
-def payload(job_id: str) -> str:
-    """A job's request as queued (JSON), kept until it ends, so that a lost message can be sent again."""
-    return f"{PREFIX}:payload:{job_id}"
+def job_input(job_id: str) -> str:
+    """List of a job's series, one binary element each (`shared.series`), kept until the job ends:
+    a worker reads the series of each forward pass from it, and a lost message only needs the id."""
+    return f"{PREFIX}:job:{job_id}:in"
+
+
+def job_output(job_id: str) -> str:
+    """List of a job's results, one float32 element per series (or backtest origin), appended pass by pass."""
+    return f"{PREFIX}:job:{job_id}:out"
+
+
+def job_items(job_id: str) -> str:
+    """A job's item ids, start timestamps and input shapes (msgpack), read only to render its results."""
+    return f"{PREFIX}:job:{job_id}:items"
 
 
 def queued(spec: ModelSpec) -> str:
@@ -63,8 +74,13 @@ def idempotency(owner: str, key_digest: str) -> str:
 
 
 def cache(digest: str) -> str:
-    """A cached result (JSON), by `shared.cache.digest` of model, weights revision and request."""
+    """A cached result's record fields (JSON), by `shared.cache.digest` of model, weights revision and request."""
     return f"{PREFIX}:cache:{digest}"
+
+
+def cache_output(digest: str) -> str:
+    """A cached result's output list (a copy of the job's `job_output`)."""
+    return f"{PREFIX}:cache:{digest}:out"
 
 
 def workers(spec: ModelSpec) -> str:

@@ -22,9 +22,16 @@ class Settings(BaseSettings):
     # The longest a single job may run; also sets the broker's visibility timeout (see below).
     max_job_s: int = Field(3_600, ge=10)
 
-    # Request limits (HTTP 413 / 422 when exceeded).
+    # Request limits (HTTP 413 / 422 when exceeded). JSON bodies cost ~6 ns per byte to parse, so
+    # their cap bounds how long one request holds its API process; Arrow and Parquet bodies cost
+    # next to nothing to read and have a cap of their own. A body must arrive within
+    # BODY_TIMEOUT_S (408 otherwise), so slow senders cannot hold connections open.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_series: int = Field(10_000, ge=1)
+    max_columnar_body_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+    body_timeout_s: float = Field(60.0, gt=0)
+    max_series: int = Field(100_000, ge=1)
+    # Values in one answer: series x variates x horizon x (mean + quantile levels + samples).
+    max_output_values: int = Field(20_000_000, ge=1)
     max_points: int = Field(8_192, ge=1)
     max_prediction_length: int = Field(1_024, ge=1)
     max_num_samples: int = Field(100, ge=1)
@@ -42,8 +49,11 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(10_000, ge=0)
     max_queue_depth: int = Field(100_000, ge=0)
 
-    # How long a deterministic request's result is kept to answer identical requests (0: no cache).
+    # How long a deterministic request's result is kept to answer identical requests (0: no cache),
+    # and who shares it: `key` (default) answers only the API key that sent the request first;
+    # `global` answers any key, which tells one key that another sent the same series.
     cache_ttl_s: int = Field(3_600, ge=0)
+    cache_scope: str = Field("key", pattern="^(key|global)$")
 
     # Synchronous lane. SYNC_MODELS (comma-separated ids or slugs) overrides the catalog's defaults.
     sync_models: str | None = None

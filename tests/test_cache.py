@@ -27,9 +27,25 @@ def test_an_identical_bolt_request_is_answered_at_once_from_the_cache(api, worke
     assert again["predictions"] == first["predictions"] and again["weights"] == first["weights"]
     assert again["timings"]["inference_s"] == 0.0
     assert api.get(f"/v1/forecasts/{again['id']}").json()["cached"] is True
-    # Another key sending the same inputs gets the same deterministic answer (it knows the inputs already).
-    assert other_key["cached"] is True
+    # The cache is per API key by default: a hit would tell another key that someone sent these series.
+    assert other_key["cached"] is False
     assert changed["status"] == "queued" and changed["cached"] is False
+
+
+def test_with_a_global_cache_scope_another_key_gets_the_cached_answer(redis_server, workers):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from conftest import API_KEY, settings_for
+
+    body = forecast_body(BOLT, n_series=1, length=71, horizon=5)
+    app = create_app(settings_for(redis_server, heartbeat_s=1, cache_scope="global"))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as api:
+        first = wait_for(api, run(api, body)["id"])
+        other_key = run(api, body, **{"X-API-Key": OTHER_KEY})
+
+    assert first["cached"] is False
+    assert other_key["cached"] is True and other_key["predictions"] == first["predictions"]
 
 
 def test_the_sync_predict_serves_cache_hits_too(api, workers):

@@ -105,9 +105,12 @@ def test_sigterm_lets_a_worker_finish_the_job_in_hand_before_it_exits(api, redis
     assert done["status"] == "succeeded" and done["attempts"] == 1 and len(done["predictions"]) == 200
 
 
-def test_a_job_whose_message_was_lost_in_transit_is_sent_again_from_its_kept_payload(api, redis_server):
+def test_a_job_whose_message_was_lost_in_transit_is_sent_again_and_its_series_are_kept(api, redis_server):
+    import redis
+
     from shared import catalog, keys
     from shared.celery_app import make_celery
+    from shared.series import decode
     from workers.reaper import resend_lost
 
     spec = catalog.get("amazon/chronos-bolt-mini")  # no worker: its messages stay in the queue
@@ -126,11 +129,12 @@ def test_a_job_whose_message_was_lost_in_transit_is_sent_again_from_its_kept_pay
     (again,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
     envelope = json.loads(again)
     args = json.loads(base64.b64decode(envelope["body"]))[0]
-    assert envelope["headers"]["id"] == job_id and args[0] == job_id
-    assert args[1]["inputs"][1]["target"] == body["inputs"][1]["target"]  # the request as accepted
+    assert envelope["headers"]["id"] == job_id and args == [job_id]  # the message carries no series
+    stored = decode(redis.Redis.from_url(redis_server.url).lindex(keys.job_input(job_id), 1))
+    assert stored.target[0].tolist() == pytest.approx(body["inputs"][1]["target"])  # the series as accepted
     assert api.get(f"/v1/forecasts/{job_id}").json()["status"] == "queued"
     api.delete(f"/v1/forecasts/{job_id}")
-    assert client.get(keys.payload(job_id)) is None  # the kept payload goes when the job ends
+    assert not client.exists(keys.job_input(job_id))  # the series go when the job ends
 
 
 def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_back_to_the_queue(api, redis_server):

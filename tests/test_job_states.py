@@ -31,18 +31,25 @@ def queued_job(client) -> str:
 
 def start(scripts, job_id):
     return scripts.start(
-        keys=[keys.job(job_id), keys.in_flight("owner"), "cq:queued:test", keys.payload(job_id)],
+        keys=[keys.job(job_id), keys.in_flight("owner"), "cq:queued:test", keys.job_input(job_id), keys.job_output(job_id)],
         args=[repr(time.time()), "w1", 3, 60, keys.EVENTS_CHANNEL, job_id],
     )
 
 
 def finish(scripts, job_id, status=JobStatus.SUCCEEDED, **fields):
     args = finish_args(status, time.time(), 60, keys.EVENTS_CHANNEL, job_id, fields)
-    return scripts.finish(keys=[keys.job(job_id), keys.in_flight("owner"), keys.payload(job_id)], args=args)
+    return scripts.finish(
+        keys=[keys.job(job_id), keys.in_flight("owner"), keys.job_input(job_id), keys.job_output(job_id),
+              keys.job_items(job_id)],
+        args=args,
+    )  # fmt: skip
 
 
 def cancel(scripts, job_id, owner="owner"):
-    return scripts.cancel(keys=[keys.job(job_id), keys.in_flight(owner), keys.payload(job_id)], args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id, owner])
+    return scripts.cancel(
+        keys=[keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id)],
+        args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id, owner],
+    )
 
 
 def record(client, job_id) -> JobRecord:
@@ -52,10 +59,10 @@ def record(client, job_id) -> JobRecord:
 def test_queued_job_runs_then_succeeds_with_its_result_and_a_ttl(client, scripts):
     job_id = queued_job(client)
     assert start(scripts, job_id) == "running"
-    assert finish(scripts, job_id, predictions=[{"mean": [1.0]}], weights="real") == "succeeded"
+    assert finish(scripts, job_id, inference_s=0.5, weights="real") == "succeeded"
     rec = record(client, job_id)
     assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1
-    assert rec.predictions == [{"mean": [1.0]}] and rec.weights == "real"
+    assert rec.inference_s == 0.5 and rec.weights == "real"
     assert 0 < client.ttl(keys.job(job_id)) <= 60
 
 
@@ -75,10 +82,10 @@ def test_terminal_state_is_announced_on_the_events_channel(client, scripts):
 def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, scripts):
     job_id = queued_job(client)
     start(scripts, job_id)
-    finish(scripts, job_id, predictions=[{"mean": [1.0]}])
+    finish(scripts, job_id, inference_s=1.0)
     assert start(scripts, job_id) == "succeeded"  # the redelivery is told to drop the message
-    assert finish(scripts, job_id, predictions=[{"mean": [2.0]}]) == "succeeded"
-    assert record(client, job_id).predictions == [{"mean": [1.0]}]
+    assert finish(scripts, job_id, inference_s=2.0) == "succeeded"
+    assert record(client, job_id).inference_s == 1.0
 
 
 def test_redelivery_of_a_running_job_counts_another_attempt(client, scripts):
@@ -100,9 +107,9 @@ def test_cancelling_a_running_job_turns_its_finish_into_cancelled_without_a_resu
     job_id = queued_job(client)
     start(scripts, job_id)
     assert cancel(scripts, job_id) == "cancelling"
-    assert finish(scripts, job_id, predictions=[{"mean": [1.0]}]) == "cancelled"
+    assert finish(scripts, job_id, inference_s=1.0) == "cancelled"
     rec = record(client, job_id)
-    assert rec.status is JobStatus.CANCELLED and rec.predictions is None
+    assert rec.status is JobStatus.CANCELLED and rec.inference_s is None
 
 
 def test_cancelling_a_finished_job_changes_nothing(client, scripts):

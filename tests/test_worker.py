@@ -6,14 +6,19 @@ import threading
 import time
 import uuid
 
+import msgspec
 import pytest
+import redis
 from prometheus_client import REGISTRY
 
+from api import render
+from api.bodies import forecast_job
 from shared import catalog, keys
 from shared.jobs import JobRecord, JobStatus, Lane, new_record
 from shared.schemas import ForecastParameters, ForecastRequest
+from shared.series import Decoded
 from workers.batcher import Batcher, Work, group_key
-from workers.executor import execute
+from workers.executor import RedisPassIO, execute
 from workers.runtime import ModelRuntime
 from workers.weights import resolve
 
@@ -27,21 +32,37 @@ def runtime(redis_server, synthetic_dir) -> ModelRuntime:
     return ModelRuntime(spec, resolve(spec, settings), settings)
 
 
+def raw_client(redis_server):
+    return redis.Redis.from_url(redis_server.url)
+
+
 @pytest.fixture()
-def batcher(runtime) -> Batcher:
-    batcher = Batcher(runtime, lambda ids: set())
+def io(redis_server) -> RedisPassIO:
+    return RedisPassIO(raw_client(redis_server))
+
+
+@pytest.fixture()
+def batcher(runtime, io) -> Batcher:
+    batcher = Batcher(runtime, io)
     batcher.start()
     return batcher
 
 
 def run_job(redis_server, batcher, body, lane=Lane.ASYNC) -> JobRecord:
-    client = redis_server.client()
+    """Store a job as the API does (record and series), run it as a worker's task does, read it back."""
+    client, raw = redis_server.client(), raw_client(redis_server)
     job_id = uuid.uuid4().hex
-    record = new_record(job_id, BOLT, len(body["inputs"]), 4, lane, time.time(), "owner")
+    job = forecast_job(ForecastRequest.model_validate(body))
+    request = {"parameters": job.parameters.model_dump(mode="json")}
+    record = new_record(job_id, BOLT, len(body["inputs"]), 4, lane, time.time(), "owner", request=request)
+    raw.rpush(keys.job_input(job_id), *job.series.encode())
     client.hset(keys.job(job_id), mapping=record)
-    payload = ForecastRequest.model_validate(body).model_dump(mode="json", exclude={"model"})  # as the API sends it
-    execute(job_id, payload, batcher, client, settings_for(redis_server), "test-worker")
-    return JobRecord.from_hash(client.hgetall(keys.job(job_id)))
+    client.set(keys.job_items(job_id), msgspec.msgpack.encode([[s.get("item_id"), None, False] for s in body["inputs"]]))
+    execute(job_id, batcher, client, raw, settings_for(redis_server), "test-worker")
+    done = JobRecord.from_hash(client.hgetall(keys.job(job_id)))
+    outputs = raw.lrange(keys.job_output(job_id), 0, -1)
+    items = msgspec.msgpack.decode(raw.get(keys.job_items(job_id)))
+    return render.attach(done, outputs, items) if done.status is JobStatus.SUCCEEDED else done
 
 
 def test_a_job_whose_model_call_raises_ends_failed_with_the_message(redis_server, batcher, monkeypatch):
@@ -75,24 +96,30 @@ def test_series_longer_than_the_context_are_cut_to_the_context_window(runtime):
     tail = [float(i % 17) for i in range(context)]
     long_series = [1e6] * 500 + tail
 
-    (long,), (exact,) = (runtime.predict([{"target": s}], 4, [0.5]) for s in (long_series, tail))
+    (long,), (exact,) = (runtime.predict([Decoded.of(s)], 4, [0.5]) for s in (long_series, tail))
 
-    assert long["0.5"] == exact["0.5"]
+    assert long.tolist() == exact.tolist()
 
 
 def work(runtime, inputs, lane=Lane.ASYNC, **params) -> Work:
+    """In-memory work whose results are kept (as a backtest's are), so a test can read them."""
     p = ForecastParameters(**{"prediction_length": 4, **params})
-    return Work(uuid.uuid4().hex, inputs, p, lane, group_key(runtime.spec, p))
+    return Work(uuid.uuid4().hex, len(inputs), p, lane, group_key(runtime.spec, p), inputs=inputs, keep=True)
 
 
-def series(k: int, n: int = 48) -> dict:
-    return {"target": [float((t * (k + 2)) % 11) for t in range(n)]}
+def series(k: int, n: int = 48) -> Decoded:
+    return Decoded.of([float((t * (k + 2)) % 11) for t in range(n)])
 
 
-def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_would_alone(runtime):
+def level(result, levels: list[float], q: float) -> list[float]:
+    """One quantile level's row of a series' result ([variates, mean + levels, horizon])."""
+    return result[0, 1 + levels.index(q)].tolist()
+
+
+def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_would_alone(runtime, io):
     a = work(runtime, [series(1)], prediction_length=3, quantile_levels=[0.5])
     b = work(runtime, [series(2), series(3)], prediction_length=7, quantile_levels=[0.1, 0.9])
-    batcher = Batcher(runtime, lambda ids: set())
+    batcher = Batcher(runtime, io)
     batcher.submit(a)
     batcher.submit(b)
 
@@ -101,15 +128,15 @@ def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_
 
     assert [(w, start, end) for w, start, end in batch] == [(a, 0, 1), (b, 0, 2)]
     assert a.finished.is_set() and b.finished.is_set()
-    assert set(a.results[0]) == {"mean", "0.5"} and len(a.results[0]["0.5"]) == 3
-    assert set(b.results[1]) == {"mean", "0.1", "0.9"} and len(b.results[1]["0.9"]) == 7
+    assert a.kept[0].shape == (1, 2, 3)  # mean and its one level, 3 steps
+    assert b.kept[1].shape == (1, 3, 7)  # mean, 0.1 and 0.9, 7 steps
     (alone,) = runtime.predict([series(3)], 7, [0.1, 0.9])
-    assert b.results[1]["0.9"] == pytest.approx(alone["0.9"], rel=1e-5)
+    assert level(b.kept[1], [0.1, 0.9], 0.9) == pytest.approx(level(alone, [0.1, 0.9], 0.9), rel=1e-5)
 
 
-def test_sync_work_goes_before_a_large_bulk_job_after_at_most_one_batch(runtime):
+def test_sync_work_goes_before_a_large_bulk_job_after_at_most_one_batch(runtime, io):
     bulk = work(runtime, [series(k) for k in range(runtime.max_batch * 3)])
-    batcher = Batcher(runtime, lambda ids: set())
+    batcher = Batcher(runtime, io)
     batcher.submit(bulk)
     first = batcher._take()
     sync = work(runtime, [series(99)], lane=Lane.SYNC)
@@ -123,10 +150,10 @@ def test_sync_work_goes_before_a_large_bulk_job_after_at_most_one_batch(runtime)
     assert third[0][0] is bulk and third[0][1:] == (runtime.max_batch, 2 * runtime.max_batch)
 
 
-def test_incompatible_parameters_never_share_a_pass(runtime):
+def test_incompatible_parameters_never_share_a_pass(runtime, io):
     native = work(runtime, [series(1)], prediction_length=10)
     beyond = work(runtime, [series(2)], prediction_length=runtime.spec.prediction_length + 5)
-    batcher = Batcher(runtime, lambda ids: set())
+    batcher = Batcher(runtime, io)
     batcher.submit(native)
     batcher.submit(beyond)
 
@@ -147,37 +174,37 @@ def test_out_of_memory_splits_the_batch_lowers_the_limit_and_every_series_succee
 
     outputs = runtime.predict_isolating([series(k) for k in range(8)], 4, [0.5])
 
-    assert all(isinstance(o, dict) and len(o["0.5"]) == 4 for o in outputs)
+    assert all(not isinstance(o, Exception) and o.shape == (1, 2, 4) for o in outputs)
     assert runtime.max_batch == 2
 
 
-def test_a_series_that_fails_alone_fails_only_its_job(runtime, monkeypatch):
+def test_a_series_that_fails_alone_fails_only_its_job(runtime, monkeypatch, io):
     real = runtime.pipeline.predict_quantiles
 
     def picky(inputs, **kwargs):
-        if any(float(t[0]) == 777.0 for t in inputs):
+        if (inputs == 777.0).any():
             raise ValueError("bad series")
         return real(inputs, **kwargs)
 
     monkeypatch.setattr(runtime.pipeline, "predict_quantiles", picky)
-    good, bad = work(runtime, [series(1), series(2)]), work(runtime, [{"target": [777.0, *series(3)["target"]]}])
-    batcher = Batcher(runtime, lambda ids: set())
+    bad_series = Decoded.of([777.0, *series(3).target[0].tolist()])
+    good, bad = work(runtime, [series(1), series(2)]), work(runtime, [bad_series])
+    batcher = Batcher(runtime, io)
     batcher.submit(good)
     batcher.submit(bad)
 
     batcher._execute(batcher._take())
 
-    assert good.error is None and all(r is not None for r in good.results)
+    assert good.error is None and len(good.kept) == 2
     assert bad.error == "ValueError: bad series"
 
 
-def test_a_cancel_request_stops_a_job_before_its_next_pass(runtime):
+def test_a_cancel_request_stops_a_job_before_its_next_pass(runtime, io, redis_server):
     job = work(runtime, [series(k) for k in range(runtime.max_batch * 2)])
-    cancelled: set[str] = set()
-    batcher = Batcher(runtime, lambda ids: cancelled & set(ids))
+    batcher = Batcher(runtime, io)
     batcher.submit(job)
     batcher._execute(batcher._take())
-    cancelled.add(job.job_id)
+    redis_server.client().hset(keys.job(job.job_id), "cancel_requested", "1")  # what DELETE does to a running job
 
     batcher._execute(batcher._take())
 

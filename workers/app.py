@@ -26,7 +26,7 @@ from shared.celery_app import make_celery
 from shared.settings import get_settings
 from workers import metrics, reaper
 from workers.batcher import Batcher
-from workers.executor import execute
+from workers.executor import RedisPassIO, execute
 from workers.weights import resolve
 
 log = logging.getLogger("workers")
@@ -52,6 +52,7 @@ class _Worker:
 
     batcher: Batcher | None = None
     client: redis.Redis | None = None
+    raw: redis.Redis | None = None  # binary replies: series and results
     name: str = ""
     stop = threading.Event()
 
@@ -69,11 +70,14 @@ def _load(sender=None, **_):
     runtime = ModelRuntime(spec, weights, settings)
     metrics.LOAD.labels(spec.id).set(runtime.load_s)
     metrics.serve(settings.metrics_port)
-    _Worker.client = redis.Redis.from_url(
-        settings.redis_url, decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    _Worker.client, _Worker.raw = (
+        redis.Redis.from_url(
+            settings.redis_url, decode_responses=text,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        for text in (True, False)
     )  # fmt: skip
-    _Worker.batcher = Batcher(runtime, _cancel_requested, wait_s=settings.batch_wait_ms / 1000)
+    _Worker.batcher = Batcher(runtime, RedisPassIO(_Worker.raw), wait_s=settings.batch_wait_ms / 1000)
     _Worker.batcher.start()
     _Worker.name = f"{sender.hostname}/{os.getpid()}"
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
@@ -91,19 +95,6 @@ def _sign_off() -> None:
         _Worker.client.hdel(keys.workers(spec), _Worker.name)
     except redis.RedisError:
         pass
-
-
-def _cancel_requested(job_ids: list[str]) -> set[str]:
-    """The jobs among these with a pending cancel request (one round trip; none if Redis is away)."""
-    try:
-        with _Worker.client.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(keys.job(job_id), "cancel_requested")
-            flags = pipe.execute()
-    except redis.RedisError as exc:
-        log.warning("cancel check failed: %s", exc)
-        return set()
-    return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag == "1"}
 
 
 def _heartbeat() -> None:
@@ -139,5 +130,5 @@ def _heartbeat() -> None:
 
 
 @app.task(name=keys.FORECAST_TASK)
-def forecast(job_id: str, payload: dict) -> str:
-    return execute(job_id, payload, _Worker.batcher, _Worker.client, settings, _Worker.name)
+def forecast(job_id: str) -> str:
+    return execute(job_id, _Worker.batcher, _Worker.client, _Worker.raw, settings, _Worker.name)

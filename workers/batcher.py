@@ -28,12 +28,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 
 from shared.catalog import Family, ModelSpec
 from shared.jobs import Lane
 from shared.schemas import ForecastParameters
+from shared.series import Decoded
 from workers import metrics
 from workers.runtime import ModelRuntime
 
@@ -59,14 +62,18 @@ def group_key(spec: ModelSpec, params: ForecastParameters, job_id: str = "") -> 
 
 @dataclass(eq=False)
 class Work:
-    """One job's series on their way through the model."""
+    """One job's series on their way through the model. The series are read pass by pass from the
+    job's input list in Redis (`inputs` None), or held here (a backtest's windows); results go to
+    the job's output list pass by pass, and are also kept here when `keep` (a backtest scores them)."""
 
     job_id: str
-    inputs: list  # the job's series, as in its request
+    n: int  # series in the job
     params: ForecastParameters
     lane: Lane
     key: tuple
-    results: list = field(init=False)
+    inputs: list[Decoded] | None = None
+    keep: bool = False
+    kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
     done: int = 0
     model_s: float = 0.0  # time in the forward passes this job took part in
@@ -74,19 +81,31 @@ class Work:
     cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
 
-    def __post_init__(self):
-        self.results = [None] * len(self.inputs)
-
     @property
     def unscheduled(self) -> int:
-        return len(self.inputs) - self.scheduled
+        return self.n - self.scheduled
+
+
+Slice = tuple[Work, int, int]  # a job's series [start, end) in one forward pass
+
+
+class PassIO(Protocol):
+    """Where a pass's series come from and its results go (workers/executor.py: Redis, pipelined)."""
+
+    def read(self, batch: list[Slice]) -> tuple[list[Decoded], set[str]]:
+        """The batch's series in order, and the ids of its jobs with a pending cancel request."""
+        ...
+
+    def write(self, results: list[tuple[Slice, list[np.ndarray]]]) -> None:
+        """Store each slice's results (float32 [variates, rows, horizon] per series), in order."""
+        ...
 
 
 class Batcher:
     """The model thread and the work waiting for it."""
 
-    def __init__(self, runtime: ModelRuntime, cancelled: Callable[[list[str]], set[str]], wait_s: float = 0.0):
-        self.runtime, self.cancelled, self.wait_s = runtime, cancelled, wait_s
+    def __init__(self, runtime: ModelRuntime, io: PassIO, wait_s: float = 0.0):
+        self.runtime, self.io, self.wait_s = runtime, io, wait_s
         self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -120,7 +139,7 @@ class Batcher:
     def _pending_series(self) -> int:
         return sum(w.unscheduled for q in self._pending.values() for w in q)
 
-    def _take(self) -> list[tuple[Work, int, int]]:
+    def _take(self) -> list[Slice]:
         """The next forward pass: (work, first series, end) slices of compatible jobs, sync lane first."""
         with self._cond:
             self._cond.wait_for(lambda: any(self._pending.values()))
@@ -146,46 +165,52 @@ class Batcher:
                     break
             return picked
 
-    def _execute(self, batch: list[tuple[Work, int, int]]) -> None:
-        stopped = self.cancelled(list({w.job_id for w, _, _ in batch}))
-        live = []
+    def _execute(self, batch: list[Slice]) -> None:
+        decoded, stopped = self.io.read(batch)
+        live: list[Slice] = []
+        inputs: list[Decoded] = []
+        at = 0
         for work, start, end in batch:
             if work.job_id in stopped:
                 self.abandon(work)
                 self._finish(work, cancelled=True)
             elif not work.finished.is_set():  # a job failed in an earlier pass has nothing left to run
                 live.append((work, start, end))
+                inputs.extend(decoded[at : at + end - start])
+            at += end - start
         if not live:
             return
         params = [w.params for w, _, _ in live]
         horizon = max(p.prediction_length for p in params)
         levels = sorted({q for p in params for q in p.quantile_levels})
-        inputs = [w.inputs[i] for w, start, end in live for i in range(start, end)]
+        samples = any(p.return_samples for p in params)
         metrics.BATCH.labels(self.runtime.spec.id).observe(len(inputs))
         started = time.perf_counter()
         outputs = self.runtime.predict_isolating(
-            inputs,
-            horizon,
-            levels,
-            sampling=params[0].sampling(),
-            return_samples=any(p.return_samples for p in params),
-            seed=params[0].seed,
+            inputs, horizon, levels, sampling=params[0].sampling(), return_samples=samples, seed=params[0].seed
         )
         elapsed = time.perf_counter() - started
         at = 0
+        results, completed = [], []
         for work, start, end in live:
             work.model_s += elapsed
-            for i in range(start, end):
-                out = outputs[at]
-                at += 1
-                if isinstance(out, Exception):
-                    self.abandon(work)
-                    self._finish(work, error=f"{type(out).__name__}: {out}")
-                    break
-                work.results[i] = _slice(out, work.params)
-                work.done += 1
-            if work.done == len(work.inputs):
-                self._finish(work)
+            mine = outputs[at : at + end - start]
+            at += end - start
+            failure = next((o for o in mine if isinstance(o, Exception)), None)
+            if failure is not None:
+                self.abandon(work)
+                self._finish(work, error=f"{type(failure).__name__}: {failure}")
+                continue
+            sliced = [_slice(out, levels, work.params) for out in mine]
+            results.append(((work, start, end), sliced))
+            if work.keep:
+                work.kept.extend(sliced)
+            work.done += end - start
+            if work.done == work.n:
+                completed.append(work)
+        self.io.write(results)  # before the jobs are finished: their results must be stored first
+        for work in completed:
+            self._finish(work)
 
     @staticmethod
     def _finish(work: Work, error: str | None = None, cancelled: bool = False) -> None:
@@ -195,14 +220,10 @@ class Batcher:
         work.finished.set()
 
 
-def _slice(out: dict, params: ForecastParameters) -> dict:
-    """One series' share of a pass: its own horizon and quantile levels (and samples if asked)."""
-    h = params.prediction_length
-
-    def cut(values: list) -> list:  # one list per step, or one per variate (several-variate targets)
-        return [v[:h] for v in values] if values and isinstance(values[0], list) else values[:h]
-
-    series = {"mean": cut(out["mean"]), **{str(q): cut(out[str(q)]) for q in params.quantile_levels}}
+def _slice(out: np.ndarray, levels: list[float], params: ForecastParameters) -> np.ndarray:
+    """One series' share of a pass: its own horizon and quantile levels (and samples if asked).
+    `out` is [variates, mean + pass levels (+ samples), pass horizon]."""
+    rows = [0, *(1 + levels.index(q) for q in params.quantile_levels)]
     if params.return_samples:
-        series["samples"] = cut(out["samples"])
-    return series
+        rows.extend(range(1 + len(levels), out.shape[1]))
+    return np.ascontiguousarray(out[:, rows, : params.prediction_length])

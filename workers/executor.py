@@ -6,19 +6,18 @@ import json
 import logging
 import time
 
+import numpy as np
 import redis
 
 from shared import cache, keys
-from shared.jobs import JobKind, JobStatus, Lane, Scripts, finish_args
+from shared.jobs import PROGRESS, JobKind, JobStatus, Lane, Scripts, finish_args
 from shared.schemas import BacktestRequest, ForecastParameters
+from shared.series import Decoded, decode
 from shared.settings import Settings
 from workers import backtest, metrics
-from workers.batcher import Batcher, Work, group_key
+from workers.batcher import Batcher, Slice, Work, group_key
 
 log = logging.getLogger(__name__)
-
-# How often a long job's progress (series done) is written to its record.
-_PROGRESS_EVERY_S = 0.5
 
 # How long a job's Redis writes keep retrying while Redis is away (a restart takes seconds).
 _REDIS_PATIENCE_S = 300.0
@@ -41,41 +40,82 @@ def _outlasting_redis(call, *args, **kwargs):
             time.sleep(0.5)
 
 
-def _read(payload: dict, spec) -> tuple[BacktestRequest | None, list[dict], ForecastParameters]:
-    """A job message's model inputs and parameters (and its backtest request, for a backtest)."""
-    if payload.get("kind") == JobKind.BACKTEST:
-        request = BacktestRequest.model_validate({"model": spec.id, **payload["backtest"]})
-        params = request.parameters.model_copy(update={"quantile_levels": backtest.levels(request)})
-        return request, backtest.windows(request, spec.context_length), params
-    return None, payload["inputs"], ForecastParameters.model_validate(payload["parameters"])
+class RedisPassIO:
+    """A pass's series and results through Redis: one pipelined round trip to read the series of
+    every job in the pass (LRANGE of each job's input list) and their cancel flags, one to append
+    the results (RPUSH to each job's output list) and record progress."""
+
+    def __init__(self, raw: redis.Redis):
+        self.raw = raw  # binary replies
+        self._progress = raw.register_script(PROGRESS)
+
+    def read(self, batch: list[Slice]) -> tuple[list[Decoded], set[str]]:
+        with self.raw.pipeline(transaction=False) as pipe:
+            for work, start, end in batch:
+                pipe.hget(keys.job(work.job_id), "cancel_requested")
+                if work.inputs is None:
+                    pipe.lrange(keys.job_input(work.job_id), start, end - 1)
+            replies = iter(_outlasting_redis(pipe.execute))
+        decoded: list[Decoded] = []
+        stopped = set()
+        for work, start, end in batch:
+            if next(replies) == b"1":
+                stopped.add(work.job_id)
+            elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in next(replies)]
+            if len(elements) != end - start:  # the input list expired or was deleted under the job
+                raise RuntimeError(f"job {work.job_id}: series {start}..{end} are no longer stored")
+            decoded.extend(elements)
+        return decoded, stopped
+
+    def write(self, results: list[tuple[Slice, list[np.ndarray]]]) -> None:
+        if not results:
+            return
+        with self.raw.pipeline(transaction=False) as pipe:
+            for (work, _, end), arrays in results:
+                pipe.rpush(keys.job_output(work.job_id), *(a.tobytes() for a in arrays))
+                if end < work.n:  # the last pass's progress comes with the job's final state
+                    self._progress(keys=[keys.job(work.job_id)], args=[end, keys.EVENTS_CHANNEL, work.job_id], client=pipe)
+            _outlasting_redis(pipe.execute)
 
 
-def _remember(client: redis.Redis, spec, revision: str, payload: dict, fields: dict, ttl_s: int) -> None:
+def _remember(client: redis.Redis, job_id: str, digest: str, fields: dict, ttl_s: int) -> None:
     """Keep a deterministic job's result for identical requests (best effort: a miss only costs a run)."""
-    kept = {name: fields[name] for name in ("weights", "predictions", "backtest", "progress_done") if name in fields}
+    kept = {name: fields[name] for name in ("weights", "backtest", "progress_done") if name in fields}
     try:
-        client.set(keys.cache(cache.digest(spec, revision, payload)), json.dumps(kept), ex=ttl_s)
+        with client.pipeline(transaction=False) as pipe:
+            pipe.copy(keys.job_output(job_id), keys.cache_output(digest), replace=True)
+            pipe.expire(keys.cache_output(digest), ttl_s)
+            pipe.set(keys.cache(digest), json.dumps(kept), ex=ttl_s)
+            pipe.execute()
     except redis.RedisError as exc:
         log.warning("result not cached: %s", exc)
 
 
-def _await(work: Work, limit_s: float, report) -> bool:
-    """Wait for the batcher to finish `work` (at most `limit_s`), reporting its progress now and then."""
-    deadline = time.monotonic() + limit_s
-    reported = 0
-    while not work.finished.wait(min(_PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            return False
-        if work.done != reported:
-            reported = work.done
-            try:
-                report(reported)
-            except redis.RedisError as exc:  # progress is best effort; the outcome is not
-                log.warning("progress of job %s not recorded: %s", work.job_id, exc)
-    return True
+def _backtest_work(raw: redis.Redis, job_id: str, spec, request: dict, lane: Lane) -> tuple[Work, BacktestRequest]:
+    """A backtest's windows, cut from its one stored series, as in-memory work whose results are kept."""
+    stored = decode(_outlasting_redis(raw.lindex, keys.job_input(job_id), 0))
+    series: dict = {"target": _as_list(stored.target[0])}
+    if stored.past:
+        series["past_covariates"] = {name: _as_list(values) for name, values in stored.past.items()}
+    backtest_request = BacktestRequest.model_validate({"model": spec.id, "series": series, **request})
+    params = backtest_request.parameters.model_copy(update={"quantile_levels": backtest.levels(backtest_request)})
+    windows = [
+        Decoded.of(w["target"], w.get("past_covariates"), w.get("future_covariates"))
+        for w in backtest.windows(backtest_request, spec.context_length)
+    ]
+    work = Work(job_id, len(windows), params, lane, group_key(spec, params, job_id), inputs=windows, keep=True)
+    return work, backtest_request
 
 
-def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, settings: Settings, worker: str) -> str:
+def _as_list(values: np.ndarray) -> list:
+    if values.dtype == object:
+        return values.tolist()
+    return [None if np.isnan(x) else float(x) for x in values.tolist()]
+
+
+def execute(
+    job_id: str, batcher: Batcher, client: redis.Redis, raw: redis.Redis, settings: Settings, worker: str
+) -> str:
     """Run one job message (on a task thread); returns the job's status afterwards.
 
     A message whose job is no longer runnable (cancelled while queued, already finished by
@@ -84,11 +124,13 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
     spec = batcher.runtime.spec
     scripts = Scripts(client)
     job_key = keys.job(job_id)
-    created_at, lane, owner = _outlasting_redis(client.hmget, job_key, "created_at", "lane", "owner")
+    created_at, lane, owner, n_series, kind, request = _outlasting_redis(
+        client.hmget, job_key, "created_at", "lane", "owner", "n_series", "kind", "request"
+    )
     in_flight = keys.in_flight(owner or "")
     state = _outlasting_redis(
         scripts.start,
-        keys=[job_key, in_flight, keys.queued(spec), keys.payload(job_id)],
+        keys=[job_key, in_flight, keys.queued(spec), keys.job_input(job_id), keys.job_output(job_id)],
         args=[repr(time.time()), worker, settings.max_deliveries, settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
     )
     if state != JobStatus.RUNNING:
@@ -100,18 +142,19 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
         metrics.QUEUE_WAIT.labels(spec.id, lane.value).observe(max(0.0, time.time() - float(created_at)))
 
     fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
+    stored_request = json.loads(request or "{}")
+    backtest_request = None
     try:
-        request, inputs, params = _read(payload, spec)
-        work = Work(job_id, inputs, params, lane, group_key(spec, params, job_id))
-    except Exception as exc:  # a message this worker cannot read fails its job, not the worker
+        if kind == JobKind.BACKTEST:
+            work, backtest_request = _backtest_work(raw, job_id, spec, stored_request, lane)
+        else:
+            params = ForecastParameters.model_validate(stored_request["parameters"])
+            work = Work(job_id, int(n_series or 0), params, lane, group_key(spec, params, job_id))
+    except Exception as exc:  # a job this worker cannot read fails, not the worker
         work, error = None, f"{type(exc).__name__}: {exc}"
     else:
         batcher.submit(work)
-        finished = _await(
-            work,
-            settings.max_job_s,
-            lambda done: scripts.progress(keys=[job_key], args=[done, keys.EVENTS_CHANNEL, job_id]),
-        )
+        finished = work.finished.wait(settings.max_job_s)
         if not finished:
             batcher.abandon(work)
         error = work.error if finished else f"TimeoutError: not finished within MAX_JOB_S={settings.max_job_s}s"
@@ -123,29 +166,30 @@ def execute(job_id: str, payload: dict, batcher: Batcher, client: redis.Redis, s
         outcome = JobStatus.FAILED
     elif work.cancelled:
         outcome = JobStatus.CANCELLED
-    elif request is not None:
+    elif backtest_request is not None:
         try:
-            fields["backtest"] = backtest.score(request, work.results)
+            levels = work.params.quantile_levels
+            forecasts = [{str(q): block[0, 1 + j] for j, q in enumerate(levels)} for block in work.kept]
+            fields["backtest"] = {"metrics": backtest.score(backtest_request, forecasts)["metrics"]}
             outcome = JobStatus.SUCCEEDED
         except Exception as exc:  # scoring is ours, not the model's: still fail the job, not the worker
             log.exception("job %s: scoring the backtest failed", job_id)
             fields["error"], outcome = f"{type(exc).__name__}: {exc}", JobStatus.FAILED
     else:
-        for series, forecast in zip(inputs, work.results, strict=True):
-            forecast["item_id"] = series.get("item_id")
-            if series.get("start") is not None:
-                forecast["start"] = series["start"]
-        fields["predictions"] = work.results
         outcome = JobStatus.SUCCEEDED
-    if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and cache.cacheable(spec, payload):
+    parameters = stored_request.get("parameters", {})
+    if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and cache.cacheable(spec, parameters):
         # Before FINISH, so a client that sends the same request the moment it sees the result hits the cache.
-        _remember(client, spec, batcher.runtime.weights.revision, payload, fields, settings.cache_ttl_s)
+        identity = _outlasting_redis(client.hget, job_key, "identity")
+        if identity:
+            digest = cache.digest(spec, batcher.runtime.weights.revision, identity)
+            _remember(client, job_id, digest, fields, settings.cache_ttl_s)
     final = _outlasting_redis(
         scripts.finish,
-        keys=[job_key, in_flight, keys.payload(job_id)],
+        keys=[job_key, in_flight, keys.job_input(job_id), keys.job_output(job_id), keys.job_items(job_id)],
         args=finish_args(outcome, time.time(), settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, fields),
     )
-    n = len(work.inputs) if work else 0
+    n = work.n if work else 0
     log.info("job %s: %s (%d series, %.3fs in the model)", job_id, final, n, fields["inference_s"])
     metrics.JOBS.labels(spec.id, final).inc()
     metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])

@@ -11,7 +11,8 @@ The next delivery claims the job again (`attempts` + 1); after `MAX_DELIVERIES` 
 One window kombu leaves open: its Redis transport pops a message off the list and records it in
 `unacked` in a second step, so a worker killed in between loses the message outright. For that,
 `resend_lost` re-sends jobs still `queued` after `grace_s` whose message is in neither their
-queue nor `unacked`, from the payload the API kept (`keys.payload`). A duplicate it might send
+queue nor `unacked` (a message carries only the job id; the series wait in the job's input list,
+`keys.job_input`). A duplicate it might send
 is harmless: the first delivery claims the job, later ones find it running or finished.
 """
 
@@ -107,14 +108,13 @@ def resend_lost(app: Celery, client: redis.Redis, spec: ModelSpec, grace_s: floa
     resent = 0
     for job_id in stale:
         status, lane = client.hmget(keys.job(job_id), "status", "lane")
-        payload = client.get(keys.payload(job_id))
-        if status != "queued" or payload is None:
+        if status != "queued" or not client.exists(keys.job_input(job_id)):
             client.zrem(keys.queued(spec), job_id)  # claimed, finished or expired meanwhile
             continue
         if job_id in present:
             continue
         queue = keys.sync_queue(spec) if lane == "sync" else keys.queue(spec)
-        app.send_task(keys.FORECAST_TASK, args=[job_id, json.loads(payload)], task_id=job_id, queue=queue)
+        app.send_task(keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=queue)
         client.zadd(keys.queued(spec), {job_id: time.time()})  # another grace period before looking again
         resent += 1
     if resent:

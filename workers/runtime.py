@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -13,6 +12,7 @@ from chronos import BaseChronosPipeline
 
 from shared.catalog import Family, ModelSpec
 from shared.schemas import ForecastParameters
+from shared.series import Decoded
 from shared.settings import Settings
 from workers.weights import Weights
 
@@ -28,44 +28,34 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def _missing_as_nan(values: Sequence, categorical: bool = False) -> np.ndarray:
-    if categorical:
-        return np.array(list(values), dtype=object)  # None marks a missing category
-    return np.array([math.nan if x is None else x for x in values], dtype=np.float32)
+def _categorical(series: Decoded) -> set[str]:
+    """Covariates holding strings in their past or future values (an all-missing side takes the
+    other's kind, so a covariate is one kind across both)."""
+    return {name for group in (series.past, series.future) for name, v in group.items() if v.dtype == object}
 
 
-def _categorical(series: Mapping) -> set[str]:
-    """Covariates holding strings in their past or future values (all-missing past values take the
-    future's kind, so a covariate is one kind across both)."""
-    return {
-        name
-        for group in ("past_covariates", "future_covariates")
-        for name, values in (series.get(group) or {}).items()
-        if any(isinstance(x, str) for x in values)
-    }
-
-
-def _chronos2_input(series: Mapping) -> dict:
-    """A request's series as `Chronos2Pipeline` takes it: arrays, NaN (numeric) or None (categorical) for missing."""
-    target = series["target"]
-    variates = target if isinstance(target[0], list) else [target]
-    out: dict = {"target": np.stack([_missing_as_nan(v) for v in variates])}
+def _chronos2_input(series: Decoded) -> dict:
+    """A stored series as `Chronos2Pipeline` takes it: arrays, NaN (numeric) or None (categorical) for missing."""
+    out: dict = {"target": series.target}
     categorical = _categorical(series)
-    for group in ("past_covariates", "future_covariates"):
-        if series.get(group):
-            out[group] = {name: _missing_as_nan(values, name in categorical) for name, values in series[group].items()}
+    for group, named in (("past_covariates", series.past), ("future_covariates", series.future)):
+        if named:
+            out[group] = {
+                name: (values if values.dtype == object else np.full(len(values), None, dtype=object))
+                if name in categorical else values
+                for name, values in named.items()
+            }  # fmt: skip
     return out
 
 
-def _schema(series: Mapping) -> tuple:
+def _schema(series: Decoded) -> tuple:
     """What series must share to go through one Chronos-2 call: variates, covariate names and kinds."""
-    target = series["target"]
     categorical = _categorical(series)
 
-    def names(group: str) -> tuple:
-        return tuple(sorted((name, name in categorical) for name in series.get(group) or {}))
+    def names(group: dict) -> tuple:
+        return tuple(sorted((name, name in categorical) for name in group))
 
-    return (len(target) if isinstance(target[0], list) else 0, names("past_covariates"), names("future_covariates"))
+    return (series.target.shape[0], names(series.past), names(series.future))
 
 
 def _out_of_memory(exc: Exception) -> bool:
@@ -89,7 +79,7 @@ class ModelRuntime:
         self.max_batch = settings.max_batch or spec.max_batch(self.device)
         # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
         warmup = {"num_samples": 2} if spec.sample_based else None
-        self.predict([{"target": [float(i % 7) for i in range(64)]}] * self.max_batch, 8, [0.5], sampling=warmup)
+        self.predict([Decoded.of([float(i % 7) for i in range(64)])] * self.max_batch, 8, [0.5], sampling=warmup)
         log.info(
             "loaded %s (%s weights from %s) on %s/%s in %.1fs, max batch %d, %d torch threads",
             spec.id, weights.kind, weights.source, self.device, str(self.dtype).removeprefix("torch."),
@@ -104,41 +94,47 @@ class ModelRuntime:
 
     def predict(
         self,
-        inputs: Sequence[Mapping],
+        inputs: Sequence[Decoded],
         prediction_length: int,
         quantile_levels: Sequence[float],
         sampling: Mapping[str, float | int] | None = None,
         return_samples: bool = False,
         seed: int | None = None,
-    ) -> list[dict[str, list]]:
-        """One forward pass over `inputs` (series as in a request: `target`, and for Chronos-2 maybe
-        `past_covariates`/`future_covariates`): per series 'mean', one key per quantile level, and
-        'samples' (T5 only) when asked. `sampling` holds num_samples/temperature/top_k/top_p (T5),
-        `seed` seeds T5's sampling. A several-variate target gets one list per variate under each key."""
-        samples = None
+    ) -> list[np.ndarray]:
+        """One forward pass over `inputs`: per series a float32 array [variates, rows, horizon], rows
+        being the mean, one per quantile level, then the sample paths (T5, when `return_samples`).
+        `sampling` holds num_samples/temperature/top_k/top_p (T5), `seed` seeds T5's sampling.
+        Bolt and T5 get the whole pass as one left-padded 2-D tensor [series, time]."""
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
             if self.spec.family is Family.CHRONOS2:
-                quantiles, mean = self._chronos2(inputs, prediction_length, quantile_levels)
+                return self._chronos2(inputs, prediction_length, quantile_levels)
+            batch = self._batch(inputs)
+            samples = None
+            if self.spec.sample_based:
+                q, m, samples = self._from_samples(batch, prediction_length, quantile_levels, sampling)
             else:
-                batch = [self._tensor(series["target"]) for series in inputs]
-                if self.spec.sample_based:
-                    q, m, samples = self._from_samples(batch, prediction_length, quantile_levels, sampling)
-                else:
-                    q, m = self.pipeline.predict_quantiles(
-                        batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels)
-                    )
-                quantiles, mean = q.to(torch.float32).numpy(), m.to(torch.float32).numpy()
-        out = []
-        for i in range(len(inputs)):
-            series = {"mean": mean[i].tolist()}
-            for j, level in enumerate(quantile_levels):
-                series[str(level)] = quantiles[i][..., j].tolist()
-            if return_samples and samples is not None:
-                series["samples"] = samples[i].tolist()
-            out.append(series)
-        return out
+                q, m = self.pipeline.predict_quantiles(
+                    batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels)
+                )
+            quantiles, mean = q.to(torch.float32).numpy(), m.to(torch.float32).numpy()  # [B, H, Q], [B, H]
+        parts = [mean[:, None, :], quantiles.transpose(0, 2, 1)]
+        if return_samples and samples is not None:
+            parts.append(samples)  # [B, S, H]
+        block = np.concatenate(parts, axis=1)  # [B, rows, H]
+        return [block[i : i + 1] for i in range(len(inputs))]
+
+    def _batch(self, inputs: Sequence[Decoded]) -> torch.Tensor:
+        """One 2-D float32 tensor, each series' last `context_length` points right-aligned, NaN-padded
+        on the left (what the pipelines do to a list of tensors, without a tensor per series)."""
+        context = self.spec.context_length
+        tails = [series.target[0, -context:] for series in inputs]
+        width = max(len(t) for t in tails)
+        out = np.full((len(tails), width), np.nan, dtype=np.float32)
+        for row, tail in zip(out, tails, strict=True):
+            row[width - len(tail) :] = tail
+        return torch.from_numpy(out)
 
     def _chronos2(self, inputs: Sequence[Mapping], prediction_length: int, quantile_levels: Sequence[float]):
         """Chronos-2 takes one input schema per call (variates, covariate names and kinds), so series
@@ -147,8 +143,7 @@ class ModelRuntime:
         by_schema: dict[tuple, list[int]] = {}
         for i, series in enumerate(inputs):
             by_schema.setdefault(_schema(series), []).append(i)
-        quantiles: list = [None] * len(inputs)
-        mean: list = [None] * len(inputs)
+        out: list = [None] * len(inputs)
         for indices in by_schema.values():
             batch = [_chronos2_input(inputs[i]) for i in indices]
             rows = sum(len(b["target"]) + len(b.get("past_covariates", ())) for b in batch)
@@ -156,12 +151,11 @@ class ModelRuntime:
                 batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels), batch_size=rows
             )
             for i, qi, mi in zip(indices, q, m, strict=True):
-                univariate = not isinstance(inputs[i]["target"][0], list)
                 qi, mi = qi.to(torch.float32).numpy(), mi.to(torch.float32).numpy()  # [variates, H, Q], [variates, H]
-                quantiles[i], mean[i] = (qi[0], mi[0]) if univariate else (qi, mi)
-        return quantiles, mean
+                out[i] = np.concatenate([mi[:, None, :], qi.transpose(0, 2, 1)], axis=1)
+        return out
 
-    def predict_isolating(self, inputs: Sequence, *args, **kwargs) -> list[dict | Exception]:
+    def predict_isolating(self, inputs: Sequence, *args, **kwargs) -> list[np.ndarray | Exception]:
         """`predict`, but a failure is narrowed down by halving the batch: the series that fail on
         their own get their exception, every other series its forecast. Out of memory also lowers
         `max_batch` for the batches to come, so no job fails because its batch was too big."""
@@ -190,8 +184,3 @@ class ModelRuntime:
         levels = torch.tensor(list(quantile_levels), dtype=per_step.dtype)
         quantiles = torch.quantile(per_step, q=levels, dim=-1).permute(1, 2, 0)
         return quantiles, per_step.mean(dim=-1), samples.numpy()
-
-    def _tensor(self, target: Sequence[float | None]) -> torch.Tensor:
-        # Only the model's context window is used; cut it here so long inputs do not pad a whole batch.
-        tail = target[-self.spec.context_length :]
-        return torch.tensor([math.nan if x is None else x for x in tail], dtype=torch.float32)

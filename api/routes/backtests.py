@@ -7,32 +7,41 @@ The job is read, long-waited and cancelled like any other (`/v1/backtests/{id}` 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from shared.schemas import BacktestRequest, JobView
 
+from api import bodies
 from api.auth import Caller
 from api.problems import documented
-from api.routes.forecasts import SUBMIT_ERRORS, IdempotencyKey, Service, cancel_forecast, get_forecast, job_events
+from api.routes.forecasts import (
+    SUBMIT_ERRORS, IdempotencyKey, Service, answer, cancel_forecast, get_forecast, job_events,
+)  # fmt: skip
 
 router = APIRouter(prefix="/v1", tags=["backtests"])
 
 
 @router.post(
-    "/backtests", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses=documented(*SUBMIT_ERRORS)
+    "/backtests",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    responses=documented(*SUBMIT_ERRORS),
+    openapi_extra=bodies.documented_body(BacktestRequest),
 )
 async def submit_backtest(
-    body: BacktestRequest, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
-) -> JobView:
+    request: Request, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
     from the `context_length` points before it, scored against the series' own later values (MASE,
     weighted quantile loss, interval coverage). All origins run as one job in model-sized batches."""
+    body = await bodies.model_body(request, jobs.settings, BacktestRequest)  # after the key was checked
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/backtests/{record.id}"
-    return JobView.of(record)
+    response.status_code = status.HTTP_202_ACCEPTED
+    return await answer(jobs, record, request, response)
 
 
 router.add_api_route(

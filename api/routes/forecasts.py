@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from shared.jobs import JobStatus, Lane
+from shared.jobs import JobRecord, JobStatus, Lane
 from shared.schemas import ForecastRequest, JobView
 from shared.settings import Settings
 
+from api import bodies, render
 from api.auth import Caller
 from api.deps import service, settings
-from api.problems import BODY_ERRORS, documented
+from api.problems import BODY_ERRORS, COLUMNAR_ERRORS, documented
 from api.service import JobService
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
@@ -40,27 +41,49 @@ def _location(response: Response, job_id: str) -> None:
     response.headers["Location"] = f"/v1/forecasts/{job_id}"
 
 
-SUBMIT_ERRORS = (*BODY_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
+async def answer(jobs: JobService, record: JobRecord, request: Request, response: Response) -> Response:
+    """The job as JSON, results included once it succeeded; the results alone as an Arrow stream or
+    Parquet file when `Accept` asks for one. Rendered from the stored arrays (api/render.py)."""
+    outputs = items = None
+    if record.status is JobStatus.SUCCEEDED and record.predictions is None:
+        outputs, items = await jobs.results(record)
+        media = render.wanted(request.headers.get("accept"))
+        if media and record.kind.value == "forecast":
+            body = render.columnar(record, outputs, items, media)
+            return Response(body, status_code=response.status_code or 200, headers=dict(response.headers), media_type=media)
+    body = render.job_json(record, outputs, items)
+    return Response(body, status_code=response.status_code or 200, headers=dict(response.headers),
+                    media_type="application/json")  # fmt: skip
+
+
+SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
                  "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
                  "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
 
 
 @router.post(
-    "/forecasts", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses=documented(*SUBMIT_ERRORS)
+    "/forecasts",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    responses=documented(*SUBMIT_ERRORS),
+    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
 async def submit_forecast(
-    body: ForecastRequest, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
-) -> JobView:
+    request: Request, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
 
-    With an `Idempotency-Key`, sending the same request again returns the same job
-    (`Idempotent-Replayed: true`) instead of queueing another.
+    The body is JSON, or an Arrow IPC stream / Parquet file in long format with the parameters in
+    the query string. With an `Idempotency-Key`, sending the same request again returns the same
+    job (`Idempotent-Replayed: true`) instead of queueing another.
     """
-    record, replayed = await jobs.submit(body, Lane.ASYNC, owner, idempotency_key)
+    job = await bodies.forecast(request, jobs.settings)  # read only now: after the key was checked
+    record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     _location(response, record.id)
-    return JobView.of(record)
+    response.status_code = status.HTTP_202_ACCEPTED
+    return await answer(jobs, record, request, response)
 
 
 @router.get(
@@ -70,15 +93,19 @@ async def submit_forecast(
 )
 async def get_forecast(
     job_id: str,
+    request: Request,
+    response: Response,
     jobs: Service,
     config: Config,
     owner: Caller,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal state (capped).")] = 0,
-) -> JobView:
-    """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out)."""
+) -> Response:
+    """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out).
+    `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
+    a succeeded forecast's results as a long-format table instead."""
     wait = min(wait, config.wait_max_s)
     record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner))
-    return JobView.of(record)
+    return await answer(jobs, record, request, response)
 
 
 @router.get(
@@ -100,10 +127,11 @@ async def job_events(job_id: str, jobs: Service, owner: Caller) -> StreamingResp
             if record is None:
                 yield ": keep-alive\n\n"
                 continue
-            view = JobView.of(record)
             if record.terminal:
-                yield f"event: done\ndata: {view.model_dump_json()}\n\n"
+                outputs, items = (await jobs.results(record)) if record.status is JobStatus.SUCCEEDED else (None, None)
+                yield f"event: done\ndata: {render.job_json(record, outputs, items).decode()}\n\n"
             else:
+                view = JobView.of(record)
                 yield f"event: status\ndata: {view.model_dump_json(exclude={'predictions', 'backtest'})}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
@@ -132,24 +160,25 @@ async def cancel_forecast(job_id: str, response: Response, jobs: Service, owner:
         202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
         **documented(*SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker"),
     },
+    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
 async def predict(
-    body: ForecastRequest,
+    request: Request,
     response: Response,
     jobs: Service,
     config: Config,
     owner: Caller,
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
     idempotency_key: IdempotencyKey = None,
-) -> JobView:
+) -> Response:
     """Forecast in one round trip on a sync-eligible model, through its priority lane.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
-    record = await jobs.run(body, Lane.SYNC, owner, wait, idempotency_key)
-    if record.status is JobStatus.SUCCEEDED:
-        return JobView.of(record)
-    response.status_code = status.HTTP_202_ACCEPTED
-    _location(response, record.id)
-    return JobView.of(record)
+    job = await bodies.forecast(request, config)
+    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False)
+    if record.status is not JobStatus.SUCCEEDED:
+        response.status_code = status.HTTP_202_ACCEPTED
+        _location(response, record.id)
+    return await answer(jobs, record, request, response)

@@ -1,0 +1,482 @@
+"""Request bodies, read after the caller is authenticated and parsed straight into arrays.
+
+Routes declare no body parameter, so FastAPI reads nothing before `Caller` has checked the
+key; the route then calls `read` (size cap and read deadline enforced while the bytes arrive)
+and one of the parsers here:
+
+- JSON (`application/json`): msgspec first decodes the structure with every target left as raw
+  JSON (a scan, ~30 ms for 40 MB), so series and point limits are enforced before any number
+  is parsed; each target is then decoded with strict types (no bools, no numeric strings) into
+  a float array. Bodies with the non-standard `NaN`/`Infinity` literals Python's json emits are
+  parsed by pydantic-core's parser instead (msgspec refuses them) and converted the same way.
+  The pydantic models in shared/schemas.py stay the documented contract (OpenAPI, examples);
+  parameters are validated by them directly (strict), and the error tests and the property test
+  in tests/test_bodies.py hold this parser to them.
+- Arrow IPC streams and Parquet (long format: `item_id`, optional `timestamp`, `target`, and
+  for Chronos-2 past-covariate columns), with the parameters in the query string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar
+
+import msgspec
+import numpy as np
+import pydantic_core
+from fastapi import Request
+from msgspec import Meta, Raw, Struct
+from pydantic import ValidationError
+
+from shared.schemas import ForecastParameters, ForecastRequest, SeriesInput
+from shared.series import SeriesSet
+from shared.settings import Settings
+
+from api.problems import Problem, validation_problem
+
+JSON = "application/json"
+ARROW = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
+COLUMNAR = (ARROW, PARQUET)
+
+T = TypeVar("T")
+ItemId = Annotated[str, Meta(max_length=256)]
+Start = Annotated[str, Meta(max_length=64)]
+
+
+class _Series(Struct, Generic[T], forbid_unknown_fields=True):
+    target: T
+    item_id: ItemId | None = None
+    start: Start | None = None
+    past_covariates: dict[str, T] | None = None
+    future_covariates: dict[str, T] | None = None
+
+
+class _Forecast(Struct, Generic[T], forbid_unknown_fields=True):
+    model: str
+    inputs: list[_Series[T]]
+    parameters: T
+    callback_url: Annotated[str, Meta(max_length=2048)] | None = None
+
+
+_STRUCTURE = msgspec.json.Decoder(_Forecast[Raw])
+_NUMBERS = msgspec.json.Decoder(list[float | None])
+_ROWS = msgspec.json.Decoder(list[list[float | None]])
+_LABELS = msgspec.json.Decoder(list[str | None])
+
+
+@dataclass
+class ForecastJob:
+    """A parsed forecast request: what the service validates and stores."""
+
+    model: str
+    parameters: ForecastParameters
+    series: SeriesSet
+    callback_url: str | None = None
+    # Per series: the target came as a list of variates (its answer then holds one list per variate).
+    nested: list[bool] | None = None
+
+    def field(self, i: int) -> str:
+        return f"inputs[{i}]"
+
+
+async def read(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 past `max_bytes` and 408 when it takes over `timeout_s`."""
+    chunks: list[bytes] = []
+    size = 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise Problem(413, "body-too-large", f"request body over {max_bytes} bytes (MAX_BODY_BYTES)")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except TimeoutError:
+        raise Problem(408, "body-timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+    return b"".join(chunks)
+
+
+def media_type(request: Request) -> str:
+    """The body's media type: JSON unless it says Arrow or Parquet (415 for anything else that is not JSON)."""
+    given = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    if given in COLUMNAR:
+        return given
+    if given in ("", JSON, "text/json") or given.endswith("+json"):
+        return JSON
+    raise Problem(415, "unsupported-media-type", f"bodies are {JSON}, {ARROW} or {PARQUET}, not {given}")
+
+
+# -- JSON ---------------------------------------------------------------------------------
+
+
+def forecast_json(body: bytes, settings: Settings) -> ForecastJob:
+    """Parse a JSON forecast request (see the module docstring)."""
+    try:
+        request = _STRUCTURE.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _msgspec_problem(exc) from None
+    except msgspec.DecodeError:
+        return _forecast_literals(body, settings)
+    _check_counts(request.inputs, settings)
+    for i, series in enumerate(request.inputs):
+        _check_points(bytes(series.target), f"inputs[{i}].target", settings)
+    return _assemble(request, settings, _decode_raw)
+
+
+def _forecast_literals(body: bytes, settings: Settings) -> ForecastJob:
+    """Bodies msgspec refuses: malformed JSON (400), or JSON with NaN/Infinity literals."""
+    try:
+        tree = pydantic_core.from_json(body, allow_inf_nan=True)
+    except ValueError:
+        raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
+    try:
+        request = msgspec.convert(tree, _Forecast[Any])
+    except msgspec.ValidationError as exc:
+        raise _msgspec_problem(exc) from None
+    _check_counts(request.inputs, settings)
+    return _assemble(request, settings, _convert_tree)
+
+
+def _check_counts(inputs: list, settings: Settings) -> None:
+    if not inputs:
+        raise _invalid("inputs", "must hold at least one series")
+    if len(inputs) > settings.max_series:
+        raise _over("inputs", f"{len(inputs)} series; at most {settings.max_series} per request")
+
+
+def _check_points(raw: bytes, field: str, settings: Settings) -> None:
+    """Before parsing a target's numbers: refuse one that cannot fit the limits whatever its shape."""
+    if raw.count(b",") + 1 > settings.max_points * settings.max_variates:
+        raise _over(field, f"more than {settings.max_points} points")
+
+
+def _decode_raw(raw: Raw | bytes, field: str) -> tuple[list, bool]:
+    """A raw JSON array of numbers (or of arrays of numbers) as lists; strict types."""
+    text = bytes(raw)
+    nested = text.lstrip()[1:].lstrip()[:1] == b"["
+    try:
+        return (_ROWS if nested else _NUMBERS).decode(text), nested
+    except msgspec.ValidationError as exc:
+        raise _msgspec_problem(exc, field) from None
+    except msgspec.DecodeError:
+        return _convert_tree(pydantic_core.from_json(text, allow_inf_nan=True), field)
+
+
+def _convert_tree(value: Any, field: str) -> tuple[list, bool]:
+    """An already parsed target (floats, None, maybe NaN/inf) checked with the same strict types."""
+    nested = isinstance(value, list) and bool(value) and isinstance(value[0], list)
+    try:
+        return msgspec.convert(value, list[list[float | None]] if nested else list[float | None]), nested
+    except msgspec.ValidationError as exc:
+        raise _msgspec_problem(exc, field) from None
+
+
+def _covariate(raw: Any, field: str) -> np.ndarray | list:
+    """A covariate: numbers (float array, NaN for missing) or strings (categorical, None for missing)."""
+    if isinstance(raw, Raw):
+        text = bytes(raw)
+        try:
+            return np.array(_NUMBERS.decode(text), dtype=np.float64)
+        except msgspec.ValidationError:
+            try:
+                return _LABELS.decode(text)
+            except msgspec.ValidationError as exc:
+                raise _msgspec_problem(exc, field) from None
+        except msgspec.DecodeError:
+            raw = pydantic_core.from_json(text, allow_inf_nan=True)
+    try:
+        return np.array(msgspec.convert(raw, list[float | None]), dtype=np.float64)
+    except msgspec.ValidationError:
+        try:
+            return msgspec.convert(raw, list[str | None])
+        except msgspec.ValidationError as exc:
+            raise _msgspec_problem(exc, field) from None
+
+
+def _assemble(request: _Forecast, settings: Settings, decode) -> ForecastJob:
+    rows: list[np.ndarray] = []
+    variates, nested_flags, covariates = [], [], []
+    for i, series in enumerate(request.inputs):
+        at = f"inputs[{i}].target"
+        values, nested = decode(series.target, at)
+        if nested:
+            if not values or len({len(v) for v in values}) != 1 or not values[0]:
+                raise _invalid(at, "target variates must be non-empty and share one length")
+            rows.extend(np.array(v, dtype=np.float64) for v in values)
+        else:
+            rows.append(np.array(values, dtype=np.float64))
+        variates.append(len(values) if nested else 1)
+        nested_flags.append(nested)
+        cov = {}
+        for group in ("past_covariates", "future_covariates"):
+            named = getattr(series, group)
+            if named:
+                cov[group.split("_")[0]] = {
+                    name: _covariate(value, f"inputs[{i}].{group}.{name}") for name, value in named.items()
+                }
+        covariates.append(cov or None)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    series_set = SeriesSet(
+        values=np.concatenate(rows) if rows else np.zeros(0),
+        offsets=np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
+        variates=np.array(variates, dtype=np.int64),
+        item_ids=[s.item_id for s in request.inputs],
+        starts=[s.start for s in request.inputs],
+        covariates=covariates if any(c is not None for c in covariates) else None,
+    )
+    return ForecastJob(
+        model=request.model,
+        parameters=parameters(request.parameters),
+        series=series_set,
+        callback_url=request.callback_url,
+        nested=nested_flags if any(nested_flags) else None,
+    )
+
+
+def parameters(raw: Any, prefix: str = "parameters") -> ForecastParameters:
+    """Forecast parameters, validated by the documented model itself (strict: no coercion)."""
+    try:
+        if isinstance(raw, Raw):
+            return ForecastParameters.model_validate_json(bytes(raw), strict=True)
+        return ForecastParameters.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        raise validation_problem(exc.errors(), prefix) from None
+
+
+def series_input(value: Any, field: str) -> SeriesInput:
+    """One series through the documented model (backtests send one series, so speed does not matter)."""
+    try:
+        return SeriesInput.model_validate(value, strict=True)
+    except ValidationError as exc:
+        raise validation_problem(exc.errors(), field) from None
+
+
+# -- Arrow and Parquet --------------------------------------------------------------------
+
+_RESERVED = ("item_id", "timestamp", "target")
+
+
+def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: Settings) -> ForecastJob:
+    """A long-format table (one row per series and time step) and the parameters from the query string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        if kind == ARROW:
+            table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(pa.BufferReader(body))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise Problem(400, "malformed-body", f"not a readable {kind} body: {exc}") from None
+    if "target" not in table.column_names:
+        raise _invalid("target", "the table needs a `target` column (and `item_id` for several series)")
+    n = table.num_rows
+    if "item_id" in table.column_names:
+        ids = pc.dictionary_encode(pc.cast(table["item_id"], pa.string())).combine_chunks()
+        codes = ids.indices.to_numpy(zero_copy_only=False)
+        names = ids.dictionary.to_pylist()
+        order = None if n < 2 or bool(np.all(codes[1:] >= codes[:-1])) else np.argsort(codes, kind="stable")
+        if order is not None:
+            codes = codes[order]
+            table = table.take(pa.array(order))
+    else:
+        codes, names, order = np.zeros(n, dtype=np.int64), [None], None
+    counts = np.bincount(codes, minlength=len(names)) if n else np.zeros(0, np.int64)
+    if len(names) > settings.max_series:
+        raise _over("item_id", f"{len(names)} series; at most {settings.max_series} per request")
+    if n and counts.max() > settings.max_points:
+        raise _over("target", f"{int(counts.max())} points in one series; at most {settings.max_points}")
+    values = _numeric(table["target"], "target")
+    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    starts: list[str | None] = [None] * len(names)
+    if "timestamp" in table.column_names:
+        column = table["timestamp"].combine_chunks()
+        starts = [None if (v := column[int(o)].as_py()) is None else str(v) for o in offsets[:-1]]
+    extra = [c for c in table.column_names if c not in _RESERVED]
+    covariates = None
+    if extra:
+        columns = {c: _column(table[c], c) for c in extra}
+        covariates = [
+            {"past": {c: v[offsets[i] : offsets[i + 1]] for c, v in columns.items()}} for i in range(len(names))
+        ]
+    series_set = SeriesSet(
+        values=values, offsets=offsets, variates=np.ones(len(names), dtype=np.int64),
+        item_ids=[None if x is None else str(x) for x in names], starts=starts, covariates=covariates,
+    )  # fmt: skip
+    query = dict(query)
+    model = query.pop("model", None)
+    if not model:
+        raise _invalid("model", "required in the query string for an Arrow or Parquet body")
+    callback_url = query.pop("callback_url", None)
+    params: dict[str, Any] = dict(query)
+    if "quantile_levels" in params:
+        params["quantile_levels"] = [x for x in params["quantile_levels"].split(",") if x]
+    try:
+        parsed = ForecastParameters.model_validate(params)  # query strings: numbers arrive as text
+    except ValidationError as exc:
+        raise validation_problem(exc.errors(), "") from None
+    return ForecastJob(model=model, parameters=parsed, series=series_set, callback_url=callback_url)
+
+
+def _numeric(column, field: str) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_decimal(column.type)):
+        raise _invalid(field, f"must be numeric, not {column.type}")
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _column(column, field: str) -> np.ndarray | list:
+    import pyarrow as pa
+
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.to_pylist()
+    return _numeric(column, field)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"(?:missing required|contains unknown) field `(?P<name>[^`]+)`")
+
+
+def _msgspec_problem(exc: msgspec.ValidationError, prefix: str = "") -> Problem:
+    """msgspec's message (`Expected `float | null`, got `str` - at `$.inputs[0].target[1]``) as our 422."""
+    message = str(exc)
+    path = ""
+    if match := _PATH.search(message):
+        path, message = match["path"], message[: match.start()]
+    if named := _NAMED.search(message):
+        path += f".{named['name']}"
+    field = (prefix + path).lstrip(".")
+    return _invalid(field, message)
+
+
+def _invalid(field: str, detail: str) -> Problem:
+    return Problem(422, "validation-error", f"{field}: {detail}", field=field, errors=[{"field": field, "message": detail}])
+
+
+def _over(field: str, detail: str) -> Problem:
+    return Problem(422, "limit-exceeded", f"{field}: {detail}", field=field)
+
+
+# -- from the documented models (compat calls and backtests: one series, speed does not matter) --
+
+
+def series_from_inputs(inputs: list[SeriesInput]) -> SeriesSet:
+    """Validated pydantic series as a `SeriesSet`."""
+    rows, variates, covariates = [], [], []
+    for series in inputs:
+        target = series.target if series.multivariate else [series.target]
+        rows.extend(np.array([np.nan if x is None else x for x in row], dtype=np.float64) for row in target)
+        variates.append(len(target))
+        cov = {}
+        for group in ("past", "future"):
+            named = getattr(series, f"{group}_covariates")
+            if named:
+                cov[group] = {name: _python_covariate(values) for name, values in named.items()}
+        covariates.append(cov or None)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    return SeriesSet(
+        values=np.concatenate(rows) if rows else np.zeros(0),
+        offsets=np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
+        variates=np.array(variates, dtype=np.int64),
+        item_ids=[s.item_id for s in inputs],
+        starts=[s.start for s in inputs],
+        covariates=covariates if any(c is not None for c in covariates) else None,
+    )
+
+
+def _python_covariate(values: list) -> np.ndarray | list:
+    if any(isinstance(x, str) for x in values):
+        return list(values)
+    return np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+
+
+def forecast_job(request: ForecastRequest) -> ForecastJob:
+    """A pydantic `ForecastRequest` (built by the compat translations) as a `ForecastJob`."""
+    nested = [s.multivariate for s in request.inputs]
+    return ForecastJob(
+        model=request.model,
+        parameters=request.parameters,
+        series=series_from_inputs(request.inputs),
+        callback_url=request.callback_url,
+        nested=nested if any(nested) else None,
+    )
+
+
+# -- OpenAPI: routes read their body themselves, so they describe it themselves ------------
+
+_DOCUMENTED: list[type] = []
+
+
+def documented_body(model: type, columnar: bool = False) -> dict:
+    """`openapi_extra` describing a body the route reads itself: `model` as JSON (and, if
+    `columnar`, an Arrow stream or Parquet file with the parameters in the query string)."""
+    _DOCUMENTED.append(model)
+    content: dict = {JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if columnar:
+        for kind in COLUMNAR:
+            content[kind] = {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Long format: item_id, optional timestamp, target (and Chronos-2 past-covariate "
+                "columns); model, prediction_length, quantile_levels (comma-separated), ... in the query string.",
+            }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def install(app) -> None:
+    """Add the models of self-read bodies to the app's OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in _DOCUMENTED:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in model_schema.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+async def forecast(request: Request, settings: Settings) -> ForecastJob:
+    """Read and parse a forecast body of any accepted media type. Large JSON is parsed on a thread:
+    its per-series steps let the event loop run between them."""
+    kind = media_type(request)
+    limit = settings.max_columnar_body_bytes if kind in COLUMNAR else settings.max_body_bytes
+    body = await read(request, limit, settings.body_timeout_s)
+    if kind in COLUMNAR:
+        return forecast_columnar(body, kind, dict(request.query_params), settings)
+    if len(body) < 1 << 20:
+        return forecast_json(body, settings)
+    return await asyncio.to_thread(forecast_json, body, settings)
+
+
+async def model_body(request: Request, settings: Settings, model: type):
+    """A small JSON body validated by its documented pydantic model, strictly (no coercion)."""
+    if media_type(request) != JSON:
+        raise Problem(415, "unsupported-media-type", f"this route takes {JSON} bodies")
+    body = await read(request, settings.max_body_bytes, settings.body_timeout_s)
+    try:
+        tree = pydantic_core.from_json(body, allow_inf_nan=True)
+    except ValueError:
+        raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
+    try:
+        return model.model_validate(tree, strict=True)
+    except ValidationError as exc:
+        raise validation_problem(exc.errors()) from None

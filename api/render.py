@@ -1,0 +1,139 @@
+"""A job's answer, rendered at the edge from the float32 arrays the worker stored.
+
+Results stay arrays until the last moment: the job's metadata is the `JobView` (one spelling
+of the answer's shape), and predictions are spliced in as numpy arrays that orjson writes in C
+(JSON), or laid out as one long-format table (Arrow IPC stream or Parquet, when `Accept`
+asks for it). Values are widened to float64 first, so the JSON numbers are the float32 results
+exactly and a client reading them back gets what the model computed, bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import orjson
+
+from shared.jobs import JobKind, JobRecord
+from shared.schemas import JobView
+from shared.series import ResultLayout
+
+ARROW = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def layout(record: JobRecord, first: bytes | None) -> ResultLayout:
+    """How the job's output elements are laid out (see `shared.series.ResultLayout`)."""
+    params = record.request.get("parameters", {})
+    levels = tuple(params.get("quantile_levels") or ())
+    if record.kind is JobKind.BACKTEST:
+        levels = tuple(sorted({*levels, 0.5}))
+    horizon = params.get("prediction_length") or record.prediction_length
+    samples = 0
+    if params.get("return_samples") and first is not None:
+        samples = len(first) // 4 // horizon - 1 - len(levels)
+    return ResultLayout(levels, horizon, samples)
+
+
+def predictions(record: JobRecord, outputs: list[bytes], items: list | None) -> list[dict]:
+    """One entry per series: item_id, mean, one key per level (samples when asked), start if given."""
+    shape = layout(record, outputs[0] if outputs else None)
+    out = []
+    for i, raw in enumerate(outputs):
+        item_id, start, nested = items[i] if items else (None, None, False)
+        forecast = {"item_id": item_id, **shape.forecast(raw, univariate=not nested)}
+        if start is not None:
+            forecast["start"] = start
+        out.append(forecast)
+    return out
+
+
+def backtest(record: JobRecord, outputs: list[bytes]) -> dict:
+    """A backtest's scores and its per-origin forecasts (origin, and one key per level)."""
+    shape = layout(record, outputs[0] if outputs else None)
+    origins = record.request["origins"]
+    values = range(origins["first"], origins["last"] + 1, origins.get("step", 1))
+    forecasts = []
+    for origin, raw in zip(values, outputs, strict=False):
+        block = shape.forecast(raw)
+        forecasts.append({"origin": origin, **{str(q): block[str(q)] for q in shape.levels}})
+    return {**(record.backtest or {}), "forecasts": forecasts}
+
+
+def attach(record: JobRecord, outputs: list[bytes], items: list | None) -> JobRecord:
+    """Fill the record's `predictions` (or `backtest` forecasts) as plain lists."""
+    if record.kind is JobKind.BACKTEST:
+        record.backtest = _lists(backtest(record, outputs))
+    else:
+        record.predictions = _lists(predictions(record, outputs, items))
+    return record
+
+
+def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list | None = None) -> bytes:
+    """The job as `JobView` JSON, its results spliced in as arrays (written by orjson in C)."""
+    view = JobView.of(record).model_dump(mode="json", exclude={"predictions", "backtest"})
+    view["predictions"] = view["backtest"] = None
+    if outputs is not None:
+        if record.kind is JobKind.BACKTEST:
+            view["backtest"] = backtest(record, outputs)
+        else:
+            view["predictions"] = predictions(record, outputs, items)
+    return orjson.dumps(view, option=_OPTIONS)
+
+
+def table(record: JobRecord, outputs: list[bytes], items: list | None):
+    """Long format, one row per series (and variate) and step: item_id, [variate,] step, mean, a column per level."""
+    import pyarrow as pa
+
+    shape = layout(record, outputs[0] if outputs else None)
+    blocks = [shape.array(raw) for raw in outputs]  # [variates, rows, horizon] each
+    variates = np.array([b.shape[0] for b in blocks], dtype=np.int64)
+    stacked = np.concatenate(blocks) if blocks else np.zeros((0, shape.rows, shape.horizon), np.float32)
+    n_rows = stacked.shape[0]
+    h = shape.horizon
+    ids = [item[0] for item in items] if items else [None] * len(outputs)
+    columns: dict = {"item_id": pa.array(np.repeat(np.array(ids, dtype=object), variates * h), type=pa.string())}
+    if variates.max(initial=1) > 1:
+        columns["variate"] = np.concatenate([np.repeat(np.arange(v), h) for v in variates])
+    columns["step"] = np.tile(np.arange(1, h + 1, dtype=np.int32), n_rows)
+    columns["mean"] = stacked[:, 0].reshape(-1)
+    for j, level in enumerate(shape.levels):
+        columns[str(level)] = stacked[:, 1 + j].reshape(-1)
+    return pa.table(columns)
+
+
+def columnar(record: JobRecord, outputs: list[bytes], items: list | None, media_type: str) -> bytes:
+    """The results table as an Arrow IPC stream or a Parquet file."""
+    import pyarrow as pa
+
+    result = table(record, outputs, items)
+    sink = io.BytesIO()
+    if media_type == PARQUET:
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, sink)
+    else:
+        with pa.ipc.new_stream(sink, result.schema) as writer:
+            writer.write_table(result)
+    return sink.getvalue()
+
+
+def wanted(accept: str | None) -> str | None:
+    """The columnar media type an `Accept` header asks for, if any (JSON otherwise)."""
+    accept = (accept or "").lower()
+    for media_type in (ARROW, PARQUET):
+        if media_type in accept:
+            return media_type
+    return None
+
+
+def _lists(value):
+    """Arrays inside plain containers as lists (for pydantic models built from them)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lists(v) for v in value]
+    return value
