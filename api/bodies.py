@@ -280,15 +280,16 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
         raise _invalid("target", "the table needs a `target` column (and `item_id` for several series)")
     n = table.num_rows
     if "item_id" in table.column_names:
-        ids = pc.dictionary_encode(pc.cast(table["item_id"], pa.string())).combine_chunks()
-        codes = ids.indices.to_numpy(zero_copy_only=False)
-        names = ids.dictionary.to_pylist()
-        order = None if n < 2 or bool(np.all(codes[1:] >= codes[:-1])) else np.argsort(codes, kind="stable")
-        if order is not None:
+        column = table["item_id"].combine_chunks()
+        # A dictionary-encoded column (what the client sends) needs no hashing of one string per row.
+        ids = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(pc.cast(column, pa.string()))
+        codes, names = _first_appearance(ids.indices.to_numpy(zero_copy_only=False), ids.dictionary.to_pylist())
+        if n > 1 and not bool(np.all(codes[1:] >= codes[:-1])):
+            order = np.argsort(codes, kind="stable")
             codes = codes[order]
             table = table.take(pa.array(order))
     else:
-        codes, names, order = np.zeros(n, dtype=np.int64), [None], None
+        codes, names = np.zeros(n, dtype=np.int64), [None]
     counts = np.bincount(codes, minlength=len(names)) if n else np.zeros(0, np.int64)
     if len(names) > settings.max_series:
         raise _over("item_id", f"{len(names)} series; at most {settings.max_series} per request")
@@ -326,13 +327,28 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
     return ForecastJob(model=model, parameters=parsed, series=series_set, callback_url=callback_url)
 
 
+def _first_appearance(codes: np.ndarray, names: list) -> tuple[np.ndarray, list]:
+    """Series numbered in the order of their first row, dictionary entries no row uses dropped.
+    Works on runs of equal codes (one run per series in the usual, contiguous layout), not rows."""
+    if not len(codes):
+        return codes, []
+    run_starts = np.flatnonzero(np.concatenate(([True], codes[1:] != codes[:-1])))
+    _, first_run = np.unique(codes[run_starts], return_index=True)
+    used = codes[run_starts][np.sort(first_run)]
+    renumber = np.full(len(names), -1, dtype=np.int64)
+    renumber[used] = np.arange(len(used))
+    return renumber[codes], [names[i] for i in used]
+
+
 def _numeric(column, field: str) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_decimal(column.type)):
         raise _invalid(field, f"must be numeric, not {column.type}")
-    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    # float32 stays float32 (no copy when nothing is null): it cannot hold a value beyond the models' range.
+    wanted = pa.float32() if column.type in (pa.float16(), pa.float32()) else pa.float64()
+    return pc.cast(column, wanted).to_numpy(zero_copy_only=False)
 
 
 def _column(column, field: str) -> np.ndarray | list:

@@ -29,7 +29,7 @@ import os
 import secrets
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import redis
@@ -59,7 +59,12 @@ return #due
 
 
 def check_url(url: str | None, settings: Settings) -> None:
-    """422 unless `url` is an http(s) URL under one of the operator's allowed prefixes."""
+    """422 unless `url` is an http(s) URL under one of the operator's allowed prefixes.
+
+    Paths are compared as the receiver will see them: percent-decoded, dot segments removed
+    (RFC 3986 5.2.4, as HTTP clients normalize before sending), and matched segment by segment,
+    so `/hooks/../admin` and `/hooksevil` are not under `/hooks`.
+    """
     if url is None:
         return
     prefixes = settings.callback_prefixes()
@@ -68,12 +73,24 @@ def check_url(url: str | None, settings: Settings) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise _refused("not an http(s) URL without credentials")
+    path = _segments(parts.path)
     for prefix in map(urlsplit, prefixes):
-        if (parts.scheme, parts.netloc.lower()) == (prefix.scheme, prefix.netloc.lower()) and parts.path.startswith(
-            prefix.path or "/"
-        ):
+        allowed = _segments(prefix.path)
+        if (parts.scheme, parts.netloc.lower()) == (prefix.scheme, prefix.netloc.lower()) and path[: len(allowed)] == allowed:
             return
     raise _refused(f"not under an allowed prefix ({', '.join(prefixes)})")
+
+
+def _segments(path: str) -> list[str]:
+    """A URL path as the segments a server resolves: percent-decoded, `.` and `..` applied, empty ones dropped."""
+    out: list[str] = []
+    for segment in unquote(path).split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment not in ("", "."):
+            out.append(segment)
+    return out
 
 
 def _refused(detail: str) -> Problem:

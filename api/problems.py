@@ -111,6 +111,18 @@ def install(app: FastAPI) -> None:
             503, "redis-unavailable", "the job store (Redis) is not reachable; retry", headers={"Retry-After": "1"}
         ).response(request.url.path)
 
+    @app.exception_handler(redis.ResponseError)
+    async def _redis_refused(request: Request, exc: Exception):
+        # At `maxmemory` Redis refuses writes with an OOM error: a capacity problem to come back from,
+        # not a bug. Nothing was accepted (each write that takes a job is one script).
+        if isinstance(exc, redis.OutOfMemoryError) or str(exc).startswith("OOM"):
+            log.warning("Redis out of memory on %s %s: %s", request.method, request.url.path, exc)
+            return Problem(
+                503, "redis-unavailable", "the job store (Redis) is out of memory; retry later",
+                headers={"Retry-After": "5"},
+            ).response(request.url.path)  # fmt: skip
+        return await _unexpected(request, exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)

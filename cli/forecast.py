@@ -52,7 +52,7 @@ def _values(column: pd.Series) -> list[float | None]:
 def read(path: Path, id_column: str, time_column: str, value_column: str) -> list[Series]:
     if path.suffix.lower() == ".json":
         return _read_json(json.loads(path.read_text()))
-    frame = pd.read_csv(path)
+    frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
     if id_column in frame.columns:
         if value_column not in frame.columns:
             raise ValueError(f"{path}: long format needs a {value_column!r} column (--value-column)")
@@ -182,6 +182,11 @@ def rows(series: list[Series], predictions: list[dict], horizon: int, freq: str 
 
 
 def write(out_rows: list[dict], path: Path | None, fmt: str) -> None:
+    if fmt == "parquet":
+        if path is None:
+            raise ValueError("Parquet output needs --out FILE")
+        pd.DataFrame(out_rows).to_parquet(path, index=False)
+        return
     stream = path.open("w", newline="") if path else sys.stdout
     try:
         if fmt == "json":

@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("worker", help="start a worker for CHRONOS_MODEL (extra args go to Celery)")
 
     fc = commands.add_parser("forecast", help="forecast the series of a CSV or JSON file through the service")
-    fc.add_argument("input", type=Path, help="CSV (long or wide) or JSON; see `cli/forecast.py`")
+    fc.add_argument("input", type=Path, help="CSV or Parquet (long or wide) or JSON; see `cli/forecast.py`")
     fc.add_argument("--model", required=True, help="catalog id or slug")
     fc.add_argument("--horizon", type=int, required=True, help="steps to forecast")
     fc.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated levels (default 0.1,0.5,0.9)")
     fc.add_argument("--num-samples", type=int, help="sample paths (T5 models)")
     fc.add_argument("--out", type=Path, help="output file (default: stdout)")
-    fc.add_argument("--format", choices=("csv", "json"), help="output format (default: from --out, else csv)")
+    fc.add_argument("--format", choices=("csv", "json", "parquet"), help="output format (default: from --out, else csv)")
     fc.add_argument("--plot", type=Path, help="PNG of history, median and 10-90%% band (first 12 series)")
     fc.add_argument("--freq", help="pandas frequency of the series (default: inferred from timestamps)")
     fc.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
@@ -132,7 +132,8 @@ def _forecast(args: argparse.Namespace) -> int:
         print(
             f"warning: {args.model} answered with SYNTHETIC weights: these forecasts are meaningless", file=sys.stderr
         )
-    fmt = args.format or ("json" if args.out and args.out.suffix.lower() == ".json" else "csv")
+    suffix = args.out.suffix.lower().lstrip(".") if args.out else ""
+    fmt = args.format or (suffix if suffix in ("json", "parquet") else "csv")
     forecast.write(forecast.rows(series, predictions, args.horizon, args.freq), args.out, fmt)
     if args.plot:
         title = args.model + (" - SYNTHETIC weights: meaningless forecasts" if "synthetic" in weights else "")

@@ -36,6 +36,14 @@ class _Call:
     path: str
     params: dict[str, Any] = field(default_factory=dict)
     json: Any = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+ARROW = "application/vnd.apache.arrow.stream"
+# From this many series on, a job goes out as an Arrow IPC stream: a tenth of the bytes of JSON and
+# next to nothing for the API to parse. Series without an item_id are then named by their position.
+ARROW_MIN_SERIES = 256
 
 
 def _inputs(series: Sequence[Series]) -> list[dict[str, Any]]:
@@ -44,7 +52,42 @@ def _inputs(series: Sequence[Series]) -> list[dict[str, Any]]:
 
 def _forecast_call(path: str, model: str, series: Sequence[Series], prediction_length: int, params: dict) -> _Call:
     parameters = {"prediction_length": prediction_length, **{k: v for k, v in params.items() if v is not None}}
-    return _Call("POST", path, json={"model": model, "inputs": _inputs(series), "parameters": parameters})
+    inputs = _inputs(series)
+    if len(inputs) >= ARROW_MIN_SERIES and all(set(s) <= {"target", "item_id", "start"} for s in inputs):
+        return _arrow_call(path, model, inputs, parameters)
+    return _Call("POST", path, json={"model": model, "inputs": inputs, "parameters": parameters})
+
+
+def _arrow_call(path: str, model: str, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> _Call:
+    """The same request as a long-format Arrow table, the parameters in the query string."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = [len(s["target"]) for s in inputs]
+    ids = [str(s.get("item_id") if s.get("item_id") is not None else i) for i, s in enumerate(inputs)]
+    values = np.concatenate([np.array(s["target"], dtype=np.float64) for s in inputs]) if inputs else []
+    codes = pa.array(np.repeat(np.arange(len(ids), dtype=np.int32), lengths))
+    item_ids = pa.DictionaryArray.from_arrays(codes, pa.array(ids))  # one string per series, not per row
+    table = pa.table({"item_id": item_ids, "target": pa.array(values, from_pandas=True)})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    query = {
+        name: ",".join(map(str, value)) if isinstance(value, list) else value for name, value in parameters.items()
+    }
+    return _Call("POST", path, params={"model": model, **query}, content=sink.getvalue(), headers={"content-type": ARROW})
+
+
+def _table_call(job_id: str) -> _Call:
+    return _Call("GET", f"/v1/forecasts/{job_id}", headers={"Accept": ARROW})
+
+
+def _table(response: httpx.Response):
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(response.content).read_all()
 
 
 def _backtest_call(
@@ -140,7 +183,9 @@ class Client(_Base):
     def _send(self, call: _Call) -> httpx.Response:
         attempt = 0
         while True:
-            response = self._http.request(call.method, call.path, params=call.params, json=call.json)
+            response = self._http.request(
+                call.method, call.path, params=call.params, json=call.json, content=call.content, headers=call.headers
+            )
             if not self._should_retry(response, attempt):
                 return _checked(response)
             time.sleep(_retry_delay(response, attempt))
@@ -201,6 +246,11 @@ class Client(_Base):
     def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate(self._send(_Call("DELETE", f"/v1/forecasts/{job_id}")).json())
 
+    def results_table(self, job_id: str):
+        """A succeeded forecast's results as a `pyarrow.Table` (long format: item_id, step, mean, a
+        column per level): the cheap way to fetch thousands of series."""
+        return _table(self._send(_table_call(job_id)))
+
     def models(self) -> list[ModelView]:
         return [ModelView.model_validate(m) for m in self._send(_Call("GET", "/v1/models")).json()]
 
@@ -226,7 +276,9 @@ class AsyncClient(_Base):
     async def _send(self, call: _Call) -> httpx.Response:
         attempt = 0
         while True:
-            response = await self._http.request(call.method, call.path, params=call.params, json=call.json)
+            response = await self._http.request(
+                call.method, call.path, params=call.params, json=call.json, content=call.content, headers=call.headers
+            )
             if not self._should_retry(response, attempt):
                 return _checked(response)
             await asyncio.sleep(_retry_delay(response, attempt))
@@ -279,6 +331,9 @@ class AsyncClient(_Base):
 
     async def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate((await self._send(_Call("DELETE", f"/v1/forecasts/{job_id}"))).json())
+
+    async def results_table(self, job_id: str):
+        return _table(await self._send(_table_call(job_id)))
 
     async def models(self) -> list[ModelView]:
         return [ModelView.model_validate(m) for m in (await self._send(_Call("GET", "/v1/models"))).json()]

@@ -113,9 +113,9 @@ return false
 # KEYS[1] job, KEYS[2] the owner's in-flight set, KEYS[3] the model's queued set, KEYS[4] the
 # job's input list, KEYS[5] its output list  ARGV: now, worker name, max deliveries, ttl, channel,
 # job id. Returns the status afterwards; anything but 'running' tells the worker to drop the
-# message (cancelled, finished, expired). A redelivered job
-# starts over: its partial output is cleared. A job delivered `max deliveries` times already (each
-# time its worker died while running it) ends 'failed' instead of looping.
+# message (cancelled, finished, expired). A redelivered job starts over: its partial output is
+# cleared. A job whose worker died `max deliveries` times while it was in a forward pass ends
+# 'failed' instead of killing worker after worker.
 START = (
     _NOTIFY
     + """
@@ -123,10 +123,18 @@ local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then
   redis.call('ZREM', KEYS[3], ARGV[6])
-  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-  if attempts >= tonumber(ARGV[3]) then
+  -- A redelivery counts against the job only when its series were in a forward pass as its worker
+  -- died (the worker sets 'in_pass' around each pass): a job that merely waited beside the one that
+  -- killed the worker is never failed for it.
+  local lost = tonumber(redis.call('HGET', KEYS[1], 'lost') or '0')
+  if s == 'running' and redis.call('HGET', KEYS[1], 'in_pass') == '1' then
+    lost = lost + 1
+    redis.call('HSET', KEYS[1], 'lost', lost)
+  end
+  redis.call('HDEL', KEYS[1], 'in_pass')
+  if lost >= tonumber(ARGV[3]) then
     redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error',
-      'delivered ' .. attempts .. ' times and its worker was lost each time; not retried again')
+      'its worker was lost ' .. lost .. ' times while it was in a forward pass; not retried again')
     redis.call('EXPIRE', KEYS[1], ARGV[4])
     redis.call('ZREM', KEYS[2], ARGV[6])
     redis.call('DEL', KEYS[4], KEYS[5])

@@ -129,8 +129,10 @@ def test_a_job_cancelled_while_queued_calls_back_too(redis_server, receiver):
 @pytest.mark.parametrize(
     "url",
     ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/hooks/", "ftp://x/hooks/", "http://u:p@{host}/hooks/",
-     "{base}/other/", "{base}.evil.example/hooks/"],
-    ids=["metadata", "other-port", "scheme", "credentials", "other-path", "suffix-host"],
+     "{base}/other/", "{base}.evil.example/hooks/", "{base}/hooks/../admin", "{base}/hooksevil",
+     "{base}/hooks/%2e%2e/admin"],
+    ids=["metadata", "other-port", "scheme", "credentials", "other-path", "suffix-host", "dot-segments",
+         "no-segment-boundary", "encoded-dot-segments"],
 )  # fmt: skip
 def test_callback_urls_outside_the_allowed_prefixes_are_422_and_queue_nothing(redis_server, receiver, url):
     url = url.format(base=receiver.base, host=receiver.base.removeprefix("http://"))

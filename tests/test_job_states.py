@@ -129,9 +129,21 @@ def test_a_vanished_record_is_reported_missing(client, scripts):
 def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_looping(client, scripts):
     job_id = queued_job(client)
 
-    claims = [start(scripts, job_id) for _ in range(4)]  # each claim without a finish: its worker died
+    claims = []
+    for _ in range(4):  # each claim, then a forward pass that its worker never finishes: it died
+        claims.append(start(scripts, job_id))
+        client.hset(keys.job(job_id), "in_pass", "1")
 
     assert claims == ["running", "running", "running", "failed"]
     rec = record(client, job_id)
     assert rec.status is JobStatus.FAILED and rec.attempts == 3
-    assert "delivered 3 times" in rec.error and rec.finished_at is not None
+    assert "lost 3 times while it was in a forward pass" in rec.error and rec.finished_at is not None
+
+
+def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it(client, scripts):
+    job_id = queued_job(client)
+
+    claims = [start(scripts, job_id) for _ in range(5)]  # each worker died before the job reached a pass
+
+    assert claims == ["running"] * 5
+    assert record(client, job_id).status is JobStatus.RUNNING

@@ -15,7 +15,8 @@ Which series share a forward pass:
   T5 samples step by step, so a slice is a draw from the same distribution.
 - Sync-lane work goes first: while any is pending, a pass takes only sync-lane series, so a
   /v1/predict waits for at most the pass in progress, never for a bulk backlog.
-- A large job is taken one model-sized batch at a time, in arrival order with the others.
+- Fair across jobs: each pass serves the group of the job that has waited longest and shares its
+  room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 
 No batching timer by default: while a pass runs, newly arrived jobs pile up and the next pass
 takes them together, so an idle worker answers a lone request at once. `BATCH_WAIT_MS` adds a
@@ -75,6 +76,7 @@ class Work:
     keep: bool = False
     kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
+    waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
     done: int = 0
     model_s: float = 0.0  # time in the forward passes this job took part in
     error: str | None = None
@@ -140,29 +142,40 @@ class Batcher:
         return sum(w.unscheduled for q in self._pending.values() for w in q)
 
     def _take(self) -> list[Slice]:
-        """The next forward pass: (work, first series, end) slices of compatible jobs, sync lane first."""
+        """The next forward pass: (work, first series, end) slices of compatible jobs, sync lane first.
+
+        Fair across jobs: the pass serves the group of the job that has waited longest since it was
+        last served, and shares its room max-min among that group's jobs (each gets what it needs
+        or an equal share, whichever is less). So a one-series job waits for about one pass, however
+        large the jobs before it are; a large job is taken a slice at a time, in order."""
         with self._cond:
             self._cond.wait_for(lambda: any(self._pending.values()))
             lane = Lane.SYNC if self._pending[Lane.SYNC] else Lane.ASYNC
-            first = self._pending[lane][0]
+            first = min(self._pending[lane], key=lambda w: w.waiting_since)
             room = self.runtime.batch_limit(first.params)
             if self.wait_s and self._pending_series() < room:
                 self._cond.wait_for(lambda: self._pending_series() >= room, timeout=self.wait_s)
                 lane = Lane.SYNC if self._pending[Lane.SYNC] else lane
-                first = self._pending[lane][0]
-            picked = []
+                first = min(self._pending[lane], key=lambda w: w.waiting_since)
             queue = self._pending[lane]
-            for work in list(queue):
-                if work.key != first.key:
+            group = [w for w in queue if w.key == first.key]
+            shares = dict.fromkeys(group, 0)
+            for i, work in enumerate(sorted(group, key=lambda w: w.unscheduled)):  # water-filling
+                shares[work] = min(work.unscheduled, max(1, room // (len(group) - i)))
+                room -= shares[work]
+                if room <= 0:
+                    break
+            picked = []
+            now = time.monotonic()
+            for work in group:  # arrival order
+                n = shares[work]
+                if not n:
                     continue
-                n = min(room, work.unscheduled)
                 picked.append((work, work.scheduled, work.scheduled + n))
                 work.scheduled += n
-                room -= n
+                work.waiting_since = now
                 if not work.unscheduled:
                     queue.remove(work)
-                if not room:
-                    break
             return picked
 
     def _execute(self, batch: list[Slice]) -> None:

@@ -42,8 +42,10 @@ def _outlasting_redis(call, *args, **kwargs):
 
 class RedisPassIO:
     """A pass's series and results through Redis: one pipelined round trip to read the series of
-    every job in the pass (LRANGE of each job's input list) and their cancel flags, one to append
-    the results (RPUSH to each job's output list) and record progress."""
+    every job in the pass (LRANGE of each job's input list), their cancel flags, and mark them
+    `in_pass`; one to append the results (RPUSH to each job's output list), clear the mark and
+    record progress. The mark is how a redelivery knows whether the job was in the pass that
+    killed its worker (shared/jobs.py, START)."""
 
     def __init__(self, raw: redis.Redis):
         self.raw = raw  # binary replies
@@ -53,6 +55,7 @@ class RedisPassIO:
         with self.raw.pipeline(transaction=False) as pipe:
             for work, start, end in batch:
                 pipe.hget(keys.job(work.job_id), "cancel_requested")
+                pipe.hset(keys.job(work.job_id), "in_pass", "1")  # a death from here on counts against it
                 if work.inputs is None:
                     pipe.lrange(keys.job_input(work.job_id), start, end - 1)
             replies = iter(_outlasting_redis(pipe.execute))
@@ -61,6 +64,7 @@ class RedisPassIO:
         for work, start, end in batch:
             if next(replies) == b"1":
                 stopped.add(work.job_id)
+            next(replies)
             elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in next(replies)]
             if len(elements) != end - start:  # the input list expired or was deleted under the job
                 raise RuntimeError(f"job {work.job_id}: series {start}..{end} are no longer stored")
@@ -73,6 +77,7 @@ class RedisPassIO:
         with self.raw.pipeline(transaction=False) as pipe:
             for (work, _, end), arrays in results:
                 pipe.rpush(keys.job_output(work.job_id), *(a.tobytes() for a in arrays))
+                pipe.hdel(keys.job(work.job_id), "in_pass")
                 if end < work.n:  # the last pass's progress comes with the job's final state
                     self._progress(keys=[keys.job(work.job_id)], args=[end, keys.EVENTS_CHANNEL, work.job_id], client=pipe)
             _outlasting_redis(pipe.execute)
@@ -124,8 +129,8 @@ def execute(
     spec = batcher.runtime.spec
     scripts = Scripts(client)
     job_key = keys.job(job_id)
-    created_at, lane, owner, n_series, kind, request = _outlasting_redis(
-        client.hmget, job_key, "created_at", "lane", "owner", "n_series", "kind", "request"
+    created_at, lane, owner, n_series, kind, request, lost = _outlasting_redis(
+        client.hmget, job_key, "created_at", "lane", "owner", "n_series", "kind", "request", "lost"
     )
     in_flight = keys.in_flight(owner or "")
     state = _outlasting_redis(
@@ -149,7 +154,10 @@ def execute(
             work, backtest_request = _backtest_work(raw, job_id, spec, stored_request, lane)
         else:
             params = ForecastParameters.model_validate(stored_request["parameters"])
-            work = Work(job_id, int(n_series or 0), params, lane, group_key(spec, params, job_id))
+            key = group_key(spec, params, job_id)
+            # A job that was in the pass of a worker that died may be what killed it: it runs alone
+            # from now on, so no other job shares its next passes (and its fate).
+            work = Work(job_id, int(n_series or 0), params, lane, (*key, job_id) if lost else key)
     except Exception as exc:  # a job this worker cannot read fails, not the worker
         work, error = None, f"{type(exc).__name__}: {exc}"
     else:

@@ -1,0 +1,224 @@
+"""Request bodies as arrays: the fast JSON parser agrees with the documented models, Arrow and
+Parquet bodies and answers, and hostile bodies are refused cheaply, before any series is stored."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from api import bodies, limits
+from api.problems import Problem
+from shared.schemas import SeriesInput
+from shared.settings import Settings
+
+from conftest import BOLT, forecast_body, job_keys, wait_for
+
+ARROW = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
+SETTINGS = Settings(_env_file=None, auth_disabled=True)
+values = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**6, 10**6))
+
+
+def fast_accepts(target: list) -> bool:
+    body = json.dumps({"model": BOLT, "inputs": [{"target": target}], "parameters": {"prediction_length": 2}})
+    try:
+        job = bodies.forecast_json(body.encode(), SETTINGS)
+        limits.check_values(job.series, job.field)
+        return True
+    except Problem as problem:
+        assert problem.status in (400, 422) and problem.field and problem.field.startswith("inputs[0].target")
+        return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(values, max_size=30))
+def test_the_fast_parser_accepts_a_target_exactly_when_the_documented_model_does(target):
+    try:
+        SeriesInput(target=target)
+        documented = True
+    except ValidationError:
+        documented = False
+
+    assert fast_accepts(target) == documented
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda b: b["parameters"].update(prediction_length=True), "parameters.prediction_length"),
+        (lambda b: b["parameters"].update(prediction_length="5"), "parameters.prediction_length"),
+        (lambda b: b["inputs"][0].update(target=["1", 2.0]), "inputs[0].target[0]"),
+        (lambda b: b["inputs"][0].update(target=[True, 2.0]), "inputs[0].target[0]"),
+        (lambda b: b["inputs"][0].update(target=[1e39, 1e39, 2e39, 1.0]), "inputs[0].target"),
+    ],
+    ids=["bool-horizon", "string-horizon", "string-value", "bool-value", "beyond-float32"],
+)
+def test_numbers_are_strict_and_must_fit_float32(api, redis_server, change, field):
+    body = forecast_body(BOLT)
+    change(body)
+    before = job_keys(redis_server.client())
+
+    response = api.post("/v1/forecasts", json=body)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert job_keys(redis_server.client()) == before
+
+
+def test_a_huge_body_without_a_key_is_refused_before_it_is_read_and_the_api_stays_responsive(api):
+    huge = b'{"model": "amazon/chronos-bolt-tiny", "inputs": [{"target": [' + b"1," * 25_000_000 + b'1]}]}'
+    assert len(huge) > 50_000_000
+
+    started = time.perf_counter()
+    response = api.post("/v1/forecasts", content=huge, headers={"X-API-Key": "", "content-type": "application/json"})
+    elapsed = time.perf_counter() - started
+    health_started = time.perf_counter()
+    health = api.get("/healthz")
+    health_s = time.perf_counter() - health_started
+
+    assert response.status_code == 401
+    assert elapsed < 0.2, elapsed
+    assert health.status_code == 200 and health_s < 0.5
+
+
+def test_a_target_with_more_points_than_any_limit_allows_is_refused_before_its_numbers_are_parsed():
+    small = Settings(_env_file=None, auth_disabled=True, max_points=100, max_variates=2)
+    body = b'{"model": "m", "inputs": [{"target": [' + b"1," * 1000 + b'1]}], "parameters": {"prediction_length": 2}}'
+
+    with pytest.raises(Problem) as refused:
+        bodies.forecast_json(body, small)
+
+    assert refused.value.code == "limit-exceeded" and refused.value.field == "inputs[0].target"
+
+
+def test_no_trailing_slash_redirect_names_the_clients_host(api):
+    response = api.get("/v1/forecasts/", headers={"Host": "evil.example"}, follow_redirects=False)
+
+    assert response.status_code == 404
+    assert "location" not in response.headers
+
+
+def long_table(body: dict) -> pa.Table:
+    ids, values = [], []
+    for series in body["inputs"]:
+        ids += [series["item_id"]] * len(series["target"])
+        values += series["target"]
+    return pa.table({"item_id": ids, "target": pa.array(values, type=pa.float64())})
+
+
+def arrow_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize(("media_type", "encode"), [(ARROW, arrow_bytes), (PARQUET, parquet_bytes)])
+def test_an_arrow_or_parquet_body_gives_the_same_forecasts_as_json(api, workers, media_type, encode):
+    body = forecast_body(BOLT, n_series=3, length=60, horizon=5)
+    by_json = wait_for(api, api.post("/v1/forecasts", json=body).json()["id"])
+    query = {"model": BOLT, "prediction_length": 5, "quantile_levels": "0.1,0.5,0.9"}
+
+    answer = api.post("/v1/forecasts", params=query, content=encode(long_table(body)),
+                      headers={"content-type": media_type})  # fmt: skip
+    assert answer.status_code == 202, answer.text
+    by_table = wait_for(api, answer.json()["id"])
+
+    assert [p["item_id"] for p in by_table["predictions"]] == ["s0", "s1", "s2"]
+    for a, b in zip(by_json["predictions"], by_table["predictions"], strict=True):
+        assert a["0.5"] == pytest.approx(b["0.5"], rel=1e-6)
+
+
+def test_results_come_as_an_arrow_table_when_accept_asks_for_one(api, workers):
+    body = forecast_body(BOLT, n_series=2, length=40, horizon=4)
+    job = wait_for(api, api.post("/v1/forecasts", json=body).json()["id"])
+
+    answer = api.get(f"/v1/forecasts/{job['id']}", headers={"Accept": ARROW})
+
+    assert answer.status_code == 200 and answer.headers["content-type"] == ARROW
+    table = pa.ipc.open_stream(answer.content).read_all()
+    assert table.column_names == ["item_id", "step", "mean", "0.1", "0.5", "0.9"]
+    assert table["item_id"].to_pylist() == ["s0"] * 4 + ["s1"] * 4 and table["step"].to_pylist() == [1, 2, 3, 4] * 2
+    assert table["0.5"].to_pylist()[4:] == pytest.approx(job["predictions"][1]["0.5"], rel=1e-6)
+
+
+def test_an_arrow_body_without_a_target_column_is_422_and_stores_nothing(api, redis_server):
+    before = job_keys(redis_server.client())
+    table = pa.table({"item_id": ["a", "a"], "value": [1.0, 2.0]})
+
+    answer = api.post("/v1/forecasts", params={"model": BOLT, "prediction_length": 3}, content=arrow_bytes(table),
+                      headers={"content-type": ARROW})  # fmt: skip
+
+    assert answer.status_code == 422 and answer.json()["field"] == "target"
+    assert job_keys(redis_server.client()) == before
+
+
+def test_a_job_over_the_output_cap_is_422_naming_the_limit(redis_server):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from conftest import API_KEY, settings_for
+
+    app = create_app(settings_for(redis_server, max_output_values=1000))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as capped:
+        response = capped.post("/v1/forecasts", json=forecast_body(BOLT, n_series=20, length=20, horizon=20))
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "limit-exceeded" and "MAX_OUTPUT_VALUES" in response.json()["detail"]
+
+
+def test_series_are_stored_as_float32_arrays_one_element_per_series(api, redis_server):
+    import redis
+
+    from shared import keys
+    from shared.series import decode
+
+    body = forecast_body("amazon/chronos-bolt-mini", n_series=2, length=30)  # nobody serves it: stays queued
+    body["inputs"][1]["target"][3] = None
+    job_id = api.post("/v1/forecasts", json=body).json()["id"]
+
+    stored = redis.Redis.from_url(redis_server.url).lrange(keys.job_input(job_id), 0, -1)
+
+    assert len(stored) == 2
+    second = decode(stored[1]).target
+    assert second.dtype == np.float32 and second.shape == (1, 31) and math.isnan(second[0, 3])
+    api.delete(f"/v1/forecasts/{job_id}")
+
+
+def test_redis_out_of_memory_is_a_503_to_retry_not_a_500(tmp_path):
+    import redis
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from conftest import API_KEY, settings_for, start_redis
+
+    server = start_redis(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    filler = server.client()
+    with pytest.raises(redis.ResponseError, match="maxmemory"):
+        for i in range(10_000):
+            filler.set(f"fill:{i}", "x" * 10_000)
+    try:
+        with TestClient(create_app(settings_for(server)), headers={"X-API-Key": API_KEY}) as api:
+            response = api.post("/v1/forecasts", json=forecast_body(BOLT))
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
+
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "redis-unavailable" and int(response.headers["retry-after"]) > 0
