@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.compat import legacy_path
+
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
@@ -44,6 +46,8 @@ class Problem(Exception):
         }
         if instance:
             body["instance"] = instance
+            if legacy_path(instance):
+                body["error"] = self.detail  # where the old server put its message (an extension member)
         if self.field:
             body["field"] = self.field
         body.update(self.extra)

@@ -14,7 +14,9 @@ from shared.schemas import BacktestRequest, JobView
 
 from api.auth import Caller
 from api.problems import documented
-from api.routes.forecasts import SUBMIT_ERRORS, IdempotencyKey, Service, cancel_forecast, get_forecast, job_events
+from api.routes.forecasts import (
+    SUBMIT_ERRORS, IdempotencyKey, Service, cancel_forecast, get_forecast, job_events, workers_online,
+)  # fmt: skip
 
 router = APIRouter(prefix="/v1", tags=["backtests"])
 
@@ -27,11 +29,13 @@ async def submit_backtest(
 ) -> JobView:
     """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
     from the `context_length` points before it, scored against the series' own later values (MASE,
-    weighted quantile loss, interval coverage). All origins run as one job in model-sized batches."""
+    weighted quantile loss, interval coverage). All origins run as one job in model-sized batches.
+    `X-Workers-Online` counts the model's live workers: with 0 the job is queued until one starts."""
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/backtests/{record.id}"
+    await workers_online(response, jobs, record.model)
     return JobView.of(record)
 
 

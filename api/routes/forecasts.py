@@ -40,6 +40,11 @@ def _location(response: Response, job_id: str) -> None:
     response.headers["Location"] = f"/v1/forecasts/{job_id}"
 
 
+async def workers_online(response: Response, jobs: JobService, model: str) -> None:
+    """`X-Workers-Online: N` on an accepted async job: 0 says it waits until a worker of its model starts."""
+    response.headers["X-Workers-Online"] = str(await jobs.workers_online(model))
+
+
 SUBMIT_ERRORS = (*BODY_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
                  "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
                  "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
@@ -54,12 +59,14 @@ async def submit_forecast(
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
 
     With an `Idempotency-Key`, sending the same request again returns the same job
-    (`Idempotent-Replayed: true`) instead of queueing another.
+    (`Idempotent-Replayed: true`) instead of queueing another. `X-Workers-Online` counts the
+    model's live workers: with 0 the job is queued until one starts.
     """
     record, replayed = await jobs.submit(body, Lane.ASYNC, owner, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     _location(response, record.id)
+    await workers_online(response, jobs, record.model)
     return JobView.of(record)
 
 
