@@ -42,10 +42,11 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(10_000, ge=0)
     max_queue_depth: int = Field(100_000, ge=0)
     # The same limits for the keyless callers of the legacy routes (COMPAT_REQUIRE_KEY=false), who
-    # share one owner: tighter, since anyone who can reach the port counts against them.
-    legacy_rate_limit_per_s: float = Field(100.0, ge=0)
-    legacy_rate_limit_burst: int = Field(200, ge=1)
-    legacy_max_in_flight: int = Field(100, ge=0)
+    # share one owner: at most one key's rate, and far fewer unfinished jobs (the evaluation client
+    # holds 4 in flight), since anyone who can reach the port counts against them.
+    legacy_rate_limit_per_s: float = Field(200.0, ge=0)
+    legacy_rate_limit_burst: int = Field(400, ge=1)
+    legacy_max_in_flight: int = Field(256, ge=0)
 
     # How long a deterministic request's result is kept to answer identical requests (0: no cache).
     cache_ttl_s: int = Field(3_600, ge=0)
