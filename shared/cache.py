@@ -4,7 +4,8 @@ Identical means the same model, the same weights revision (what every worker of 
 reports in its heartbeat), and the same inputs and parameters. Bolt and Chronos-2 are
 deterministic; T5 samples, so a T5 request is cached only when it fixes `seed`. Workers
 store a succeeded job's result under its key (`keys.cache`) for CACHE_TTL_S; the API
-looks the key up before queueing and answers a hit at once, marked `cached`.
+looks the key up before queueing and answers a hit at once, marked `cached`. The same
+requests, while a job for one is still queued or running, share that job (api/flight.py).
 """
 
 from __future__ import annotations
