@@ -164,7 +164,7 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     ),
     "rate-limited": (429, "over 200 submissions/s for this key (burst 400)", {}),
     "too-many-in-flight": (
-        429, "this key has 10000 jobs not yet finished (MAX_IN_FLIGHT 10000); wait for some to finish", {}
+        429, "10000 jobs not yet finished for this key (MAX_IN_FLIGHT 10000); wait for some to finish", {}
     ),
     "queue-full": (503, "queue chronos-bolt-small holds 100000 jobs or more; retry later", {}),
     "idempotency-key-reused": (

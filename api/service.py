@@ -276,8 +276,8 @@ class JobService:
             raise Problem(
                 429,
                 "too-many-in-flight",
-                f"{own.who} {'have' if owner == LEGACY else 'has'} {outcome.split(':')[1]} jobs not yet finished "
-                f"({own.in_flight_setting} {own.max_in_flight}); wait for some to finish",
+                f"{outcome.split(':')[1]} jobs not yet finished for {own.who} ({own.in_flight_setting} "
+                f"{own.max_in_flight}); wait for some to finish",
                 headers={"Retry-After": "5"},
             )
         earlier_id, earlier_digest = outcome.split(" ", 1)
