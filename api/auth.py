@@ -19,6 +19,9 @@ from shared.settings import Settings
 from api.problems import Problem
 
 ANONYMOUS = "anonymous"  # the owner of every job when auth is disabled
+# The owner of keyless calls on the legacy routes (COMPAT_REQUIRE_KEY=false). Never a key's owner
+# id, which is 16 hex digits, so these calls never see a keyed caller's jobs, nor it theirs.
+LEGACY = "legacy"
 
 # auto_error=False: a missing key is our 401 problem, not FastAPI's 403; declared for /docs' Authorize.
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
@@ -32,8 +35,8 @@ def _digest(key: str) -> str:
 class KeyRing:
     """The accepted keys, as digests."""
 
-    def __init__(self, keys: list[str], disabled: bool = False):
-        self.disabled = disabled
+    def __init__(self, keys: list[str], disabled: bool = False, legacy_keyless: bool = False):
+        self.disabled, self.legacy_keyless = disabled, legacy_keyless
         self._digests = [_digest(k) for k in keys]
 
     @classmethod
@@ -44,7 +47,7 @@ class KeyRing:
                 "no API keys configured: set API_KEYS (comma-separated) or API_KEYS_FILE, "
                 "or AUTH_DISABLED=true to run without authentication"
             )
-        return cls(keys, disabled=settings.auth_disabled)
+        return cls(keys, disabled=settings.auth_disabled, legacy_keyless=not settings.compat_require_key)
 
     def owner(self, presented: str | None) -> str | None:
         """The owner id of a valid key, else None. Every configured digest is compared."""
@@ -64,10 +67,31 @@ def caller(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """FastAPI dependency: the caller's owner id, or a 401 problem."""
+    return _owner(request.app.state.keys, _presented(api_key, bearer))
+
+
+def legacy_caller(
+    request: Request,
+    api_key: Annotated[str | None, Depends(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """FastAPI dependency of the legacy routes: as `caller`, except that with COMPAT_REQUIRE_KEY=false
+    a call without any key runs as the `LEGACY` owner (the old server had no auth there)."""
     ring: KeyRing = request.app.state.keys
+    presented = _presented(api_key, bearer)
+    if presented is None and ring.legacy_keyless and not ring.disabled:
+        return LEGACY
+    return _owner(ring, presented)
+
+
+def _presented(api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    """The key sent, as `X-API-Key` or else as a bearer token (clients that send both send the same key)."""
+    return api_key if api_key is not None else (bearer.credentials if bearer else None)
+
+
+def _owner(ring: KeyRing, presented: str | None) -> str:
     if ring.disabled:
         return ANONYMOUS
-    presented = api_key if api_key is not None else (bearer.credentials if bearer else None)
     owner = ring.owner(presented)
     if owner is None:
         detail = "missing API key" if presented is None else "invalid API key"
@@ -81,3 +105,4 @@ def caller(
 
 
 Caller = Annotated[str, Depends(caller)]
+LegacyCaller = Annotated[str, Depends(legacy_caller)]

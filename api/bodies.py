@@ -125,7 +125,7 @@ def forecast_json(body: bytes, settings: Settings) -> ForecastJob:
         return _forecast_literals(body, settings)
     _check_counts(request.inputs, settings)
     for i, series in enumerate(request.inputs):
-        _check_points(bytes(series.target), f"inputs[{i}].target", settings)
+        _check_points(series.target, f"inputs[{i}].target", settings)
     return _assemble(request, settings, _decode_raw)
 
 
@@ -150,9 +150,11 @@ def _check_counts(inputs: list, settings: Settings) -> None:
         raise _over("inputs", f"{len(inputs)} series; at most {settings.max_series} per request")
 
 
-def _check_points(raw: bytes, field: str, settings: Settings) -> None:
-    """Before parsing a target's numbers: refuse one that cannot fit the limits whatever its shape."""
-    if raw.count(b",") + 1 > settings.max_points * settings.max_variates:
+def _check_points(raw: Raw, field: str, settings: Settings) -> None:
+    """Before parsing a target's numbers: refuse one that cannot fit the limits whatever its shape.
+    A number takes at least two bytes with its comma, so a short target needs no count."""
+    most = settings.max_points * settings.max_variates
+    if len(raw) >= 2 * most and bytes(raw).count(b",") + 1 > most:
         raise _over(field, f"more than {settings.max_points} points")
 
 
@@ -283,14 +285,19 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
         column = table["item_id"].combine_chunks()
         # A dictionary-encoded column (what the client sends) needs no hashing of one string per row.
         ids = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(pc.cast(column, pa.string()))
-        codes, names = _first_appearance(ids.indices.to_numpy(zero_copy_only=False), ids.dictionary.to_pylist())
-        if n > 1 and not bool(np.all(codes[1:] >= codes[:-1])):
+        codes = ids.indices.to_numpy(zero_copy_only=False)
+        run_starts = np.flatnonzero(np.concatenate(([True], codes[1:] != codes[:-1]))) if n else np.zeros(0, np.int64)
+        run_codes = codes[run_starts]
+        if len(np.unique(run_codes)) == len(run_codes):  # the usual layout: each series' rows together
+            names = [ids.dictionary[int(c)].as_py() for c in run_codes]
+            counts = np.diff(np.append(run_starts, n))
+        else:
+            codes, names = _first_appearance(codes, run_starts, ids.dictionary.to_pylist())
             order = np.argsort(codes, kind="stable")
-            codes = codes[order]
             table = table.take(pa.array(order))
+            counts = np.bincount(codes, minlength=len(names))
     else:
-        codes, names = np.zeros(n, dtype=np.int64), [None]
-    counts = np.bincount(codes, minlength=len(names)) if n else np.zeros(0, np.int64)
+        names, counts = [None], np.array([n], dtype=np.int64)
     if len(names) > settings.max_series:
         raise _over("item_id", f"{len(names)} series; at most {settings.max_series} per request")
     if n and counts.max() > settings.max_points:
@@ -327,14 +334,12 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
     return ForecastJob(model=model, parameters=parsed, series=series_set, callback_url=callback_url)
 
 
-def _first_appearance(codes: np.ndarray, names: list) -> tuple[np.ndarray, list]:
-    """Series numbered in the order of their first row, dictionary entries no row uses dropped.
-    Works on runs of equal codes (one run per series in the usual, contiguous layout), not rows."""
-    if not len(codes):
-        return codes, []
-    run_starts = np.flatnonzero(np.concatenate(([True], codes[1:] != codes[:-1])))
-    _, first_run = np.unique(codes[run_starts], return_index=True)
-    used = codes[run_starts][np.sort(first_run)]
+def _first_appearance(codes: np.ndarray, run_starts: np.ndarray, names: list) -> tuple[np.ndarray, list]:
+    """Series renumbered in the order of their first row (rows of one series are not together),
+    dictionary entries no row uses dropped."""
+    run_codes = codes[run_starts]
+    _, first_run = np.unique(run_codes, return_index=True)
+    used = run_codes[np.sort(first_run)]
     renumber = np.full(len(names), -1, dtype=np.int64)
     renumber[used] = np.arange(len(used))
     return renumber[codes], [names[i] for i in used]

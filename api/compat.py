@@ -3,10 +3,19 @@
 Each compat request becomes a native `ForecastRequest` and runs through the same queue and
 worker as `/v1/forecasts`; each answer is built from the finished job. Request models ignore
 unknown fields, as the old server's did, so an existing client keeps working unchanged.
+
+A T5 call is given a seed derived from its own input and sampling options: the old contract has
+no seed, and without one a client's retry would be a different request, run again instead of
+joining the job already computing it (api/flight.py). So the same call gives the same forecast.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import time
+from datetime import datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +29,22 @@ API_VERSION = "1.0.0"
 DECILES = [round(0.1 * i, 1) for i in range(1, 10)]
 
 ModelStatus = Literal["uninitialized", "initializing", "ready", "error"]
+
+# The legacy routes, un-prefixed or under /models/{slug}: their errors also carry an `error` member.
+_LEGACY_PATH = re.compile(r"(/models/[^/]+)?(/health|/v1/timeseries/forecast|/forecast/v1/chronos/[^/]+)")
+
+
+def legacy_path(path: str) -> bool:
+    return _LEGACY_PATH.fullmatch(path) is not None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy"] = "healthy"
+    timestamp: str = Field(description="When this answer was made (ISO 8601, UTC), as the old server sent it.")
+    api_version: str = Field(description="The old server's API version.")
+    models: dict[str, ModelStatus] = Field(description="The model this URL serves, and its status.")
+    model: str = Field(description="The model this URL serves.")
+    model_status: ModelStatus
 
 
 class InitializationRequest(BaseModel):
@@ -128,15 +153,13 @@ class TimeseriesResponse(BaseModel):
 
 def inference_request(spec: catalog.ModelSpec, body: InferenceRequest) -> ForecastRequest:
     sampled = spec.sample_based
+    sampling = {"num_samples": body.num_samples, "temperature": body.temperature, "top_k": body.top_k,
+                "top_p": body.top_p}  # fmt: skip
     params = ForecastParameters(
         prediction_length=body.prediction_length,
         quantile_levels=DECILES,
-        **(
-            {"num_samples": body.num_samples, "temperature": body.temperature, "top_k": body.top_k,
-             "top_p": body.top_p, "return_samples": True}
-            if sampled else {}
-        ),
-    )  # fmt: skip
+        **({**sampling, "return_samples": True, "seed": _seed(body.context, sampling)} if sampled else {}),
+    )
     return ForecastRequest(model=spec.id, inputs=[SeriesInput(target=body.context)], parameters=params)
 
 
@@ -165,11 +188,18 @@ def inference_response(record: JobRecord, body: InferenceRequest) -> InferenceRe
 
 def timeseries_request(spec: catalog.ModelSpec, body: TimeseriesRequest) -> ForecastRequest:
     data = body.recent_data[-body.context_period_size :] if body.context_period_size else body.recent_data
+    seed = {"seed": _seed(data, {"prediction_length": body.forecast_period_size})} if spec.sample_based else {}
     return ForecastRequest(
         model=spec.id,
         inputs=[SeriesInput(target=data, item_id=body.name)],
-        parameters=ForecastParameters(prediction_length=body.forecast_period_size, quantile_levels=[0.5]),
+        parameters=ForecastParameters(prediction_length=body.forecast_period_size, quantile_levels=[0.5], **seed),
     )
+
+
+def _seed(context: list[float | None], options: dict) -> int:
+    """A T5 call's sampling seed: a function of what it asks, so that a retry is the same request."""
+    canonical = json.dumps([context, options], sort_keys=True, separators=(",", ":"))
+    return int(hashlib.sha256(canonical.encode()).hexdigest()[:15], 16)
 
 
 def timeseries_response(record: JobRecord, body: TimeseriesRequest) -> TimeseriesResponse:
@@ -186,6 +216,18 @@ def status(view: ModelView) -> StatusResponse:
         )
     weights = f", {view.weights} weights" if view.weights else ""
     return StatusResponse(model_status="ready", details=f"Model: {view.id} ({view.workers_online} worker(s){weights})")
+
+
+def health(view: ModelView) -> HealthResponse:
+    """The old server's /health fields, and which model this URL serves."""
+    model_status = status(view).model_status
+    return HealthResponse(
+        timestamp=datetime.fromtimestamp(time.time(), timezone.utc).isoformat(),
+        api_version=API_VERSION,
+        models={view.id: model_status},
+        model=view.id,
+        model_status=model_status,
+    )
 
 
 def model_info(view: ModelView) -> ModelInfo:

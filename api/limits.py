@@ -75,24 +75,31 @@ def check_values(series: SeriesSet, field: Callable[[int], str]) -> None:
     if len(empty):
         raise _invalid(f"{field(int(row_series[empty[0]]))}.target", "must hold at least one value")
     values = series.values
-    missing = np.isnan(values)
     finite = np.isfinite(values)
-    if not finite.all():  # only NaN (missing) may be non-finite
-        where = np.flatnonzero(~finite & ~missing)
-        if len(where):
-            row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
-            raise _invalid(f"{field(int(row_series[row]))}.target", "holds an infinite value; use null or NaN for missing values")
+    if finite.all():  # the usual case: nothing missing, so every row has observations
+        if values.dtype != np.float32 and len(values) and np.abs(values).max() > FLOAT32_MAX:
+            _beyond_float32(series, field, row_series, np.abs(values) > FLOAT32_MAX)
+        return
+    missing = np.isnan(values)
+    where = np.flatnonzero(~finite & ~missing)  # only NaN (missing) may be non-finite
+    if len(where):
+        row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
+        raise _invalid(f"{field(int(row_series[row]))}.target", "holds an infinite value; use null or NaN for missing values")
     if values.dtype != np.float32 and len(values):  # float32 input cannot leave float32's range
-        where = np.flatnonzero(np.abs(np.where(finite, values, 0.0)) > FLOAT32_MAX)
-        if len(where):
-            row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
-            raise _invalid(f"{field(int(row_series[row]))}.target",
-                           f"holds a value beyond float32's range (±{FLOAT32_MAX:.3g}), which the models compute in")  # fmt: skip
+        _beyond_float32(series, field, row_series, np.abs(np.where(finite, values, 0.0)) > FLOAT32_MAX)
     if len(values):
         observed = np.logical_or.reduceat(~missing, series.offsets[:-1])
         blank = np.flatnonzero(~observed)
         if len(blank):
             raise _invalid(f"{field(int(row_series[blank[0]]))}.target", "holds no observed value (all null/NaN)")
+
+
+def _beyond_float32(series: SeriesSet, field: Callable[[int], str], row_series: np.ndarray, bad: np.ndarray) -> None:
+    where = np.flatnonzero(bad)
+    if len(where):
+        row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
+        raise _invalid(f"{field(int(row_series[row]))}.target",
+                       f"holds a value beyond float32's range (±{FLOAT32_MAX:.3g}), which the models compute in")  # fmt: skip
 
 
 def check_backtest(request: BacktestRequest, series: SeriesSet, spec: ModelSpec, settings: Settings) -> None:

@@ -15,13 +15,15 @@ from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
 
 from api import bodies, problems, security
-from api.auth import KeyRing
+from api.auth import LEGACY, KeyRing
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
 from api.callbacks import Dispatcher
 from api.routes import backtests, callbacks, compat, forecasts, health, models
 from api.service import JobService
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -72,6 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.keys = KeyRing.from_settings(settings)
+    if app.state.keys.legacy_keyless and not settings.auth_disabled:
+        log.warning(
+            "COMPAT_REQUIRE_KEY=false: the legacy routes (/health, /v1/timeseries/forecast, /forecast/v1/chronos/*, "
+            "also under /models/{slug}) accept calls without a key, as one owner %r (LEGACY_RATE_LIMIT_PER_S %g, "
+            "LEGACY_MAX_IN_FLIGHT %d); the native /v1 routes still need one",
+            LEGACY, settings.legacy_rate_limit_per_s, settings.legacy_max_in_flight,
+        )  # fmt: skip
     app.state.metrics = ApiMetrics()
     problems.install(app)
     app.add_middleware(

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.compat import legacy_path
+
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
@@ -44,6 +46,8 @@ class Problem(Exception):
         }
         if instance:
             body["instance"] = instance
+            if legacy_path(instance):
+                body["error"] = self.detail  # where the old server put its message (an extension member)
         if self.field:
             body["field"] = self.field
         body.update(self.extra)
@@ -180,7 +184,7 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     ),
     "rate-limited": (429, "over 200 submissions/s for this key (burst 400)", {}),
     "too-many-in-flight": (
-        429, "this key has 10000 jobs not yet finished (MAX_IN_FLIGHT 10000); wait for some to finish", {}
+        429, "10000 jobs not yet finished for this key (MAX_IN_FLIGHT 10000); wait for some to finish", {}
     ),
     "queue-full": (503, "queue chronos-bolt-small holds 100000 jobs or more; retry later", {}),
     "idempotency-key-reused": (

@@ -10,6 +10,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -24,8 +25,10 @@ from shared.series import identity as series_identity
 from shared.settings import Settings
 
 from api import callbacks, limits, render
+from api.auth import LEGACY
 from api.bodies import ForecastJob, forecast_job, series_from_inputs
 from api.events import JobEvents
+from api.flight import Flights
 from api.metrics import ApiMetrics
 from api.problems import Problem
 
@@ -49,6 +52,7 @@ class JobService:
         self.settings, self.client, self.raw, self.celery = settings, client, raw, celery
         self.events, self.metrics = events, metrics
         self.scripts = Scripts(client)
+        self.flights = Flights(client)
         self._revisions: dict[str, tuple[str | None, float]] = {}  # model id -> (weights revision, good until)
 
     # -- models -------------------------------------------------------------------------------
@@ -99,16 +103,24 @@ class JobService:
     # -- jobs ---------------------------------------------------------------------------------
 
     async def submit(
-        self, job: ForecastJob, lane: Lane, owner: str, idempotency_key: str | None = None
+        self,
+        job: ForecastJob,
+        lane: Lane,
+        owner: str,
+        idempotency_key: str | None = None,
+        waited: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Validate, admit, record the job and enqueue it on its model's queue.
 
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
+        A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         """
         spec = self.model(job.model)
         limits.check(job.series, job.parameters, spec, self.settings)
         if lane is Lane.SYNC:
-            await self._check_sync(spec)
+            self._check_sync(spec)
+        if waited or lane is Lane.SYNC:
+            await self.serving(spec)
         callbacks.check_url(job.callback_url, self.settings)
         request = {"parameters": job.parameters.model_dump(mode="json")}
         return await self._enqueue(
@@ -186,7 +198,7 @@ class JobService:
                 await self.scripts.create(
                     keys=[job_key, keys.in_flight(owner), keys.job_input(job_id), keys.queued(spec),
                           keys.job_items(job_id), *([idem_key] if idem_key else [])],
-                    args=[ttl, self.settings.max_in_flight, repr(now - ttl), f"{job_id} {digest}", *fields],
+                    args=[ttl, self._limits(owner).max_in_flight, repr(now - ttl), f"{job_id} {digest}", *fields],
                     client=pipe,
                 )  # fmt: skip
             outcome = (await pipe.execute())[-1]
@@ -198,23 +210,33 @@ class JobService:
             self.metrics.accepted.labels(spec.id, "cached").inc()
             return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
 
+        if not idem_key and not callback_url and cache.cacheable(spec, request["parameters"]):
+            # Joined after creating, so that two identical requests racing cannot both miss each other.
+            earlier = await self.flights.join(owner, digest, job_id, ttl)
+            if earlier is not None:
+                await self._discard(spec, owner, job_id)
+                log.info("%s for %s attached to the same request's job %s, in flight", kind.value, spec.id, earlier)
+                return await self.require(earlier, owner), False
+
         try:
             await asyncio.to_thread(
                 self.celery.send_task, keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=queue
             )
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", job_id, exc)
-            await self.client.delete(
-                job_key, keys.job_input(job_id), keys.job_items(job_id), *([idem_key] if idem_key else [])
-            )
-            await self.client.zrem(keys.in_flight(owner), job_id)
-            await self.client.zrem(keys.queued(spec), job_id)
+            await self._discard(spec, owner, job_id, *([idem_key] if idem_key else []))
             raise Problem(
                 503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
             ) from exc
         log.info("%s %s accepted: %s, %d series, lane %s", kind.value, job_id, spec.id, n, lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
         return JobRecord.from_hash({k: str(v) for k, v in stored(record).items()}), False
+
+    async def _discard(self, spec: catalog.ModelSpec, owner: str, job_id: str, *also: str) -> None:
+        """Undo a job's creation before its message was sent (and delete the keys `also`)."""
+        await self.client.delete(keys.job(job_id), keys.job_input(job_id), keys.job_items(job_id), *also)
+        await self.client.zrem(keys.in_flight(owner), job_id)
+        await self.client.zrem(keys.queued(spec), job_id)
 
     async def _cached(self, spec: catalog.ModelSpec, request: dict, identity: str) -> dict | None:
         """The stored fields of an identical earlier request's result (and `digest`, naming its
@@ -266,20 +288,26 @@ class JobService:
             if now - info["last_seen"] < 3 * self.settings.heartbeat_s
         ]
 
+    def _limits(self, owner: str) -> OwnerLimits:
+        """The admission limits of `owner`: every key has its own; keyless legacy calls share theirs."""
+        s = self.settings
+        if owner == LEGACY:
+            return OwnerLimits(s.legacy_rate_limit_per_s, s.legacy_rate_limit_burst, s.legacy_max_in_flight,
+                               "keyless legacy calls", "LEGACY_MAX_IN_FLIGHT")  # fmt: skip
+        return OwnerLimits(s.rate_limit_per_s, s.rate_limit_burst, s.max_in_flight, "this key", "MAX_IN_FLIGHT")
+
     async def _admit(self, owner: str, queue: str) -> None:
         """The submission rate limit and the queue-depth cap (the in-flight cap is checked on creation)."""
-        settings = self.settings
-        if settings.rate_limit_per_s:
+        settings, own = self.settings, self._limits(owner)
+        if own.rate_per_s:
             wait = float(
-                await self.scripts.take_token(
-                    keys=[keys.rate_bucket(owner)], args=[settings.rate_limit_per_s, settings.rate_limit_burst]
-                )
+                await self.scripts.take_token(keys=[keys.rate_bucket(owner)], args=[own.rate_per_s, own.burst])
             )
             if wait > 0:
                 raise Problem(
                     429,
                     "rate-limited",
-                    f"over {settings.rate_limit_per_s:g} submissions/s for this key (burst {settings.rate_limit_burst})",
+                    f"over {own.rate_per_s:g} submissions/s for {own.who} (burst {own.burst})",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))},
                 )
         if settings.max_queue_depth and await self.client.llen(queue) >= settings.max_queue_depth:
@@ -294,11 +322,12 @@ class JobService:
         self, outcome: str, digest: str, owner: str, idem_key: str | None
     ) -> tuple[JobRecord, bool]:
         if outcome.startswith("in-flight:"):
+            own = self._limits(owner)
             raise Problem(
                 429,
                 "too-many-in-flight",
-                f"this key has {outcome.split(':')[1]} jobs not yet finished (MAX_IN_FLIGHT "
-                f"{self.settings.max_in_flight}); wait for some to finish",
+                f"{outcome.split(':')[1]} jobs not yet finished for {own.who} ({own.in_flight_setting} "
+                f"{own.max_in_flight}); wait for some to finish",
                 headers={"Retry-After": "5"},
             )
         earlier_id, earlier_digest = outcome.split(" ", 1)
@@ -329,10 +358,11 @@ class JobService:
     ) -> JobRecord:
         """Submit and wait: the succeeded record, or the job as it stands when `timeout_s` runs out.
 
-        A job that failed or was cancelled meanwhile is a problem response carrying its id.
+        A job that failed or was cancelled meanwhile is a problem response carrying its id; with no
+        worker of the model online the answer is 503 at once, not a wait for nothing.
         """
         job = request if isinstance(request, ForecastJob) else forecast_job(request)
-        submitted, _ = await self.submit(job, lane, owner, idempotency_key)
+        submitted, _ = await self.submit(job, lane, owner, idempotency_key, waited=True)
         record = await self.wait(submitted.id, timeout_s, owner)
         if record.status is JobStatus.FAILED:
             raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
@@ -342,7 +372,7 @@ class JobService:
             )
         return await self.with_predictions(record) if with_results else record
 
-    async def _check_sync(self, spec: catalog.ModelSpec) -> None:
+    def _check_sync(self, spec: catalog.ModelSpec) -> None:
         if not self.settings.sync_eligible(spec):
             raise Problem(
                 409,
@@ -351,7 +381,11 @@ class JobService:
                 field="model",
                 async_endpoint="/v1/forecasts",
             )
-        await self.serving(spec)
+
+    async def workers_online(self, name: str) -> int:
+        """How many workers of the model are live (an async job is accepted with none: one may start later)."""
+        (view,) = await self.models((self.model(name),))
+        return view.workers_online
 
     async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> ModelView:
         """The model's live view once a worker serves it (waiting up to `wait_s`), else 503."""
@@ -433,6 +467,14 @@ class JobService:
             return bool(await asyncio.wait_for(self.client.ping(), 1.0))
         except Exception:
             return False
+
+
+class OwnerLimits(NamedTuple):
+    rate_per_s: float
+    burst: int
+    max_in_flight: int
+    who: str  # how problem details name the owner
+    in_flight_setting: str
 
 
 def _digest(text: str) -> str:

@@ -3,13 +3,15 @@
     python -m cli.stack run        write .run/Procfile and exec honcho (Ctrl-C stops everything)
     python -m cli.stack announce   (a Procfile entry) wait until ready, print where everything is
 
-Environment: CHRONOS_MODELS (comma-separated ids), API_PORT (8000), FLOWER_PORT (5555),
+Environment: CHRONOS_MODELS (comma-separated ids or slugs, or `all`: a worker for every catalog
+model; the evaluation strategies use chronos-t5-tiny, chronos-t5-mini, chronos-t5-base and
+chronos-bolt-mini), API_PORT (8000), FLOWER_PORT (5555),
 REDIS_PORT (6379, for the Redis it starts), WORKER_METRICS_PORT (9101: the first worker's
 Prometheus port, the next ones count up; 0 for none), REDIS_URL (use that Redis, start none),
 WEIGHTS (any: real from the Hugging Face cache when present, else synthetic),
 INSTALL_REDIS (1: apt-get install redis-server when missing and running as root),
 API_KEYS / API_KEYS_FILE / AUTH_DISABLED (with none set, a dev key is made once, kept in .run/dev-api-key
-and printed).
+and printed), COMPAT_REQUIRE_KEY (false: the old server's routes take calls without a key, as it did).
 The entry points are those of the containers (Dockerfile.api, Dockerfile.worker, compose.yaml).
 """
 
@@ -41,7 +43,10 @@ FLOWER_ENTRY = "celery -A cli.flower flower"
 
 
 def models_from_env() -> list[catalog.ModelSpec]:
-    names = [n.strip() for n in os.environ.get("CHRONOS_MODELS", DEFAULT_MODELS).split(",") if n.strip()]
+    wanted = os.environ.get("CHRONOS_MODELS", DEFAULT_MODELS)
+    if wanted.strip().lower() == "all":
+        return list(catalog.CATALOG)
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
     specs = []
     for name in names:
         spec = catalog.find(name)
@@ -159,6 +164,11 @@ def announce() -> None:
         for i, m in enumerate(wanted)
     ]
     lines.append(f"  metrics   {api}/metrics (API and queue depths)")
+    if os.environ.get("COMPAT_REQUIRE_KEY", "true").strip().lower() in ("false", "0", "no", "off"):
+        lines.append("  legacy    /v1/timeseries/forecast, /forecast/v1/chronos/*: no key (COMPAT_REQUIRE_KEY=false)")
+    else:
+        lines.append("  legacy    /v1/timeseries/forecast, /forecast/v1/chronos/*: key needed "
+                     "(COMPAT_REQUIRE_KEY=false make run: none, as the old server)")  # fmt: skip
     synthetic = [m for m in wanted if models[m]["weights"] == "synthetic"]
     if synthetic:
         lines.append(f"  *** SYNTHETIC weights for {', '.join(synthetic)}: random weights, meaningless forecasts ***")

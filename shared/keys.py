@@ -73,6 +73,11 @@ def idempotency(owner: str, key_digest: str) -> str:
     return f"{PREFIX}:idem:{owner}:{key_digest}"
 
 
+def flight(owner: str, digest: str) -> str:
+    """The job serving an owner's request (by its digest) while that job is queued or running (api/flight.py)."""
+    return f"{PREFIX}:flight:{owner}:{digest}"
+
+
 def cache(digest: str) -> str:
     """A cached result's record fields (JSON), by `shared.cache.digest` of model, weights revision and request."""
     return f"{PREFIX}:cache:{digest}"

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(400, ge=1)
     max_in_flight: int = Field(10_000, ge=0)
     max_queue_depth: int = Field(100_000, ge=0)
+    # The same limits for the keyless callers of the legacy routes (COMPAT_REQUIRE_KEY=false), who
+    # share one owner: at most one key's rate, and far fewer unfinished jobs (the evaluation client
+    # holds 4 in flight), since anyone who can reach the port counts against them.
+    legacy_rate_limit_per_s: float = Field(200.0, ge=0)
+    legacy_rate_limit_burst: int = Field(400, ge=1)
+    legacy_max_in_flight: int = Field(256, ge=0)
 
     # How long a deterministic request's result is kept to answer identical requests (0: no cache),
     # and who shares it: `key` (default) answers only the API key that sent the request first;
@@ -86,6 +92,10 @@ class Settings(BaseSettings):
     compat_model: str = "amazon/chronos-t5-tiny"
     compat_timeout_s: float = Field(290.0, gt=0)
     compat_init_wait_s: float = Field(30.0, ge=0)
+    # false: the legacy routes (/health, /v1/timeseries/forecast, /forecast/v1/chronos/*, and their
+    # /models/{slug} forms) take calls without a key, as the old server did, as the one owner
+    # "legacy". A key that is sent must still be valid; the native routes always need one.
+    compat_require_key: bool = True
 
     # Workers.
     chronos_model: str | None = None

@@ -203,30 +203,36 @@ def job_keys(client: redis.Redis) -> set[str]:
     return set(client.scan_iter(keys.job("*")))
 
 
-@pytest.fixture(scope="session")
-def live_api(redis_server, tmp_path_factory) -> Iterator[str]:
-    """The API as deployed (`uvicorn --factory api.main:create_app`) on a free port; yields its base URL."""
+def start_api(redis_server: RedisServer, logdir: Path, **env: str) -> tuple[str, subprocess.Popen]:
+    """The API as deployed (`uvicorn --factory api.main:create_app`) on a free port: its base URL and process."""
     port = free_port()
-    log = tmp_path_factory.mktemp("api") / "api.log"
+    log = logdir / f"api-{port}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--port", str(port)],
         cwd=ROOT,
-        env={**os.environ, "REDIS_URL": redis_server.url, "API_KEYS": f"{API_KEY},{OTHER_KEY}", "HEARTBEAT_S": "1"},
+        env={**os.environ, "REDIS_URL": redis_server.url, "API_KEYS": f"{API_KEY},{OTHER_KEY}", "HEARTBEAT_S": "1",
+             **env},
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
             if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
+                return base, proc
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the API did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def live_api(redis_server, tmp_path_factory) -> Iterator[str]:
+    """The API as deployed on a free port; yields its base URL."""
+    base, proc = start_api(redis_server, tmp_path_factory.mktemp("api"))
     yield base
     proc.terminate()
     proc.wait(10)

@@ -3,6 +3,7 @@ Every refusal is problem+json with Retry-After and leaves nothing queued."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 
@@ -27,8 +28,13 @@ def open_api(redis_server, request) -> Iterator[TestClient]:
             client.delete(f"/v1/forecasts/{job_id}")
 
 
+_distinct = itertools.count()
+
+
 def submit(api: TestClient, body: dict | None = None, **headers):
-    response = api.post("/v1/forecasts", json=body or forecast_body(QUEUED_MODEL), headers=headers)
+    # A different request each time: identical ones in flight would share one job (api/flight.py).
+    body = body or forecast_body(QUEUED_MODEL, length=20 + next(_distinct))
+    response = api.post("/v1/forecasts", json=body, headers=headers)
     if response.status_code == 202:
         api.created = [*getattr(api, "created", []), response.json()["id"]]
     return response

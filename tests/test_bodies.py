@@ -222,3 +222,14 @@ def test_redis_out_of_memory_is_a_503_to_retry_not_a_500(tmp_path):
 
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "redis-unavailable" and int(response.headers["retry-after"]) > 0
+
+
+def test_a_compat_window_with_no_observed_value_is_422_not_500(api, redis_server):
+    before = job_keys(redis_server.client())
+    body = {"name": "SPY", "forecast_period_size": 2, "context_period_size": 1, "recent_data": [1.0, None]}
+
+    response = api.post("/models/chronos-bolt-tiny/v1/timeseries/forecast", json=body)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "recent_data"
+    assert job_keys(redis_server.client()) == before

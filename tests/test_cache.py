@@ -111,3 +111,28 @@ def test_an_identical_backtest_is_answered_from_the_cache(api, workers):
 
     assert first["status"] == "succeeded" and again["cached"] is True and again["status"] == "succeeded"
     assert again["backtest"] == first["backtest"] and again["progress"] == {"done": 11, "total": 11}
+
+
+def test_identical_requests_in_flight_share_one_job_and_only_when_the_answer_cannot_differ(api):
+    """Single-flight (api/flight.py). No worker serves these models here, so every job stays queued."""
+    bolt = forecast_body("amazon/chronos-bolt-mini", length=61)
+    seeded = forecast_body("amazon/chronos-t5-mini", length=61, seed=7)
+    unseeded = forecast_body("amazon/chronos-t5-mini", length=61)
+
+    first, again = run(api, bolt), run(api, bolt)
+    other_key = run(api, bolt, **{"X-API-Key": OTHER_KEY})
+    keyed_once = run(api, bolt, **{"Idempotency-Key": "sf-1"})
+    keyed_again = run(api, bolt, **{"Idempotency-Key": "sf-2"})
+    seeded_ids = {run(api, seeded)["id"] for _ in range(2)}
+    unseeded_ids = {run(api, unseeded)["id"] for _ in range(2)}
+    api.delete(f"/v1/forecasts/{first['id']}")
+    after_it_ended = run(api, bolt)
+    for job in (after_it_ended, keyed_once, keyed_again, *({"id": i} for i in seeded_ids | unseeded_ids)):
+        api.delete(f"/v1/forecasts/{job['id']}")
+    api.delete(f"/v1/forecasts/{other_key['id']}", headers={"X-API-Key": OTHER_KEY})
+
+    assert again["id"] == first["id"] and again["status"] == "queued"
+    assert other_key["id"] != first["id"]  # another owner's job is never joined
+    assert len({first["id"], keyed_once["id"], keyed_again["id"]}) == 3  # an Idempotency-Key decides instead
+    assert len(seeded_ids) == 1 and len(unseeded_ids) == 2  # T5 only with a seed
+    assert after_it_ended["id"] != first["id"]  # a cancelled (ended) job is not joined

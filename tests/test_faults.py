@@ -170,8 +170,9 @@ def test_every_job_answered_202_ends_after_redis_restarts_with_its_append_only_f
     worker = start_worker(store, synthetic_dir, BOLT, tmp_path, MAX_BATCH="8")
     try:
         with TestClient(create_app(settings_for(store)), headers={"X-API-Key": API_KEY}) as api:
-            accepted = [api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=8, length=300)).json()["id"]
-                        for _ in range(30)]  # fmt: skip
+            # 30 different requests: identical ones in flight would share one job (api/flight.py).
+            accepted = [api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=8, length=300 + i)).json()["id"]
+                        for i in range(30)]  # fmt: skip
             store.process.terminate()  # SIGTERM: Redis writes its append-only file and exits
             store.process.wait(30)
             store = start_redis(tmp_path / "aof", "--appendonly", "yes", port=store.port)

@@ -114,3 +114,16 @@ def test_two_workers_on_one_queue_share_its_jobs(api, redis_server, synthetic_di
     finally:
         for worker in pair:
             worker.stop()
+
+
+def test_chronos_models_all_starts_a_worker_for_every_catalog_model(monkeypatch):
+    from cli.stack import models_from_env, procfile
+
+    monkeypatch.setenv("CHRONOS_MODELS", "all")
+    specs = models_from_env()
+    lines = procfile(specs, 8000, 5555, None, 0).splitlines()
+
+    assert specs == list(catalog.CATALOG)
+    assert {line.split(":")[0] for line in lines if line.startswith("worker-")} == {
+        f"worker-{m.slug}" for m in catalog.CATALOG
+    }

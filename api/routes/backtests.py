@@ -16,7 +16,7 @@ from api import bodies
 from api.auth import Caller
 from api.problems import documented
 from api.routes.forecasts import (
-    SUBMIT_ERRORS, IdempotencyKey, Service, answer, cancel_forecast, get_forecast, job_events,
+    SUBMIT_ERRORS, IdempotencyKey, Service, answer, cancel_forecast, get_forecast, job_events, workers_online,
 )  # fmt: skip
 
 router = APIRouter(prefix="/v1", tags=["backtests"])
@@ -34,13 +34,15 @@ async def submit_backtest(
 ) -> Response:
     """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
     from the `context_length` points before it, scored against the series' own later values (MASE,
-    weighted quantile loss, interval coverage). All origins run as one job in model-sized batches."""
+    weighted quantile loss, interval coverage). All origins run as one job in model-sized batches.
+    `X-Workers-Online` counts the model's live workers: with 0 the job is queued until one starts."""
     body = await bodies.model_body(request, jobs.settings, BacktestRequest)  # after the key was checked
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/backtests/{record.id}"
     response.status_code = status.HTTP_202_ACCEPTED
+    await workers_online(response, jobs, record.model)
     return await answer(jobs, record, request, response)
 
 

@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: FastAPI must resolve the per-route
 defined inside `build` at import time.
 """
 
+import math
 from collections.abc import Callable
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from shared.jobs import JobStatus, Lane
 from shared.schemas import ForecastRequest
 
 from api import compat
-from api.auth import Caller
+from api.auth import LegacyCaller
 from api.deps import service
 from api.problems import BODY_ERRORS, Problem, documented
 from api.service import JobService
@@ -55,11 +56,11 @@ def build(
                   "broker-unavailable", "redis-unavailable", "forecast-failed", "job-cancelled", "forecast-timeout",
                   "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
 
-    @router.get("/health", responses=documented(*url_errors))
-    async def health(spec: Model, jobs: Service) -> dict:
-        """Liveness, as the old server answered it (no key needed)."""
+    @router.get("/health", response_model=compat.HealthResponse, responses=documented(*url_errors))
+    async def health(spec: Model, jobs: Service) -> compat.HealthResponse:
+        """Liveness, as the old server answered it (no key needed), and the model this URL serves."""
         (view,) = await jobs.models((spec,))
-        return {"status": "healthy", "model": spec.id, "model_status": compat.status(view).model_status}
+        return compat.health(view)
 
     @router.post(
         "/forecast/v1/chronos/initialization",
@@ -67,7 +68,7 @@ def build(
         responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "other-model", "no-worker"),
     )
     async def initialization(
-        spec: Model, jobs: Service, _: Caller, body: compat.InitializationRequest | None = None
+        spec: Model, jobs: Service, _: LegacyCaller, body: compat.InitializationRequest | None = None
     ) -> compat.InitializationResponse:
         """Workers load their model when they start; this waits (COMPAT_INIT_WAIT_S) until one serves it."""
         if body and body.model_variant and catalog.find(body.model_variant) is not spec:
@@ -87,7 +88,7 @@ def build(
         response_model=compat.StatusResponse,
         responses=documented(*url_errors, "unauthorized"),
     )
-    async def chronos_status(spec: Model, jobs: Service, _: Caller) -> compat.StatusResponse:
+    async def chronos_status(spec: Model, jobs: Service, _: LegacyCaller) -> compat.StatusResponse:
         """ready while a worker serves the model; uninitialized while none does."""
         (view,) = await jobs.models((spec,))
         return compat.status(view)
@@ -96,7 +97,7 @@ def build(
         "/forecast/v1/chronos/inference", response_model=compat.InferenceResponse, responses=documented(*run_errors)
     )
     async def inference(
-        body: compat.InferenceRequest, spec: Model, jobs: Service, owner: Caller, response: Response
+        body: compat.InferenceRequest, spec: Model, jobs: Service, owner: LegacyCaller, response: Response
     ) -> compat.InferenceResponse:
         """One forecast: median, mean, deciles, and sample paths (T5; empty for Bolt)."""
         record = await _run(jobs, compat.inference_request(spec, body), owner, response)
@@ -108,12 +109,23 @@ def build(
         responses=documented(*run_errors, *([] if url_errors else ["unknown-model"])),
     )
     async def timeseries_forecast(
-        body: compat.TimeseriesRequest, url_model: TimeseriesModel, jobs: Service, owner: Caller, response: Response
+        body: compat.TimeseriesRequest,
+        url_model: TimeseriesModel,
+        jobs: Service,
+        owner: LegacyCaller,
+        response: Response,
     ) -> compat.TimeseriesResponse:
         """The evaluation client's call: the median forecast of `recent_data`."""
         if url_model is None and body.model is None:
             raise Problem(422, "validation-error", "model: required on this route", field="model")
         spec = url_model or jobs.model(body.model)
+        window = body.recent_data[-body.context_period_size :] if body.context_period_size else body.recent_data
+        if all(x is None or math.isnan(x) for x in window):  # a valid body whose window holds nothing to forecast
+            raise Problem(
+                422, "validation-error",
+                f"recent_data: its last {len(window)} values (context_period_size) hold no observed value",
+                field="recent_data",
+            )  # fmt: skip
         record = await _run(jobs, compat.timeseries_request(spec, body), owner, response)
         return compat.timeseries_response(record, body)
 
@@ -121,7 +133,9 @@ def build(
 
 
 async def _run(jobs: JobService, request: ForecastRequest, owner: str, response: Response):
-    """A compat call through the queue: the sync lane where the model has one, waiting up to COMPAT_TIMEOUT_S."""
+    """A compat call through the queue: the sync lane where the model has one, waiting up to COMPAT_TIMEOUT_S.
+    503 `no-worker` at once when no worker serves the model: the old server failed at once too (no
+    container), and a client that retries a timeout would otherwise wait its full timeout each time."""
     spec = jobs.model(request.model)
     lane = Lane.SYNC if jobs.settings.sync_eligible(spec) else Lane.ASYNC
     record = await jobs.run(request, lane, owner, jobs.settings.compat_timeout_s)

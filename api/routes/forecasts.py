@@ -56,6 +56,11 @@ async def answer(jobs: JobService, record: JobRecord, request: Request, response
                     media_type="application/json")  # fmt: skip
 
 
+async def workers_online(response: Response, jobs: JobService, model: str) -> None:
+    """`X-Workers-Online: N` on an accepted async job: 0 says it waits until a worker of its model starts."""
+    response.headers["X-Workers-Online"] = str(await jobs.workers_online(model))
+
+
 SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
                  "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
                  "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
@@ -75,7 +80,8 @@ async def submit_forecast(
 
     The body is JSON, or an Arrow IPC stream / Parquet file in long format with the parameters in
     the query string. With an `Idempotency-Key`, sending the same request again returns the same
-    job (`Idempotent-Replayed: true`) instead of queueing another.
+    job (`Idempotent-Replayed: true`) instead of queueing another. `X-Workers-Online` counts the
+    model's live workers: with 0 the job is queued until one starts.
     """
     job = await bodies.forecast(request, jobs.settings)  # read only now: after the key was checked
     record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key)
@@ -83,6 +89,7 @@ async def submit_forecast(
         response.headers["Idempotent-Replayed"] = "true"
     _location(response, record.id)
     response.status_code = status.HTTP_202_ACCEPTED
+    await workers_online(response, jobs, record.model)
     return await answer(jobs, record, request, response)
 
 
