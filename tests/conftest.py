@@ -200,7 +200,8 @@ def wait_for(api: TestClient, job_id: str, timeout: float = 60) -> dict:
 
 
 def job_keys(client: redis.Redis) -> set[str]:
-    return set(client.scan_iter(keys.job("*")))
+    """The job records in Redis (not their series, results and items, which share the prefix)."""
+    return {key for key in client.scan_iter(keys.job("*")) if key.count(":") == keys.job("x").count(":")}
 
 
 def start_api(redis_server: RedisServer, logdir: Path, **env: str) -> tuple[str, subprocess.Popen]:
