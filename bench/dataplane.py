@@ -86,7 +86,7 @@ def main() -> None:
     with Stack([args.model]) as stack:
         print(f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads), {LENGTH} points, horizon {HORIZON}")
         raw = Raw(args.model)
-        best_batch, raw_rate = raw.best([32, 64, 128, 256], LENGTH, HORIZON)
+        best_batch, raw_rate = raw.best(None, LENGTH, HORIZON)
         del raw
         body_json, body_arrow = json_body(args.model, n, LENGTH), arrow_body(n, LENGTH)
         with httpx.Client(base_url=stack.base, timeout=900) as http:

@@ -175,9 +175,14 @@ class Raw:
             done += batch
         return done / (time.perf_counter() - started)
 
-    def best(self, batches: list[int], length: int, horizon: int) -> tuple[int, float]:
-        """The batch size with the best throughput, and that throughput."""
-        rates = {b: self.throughput(b, length, horizon) for b in batches}
+    def batches(self) -> list[int]:
+        """Batch sizes worth trying on this device: up to 256 on a CPU, up to 2048 on a GPU."""
+        cuda = self.torch.cuda.is_available()
+        return [32, 64, 128, 256, *([512, 1024, 2048] if cuda else [])]
+
+    def best(self, batches: list[int] | None, length: int, horizon: int) -> tuple[int, float]:
+        """The batch size with the best throughput (of `batches`, else the device's), and that throughput."""
+        rates = {b: self.throughput(b, length, horizon) for b in batches or self.batches()}
         for b, rate in rates.items():
             print(f"  raw batch {b:5d}: {rate:8.1f} series/s")
         best = max(rates, key=rates.get)

@@ -19,7 +19,7 @@ from harness import Raw, Stack, percentile, series, timed_predicts, torch_thread
 
 
 def direct(raw: Raw, n: int, length: int, horizon: int) -> list[float]:
-    target = [series(length)]
+    target = raw.torch.tensor([series(length)], dtype=raw.torch.float32)
     samples = []
     for i in range(n + 10):
         started = time.perf_counter()

@@ -131,7 +131,7 @@ def bulk(args) -> None:
     with Stack([args.model], _env(args.worker_env)) as stack:
         print(f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads)")
         raw = Raw(args.model)
-        best_batch, raw_rate = raw.best([32, 64], LENGTH, HORIZON)
+        best_batch, raw_rate = raw.best(None, LENGTH, HORIZON)
         del raw
         payload = body(args.model, [series(LENGTH, k) for k in range(args.series)])
         with httpx.Client(base_url=stack.base, timeout=600) as http:
@@ -147,7 +147,7 @@ def bulk(args) -> None:
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
     print(f"  served (POST→result) {served:8.1f} series/s: {total:.1f}s in all, {accepted:.1f}s to accept, "
           f"{job['timings']['inference_s']:.1f}s in the model")  # fmt: skip
-    print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.85)")
+    print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.9, against one prebuilt 2-D tensor)")
 
 
 def main() -> None:

@@ -234,3 +234,19 @@ def test_the_model_thread_serves_many_concurrent_jobs_in_shared_passes(redis_ser
     assert [r.status for r in records] == [JobStatus.SUCCEEDED] * 24
     # 24 one-series jobs arriving together, at most 8 series a pass: they shared passes.
     assert 3 <= passes() - before < 24
+
+
+def test_a_one_series_job_waits_about_one_pass_behind_a_3000_series_job(runtime, io):
+    big = work(runtime, [series(k % 50) for k in range(3000)])
+    batcher = Batcher(runtime, io)
+    batcher.submit(big)
+    first = batcher._take()  # the big job's first pass is under way
+    small = work(runtime, [series(7)])
+    batcher.submit(small)
+
+    second = batcher._take()
+
+    assert [w for w, _, _ in first] == [big]
+    assert small in [w for w, _, _ in second]  # its series go into the very next pass
+    assert sum(end - start for _, start, end in second) <= runtime.max_batch
+    assert big.scheduled == runtime.max_batch + sum(end - start for w, start, end in second if w is big)
