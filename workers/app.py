@@ -77,7 +77,7 @@ def _load(sender=None, **_):
         )
         for text in (True, False)
     )  # fmt: skip
-    _Worker.batcher = Batcher(runtime, RedisPassIO(_Worker.raw), wait_s=settings.batch_wait_ms / 1000)
+    _Worker.batcher = Batcher(runtime, RedisPassIO(_Worker.raw, settings.result_ttl_s), wait_s=settings.batch_wait_ms / 1000)
     _Worker.batcher.start()
     _Worker.name = f"{sender.hostname}/{os.getpid()}"
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()

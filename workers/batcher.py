@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,6 +99,10 @@ class PassIO(Protocol):
         """The batch's series in order, and the ids of its jobs with a pending cancel request."""
         ...
 
+    def begin(self, batch: list[Slice]) -> None:
+        """Mark the batch's jobs as in a forward pass (a worker's death now counts against them)."""
+        ...
+
     def write(self, results: list[tuple[Slice, list[np.ndarray]]]) -> None:
         """Store each slice's results (float32 [variates, rows, horizon] per series), in order."""
         ...
@@ -111,6 +116,8 @@ class Batcher:
         self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        # Reads of the next pass and writes of the last one run here, while the model computes.
+        self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pass-io")
 
     def start(self) -> None:
         self._thread.start()
@@ -129,19 +136,41 @@ class Batcher:
     # -- the model thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        """Pass after pass. The series of the next pass are read while this one computes and its
+        results are stored after it, both on the I/O thread, so the model waits on no round trip
+        but the one that marks its jobs in a pass."""
+        ahead: tuple[list[Slice], Future] | None = None
         while True:
-            batch = self._take()
+            batch, reading = ahead or self._next(block=True)
+            ahead = None
+            if batch[0][0].lane is Lane.ASYNC and self._pending[Lane.SYNC]:
+                self._put_back(batch)  # a sync request came while this was read: it goes first
+                continue
+            ahead = self._next(block=False)
             try:
-                self._execute(batch)
+                self._execute(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
             except Exception as exc:  # never let the model thread die: fail the batch's jobs instead
                 log.exception("batch failed outside the model")
                 for work, _, _ in batch:
                     self._finish(work, error=f"{type(exc).__name__}: {exc}")
 
+    def _next(self, block: bool) -> tuple[list[Slice], Future] | None:
+        """The next pass and the read of its series, started on the I/O thread (None if nothing waits)."""
+        batch = self._take(block)
+        return (batch, self._io_thread.submit(self.io.read, batch)) if batch else None
+
+    def _put_back(self, batch: list[Slice]) -> None:
+        """Return a pass's slices to their jobs, as if never taken (each is its job's latest slice)."""
+        with self._cond:
+            for work, start, _ in reversed(batch):
+                work.scheduled = start
+                if not work.finished.is_set() and work not in self._pending[work.lane]:
+                    self._pending[work.lane].appendleft(work)
+
     def _pending_series(self) -> int:
         return sum(w.unscheduled for q in self._pending.values() for w in q)
 
-    def _take(self) -> list[Slice]:
+    def _take(self, block: bool = True) -> list[Slice]:
         """The next forward pass: (work, first series, end) slices of compatible jobs, sync lane first.
 
         Fair across jobs: the pass serves the group of the job that has waited longest since it was
@@ -149,6 +178,8 @@ class Batcher:
         or an equal share, whichever is less). So a one-series job waits for about one pass, however
         large the jobs before it are; a large job is taken a slice at a time, in order."""
         with self._cond:
+            if not block and not any(self._pending.values()):
+                return []
             self._cond.wait_for(lambda: any(self._pending.values()))
             lane = Lane.SYNC if self._pending[Lane.SYNC] else Lane.ASYNC
             first = min(self._pending[lane], key=lambda w: w.waiting_since)
@@ -178,8 +209,10 @@ class Batcher:
                     queue.remove(work)
             return picked
 
-    def _execute(self, batch: list[Slice]) -> None:
-        decoded, stopped = self.io.read(batch)
+    def _execute(self, batch: list[Slice], reading: Future | None = None, store=None) -> None:
+        """Run one pass: its series (read now, or by `reading`), the model, then `store` the results
+        (called as `store(results, completed)`; by default at once, on this thread)."""
+        decoded, stopped = reading.result() if reading is not None else self.io.read(batch)
         live: list[Slice] = []
         inputs: list[Decoded] = []
         at = 0
@@ -193,6 +226,7 @@ class Batcher:
             at += end - start
         if not live:
             return
+        self.io.begin(live)
         params = [w.params for w, _, _ in live]
         horizon = max(p.prediction_length for p in params)
         levels = sorted({q for p in params for q in p.quantile_levels})
@@ -221,7 +255,17 @@ class Batcher:
             work.done += end - start
             if work.done == work.n:
                 completed.append(work)
-        self.io.write(results)  # before the jobs are finished: their results must be stored first
+        (store or self._store)(results, completed)
+
+    def _store(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
+        """Store a pass's results, then finish the jobs it completed (their results must be stored first)."""
+        try:
+            self.io.write(results)
+        except Exception as exc:
+            log.exception("storing a pass's results failed")
+            for (work, _, _), _ in results:
+                self._finish(work, error=f"{type(exc).__name__}: {exc}")
+            return
         for work in completed:
             self._finish(work)
 

@@ -41,21 +41,22 @@ def _outlasting_redis(call, *args, **kwargs):
 
 
 class RedisPassIO:
-    """A pass's series and results through Redis: one pipelined round trip to read the series of
-    every job in the pass (LRANGE of each job's input list), their cancel flags, and mark them
-    `in_pass`; one to append the results (RPUSH to each job's output list), clear the mark and
-    record progress. The mark is how a redelivery knows whether the job was in the pass that
-    killed its worker (shared/jobs.py, START)."""
+    """A pass's series and results through Redis, each step one pipelined round trip: read the
+    series of every job in the pass (LRANGE of each job's input list) and their cancel flags;
+    mark them `in_pass` right before the model runs; append the results (RPUSH to each job's
+    output list), clear the mark and record progress. The mark is how a redelivery knows whether
+    the job was in the pass that killed its worker (shared/jobs.py, START). The batcher reads
+    and writes on its I/O thread while the model computes; only the mark waits for Redis."""
 
-    def __init__(self, raw: redis.Redis):
+    def __init__(self, raw: redis.Redis, ttl_s: int = 86_400):
         self.raw = raw  # binary replies
+        self.ttl_s = ttl_s
         self._progress = raw.register_script(PROGRESS)
 
     def read(self, batch: list[Slice]) -> tuple[list[Decoded], set[str]]:
         with self.raw.pipeline(transaction=False) as pipe:
             for work, start, end in batch:
                 pipe.hget(keys.job(work.job_id), "cancel_requested")
-                pipe.hset(keys.job(work.job_id), "in_pass", "1")  # a death from here on counts against it
                 if work.inputs is None:
                     pipe.lrange(keys.job_input(work.job_id), start, end - 1)
             replies = iter(_outlasting_redis(pipe.execute))
@@ -64,12 +65,17 @@ class RedisPassIO:
         for work, start, end in batch:
             if next(replies) == b"1":
                 stopped.add(work.job_id)
-            next(replies)
             elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in next(replies)]
             if len(elements) != end - start:  # the input list expired or was deleted under the job
                 raise RuntimeError(f"job {work.job_id}: series {start}..{end} are no longer stored")
             decoded.extend(elements)
         return decoded, stopped
+
+    def begin(self, batch: list[Slice]) -> None:
+        with self.raw.pipeline(transaction=False) as pipe:
+            for work, _, _ in batch:
+                pipe.hset(keys.job(work.job_id), "in_pass", "1")  # a death from here on counts against it
+            _outlasting_redis(pipe.execute)
 
     def write(self, results: list[tuple[Slice, list[np.ndarray]]]) -> None:
         if not results:
@@ -77,6 +83,9 @@ class RedisPassIO:
         with self.raw.pipeline(transaction=False) as pipe:
             for (work, _, end), arrays in results:
                 pipe.rpush(keys.job_output(work.job_id), *(a.tobytes() for a in arrays))
+                # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
+                # cancelled): the list then must not outlive it. FINISH sets its final lifetime.
+                pipe.expire(keys.job_output(work.job_id), self.ttl_s)
                 pipe.hdel(keys.job(work.job_id), "in_pass")
                 if end < work.n:  # the last pass's progress comes with the job's final state
                     self._progress(keys=[keys.job(work.job_id)], args=[end, keys.EVENTS_CHANNEL, work.job_id], client=pipe)
