@@ -25,6 +25,9 @@ from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pydantic_core
 from fastapi import Request
 from msgspec import Meta, Raw, Struct
@@ -266,15 +269,11 @@ _RESERVED = ("item_id", "timestamp", "target")
 
 def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: Settings) -> ForecastJob:
     """A long-format table (one row per series and time step) and the parameters from the query string."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     try:
         if kind == ARROW:
             table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
         else:
-            import pyarrow.parquet as pq
-
             table = pq.read_table(pa.BufferReader(body))
     except (pa.ArrowInvalid, OSError) as exc:
         raise Problem(400, "malformed-body", f"not a readable {kind} body: {exc}") from None
@@ -346,8 +345,6 @@ def _first_appearance(codes: np.ndarray, run_starts: np.ndarray, names: list) ->
 
 
 def _numeric(column, field: str) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_decimal(column.type)):
         raise _invalid(field, f"must be numeric, not {column.type}")
@@ -357,7 +354,6 @@ def _numeric(column, field: str) -> np.ndarray:
 
 
 def _column(column, field: str) -> np.ndarray | list:
-    import pyarrow as pa
 
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return column.to_pylist()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import orjson
 
 from shared.jobs import JobKind, JobRecord
@@ -84,7 +86,6 @@ def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list 
 
 def table(record: JobRecord, outputs: list[bytes], items: list | None):
     """Long format, one row per series (and variate) and step: item_id, [variate,] step, mean, a column per level."""
-    import pyarrow as pa
 
     shape = layout(record, outputs[0] if outputs else None)
     blocks = [shape.array(raw) for raw in outputs]  # [variates, rows, horizon] each
@@ -105,13 +106,10 @@ def table(record: JobRecord, outputs: list[bytes], items: list | None):
 
 def columnar(record: JobRecord, outputs: list[bytes], items: list | None, media_type: str) -> bytes:
     """The results table as an Arrow IPC stream or a Parquet file."""
-    import pyarrow as pa
 
     result = table(record, outputs, items)
     sink = io.BytesIO()
     if media_type == PARQUET:
-        import pyarrow.parquet as pq
-
         pq.write_table(result, sink)
     else:
         with pa.ipc.new_stream(sink, result.schema) as writer:
