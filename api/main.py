@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for text in (True, False)  # records and metadata as text; series and results as bytes
         ]  # fmt: skip
         client, raw = (aioredis.Redis(connection_pool=pool) for pool in pools)
+        bodies.warm_up(settings)
         events = JobEvents(client)
         events.start()
         celery = make_celery(settings)

@@ -7,9 +7,11 @@ time (one pipelined round trip), which is the gauge Flower does not have.
 
 from __future__ import annotations
 
+import os
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.schemas import ModelView
 
@@ -21,21 +23,27 @@ class ApiMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        # Several API processes (`python -m api`): each writes its samples to files under
+        # PROMETHEUS_MULTIPROC_DIR, and the exported registry reads all of them.
+        shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        own = CollectorRegistry() if shared else self.registry
+        if shared:
+            MultiProcessCollector(self.registry)
         self.requests = Histogram(
             "chronos_queue_http_request_duration_seconds", "HTTP request latency by route and status.",
-            ["method", "route", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+            ["method", "route", "status"], buckets=_LATENCY_BUCKETS, registry=own,
         )  # fmt: skip
         self.accepted = Counter(
             "chronos_queue_jobs_accepted_total", "Jobs accepted, by model and lane ('cached': answered from the result cache).", ["model", "lane"],
-            registry=self.registry,
+            registry=own,
         )  # fmt: skip
         self.queue_depth = Gauge(
             "chronos_queue_queue_depth", "Messages waiting in a model's queue.", ["model", "lane"],
-            registry=self.registry,
+            registry=own, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.workers_online = Gauge(
             "chronos_queue_workers_online", "Worker processes heard from recently, by model.", ["model"],
-            registry=self.registry,
+            registry=own, multiprocess_mode="mostrecent",
         )  # fmt: skip
 
     def render(self, views: list[ModelView]) -> tuple[bytes, str]:

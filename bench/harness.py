@@ -83,7 +83,7 @@ class Stack:
         for spec in self.specs:
             for i in range(self.workers_per_model):
                 self.start_worker(spec.id, f"worker-{spec.slug}" + (f"-{i}" if i else ""))
-        api = ["uvicorn", "--factory", "api.main:create_app", "--port", str(api_port), "--log-level", "warning"]
+        api = ["api", "--port", str(api_port), "--log-level", "warning"]
         self._spawn([sys.executable, "-m", *api], self.env, "api")
         for spec in self.specs:
             wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec)) > 0, f"the {spec.slug} worker")

@@ -37,7 +37,7 @@ RUN_DIR = ROOT / ".run"
 DEFAULT_MODELS = "amazon/chronos-bolt-tiny,amazon/chronos-t5-tiny"
 
 # The same entry points the containers run.
-API_ENTRY = "uvicorn --factory api.main:create_app"
+API_ENTRY = "python -m api"
 WORKER_ENTRY = "python -m workers"
 FLOWER_ENTRY = "celery -A cli.flower flower"
 

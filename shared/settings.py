@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_columnar_body_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(60.0, gt=0)
+    # A request's headers must arrive within this (api/protocol.py): slow senders cannot hold connections.
+    header_timeout_s: float = Field(10.0, gt=0)
     max_series: int = Field(100_000, ge=1)
     # Values in one answer: series x variates x horizon x (mean + quantile levels + samples).
     max_output_values: int = Field(20_000_000, ge=1)

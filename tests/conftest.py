@@ -205,14 +205,14 @@ def job_keys(client: redis.Redis) -> set[str]:
 
 
 def start_api(redis_server: RedisServer, logdir: Path, **env: str) -> tuple[str, subprocess.Popen]:
-    """The API as deployed (`uvicorn --factory api.main:create_app`) on a free port: its base URL and process."""
+    """The API as deployed (`python -m api`), two processes, on a free port: its base URL and process."""
     port = free_port()
     log = logdir / f"api-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--port", str(port)],
+        [sys.executable, "-m", "api", "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, "REDIS_URL": redis_server.url, "API_KEYS": f"{API_KEY},{OTHER_KEY}", "HEARTBEAT_S": "1",
-             **env},
+             "WEB_CONCURRENCY": "2", "PROMETHEUS_MULTIPROC_DIR": "", **env},
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )  # fmt: skip

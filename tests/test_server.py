@@ -1,0 +1,63 @@
+"""The API server as every launcher starts it (`python -m api`): several processes that behave as
+one, and connections that must deliver their request headers in time."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import start_api
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_two_api_processes_serve_and_metrics_count_the_requests_of_both(redis_server, tmp_path):
+    base, proc = start_api(redis_server, tmp_path)
+    try:
+        processes = [p for p in children(proc.pid) if Path(f"/proc/{p}/cmdline").read_bytes().count(b"spawn_main")]
+        answers = [httpx.get(f"{base}/healthz", headers={"Connection": "close"}).status_code for _ in range(30)]
+        text = httpx.get(f"{base}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+    assert len(processes) == 2
+    assert answers == [200] * 30
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("chronos_queue_http_request_duration_seconds_count") and 'route="/healthz"' in line
+    )
+    assert counted >= 30  # every process's requests, whichever process answered /metrics (+ the start-up probes)
+
+
+def test_a_connection_that_trickles_its_headers_is_closed_and_others_are_served(redis_server, tmp_path):
+    base, proc = start_api(redis_server, tmp_path, HEADER_TIMEOUT_S="1")
+    host, port = base.removeprefix("http://").split(":")
+    try:
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # ...and never the blank line that ends the headers
+        started = time.monotonic()
+        slow.settimeout(10)
+        closed = slow.recv(1024) == b""
+        waited = time.monotonic() - started
+        served = httpx.get(f"{base}/healthz").status_code
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+    assert closed and 0.5 < waited < 5
+    assert served == 200
