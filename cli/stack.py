@@ -60,19 +60,20 @@ def models_from_env() -> list[catalog.ModelSpec]:
 def procfile(
     specs: list[catalog.ModelSpec], api_port: int, flower_port: int, redis_port: int | None, metrics_base: int
 ) -> str:
-    """One line per process: Redis (unless external), the API, a worker per model, Flower, the announcer."""
-    lines = []
+    """One line per process: Redis (unless external), the API, a worker per model, Flower, the announcer.
+    Each runs under `cli.supervise`, which starts it again if it dies (honcho alone stops them all)."""
+    commands = {}
     if redis_port is not None:
         data = RUN_DIR / "redis"
-        lines.append(
-            f"redis: redis-server --port {redis_port} --bind 127.0.0.1 --dir {shlex.quote(str(data))} "
-            f"--appendonly yes --save ''"
+        commands["redis"] = (
+            f"redis-server --port {redis_port} --bind 127.0.0.1 --dir {shlex.quote(str(data))} --appendonly yes --save ''"
         )
-    lines.append(f"api: {API_ENTRY} --host 127.0.0.1 --port {api_port}")
+    commands["api"] = f"{API_ENTRY} --host 127.0.0.1 --port {api_port}"
     for i, spec in enumerate(specs):
         metrics = f" METRICS_PORT={metrics_base + i}" if metrics_base else ""
-        lines.append(f"worker-{spec.slug}: env CHRONOS_MODEL={spec.id}{metrics} {WORKER_ENTRY}")
-    lines.append(f"flower: {FLOWER_ENTRY} --address=127.0.0.1 --port={flower_port}")
+        commands[f"worker-{spec.slug}"] = f"env CHRONOS_MODEL={spec.id}{metrics} {WORKER_ENTRY}"
+    commands["flower"] = f"{FLOWER_ENTRY} --address=127.0.0.1 --port={flower_port}"
+    lines = [f"{name}: python -m cli.supervise {name} -- {command}" for name, command in commands.items()]
     lines.append("ready: python -m cli.stack announce")
     return "\n".join(lines) + "\n"
 

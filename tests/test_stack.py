@@ -21,6 +21,33 @@ from conftest import ROOT, forecast_body, free_port, start_worker, wait_for
 pytestmark = pytest.mark.integration
 
 
+def command_of(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (honcho starts each of its processes in a session of its own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "(zombie)" not in Path(f"/proc/{pid}/status").read_text(errors="replace")
+
+
 def session_members(sid: int) -> list[int]:
     """Processes still in session `sid` (the runner's; everything it started stays in it)."""
     members = []
@@ -81,13 +108,30 @@ def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_b
         assert 'chronos_queue_worker_jobs_total{model="amazon/chronos-bolt-tiny",outcome="succeeded"}' in worker_metrics.text
         flower = httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=10)
         assert flower.status_code == 200
-        assert len(session_members(runner.pid)) >= 6  # runner, redis, api, 2 workers (+ pool children), flower
+        assert len(descendants(runner.pid)) >= 6  # redis, api, 2 workers, flower, announcer (+ wrappers)
+
+        # A crashed process is started again; the rest of the stack stays up meanwhile.
+        crashed = next(pid for pid in descendants(runner.pid) if command_of(pid)[1:] == ["-m", "workers"])
+        os.kill(crashed, signal.SIGKILL)
+        while output.count("exited with code") == log.read_text().count("exited with code"):
+            assert time.monotonic() < deadline + 120, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=5).status_code == 200
+        while len([p for p in descendants(runner.pid) if command_of(p)[1:] == ["-m", "workers"]]) < 2:
+            assert runner.poll() is None and time.monotonic() < deadline + 240, log.read_text()[-3000:]
+            time.sleep(0.5)
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=120, headers={"X-API-Key": key}) as api:
+            again = forecast_body("amazon/chronos-bolt-tiny", length=41)
+            again["inputs"][0]["item_id"] = uuid.uuid4().hex
+            assert api.post("/v1/predict", json=again, params={"timeout": 60}).json()["status"] == "succeeded"
     finally:
+        started = descendants(runner.pid) + session_members(runner.pid)
         runner.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground runner
         try:
             runner.wait(60)
         finally:
-            survivors = session_members(runner.pid)
+            time.sleep(1)  # children the runner did not wait for get a moment to go
+            survivors = [pid for pid in started if alive(pid)]
             for pid in survivors:
                 os.kill(pid, signal.SIGKILL)
     assert survivors == [], f"processes left behind: {survivors}\n{log.read_text()[-2000:]}"
