@@ -49,7 +49,7 @@ class HealthResponse(BaseModel):
 
 class InitializationRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore", json_schema_extra={"examples": [{"model_variant": "amazon/chronos-t5-tiny", "device": "cpu"}]}
+        extra="ignore", strict=True, json_schema_extra={"examples": [{"model_variant": "amazon/chronos-t5-tiny", "device": "cpu"}]}
     )
 
     model_variant: str | None = Field(
@@ -77,7 +77,7 @@ class StatusResponse(BaseModel):
 
 class InferenceRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore",
+        extra="ignore", strict=True,
         json_schema_extra={
             "examples": [{"context": [1.0, 2.0, 3.0, 4.0, 5.0], "prediction_length": 3, "num_samples": 20}]
         },
@@ -121,7 +121,7 @@ class InferenceResponse(BaseModel):
 
 class TimeseriesRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore",
+        extra="ignore", strict=True,
         json_schema_extra={
             "examples": [
                 {

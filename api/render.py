@@ -10,6 +10,7 @@ exactly and a client reading them back gets what the model computed, bit for bit
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +83,25 @@ def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list 
         else:
             view["predictions"] = predictions(record, outputs, items)
     return orjson.dumps(view, option=_OPTIONS)
+
+
+# Series per piece of a streamed answer.
+PIECE = 1000
+
+
+def job_json_chunks(record: JobRecord, outputs: list[bytes], items: list | None) -> Iterator[bytes]:
+    """`job_json` of a forecast with many series, in pieces of `PIECE` series: a streamed answer is
+    rendered on a worker thread piece by piece, so no single call holds the event loop (or the GIL)
+    for the whole answer."""
+    head = job_json(record)
+    tail = b'"predictions":null,"backtest":null}'
+    if not head.endswith(tail):  # the view's last two fields, as JobView orders them
+        raise RuntimeError("JobView no longer ends with predictions and backtest")
+    yield head[: -len(tail)] + b'"predictions":['
+    for start in range(0, len(outputs), PIECE):
+        piece = predictions(record, outputs[start : start + PIECE], items[start : start + PIECE] if items else None)
+        yield (b"," if start else b"") + orjson.dumps(piece, option=_OPTIONS)[1:-1]
+    yield b'],"backtest":null}'
 
 
 def table(record: JobRecord, outputs: list[bytes], items: list | None):

@@ -233,3 +233,28 @@ def test_a_compat_window_with_no_observed_value_is_422_not_500(api, redis_server
     assert response.status_code == 422, response.text
     assert response.json()["field"] == "recent_data"
     assert job_keys(redis_server.client()) == before
+
+
+def test_a_large_answer_is_streamed_and_equals_the_answer_in_one_piece(api, workers, monkeypatch):
+    from api import render
+    from api.routes import forecasts
+
+    job = wait_for(api, api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=5, length=30, horizon=3)).json()["id"])
+    monkeypatch.setattr(forecasts, "STREAM_FROM", 2)
+    monkeypatch.setattr(render, "PIECE", 2)  # three pieces: 2, 2 and 1 series
+
+    streamed = api.get(f"/v1/forecasts/{job['id']}")
+
+    assert streamed.status_code == 200 and "content-length" not in streamed.headers
+    assert streamed.json() == job
+
+
+@pytest.mark.parametrize("horizon", [True, "20"], ids=["bool", "numeric-string"])
+def test_compat_numbers_are_strict_too(api, redis_server, horizon):
+    before = job_keys(redis_server.client())
+    body = {"name": "SPY", "forecast_period_size": horizon, "recent_data": [1.0, 2.0, 3.0], "unknown_field": "ignored"}
+
+    response = api.post("/models/chronos-bolt-tiny/v1/timeseries/forecast", json=body)
+
+    assert response.status_code == 422 and response.json()["field"] == "forecast_period_size"
+    assert job_keys(redis_server.client()) == before

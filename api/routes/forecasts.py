@@ -41,6 +41,10 @@ def _location(response: Response, job_id: str) -> None:
     response.headers["Location"] = f"/v1/forecasts/{job_id}"
 
 
+# Answers with more series than this are streamed, rendered piece by piece off the event loop.
+STREAM_FROM = 2_000
+
+
 async def answer(jobs: JobService, record: JobRecord, request: Request, response: Response) -> Response:
     """The job as JSON, results included once it succeeded; the results alone as an Arrow stream or
     Parquet file when `Accept` asks for one. Rendered from the stored arrays (api/render.py)."""
@@ -51,6 +55,9 @@ async def answer(jobs: JobService, record: JobRecord, request: Request, response
         if media and record.kind.value == "forecast":
             body = render.columnar(record, outputs, items, media)
             return Response(body, status_code=response.status_code or 200, headers=dict(response.headers), media_type=media)
+    if outputs is not None and len(outputs) > STREAM_FROM and record.kind.value == "forecast":
+        return StreamingResponse(render.job_json_chunks(record, outputs, items), status_code=response.status_code or 200,
+                                 headers=dict(response.headers), media_type="application/json")  # fmt: skip
     body = render.job_json(record, outputs, items)
     return Response(body, status_code=response.status_code or 200, headers=dict(response.headers),
                     media_type="application/json")  # fmt: skip
