@@ -436,7 +436,7 @@ def forecast_job(request: ForecastRequest) -> ForecastJob:
 _DOCUMENTED: list[type] = []
 
 
-def documented_body(model: type, columnar: bool = False) -> dict:
+def documented_body(model: type, columnar: bool = False, required: bool = True) -> dict:
     """`openapi_extra` describing a body the route reads itself: `model` as JSON (and, if
     `columnar`, an Arrow stream or Parquet file with the parameters in the query string)."""
     _DOCUMENTED.append(model)
@@ -448,7 +448,7 @@ def documented_body(model: type, columnar: bool = False) -> dict:
                 "description": "Long format: item_id, optional timestamp, target (and Chronos-2 past-covariate "
                 "columns); model, prediction_length, quantile_levels (comma-separated), ... in the query string.",
             }
-    return {"requestBody": {"required": True, "content": content}}
+    return {"requestBody": {"required": required, "content": content}}
 
 
 def install(app) -> None:
@@ -484,11 +484,14 @@ async def forecast(request: Request, settings: Settings) -> ForecastJob:
     return await asyncio.to_thread(forecast_json, body, settings)
 
 
-async def model_body(request: Request, settings: Settings, model: type):
-    """A small JSON body validated by its documented pydantic model, strictly (no coercion)."""
+async def model_body(request: Request, settings: Settings, model: type, optional: bool = False):
+    """A small JSON body validated by its documented pydantic model, strictly (no coercion); with
+    `optional`, None for an empty body."""
     if media_type(request) != JSON:
         raise Problem(415, "unsupported-media-type", f"this route takes {JSON} bodies")
     body = await read(request, settings.max_body_bytes, settings.body_timeout_s)
+    if optional and not body.strip():
+        return None
     try:
         tree = pydantic_core.from_json(body, allow_inf_nan=True)
     except ValueError:

@@ -29,6 +29,18 @@ API_KEY = "test-key"
 OTHER_KEY = "other-key"
 
 
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every process: pid -> (parent pid, session id), read from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

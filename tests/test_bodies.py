@@ -258,3 +258,14 @@ def test_compat_numbers_are_strict_too(api, redis_server, horizon):
 
     assert response.status_code == 422 and response.json()["field"] == "forecast_period_size"
     assert job_keys(redis_server.client()) == before
+
+
+def test_a_huge_keyless_body_on_a_compat_route_is_refused_before_it_is_parsed(api):
+    huge = b'{"name": "SPY", "forecast_period_size": 20, "recent_data": [' + b"1," * 25_000_000 + b"1]}"
+
+    started = time.perf_counter()
+    response = api.post("/models/chronos-bolt-tiny/v1/timeseries/forecast", content=huge,
+                        headers={"X-API-Key": "", "content-type": "application/json"})  # fmt: skip
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 401 and elapsed < 0.2, elapsed

@@ -9,19 +9,11 @@ from pathlib import Path
 
 import httpx
 
-from conftest import start_api
+from conftest import process_table, start_api
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [child for child, (parent, _) in process_table().items() if parent == pid]
 
 
 def test_two_api_processes_serve_and_metrics_count_the_requests_of_both(redis_server, tmp_path):

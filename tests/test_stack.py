@@ -16,7 +16,7 @@ import pytest
 
 from shared import catalog
 
-from conftest import ROOT, forecast_body, free_port, start_worker, wait_for
+from conftest import ROOT, forecast_body, free_port, process_table, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,7 @@ def command_of(pid: int) -> list[str]:
 
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (honcho starts each of its processes in a session of its own)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
+    parents = {child: parent for child, (parent, _) in process_table().items()}
     found, frontier = [], [pid]
     while frontier:
         children = [child for child, parent in parents.items() if parent in frontier]
@@ -49,16 +44,8 @@ def alive(pid: int) -> bool:
 
 
 def session_members(sid: int) -> list[int]:
-    """Processes still in session `sid` (the runner's; everything it started stays in it)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:
-            members.append(int(stat.parent.name))
-    return members
+    """Processes still in session `sid`."""
+    return [pid for pid, (_, session) in process_table().items() if session == sid]
 
 
 def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_behind(synthetic_dir, tmp_path):

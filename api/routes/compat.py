@@ -16,7 +16,7 @@ from shared import catalog
 from shared.jobs import JobStatus, Lane
 from shared.schemas import ForecastRequest
 
-from api import compat
+from api import bodies, compat
 from api.auth import LegacyCaller
 from api.deps import service
 from api.problems import BODY_ERRORS, Problem, documented
@@ -62,15 +62,19 @@ def build(
         (view,) = await jobs.models((spec,))
         return compat.health(view)
 
+    # Bodies are read in the routes, after the caller was checked (api/bodies.py): a body FastAPI
+    # declared would be parsed before any dependency runs, key or no key.
     @router.post(
         "/forecast/v1/chronos/initialization",
         response_model=compat.InitializationResponse,
         responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "other-model", "no-worker"),
+        openapi_extra=bodies.documented_body(compat.InitializationRequest, required=False),
     )
     async def initialization(
-        spec: Model, jobs: Service, _: LegacyCaller, body: compat.InitializationRequest | None = None
+        request: Request, spec: Model, jobs: Service, _: LegacyCaller
     ) -> compat.InitializationResponse:
         """Workers load their model when they start; this waits (COMPAT_INIT_WAIT_S) until one serves it."""
+        body = await bodies.model_body(request, jobs.settings, compat.InitializationRequest, optional=True)
         if body and body.model_variant and catalog.find(body.model_variant) is not spec:
             raise Problem(
                 409,
@@ -94,12 +98,16 @@ def build(
         return compat.status(view)
 
     @router.post(
-        "/forecast/v1/chronos/inference", response_model=compat.InferenceResponse, responses=documented(*run_errors)
+        "/forecast/v1/chronos/inference",
+        response_model=compat.InferenceResponse,
+        responses=documented(*run_errors),
+        openapi_extra=bodies.documented_body(compat.InferenceRequest),
     )
     async def inference(
-        body: compat.InferenceRequest, spec: Model, jobs: Service, owner: LegacyCaller, response: Response
+        request: Request, spec: Model, jobs: Service, owner: LegacyCaller, response: Response
     ) -> compat.InferenceResponse:
         """One forecast: median, mean, deciles, and sample paths (T5; empty for Bolt)."""
+        body = await bodies.model_body(request, jobs.settings, compat.InferenceRequest)
         record = await _run(jobs, compat.inference_request(spec, body), owner, response)
         return compat.inference_response(record, body)
 
@@ -107,15 +115,17 @@ def build(
         "/v1/timeseries/forecast",
         response_model=compat.TimeseriesResponse,
         responses=documented(*run_errors, *([] if url_errors else ["unknown-model"])),
+        openapi_extra=bodies.documented_body(compat.TimeseriesRequest),
     )
     async def timeseries_forecast(
-        body: compat.TimeseriesRequest,
+        request: Request,
         url_model: TimeseriesModel,
         jobs: Service,
         owner: LegacyCaller,
         response: Response,
     ) -> compat.TimeseriesResponse:
         """The evaluation client's call: the median forecast of `recent_data`."""
+        body = await bodies.model_body(request, jobs.settings, compat.TimeseriesRequest)
         if url_model is None and body.model is None:
             raise Problem(422, "validation-error", "model: required on this route", field="model")
         spec = url_model or jobs.model(body.model)
