@@ -183,3 +183,36 @@ def test_every_job_answered_202_ends_after_redis_restarts_with_its_append_only_f
         store.process.wait(10)
 
     assert statuses == ["succeeded"] * 30
+
+
+def test_bystanders_of_a_job_that_kills_its_worker_three_times_succeed_and_it_fails(
+    api, redis_server, small_checkpoint, tmp_path
+):
+    from conftest import OTHER_KEY
+
+    client = redis_server.client()
+    culprit = api.post("/v1/forecasts", json=forecast_body(MODEL, n_series=2000, length=400)).json()["id"]
+    other = {"X-API-Key": OTHER_KEY}
+    bystanders = [api.post("/v1/forecasts", json=forecast_body(MODEL, length=40 + k), headers=other).json()["id"]
+                  for k in range(5)]  # fmt: skip
+    for _ in range(3):  # each time, the worker dies while the culprit's series are in a forward pass
+        worker = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
+        deadline = time.monotonic() + 60
+        while True:  # claimed by this worker (not a mark left by the last one), and in a pass
+            holder, in_pass = client.hmget(f"cq:job:{culprit}", "worker", "in_pass")
+            if holder and f"/{worker.process.pid}" in holder and in_pass == "1":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(10)
+    last = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
+    try:
+        with TestClient(api.app, headers=other) as as_other:
+            ended = [wait_for(as_other, job_id, timeout=120) for job_id in bystanders]
+        failed = wait_for(api, culprit, timeout=120)
+    finally:
+        last.stop()
+
+    assert [job["status"] for job in ended] == ["succeeded"] * 5
+    assert failed["status"] == "failed" and "lost 3 times while it was in a forward pass" in failed["error"]
