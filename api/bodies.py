@@ -514,3 +514,39 @@ def warm_up(settings: Settings) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     forecast_columnar(sink.getvalue().to_pybytes(), PARQUET, {"model": "m", "prediction_length": "1"}, settings)
+
+
+def backtest_columnar(body: bytes, kind: str, query: dict[str, str], settings: Settings):
+    """A backtest's one series as a long-format table (`target`, optional `timestamp`, Chronos-2
+    past-covariate columns), everything else in the query string: model, first, last, step,
+    context_length, season_length, known_covariates and quantile_levels (comma-separated), and the
+    forecast parameters."""
+    from shared.schemas import BacktestRequest
+
+    query = dict(query)
+    job = forecast_columnar(body, kind, {"model": query.get("model", ""), "prediction_length": "1"}, settings)
+    if len(job.series) != 1:
+        raise _invalid("item_id", f"a backtest takes one series, not {len(job.series)}")
+    values = job.series.rows(0)[0]
+    series: dict[str, Any] = {"target": [None if np.isnan(x) else float(x) for x in values.tolist()]}
+    if job.series.item_ids[0] is not None:
+        series["item_id"] = job.series.item_ids[0]
+    past = (job.series.covariates or [None])[0]
+    if past:
+        series["past_covariates"] = {
+            name: v if isinstance(v, list) else [None if np.isnan(x) else float(x) for x in v.tolist()]
+            for name, v in past["past"].items()
+        }
+    origins = {name: query.pop(name) for name in ("first", "last", "step") if name in query}
+    outer = {name: query.pop(name) for name in ("context_length", "season_length", "callback_url") if name in query}
+    if "known_covariates" in query:
+        outer["known_covariates"] = [x for x in query.pop("known_covariates").split(",") if x]
+    model = query.pop("model", None)
+    if "quantile_levels" in query:
+        query["quantile_levels"] = [x for x in query["quantile_levels"].split(",") if x]
+    try:  # query strings carry numbers as text: validated leniently, then as the documented model
+        return BacktestRequest.model_validate(
+            {"model": model, "series": series, "origins": origins, "parameters": query, **outer}
+        )
+    except ValidationError as exc:
+        raise validation_problem(exc.errors()) from None

@@ -269,3 +269,20 @@ def test_a_huge_keyless_body_on_a_compat_route_is_refused_before_it_is_parsed(ap
     elapsed = time.perf_counter() - started
 
     assert response.status_code == 401 and elapsed < 0.2, elapsed
+
+
+def test_a_backtest_from_a_parquet_series_scores_like_the_same_backtest_in_json(api, workers):
+    target = [float(100 + (t % 9) + 0.1 * t) for t in range(60)]
+    as_json = {"model": BOLT, "series": {"item_id": "SPY", "target": target}, "origins": {"first": 40, "last": 55},
+               "context_length": 40, "parameters": {"prediction_length": 5, "quantile_levels": [0.1, 0.5, 0.9]}}  # fmt: skip
+    by_json = wait_for(api, api.post("/v1/backtests", json=as_json).json()["id"])
+    query = {"model": BOLT, "first": 40, "last": 55, "context_length": 40, "prediction_length": 5,
+             "quantile_levels": "0.1,0.5,0.9"}  # fmt: skip
+
+    answer = api.post("/v1/backtests", params=query, content=parquet_bytes(pa.table({"item_id": ["SPY"] * 60, "target": target})),
+                      headers={"content-type": PARQUET})  # fmt: skip
+    assert answer.status_code == 202, answer.text
+    by_table = wait_for(api, answer.json()["id"])
+
+    assert by_table["status"] == "succeeded" and by_table["progress"] == {"done": 16, "total": 16}
+    assert by_table["backtest"]["metrics"]["mase"] == pytest.approx(by_json["backtest"]["metrics"]["mase"], rel=1e-5)

@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1", tags=["backtests"])
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
     responses=documented(*SUBMIT_ERRORS),
-    openapi_extra=bodies.documented_body(BacktestRequest),
+    openapi_extra=bodies.documented_body(BacktestRequest, columnar=True),
 )
 async def submit_backtest(
     request: Request, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
@@ -35,8 +35,15 @@ async def submit_backtest(
     """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
     from the `context_length` points before it, scored against the series' own later values (MASE,
     weighted quantile loss, interval coverage). All origins run as one job in model-sized batches.
+    The series may also come as an Arrow stream or Parquet file (one series, long format), with
+    `model`, `first`, `last`, `step`, `context_length` and the parameters in the query string.
     `X-Workers-Online` counts the model's live workers: with 0 the job is queued until one starts."""
-    body = await bodies.model_body(request, jobs.settings, BacktestRequest)  # after the key was checked
+    kind = bodies.media_type(request)  # the body is read only now, after the key was checked
+    if kind in bodies.COLUMNAR:
+        raw = await bodies.read(request, jobs.settings.max_columnar_body_bytes, jobs.settings.body_timeout_s)
+        body = bodies.backtest_columnar(raw, kind, dict(request.query_params), jobs.settings)
+    else:
+        body = await bodies.model_body(request, jobs.settings, BacktestRequest)
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
