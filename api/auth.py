@@ -61,7 +61,7 @@ class KeyRing:
         return match[:16] if match else None
 
 
-def caller(
+async def caller(
     request: Request,
     api_key: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -70,7 +70,7 @@ def caller(
     return _owner(request.app.state.keys, _presented(api_key, bearer))
 
 
-def legacy_caller(
+async def legacy_caller(
     request: Request,
     api_key: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

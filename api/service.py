@@ -54,6 +54,7 @@ class JobService:
         self.scripts = Scripts(client)
         self.flights = Flights(client)
         self._revisions: dict[str, tuple[str | None, float]] = {}  # model id -> (weights revision, good until)
+        self._online: dict[str, tuple[int, float]] = {}  # model id -> (live workers, good until)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -383,9 +384,16 @@ class JobService:
             )
 
     async def workers_online(self, name: str) -> int:
-        """How many workers of the model are live (an async job is accepted with none: one may start later)."""
-        (view,) = await self.models((self.model(name),))
-        return view.workers_online
+        """How many workers of the model are live (an async job is accepted with none: one may start later).
+        Read from the heartbeats at most once a second per model: every accepted job asks."""
+        spec = self.model(name)
+        loop = asyncio.get_running_loop()
+        known = self._online.get(spec.id)
+        if known is not None and known[1] > loop.time():
+            return known[0]
+        count = len(self._live(await self.client.hgetall(keys.workers(spec))))
+        self._online[spec.id] = (count, loop.time() + min(1.0, self.settings.heartbeat_s))
+        return count
 
     async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> ModelView:
         """The model's live view once a worker serves it (waiting up to `wait_s`), else 503."""

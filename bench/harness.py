@@ -121,6 +121,13 @@ class Stack:
         text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[model]}/metrics", timeout=5).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
+    def worker_metric_labelled(self, model: str, name: str, **labels: str) -> float:
+        """One sample of the model's first worker's metrics, by name and labels."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[model]}/metrics", timeout=5).text
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and all(w in line for w in wanted))  # fmt: skip
+
     def _spawn(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
         proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("a"),
@@ -212,6 +219,29 @@ def timed_predicts(base: str, model: str, n: int, length: int, horizon: int) -> 
                     "stored -> client": received - job["finished_at"],
                 })  # fmt: skip
     return latencies, {leg: statistics.median(entry[leg] for entry in legs) for leg in legs[0]}
+
+
+def cpu_seconds(pid: int, with_children: bool = True) -> float:
+    """CPU time (user + system) of a process and, by default, of every process below it, from /proc."""
+    pids, total = [pid], 0.0
+    if with_children:
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+        frontier = [pid]
+        while frontier:
+            frontier = [child for child, parent in parents.items() if parent in frontier]
+            pids += frontier
+    for each in pids:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def torch_threads() -> int:

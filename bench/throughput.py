@@ -19,15 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 
-from harness import ROOT, Raw, Stack, percentile, series, timed_predicts, torch_threads
+from harness import ROOT, Raw, Stack, cpu_seconds, percentile, series, timed_predicts, torch_threads
 
 LENGTH, HORIZON = 512, 20
 
@@ -66,6 +68,20 @@ async def _flood(base: str, model: str, clients: int, warmup_s: float, seconds: 
     return completed
 
 
+def _cpu(stack, model: str) -> dict[str, float]:
+    """CPU seconds so far: every API process, Redis, the worker (model and bookkeeping), this process."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    worker = {part: stack.worker_metric_labelled(model, "chronos_queue_worker_cpu_seconds_total", part=part)
+              for part in ("model", "bookkeeping")}  # fmt: skip
+    return {
+        "api": cpu_seconds(stack.procs["api"].pid),
+        "redis": cpu_seconds(stack.procs["redis"].pid, with_children=False),
+        "worker model": worker["model"],
+        "worker bookkeeping": worker["bookkeeping"],
+        "load generator": usage.ru_utime + usage.ru_stime,
+    }
+
+
 def _env(pairs: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
@@ -79,9 +95,14 @@ def flood(args) -> None:
         best_batch, raw_rate = raw.best([8, 16, 32, 64], LENGTH, HORIZON)
         del raw
         sums = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
+        cpu: dict[str, dict[str, float]] = {}
+        timers = [threading.Timer(args.warmup + at, lambda label=label: cpu.update({label: _cpu(stack, args.model)}))
+                  for at, label in ((0, "start"), (args.seconds, "end"))]  # fmt: skip
+        for timer in timers:
+            timer.start()
         started = time.monotonic()
         completed = asyncio.run(_flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH))
-        window = [t for t in completed if t >= started + args.warmup]
+        window = [t for t in completed if started + args.warmup <= t < started + args.warmup + args.seconds]
         served = len(window) / args.seconds
         after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
@@ -90,6 +111,13 @@ def flood(args) -> None:
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
     print(f"  served (HTTP→result) {served:8.1f} series/s, mean worker batch {mean_batch:.1f} series")
     print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.80)")
+    jobs = max(1, len(window))
+    spent = {part: cpu["end"][part] - cpu["start"][part] for part in cpu["start"]}
+    print(f"  CPU per job in the window ({jobs} jobs), µs:")
+    for part, target in (("api", 1000), ("worker bookkeeping", 150), ("redis", 100), ("worker model", None),
+                         ("load generator", None)):  # fmt: skip
+        goal = f"(target <= {target})" if target else ""
+        print(f"    {part:20}{1e6 * spent[part] / jobs:10.0f}  {goal}")
 
 
 def sync(args) -> None:

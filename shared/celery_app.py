@@ -49,7 +49,8 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> C
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,
+        # Task events feed Flower's task view; each job costs three event messages through Redis.
+        worker_send_task_events=settings.task_events,
         worker_hijack_root_logger=False,
     )
     return app

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     lost_message_grace_s: float = Field(30.0, gt=0)
     # A job is delivered at most this many times: each redelivery means its worker died running it.
     max_deliveries: int = Field(3, ge=1)
+    # Celery task events (task received / started / succeeded), which Flower's task view shows. They cost
+    # three messages through Redis per job: at thousands of jobs a second, turn them off.
+    task_events: bool = True
     # Prometheus endpoint of a worker (0 = none). Each worker on one host needs its own port.
     metrics_port: int = Field(0, ge=0, le=65535)
 

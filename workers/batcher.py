@@ -115,12 +115,12 @@ class Batcher:
         self.runtime, self.io, self.wait_s = runtime, io, wait_s
         self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         # Reads of the next pass and writes of the last one run here, while the model computes.
         self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pass-io")
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def submit(self, work: Work) -> None:
         with self._cond:

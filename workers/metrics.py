@@ -7,8 +7,12 @@ everything; `serve` exposes it on METRICS_PORT.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,35 @@ QUEUE_WAIT = Histogram(
     buckets=_SECONDS,
 )  # fmt: skip
 LOAD = Gauge("chronos_queue_worker_model_load_seconds", "Time to load the model.", ["model"])
+
+
+class CpuSplit:
+    """`chronos_queue_worker_cpu_seconds_total{part}`: this process's CPU time, split into `model`
+    (the model thread, and the native threads torch runs its kernels on: every thread that is not a
+    Python thread) and `bookkeeping` (the rest: Celery, claiming, reading, slicing, storing). Read
+    from /proc at scrape time. What a flood costs per job outside the model is bookkeeping / jobs."""
+
+    def __init__(self, model: str, model_thread: threading.Thread):
+        self.model, self.model_thread = model, model_thread
+
+    def collect(self):
+        ticks = os.sysconf("SC_CLK_TCK")
+        python = {t.native_id for t in threading.enumerate()} - {self.model_thread.native_id}
+        split = {"model": 0.0, "bookkeeping": 0.0}
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            part = "bookkeeping" if int(task.name) in python else "model"
+            split[part] += (int(fields[11]) + int(fields[12])) / ticks
+        family = CounterMetricFamily(
+            "chronos_queue_worker_cpu_seconds", "CPU time of this worker process, in the model or around it.",
+            labels=["model", "part"],
+        )  # fmt: skip
+        for part, seconds in split.items():
+            family.add_metric([self.model, part], seconds)
+        yield family
 
 
 def serve(port: int) -> None:

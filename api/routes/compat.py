@@ -25,17 +25,17 @@ from api.service import JobService
 Service = Annotated[JobService, Depends(service)]
 
 
-def _default_model(request: Request) -> catalog.ModelSpec:
+async def _default_model(request: Request) -> catalog.ModelSpec:
     return catalog.get(request.app.state.service.settings.compat_model)
 
 
-def _path_model(
+async def _path_model(
     slug: Annotated[str, Path(description="Model slug (chronos-t5-tiny) or id, as in GET /v1/models.")], jobs: Service
 ) -> catalog.ModelSpec:
     return jobs.model(slug)
 
 
-def _no_model() -> None:
+async def _no_model() -> None:
     return None
 
 
