@@ -81,10 +81,6 @@ class SeriesInput(BaseModel):
         """Points per variate."""
         return len(self.target[0]) if self.multivariate else len(self.target)
 
-    @property
-    def covariate_names(self) -> list[str]:
-        return [*(self.past_covariates or {}), *(self.future_covariates or {})]
-
 
 class ForecastParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -79,7 +79,7 @@ def _load(sender=None, **_):
     )  # fmt: skip
     _Worker.batcher = Batcher(runtime, RedisPassIO(_Worker.raw, settings.result_ttl_s), wait_s=settings.batch_wait_ms / 1000)
     _Worker.batcher.start()
-    metrics.REGISTRY.register(metrics.CpuSplit(spec.id, _Worker.batcher.thread))
+    metrics.watch_cpu(spec.id, _Worker.batcher.thread)
     _Worker.name = f"{sender.hostname}/{os.getpid()}"
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
     atexit.register(_sign_off)

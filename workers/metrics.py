@@ -63,6 +63,11 @@ class CpuSplit:
         yield family
 
 
+def watch_cpu(model: str, model_thread: threading.Thread) -> None:
+    """Export this process's CPU split (`CpuSplit`) from now on."""
+    REGISTRY.register(CpuSplit(model, model_thread))
+
+
 def serve(port: int) -> None:
     """Serve this worker's metrics on `port` (0: not at all)."""
     if port:
