@@ -110,8 +110,10 @@ class JobService:
         owner: str,
         idempotency_key: str | None = None,
         waited: bool = False,
+        admitted: bool = False,
     ) -> tuple[JobRecord, bool]:
-        """Validate, admit, record the job and enqueue it on its model's queue.
+        """Validate, admit (unless the route `admitted` the owner before reading the body), record the
+        job and enqueue it on its model's queue.
 
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
@@ -126,11 +128,11 @@ class JobService:
         request = {"parameters": job.parameters.model_dump(mode="json")}
         return await self._enqueue(
             spec, lane, owner, idempotency_key, request, job.series, job.nested,
-            job.parameters.prediction_length, callback_url=job.callback_url,
+            job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted,
         )  # fmt: skip
 
     async def submit_backtest(
-        self, request: BacktestRequest, owner: str, idempotency_key: str | None = None
+        self, request: BacktestRequest, owner: str, idempotency_key: str | None = None, admitted: bool = False
     ) -> tuple[JobRecord, bool]:
         """A backtest is one job on the model's bulk queue: every origin's forecast, then the scores."""
         spec = self.model(request.model)
@@ -141,7 +143,7 @@ class JobService:
         n_origins = len(request.origins.values())
         return await self._enqueue(
             spec, Lane.ASYNC, owner, idempotency_key, stored, series, None, request.parameters.prediction_length,
-            kind=JobKind.BACKTEST, callback_url=request.callback_url, n_series=n_origins,
+            kind=JobKind.BACKTEST, callback_url=request.callback_url, n_series=n_origins, admitted=admitted,
         )  # fmt: skip
 
     async def _enqueue(
@@ -157,9 +159,12 @@ class JobService:
         kind: JobKind = JobKind.FORECAST,
         callback_url: str | None = None,
         n_series: int | None = None,
+        admitted: bool = False,
     ) -> tuple[JobRecord, bool]:
         queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
-        await self._admit(owner, queue)
+        if not admitted:
+            await self.admit(owner)
+        await self._check_queue(queue)
 
         job_id = uuid.uuid4().hex
         now = time.time()
@@ -297,9 +302,11 @@ class JobService:
                                "keyless legacy calls", "LEGACY_MAX_IN_FLIGHT")  # fmt: skip
         return OwnerLimits(s.rate_limit_per_s, s.rate_limit_burst, s.max_in_flight, "this key", "MAX_IN_FLIGHT")
 
-    async def _admit(self, owner: str, queue: str) -> None:
-        """The submission rate limit and the queue-depth cap (the in-flight cap is checked on creation)."""
-        settings, own = self.settings, self._limits(owner)
+    async def admit(self, owner: str) -> None:
+        """The owner's submission rate limit (429). Routes take the token before they read a body, so
+        a caller over its rate costs no parsing; the queue-depth cap needs the model, so it waits for
+        the body, and the in-flight cap is checked on creation."""
+        own = self._limits(owner)
         if own.rate_per_s:
             wait = float(
                 await self.scripts.take_token(keys=[keys.rate_bucket(owner)], args=[own.rate_per_s, own.burst])
@@ -311,6 +318,9 @@ class JobService:
                     f"over {own.rate_per_s:g} submissions/s for {own.who} (burst {own.burst})",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))},
                 )
+
+    async def _check_queue(self, queue: str) -> None:
+        settings = self.settings
         if settings.max_queue_depth and await self.client.llen(queue) >= settings.max_queue_depth:
             raise Problem(
                 503,
@@ -356,6 +366,7 @@ class JobService:
         timeout_s: float,
         idempotency_key: str | None = None,
         with_results: bool = True,
+        admitted: bool = False,
     ) -> JobRecord:
         """Submit and wait: the succeeded record, or the job as it stands when `timeout_s` runs out.
 
@@ -363,7 +374,7 @@ class JobService:
         worker of the model online the answer is 503 at once, not a wait for nothing.
         """
         job = request if isinstance(request, ForecastJob) else forecast_job(request)
-        submitted, _ = await self.submit(job, lane, owner, idempotency_key, waited=True)
+        submitted, _ = await self.submit(job, lane, owner, idempotency_key, waited=True, admitted=admitted)
         record = await self.wait(submitted.id, timeout_s, owner)
         if record.status is JobStatus.FAILED:
             raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)

@@ -286,3 +286,20 @@ def test_a_backtest_from_a_parquet_series_scores_like_the_same_backtest_in_json(
 
     assert by_table["status"] == "succeeded" and by_table["progress"] == {"done": 16, "total": 16}
     assert by_table["backtest"]["metrics"]["mase"] == pytest.approx(by_json["backtest"]["metrics"]["mase"], rel=1e-5)
+
+
+def test_a_key_over_its_rate_is_refused_before_its_body_is_read(redis_server):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from conftest import settings_for
+
+    key = "rate-test-key"  # a bucket of its own: no other test's key is throttled
+    app = create_app(settings_for(redis_server, api_keys=key, rate_limit_per_s=0.01, rate_limit_burst=1))
+    malformed = {"content": b"{not json", "headers": {"content-type": "application/json", "X-API-Key": key}}
+    with TestClient(app) as api:
+        first = api.post("/v1/forecasts", **malformed)
+        second = api.post("/v1/forecasts", **malformed)
+
+    assert first.status_code == 400  # the token was taken, then the body read
+    assert second.status_code == 429 and second.json()["code"] == "rate-limited"  # no token: the body is never read

@@ -38,13 +38,14 @@ async def submit_backtest(
     The series may also come as an Arrow stream or Parquet file (one series, long format), with
     `model`, `first`, `last`, `step`, `context_length` and the parameters in the query string.
     `X-Workers-Online` counts the model's live workers: with 0 the job is queued until one starts."""
-    kind = bodies.media_type(request)  # the body is read only now, after the key was checked
+    await jobs.admit(owner)  # the key is checked and its rate taken before any of the body is read
+    kind = bodies.media_type(request)
     if kind in bodies.COLUMNAR:
         raw = await bodies.read(request, jobs.settings.max_columnar_body_bytes, jobs.settings.body_timeout_s)
         body = bodies.backtest_columnar(raw, kind, dict(request.query_params), jobs.settings)
     else:
         body = await bodies.model_body(request, jobs.settings, BacktestRequest)
-    record, replayed = await jobs.submit_backtest(body, owner, idempotency_key)
+    record, replayed = await jobs.submit_backtest(body, owner, idempotency_key, admitted=True)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/backtests/{record.id}"

@@ -90,8 +90,9 @@ async def submit_forecast(
     job (`Idempotent-Replayed: true`) instead of queueing another. `X-Workers-Online` counts the
     model's live workers: with 0 the job is queued until one starts.
     """
-    job = await bodies.forecast(request, jobs.settings)  # read only now: after the key was checked
-    record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key)
+    await jobs.admit(owner)  # the key is checked and its rate taken before any of the body is read
+    job = await bodies.forecast(request, jobs.settings)
+    record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     _location(response, record.id)
@@ -190,8 +191,9 @@ async def predict(
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
+    await jobs.admit(owner)  # before any of the body is read
     job = await bodies.forecast(request, config)
-    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False)
+    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
     if record.status is not JobStatus.SUCCEEDED:
         response.status_code = status.HTTP_202_ACCEPTED
         _location(response, record.id)
