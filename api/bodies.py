@@ -269,7 +269,6 @@ _RESERVED = ("item_id", "timestamp", "target")
 
 def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: Settings) -> ForecastJob:
     """A long-format table (one row per series and time step) and the parameters from the query string."""
-
     try:
         if kind == ARROW:
             table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
@@ -280,9 +279,19 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
     if "target" not in table.column_names:
         raise _invalid("target", "the table needs a `target` column (and `item_id` for several series)")
     n = table.num_rows
-    if "item_id" in table.column_names:
-        column = table["item_id"].combine_chunks()
-        # A dictionary-encoded column (what the client sends) needs no hashing of one string per row.
+    column = table["item_id"].combine_chunks() if "item_id" in table.column_names else None
+    if column is not None and pa.types.is_run_end_encoded(column.type):
+        run_names = column.values.to_pylist()
+        if column.offset == 0 and len(set(run_names)) == len(run_names):
+            # Run-end encoded, each run its own series (what the client sends): the boundaries are given.
+            names = [None if x is None else str(x) for x in run_names]
+            counts = np.diff(np.concatenate(([0], column.run_ends.to_numpy())))
+            column = None
+        else:  # a series in several runs: read it as if it came plainly
+            column = pc.run_end_decode(column)
+            table = table.set_column(table.schema.get_field_index("item_id"), "item_id", column)
+    if column is not None:
+        # A dictionary-encoded column needs no hashing of one string per row.
         ids = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(pc.cast(column, pa.string()))
         codes = ids.indices.to_numpy(zero_copy_only=False)
         run_starts = np.flatnonzero(np.concatenate(([True], codes[1:] != codes[:-1]))) if n else np.zeros(0, np.int64)
@@ -295,7 +304,7 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
             order = np.argsort(codes, kind="stable")
             table = table.take(pa.array(order))
             counts = np.bincount(codes, minlength=len(names))
-    else:
+    elif "item_id" not in table.column_names:
         names, counts = [None], np.array([n], dtype=np.int64)
     if len(names) > settings.max_series:
         raise _over("item_id", f"{len(names)} series; at most {settings.max_series} per request")

@@ -38,8 +38,8 @@ def arrow_body(n: int, length: int) -> bytes:
     import numpy as np
 
     values = np.array([series(length, k) for k in range(n)], dtype=np.float32).reshape(-1)
-    codes = pa.array(np.repeat(np.arange(n, dtype=np.int32), length))
-    ids = pa.DictionaryArray.from_arrays(codes, pa.array([f"s{k}" for k in range(n)]))  # as the client sends them
+    ends = pa.array(np.arange(1, n + 1, dtype=np.int32) * length)
+    ids = pa.RunEndEncodedArray.from_arrays(ends, pa.array([f"s{k}" for k in range(n)]))  # as the client sends them
     table = pa.table({"item_id": ids, "target": values})
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:

@@ -68,8 +68,8 @@ def _arrow_call(path: str, model: str, inputs: list[dict[str, Any]], parameters:
     lengths = [len(s["target"]) for s in inputs]
     ids = [str(s.get("item_id") if s.get("item_id") is not None else i) for i, s in enumerate(inputs)]
     values = np.concatenate([np.array(s["target"], dtype=np.float64) for s in inputs]) if inputs else []
-    codes = pa.array(np.repeat(np.arange(len(ids), dtype=np.int32), lengths))
-    item_ids = pa.DictionaryArray.from_arrays(codes, pa.array(ids))  # one string per series, not per row
+    # Run-end encoded: one id and one end per series, not one per row (half the body otherwise).
+    item_ids = pa.RunEndEncodedArray.from_arrays(pa.array(np.cumsum(lengths), type=pa.int32()), pa.array(ids))
     table = pa.table({"item_id": item_ids, "target": pa.array(values, from_pandas=True)})
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:

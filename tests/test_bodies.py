@@ -303,3 +303,19 @@ def test_a_key_over_its_rate_is_refused_before_its_body_is_read(redis_server):
 
     assert first.status_code == 400  # the token was taken, then the body read
     assert second.status_code == 429 and second.json()["code"] == "rate-limited"  # no token: the body is never read
+
+
+@pytest.mark.parametrize(
+    ("ends", "ids", "expected"),
+    [([2, 5], ["b", "a"], {"b": [1.0, 2.0], "a": [3.0, 4.0, 5.0]}),
+     ([2, 5, 7], ["b", "a", "b"], {"b": [1.0, 2.0, 6.0, 7.0], "a": [3.0, 4.0, 5.0]})],
+    ids=["one-run-per-series", "a-series-in-two-runs"],
+)  # fmt: skip
+def test_run_end_encoded_item_ids_as_the_client_sends_them_give_the_series_in_order(ends, ids, expected):
+    item_id = pa.RunEndEncodedArray.from_arrays(pa.array(ends, type=pa.int32()), pa.array(ids))
+    table = pa.table({"item_id": item_id, "target": pa.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0][: ends[-1]])})
+
+    job = bodies.forecast_columnar(arrow_bytes(table), ARROW, {"model": BOLT, "prediction_length": "2"}, SETTINGS)
+
+    assert job.series.item_ids == list(expected)
+    assert [job.series.rows(i)[0].tolist() for i in range(len(job.series))] == list(expected.values())

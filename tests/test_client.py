@@ -170,3 +170,18 @@ def test_client_and_cli_run_a_backtest_with_progress_and_scores(live_api, worker
     assert "11/11" in done.stderr  # the progress bar counted every origin (100, 102, … 120)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 11 * 4 and rows[0]["origin"] == "100" and rows[0]["actual"] == str(history(120, 3)[100])
+
+
+def test_a_large_job_goes_as_arrow_and_its_results_come_back_as_a_table(live_api, workers):
+    series = [{"item_id": f"store-{k}", "target": [float((t * (k + 3)) % 17) for t in range(24)]} for k in range(300)]
+    unnamed = [[float(t % 5) for t in range(24)]] * 256
+
+    with Client(live_api, api_key=API_KEY) as cq:
+        done = cq.wait(cq.submit(BOLT, series, 4, quantile_levels=[0.5]).id, timeout=120)
+        table = cq.results_table(done.id)
+        positional = cq.wait(cq.submit(BOLT, unnamed, 2).id, timeout=120)
+
+    assert done.status.value == "succeeded" and [p["item_id"] for p in done.predictions] == [s["item_id"] for s in series]
+    assert table.num_rows == 300 * 4 and table.column_names == ["item_id", "step", "mean", "0.5"]
+    assert table["0.5"].to_pylist()[-4:] == pytest.approx(done.predictions[-1]["0.5"], rel=1e-6)
+    assert [p["item_id"] for p in positional.predictions][:3] == ["0", "1", "2"]  # no ids: named by position
