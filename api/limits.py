@@ -32,7 +32,8 @@ def check(
     if len(series) > settings.max_series:
         raise _over("inputs", f"{len(series)} series; at most {settings.max_series} per request")
     lengths = series.lengths()
-    if len(series) and (longest := int(lengths.argmax())) >= 0 and lengths[longest] > settings.max_points:
+    longest = int(lengths.argmax()) if len(series) else 0
+    if len(series) and lengths[longest] > settings.max_points:
         raise _over(f"{field(longest)}.target", f"{int(lengths[longest])} points; at most {settings.max_points}")
     _check_covariates(series, params.prediction_length, spec, settings, field)
     if params.prediction_length > settings.max_prediction_length:

@@ -53,8 +53,7 @@ class JobService:
         self.events, self.metrics = events, metrics
         self.scripts = Scripts(client)
         self.flights = Flights(client)
-        self._revisions: dict[str, tuple[str | None, float]] = {}  # model id -> (weights revision, good until)
-        self._online: dict[str, tuple[int, float]] = {}  # model id -> (live workers, good until)
+        self._heartbeats: dict[str, tuple[list[dict], float]] = {}  # model id -> (live workers, good until)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -274,16 +273,20 @@ class JobService:
         return record
 
     async def _revision(self, spec: catalog.ModelSpec) -> str | None:
-        """The weights revision every live worker of `spec` serves (None when none or several),
-        re-read from their heartbeats at most once a second."""
+        """The weights revision every live worker of `spec` serves (None when none or several)."""
+        revisions = {info.get("revision") for info in await self._live_workers(spec)}
+        return revisions.pop() if len(revisions) == 1 else None
+
+    async def _live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
+        """The heartbeats of the model's live workers, read from Redis at most once a second per model:
+        every accepted job (cache, `X-Workers-Online`) and every sync call asks."""
         loop = asyncio.get_running_loop()
-        known = self._revisions.get(spec.id)
+        known = self._heartbeats.get(spec.id)
         if known is not None and known[1] > loop.time():
             return known[0]
-        live = {info.get("revision") for info in self._live(await self.client.hgetall(keys.workers(spec)))}
-        revision = live.pop() if len(live) == 1 else None
-        self._revisions[spec.id] = (revision, loop.time() + min(1.0, self.settings.heartbeat_s))
-        return revision
+        live = self._live(await self.client.hgetall(keys.workers(spec)))
+        self._heartbeats[spec.id] = (live, loop.time() + min(1.0, self.settings.heartbeat_s))
+        return live
 
     def _live(self, heartbeats: dict[str, str]) -> list[dict]:
         """The heartbeats (worker name -> JSON) of workers heard from within three heartbeats."""
@@ -395,25 +398,16 @@ class JobService:
             )
 
     async def workers_online(self, name: str) -> int:
-        """How many workers of the model are live (an async job is accepted with none: one may start later).
-        Read from the heartbeats at most once a second per model: every accepted job asks."""
-        spec = self.model(name)
-        loop = asyncio.get_running_loop()
-        known = self._online.get(spec.id)
-        if known is not None and known[1] > loop.time():
-            return known[0]
-        count = len(self._live(await self.client.hgetall(keys.workers(spec))))
-        self._online[spec.id] = (count, loop.time() + min(1.0, self.settings.heartbeat_s))
-        return count
+        """How many workers of the model are live (an async job is accepted with none: one may start later)."""
+        return len(await self._live_workers(self.model(name)))
 
-    async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> ModelView:
-        """The model's live view once a worker serves it (waiting up to `wait_s`), else 503."""
+    async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> None:
+        """Return once a worker serves the model (waiting up to `wait_s`), else 503."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
-            (view,) = await self.models((spec,))
-            if view.workers_online:
-                return view
+            if await self._live_workers(spec):
+                return
             if loop.time() >= deadline:
                 raise Problem(
                     503,

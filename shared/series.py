@@ -11,6 +11,7 @@ a float32 array of shape [variates, 1 + quantile levels (+ samples), horizon] (`
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import msgspec
@@ -94,8 +95,6 @@ class SeriesSet:
 def identity(series: SeriesSet, request: dict) -> str:
     """A digest of everything that determines a job's answer but the model: its series (values as
     the model gets them, shapes, item ids, starts, covariates) and the request (parameters, ...)."""
-    import json
-
     h = hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode())
     h.update(series.values.astype(np.float32, copy=False).tobytes())
     h.update(series.offsets.astype(np.int64, copy=False).tobytes())

@@ -138,8 +138,8 @@ def execute(
     spec = batcher.runtime.spec
     scripts = Scripts(client)
     job_key = keys.job(job_id)
-    created_at, lane, owner, n_series, kind, request, lost = _outlasting_redis(
-        client.hmget, job_key, "created_at", "lane", "owner", "n_series", "kind", "request", "lost"
+    created_at, lane, owner, n_series, kind, request, lost, identity = _outlasting_redis(
+        client.hmget, job_key, "created_at", "lane", "owner", "n_series", "kind", "request", "lost", "identity"
     )
     in_flight = keys.in_flight(owner or "")
     state = _outlasting_redis(
@@ -197,7 +197,6 @@ def execute(
     parameters = stored_request.get("parameters", {})
     if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and cache.cacheable(spec, parameters):
         # Before FINISH, so a client that sends the same request the moment it sees the result hits the cache.
-        identity = _outlasting_redis(client.hget, job_key, "identity")
         if identity:
             digest = cache.digest(spec, batcher.runtime.weights.revision, identity)
             _remember(client, job_id, digest, fields, settings.cache_ttl_s)

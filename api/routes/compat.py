@@ -82,7 +82,8 @@ def build(
                 f"this URL serves {spec.id}; for {body.model_variant} use /models/<slug>/forecast/v1/chronos/...",
                 field="model_variant",
             )
-        view = await jobs.serving(spec, jobs.settings.compat_init_wait_s)
+        await jobs.serving(spec, jobs.settings.compat_init_wait_s)
+        (view,) = await jobs.models((spec,))
         return compat.InitializationResponse(
             message="Model initialized successfully", model_status="ready", model_info=compat.model_info(view)
         )
