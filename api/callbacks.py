@@ -1,7 +1,7 @@
 """Completion callbacks: when a job with a `callback_url` ends, POST its final status there, signed.
 
 Nothing is lost between the job's end and the delivery: the script that writes a job's
-terminal state also adds it to a Redis stream (`keys.CALLBACKS`, see shared/jobs.py). Every
+terminal state also adds it to a Redis stream (shared/store/lua/ended.lua). Every
 API process runs a `Dispatcher` in one consumer group on that stream, so each callback is
 delivered by one of them; an entry a dead process held is claimed by another after
 `_CLAIM_IDLE_MS`. A failed delivery (transport error or non-2xx) is retried after
@@ -20,7 +20,6 @@ Signature (one secret per API key, from GET /v1/callbacks/secret):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -32,12 +31,9 @@ import time
 from urllib.parse import unquote, urlsplit
 
 import httpx
-import redis
-import redis.asyncio as aioredis
 
-from shared import keys
-from shared.jobs import JobRecord
 from shared.settings import Settings
+from shared.store import AsyncJobStore, JobRecord
 
 from api.problems import Problem
 
@@ -46,17 +42,6 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Chronos-Signature"
 _CLAIM_IDLE_MS = 60_000  # an entry held this long by a consumer that did not ack it is taken over
 _CONCURRENCY = 32
-
-# KEYS[1] retry set, KEYS[2] stream  ARGV: now. Moves callbacks due for another attempt back onto the stream.
-_PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('XADD', KEYS[2], '*', 'job', id)
-end
-return #due
-"""
-
 
 def check_url(url: str | None, settings: Settings) -> None:
     """422 unless `url` is an http(s) URL under one of the operator's allowed prefixes.
@@ -97,12 +82,11 @@ def _refused(detail: str) -> Problem:
     return Problem(422, "callback-not-allowed", f"callback_url: {detail}", field="callback_url")
 
 
-async def master_secret(client: aioredis.Redis, settings: Settings) -> str:
+async def master_secret(store: AsyncJobStore, settings: Settings) -> str:
     """CALLBACK_SECRET, or one generated once and shared by every API process through Redis."""
     if settings.callback_secret:
         return settings.callback_secret
-    await client.set(keys.CALLBACK_MASTER, secrets.token_hex(32), nx=True)
-    return await client.get(keys.CALLBACK_MASTER)
+    return await store.callback_secret(secrets.token_hex(32))
 
 
 def key_secret(master: str, owner: str) -> str:
@@ -137,14 +121,13 @@ def body_of(record: JobRecord) -> bytes:
 class Dispatcher:
     """Delivers the callbacks of ended jobs (one per API process, all in one consumer group)."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings):
-        self.client, self.settings = client, settings
+    def __init__(self, store: AsyncJobStore, settings: Settings):
+        self.store, self.settings = store, settings
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._deliveries: set[asyncio.Task] = set()
         self._slots = asyncio.Semaphore(_CONCURRENCY)
-        self._promote = client.register_script(_PROMOTE)
         self._http = httpx.AsyncClient(follow_redirects=False, timeout=settings.callback_timeout_s)
 
     def start(self) -> None:
@@ -164,20 +147,12 @@ class Dispatcher:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
-                    await self.client.xgroup_create(keys.CALLBACKS, keys.CALLBACK_GROUP, id="0", mkstream=True)
-                master = await master_secret(self.client, self.settings)
+                master = await master_secret(self.store, self.settings)
                 while not self._stopping:
-                    await self._promote(keys=[keys.CALLBACK_RETRIES, keys.CALLBACKS], args=[time.time()])
-                    _, stale, _ = await self.client.xautoclaim(
-                        keys.CALLBACKS, keys.CALLBACK_GROUP, self.name, _CLAIM_IDLE_MS, "0-0", count=_CONCURRENCY
-                    )
-                    fresh = await self.client.xreadgroup(
-                        keys.CALLBACK_GROUP, self.name, {keys.CALLBACKS: ">"}, count=_CONCURRENCY, block=500
-                    )
-                    for entry_id, fields in [*stale, *(entry for _, entries in fresh for entry in entries)]:
+                    entries = await self.store.callback_entries(self.name, _CONCURRENCY, _CLAIM_IDLE_MS, block_ms=500)
+                    for entry_id, job_id in entries:
                         await self._slots.acquire()
-                        task = asyncio.create_task(self._deliver(master, entry_id, fields.get("job", "")))
+                        task = asyncio.create_task(self._deliver(master, entry_id, job_id))
                         self._deliveries.add(task)
                         task.add_done_callback(self._done)
             except asyncio.CancelledError:
@@ -193,12 +168,10 @@ class Dispatcher:
         self._slots.release()
 
     async def _deliver(self, master: str, entry_id: str, job_id: str) -> None:
-        job_key = keys.job(job_id)
-        fields = await self.client.hgetall(job_key)
-        if not fields.get("callback_url") or fields.get("callback_status") in ("delivered", "failed"):
-            await self.client.xack(keys.CALLBACKS, keys.CALLBACK_GROUP, entry_id)  # expired, or done already
+        record = await self.store.get(job_id)
+        if record is None or not record.callback_url or record.callback_status in ("delivered", "failed"):
+            await self.store.callback_done(entry_id, job_id, {})  # expired, or done already
             return
-        record = JobRecord.from_hash(fields)
         body = body_of(record)
         headers = {
             "content-type": "application/json",
@@ -213,6 +186,7 @@ class Dispatcher:
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         attempts = record.callback_attempts + 1
+        retry_at = None
         if error is None:
             update = {"callback_status": "delivered", "callback_attempts": attempts, "callback_error": ""}
         elif attempts >= self.settings.callback_max_attempts:
@@ -220,9 +194,5 @@ class Dispatcher:
             log.warning("callback of job %s failed for good after %d attempts: %s", job_id, attempts, error)
         else:
             update = {"callback_attempts": attempts, "callback_error": error}
-            delay = self.settings.callback_backoff_s * 2 ** (attempts - 1)
-            await self.client.zadd(keys.CALLBACK_RETRIES, {job_id: time.time() + delay})
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key, mapping=update)
-            pipe.xack(keys.CALLBACKS, keys.CALLBACK_GROUP, entry_id)
-            await pipe.execute()
+            retry_at = time.time() + self.settings.callback_backoff_s * 2 ** (attempts - 1)
+        await self.store.callback_done(entry_id, job_id, update, retry_at)

@@ -6,7 +6,7 @@ unknown fields, as the old server's did, so an existing client keeps working unc
 
 A T5 call is given a seed derived from its own input and sampling options: the old contract has
 no seed, and without one a client's retry would be a different request, run again instead of
-joining the job already computing it (api/flight.py). So the same call gives the same forecast.
+joining the job already computing it (single-flight, api/service.py). So the same call gives the same forecast.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared import catalog
-from shared.jobs import JobRecord
+from shared.store import JobRecord
 from shared.schemas import ForecastParameters, ForecastRequest, ModelView, SeriesInput, finite_with_an_observation
 
 API_VERSION = "1.0.0"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
-from shared import keys
+from shared.store import keys
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ class JobEvents:
         self._client = client
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task | None = None
-        self.subscribed = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="job-events")
@@ -56,14 +55,12 @@ class JobEvents:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
-                self.subscribed.set()
                 async for message in pubsub.listen():
                     for event in self._waiters.get(message["data"], ()):
                         event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: waiters fall back to polling until we are back
-                self.subscribed.clear()
                 log.warning("job event subscription lost (%s); retrying", exc)
                 await asyncio.sleep(0.5)
             finally:

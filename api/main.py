@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
+from shared.store import AsyncJobStore
 
 from api import bodies, problems, security
 from api.auth import LEGACY, KeyRing
@@ -45,15 +46,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             )
-            for text in (True, False)  # records and metadata as text; series and results as bytes
+            for text in (True, False)  # pub/sub as text; the job store decodes what it reads itself
         ]  # fmt: skip
         client, raw = (aioredis.Redis(connection_pool=pool) for pool in pools)
         bodies.warm_up(settings)
         events = JobEvents(client)
         events.start()
         celery = make_celery(settings)
-        app.state.service = JobService(settings, client, raw, celery, events, app.state.metrics)
-        dispatcher = Dispatcher(client, settings) if settings.callback_prefixes() else None
+        store = AsyncJobStore(raw, settings)
+        app.state.service = JobService(settings, store, celery, events, app.state.metrics)
+        dispatcher = Dispatcher(store, settings) if settings.callback_prefixes() else None
         if dispatcher:
             dispatcher.start()
         try:

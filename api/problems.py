@@ -231,6 +231,10 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
 BODY_ERRORS = ("malformed-json", "body-too-large", "body-timeout", "validation-error")
 # The errors of routes that also take Arrow or Parquet bodies.
 COLUMNAR_ERRORS = ("unsupported-media-type", "malformed-body")
+# What a job submission can be refused with.
+SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
+                 "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
+                 "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
 
 
 def documented(*codes: str) -> dict[int | str, dict[str, Any]]:

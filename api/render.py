@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import orjson
 
-from shared.jobs import JobKind, JobRecord
+from shared.store import JobKind, JobRecord
 from shared.schemas import JobView
 from shared.series import ResultLayout
 

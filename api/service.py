@@ -1,34 +1,31 @@
-"""What the routes do, as plain async functions over Redis and Celery (callable without HTTP)."""
+"""The job lifecycle, as plain async functions over the job store and Celery (callable without HTTP):
+submit (validate, admit, record, enqueue), wait, follow, cancel, read results."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import NamedTuple
-
-import redis.asyncio as aioredis
-from celery import Celery
 
 import msgspec
+from celery import Celery
 
-from shared import cache, catalog, keys
-from shared.jobs import JobKind, JobRecord, JobStatus, Lane, Scripts, new_record, stored
-from shared.schemas import BacktestRequest, ForecastRequest, ModelView, WorkerView
+from shared import cache, catalog
+from shared.celery_app import send_job
+from shared.schemas import BacktestRequest, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
+from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, keys
 
 from api import callbacks, limits, render
-from api.auth import LEGACY
+from api.admission import Admission
 from api.bodies import ForecastJob, forecast_job, series_from_inputs
 from api.events import JobEvents
-from api.flight import Flights
+from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
 
@@ -42,65 +39,15 @@ class JobService:
     def __init__(
         self,
         settings: Settings,
-        client: aioredis.Redis,
-        raw: aioredis.Redis,
+        store: AsyncJobStore,
         celery: Celery,
         events: JobEvents,
         metrics: ApiMetrics,
     ):
-        """`client` decodes replies as text; `raw` does not, for series and results (binary)."""
-        self.settings, self.client, self.raw, self.celery = settings, client, raw, celery
+        self.settings, self.store, self.celery = settings, store, celery
         self.events, self.metrics = events, metrics
-        self.scripts = Scripts(client)
-        self.flights = Flights(client)
-        self._heartbeats: dict[str, tuple[list[dict], float]] = {}  # model id -> (live workers, good until)
-
-    # -- models -------------------------------------------------------------------------------
-
-    def model(self, name: str) -> catalog.ModelSpec:
-        spec = catalog.find(name)
-        if spec is None:
-            raise Problem(404, "unknown-model", f"unknown model {name!r}; GET /v1/models lists them", field="model")
-        return spec
-
-    async def models(self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG) -> list[ModelView]:
-        """Catalog entries with live queue depths and the workers heard from recently (one round trip)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for spec in specs:
-                pipe.llen(keys.queue(spec))
-                pipe.llen(keys.sync_queue(spec))
-                pipe.hgetall(keys.workers(spec))
-            replies = await pipe.execute()
-        views = []
-        for i, spec in enumerate(specs):
-            depth, sync_depth, heartbeats = replies[3 * i : 3 * i + 3]
-            workers = [
-                WorkerView(**{k: info[k] for k in WorkerView.model_fields if k in info})
-                for info in self._live(heartbeats)
-            ]
-            kinds = {w.weights for w in workers}
-            views.append(
-                ModelView(
-                    id=spec.id,
-                    slug=spec.slug,
-                    family=spec.family.value,
-                    queue=keys.queue(spec),
-                    sync_queue=keys.sync_queue(spec),
-                    context_length=spec.context_length,
-                    prediction_length=spec.prediction_length,
-                    sample_based=spec.sample_based,
-                    native_quantiles=list(spec.native_quantiles) if spec.native_quantiles else None,
-                    sync_eligible=self.settings.sync_eligible(spec),
-                    queue_depth=depth,
-                    sync_queue_depth=sync_depth,
-                    workers_online=len(workers),
-                    weights=kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None),
-                    workers=sorted(workers, key=lambda w: w.name),
-                )
-            )
-        return views
-
-    # -- jobs ---------------------------------------------------------------------------------
+        self.fleet = Fleet(settings, store)
+        self.admission = Admission(settings, store)
 
     async def submit(
         self,
@@ -117,12 +64,12 @@ class JobService:
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         """
-        spec = self.model(job.model)
+        spec = self.fleet.model(job.model)
         limits.check(job.series, job.parameters, spec, self.settings)
         if lane is Lane.SYNC:
-            self._check_sync(spec)
+            self.fleet.check_sync(spec)
         if waited or lane is Lane.SYNC:
-            await self.serving(spec)
+            await self.fleet.serving(spec)
         callbacks.check_url(job.callback_url, self.settings)
         request = {"parameters": job.parameters.model_dump(mode="json")}
         return await self._enqueue(
@@ -134,7 +81,7 @@ class JobService:
         self, request: BacktestRequest, owner: str, idempotency_key: str | None = None, admitted: bool = False
     ) -> tuple[JobRecord, bool]:
         """A backtest is one job on the model's bulk queue: every origin's forecast, then the scores."""
-        spec = self.model(request.model)
+        spec = self.fleet.model(request.model)
         series = series_from_inputs([request.series])
         limits.check_backtest(request, series, spec, self.settings)
         callbacks.check_url(request.callback_url, self.settings)
@@ -160,88 +107,66 @@ class JobService:
         n_series: int | None = None,
         admitted: bool = False,
     ) -> tuple[JobRecord, bool]:
-        queue = keys.sync_queue(spec) if lane is Lane.SYNC else keys.queue(spec)
         if not admitted:
-            await self.admit(owner)
-        await self._check_queue(queue)
+            await self.admission.admit(owner)
+        await self.admission.check_queue(keys.lane_queue(spec, lane))
 
-        job_id = uuid.uuid4().hex
         now = time.time()
-        n = len(series) if n_series is None else n_series
-        record = new_record(job_id, spec.id, n, prediction_length, lane, now, owner, kind, request)
-        if callback_url:
-            record.update(callback_url=callback_url, callback_status="pending")
-        job_key = keys.job(job_id)
         identity = series_identity(series, {"kind": kind.value, **request})
+        record = JobRecord(
+            id=uuid.uuid4().hex, model=spec.id, status=JobStatus.QUEUED, lane=lane,
+            n_series=len(series) if n_series is None else n_series, prediction_length=prediction_length,
+            created_at=now, owner=owner, kind=kind, request=request,
+            # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
+            # another one sent the same series.
+            identity=identity if self.settings.cache_scope == "global" else f"{owner}:{identity}",
+            callback_url=callback_url, callback_status="pending" if callback_url else None,
+        )  # fmt: skip
         digest = _digest(f"{lane.value}\0{spec.id}\0{identity}")
-        idem_key = keys.idempotency(owner, _digest(idempotency_key)) if idempotency_key else None
-        ttl = self.settings.result_ttl_s + self.settings.max_job_s
+        idempotency = (_digest(idempotency_key), f"{record.id} {digest}") if idempotency_key else None
         items = _items(series, nested)
-        # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
-        # another one sent the same series.
-        cached_as = identity if self.settings.cache_scope == "global" else f"{owner}:{identity}"
-        record["identity"] = cached_as
-        hit = await self._cached(spec, request, cached_as)
-        async with self.client.pipeline(transaction=False) as pipe:
-            if items is not None:
-                pipe.set(keys.job_items(job_id), items, ex=ttl)
-            if hit is not None:
-                record.update(hit, status=JobStatus.SUCCEEDED.value, started_at=repr(now), finished_at=repr(now),
-                              cached="1", inference_s=0.0)  # fmt: skip
-                record = stored(record)
-                await self.scripts.create_done(
-                    keys=[job_key, keys.cache_output(hit["digest"]), keys.job_output(job_id),
-                          *([idem_key] if idem_key else [])],
-                    args=[self.settings.result_ttl_s, f"{job_id} {digest}", *(x for pair in record.items() for x in pair)],
-                    client=pipe,
-                )  # fmt: skip
-            else:
-                for chunk in _chunks(series.encode()):
-                    pipe.rpush(keys.job_input(job_id), *chunk)
-                pipe.expire(keys.job_input(job_id), ttl)
-                fields = [item for pair in stored(record).items() for item in pair]
-                await self.scripts.create(
-                    keys=[job_key, keys.in_flight(owner), keys.job_input(job_id), keys.queued(spec),
-                          keys.job_items(job_id), *([idem_key] if idem_key else [])],
-                    args=[ttl, self._limits(owner).max_in_flight, repr(now - ttl), f"{job_id} {digest}", *fields],
-                    client=pipe,
-                )  # fmt: skip
-            outcome = (await pipe.execute())[-1]
-        if outcome is not None:
-            await self.client.delete(keys.job_items(job_id))  # CREATE dropped the series already
-            return await self._refused_or_replayed(outcome, digest, owner, idem_key)
+        hit = await self._cached(spec, request, record.identity)
         if hit is not None:
-            log.info("%s %s answered from the result cache: %s", kind.value, job_id, spec.id)
+            digest_of_hit = hit.pop("digest")
+            record.status, record.started_at, record.finished_at = JobStatus.SUCCEEDED, now, now
+            record.cached, record.inference_s = True, 0.0
+            record.weights, record.backtest = hit.get("weights"), hit.get("backtest")
+            record.progress_done = int(hit.get("progress_done", 0))
+            outcome = await self.store.create_done(record, digest_of_hit, items, idempotency)
+        else:
+            max_in_flight = self.admission.limits(owner).max_in_flight
+            outcome = await self.store.create(spec, record, series.encode(), items, max_in_flight, idempotency)
+        if outcome is not None:
+            return await self._refused_or_replayed(outcome, digest, owner, idempotency)
+        if hit is not None:
+            log.info("%s %s answered from the result cache: %s", kind.value, record.id, spec.id)
             self.metrics.accepted.labels(spec.id, "cached").inc()
-            return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
+            return record, False
 
-        if not idem_key and not callback_url and cache.cacheable(spec, request["parameters"]):
-            # Joined after creating, so that two identical requests racing cannot both miss each other.
-            earlier = await self.flights.join(owner, digest, job_id, ttl)
+        # Single-flight: while a job for a request is queued or running, the same owner's identical
+        # request attaches to it instead of queueing another, so a client that retries after a timeout
+        # waits on its first job. Only for answers that do not depend on which job computes them (what
+        # the cache may answer); a request with an Idempotency-Key follows its key, and one with a
+        # callback_url asked for its own delivery. Joined after creating, so that two identical
+        # requests racing cannot both miss each other.
+        if not idempotency and not callback_url and cache.cacheable(spec, request["parameters"]):
+            earlier = await self.store.join_flight(owner, digest, record.id)
             if earlier is not None:
-                await self._discard(spec, owner, job_id)
+                await self.store.discard(spec, owner, record.id)
                 log.info("%s for %s attached to the same request's job %s, in flight", kind.value, spec.id, earlier)
                 return await self.require(earlier, owner), False
 
         try:
-            await asyncio.to_thread(
-                self.celery.send_task, keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=queue
-            )
+            await asyncio.to_thread(send_job, self.celery, spec, lane, record.id)
         except Exception as exc:
-            log.error("enqueue of job %s failed: %s", job_id, exc)
-            await self._discard(spec, owner, job_id, *([idem_key] if idem_key else []))
+            log.error("enqueue of job %s failed: %s", record.id, exc)
+            await self.store.discard(spec, owner, record.id, idempotency[0] if idempotency else None)
             raise Problem(
                 503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
             ) from exc
-        log.info("%s %s accepted: %s, %d series, lane %s", kind.value, job_id, spec.id, n, lane.value)
+        log.info("%s %s accepted: %s, %d series, lane %s", kind.value, record.id, spec.id, record.n_series, lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
-        return JobRecord.from_hash({k: str(v) for k, v in stored(record).items()}), False
-
-    async def _discard(self, spec: catalog.ModelSpec, owner: str, job_id: str, *also: str) -> None:
-        """Undo a job's creation before its message was sent (and delete the keys `also`)."""
-        await self.client.delete(keys.job(job_id), keys.job_input(job_id), keys.job_items(job_id), *also)
-        await self.client.zrem(keys.in_flight(owner), job_id)
-        await self.client.zrem(keys.queued(spec), job_id)
+        return record, False
 
     async def _cached(self, spec: catalog.ModelSpec, request: dict, identity: str) -> dict | None:
         """The stored fields of an identical earlier request's result (and `digest`, naming its
@@ -249,19 +174,16 @@ class JobService:
         deterministic (see shared/cache.py)."""
         if not self.settings.cache_ttl_s or not cache.cacheable(spec, request["parameters"]):
             return None
-        revision = await self._revision(spec)
+        revision = await self.fleet.revision(spec)
         if revision is None:
             return None
         digest = cache.digest(spec, revision, identity)
-        found = await self.client.get(keys.cache(digest))
-        return {**json.loads(found), "digest": digest} if found else None
+        found = await self.store.cached(digest)
+        return {**found, "digest": digest} if found is not None else None
 
     async def results(self, record: JobRecord) -> tuple[list[bytes], list | None]:
         """A succeeded job's output elements (one per series or origin) and its items (ids, starts, shapes)."""
-        async with self.raw.pipeline(transaction=False) as pipe:
-            pipe.lrange(keys.job_output(record.id), 0, -1)
-            pipe.get(keys.job_items(record.id))
-            outputs, items = await pipe.execute()
+        outputs, items = await self.store.results(record.id)
         return outputs, (msgspec.msgpack.decode(items) if items else None)
 
     async def with_predictions(self, record: JobRecord) -> JobRecord:
@@ -272,78 +194,11 @@ class JobService:
             render.attach(record, outputs, items)
         return record
 
-    async def _revision(self, spec: catalog.ModelSpec) -> str | None:
-        """The weights revision every live worker of `spec` serves (None when none or several)."""
-        revisions = {info.get("revision") for info in await self._live_workers(spec)}
-        return revisions.pop() if len(revisions) == 1 else None
-
-    async def _live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
-        """The heartbeats of the model's live workers, read from Redis at most once a second per model:
-        every accepted job (cache, `X-Workers-Online`) and every sync call asks."""
-        loop = asyncio.get_running_loop()
-        known = self._heartbeats.get(spec.id)
-        if known is not None and known[1] > loop.time():
-            return known[0]
-        live = self._live(await self.client.hgetall(keys.workers(spec)))
-        self._heartbeats[spec.id] = (live, loop.time() + min(1.0, self.settings.heartbeat_s))
-        return live
-
-    def _live(self, heartbeats: dict[str, str]) -> list[dict]:
-        """The heartbeats (worker name -> JSON) of workers heard from within three heartbeats."""
-        now = time.time()
-        return [
-            info
-            for info in map(json.loads, heartbeats.values())
-            if now - info["last_seen"] < 3 * self.settings.heartbeat_s
-        ]
-
-    def _limits(self, owner: str) -> OwnerLimits:
-        """The admission limits of `owner`: every key has its own; keyless legacy calls share theirs."""
-        s = self.settings
-        if owner == LEGACY:
-            return OwnerLimits(s.legacy_rate_limit_per_s, s.legacy_rate_limit_burst, s.legacy_max_in_flight,
-                               "keyless legacy calls", "LEGACY_MAX_IN_FLIGHT")  # fmt: skip
-        return OwnerLimits(s.rate_limit_per_s, s.rate_limit_burst, s.max_in_flight, "this key", "MAX_IN_FLIGHT")
-
-    async def admit(self, owner: str) -> None:
-        """The owner's submission rate limit (429). Routes take the token before they read a body, so
-        a caller over its rate costs no parsing; the queue-depth cap needs the model, so it waits for
-        the body, and the in-flight cap is checked on creation."""
-        own = self._limits(owner)
-        if own.rate_per_s:
-            wait = float(
-                await self.scripts.take_token(keys=[keys.rate_bucket(owner)], args=[own.rate_per_s, own.burst])
-            )
-            if wait > 0:
-                raise Problem(
-                    429,
-                    "rate-limited",
-                    f"over {own.rate_per_s:g} submissions/s for {own.who} (burst {own.burst})",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                )
-
-    async def _check_queue(self, queue: str) -> None:
-        settings = self.settings
-        if settings.max_queue_depth and await self.client.llen(queue) >= settings.max_queue_depth:
-            raise Problem(
-                503,
-                "queue-full",
-                f"queue {queue} holds {settings.max_queue_depth} jobs or more; retry later",
-                headers={"Retry-After": "5"},
-            )
-
     async def _refused_or_replayed(
-        self, outcome: str, digest: str, owner: str, idem_key: str | None
+        self, outcome: str, digest: str, owner: str, idempotency: tuple[str, str] | None
     ) -> tuple[JobRecord, bool]:
         if outcome.startswith("in-flight:"):
-            own = self._limits(owner)
-            raise Problem(
-                429,
-                "too-many-in-flight",
-                f"{outcome.split(':')[1]} jobs not yet finished for {own.who} ({own.in_flight_setting} "
-                f"{own.max_in_flight}); wait for some to finish",
-                headers={"Retry-After": "5"},
-            )
+            raise self.admission.too_many_in_flight(owner, outcome.split(":")[1])
         earlier_id, earlier_digest = outcome.split(" ", 1)
         if earlier_digest != digest:
             raise Problem(
@@ -356,7 +211,8 @@ class JobService:
         try:
             return await self.require(earlier_id, owner), True
         except Problem:  # the earlier job's record expired: the key names nothing any more
-            await self.client.delete(idem_key)
+            if idempotency:
+                await self.store.forget_idempotency(owner, idempotency[0])
             raise Problem(
                 404, "unknown-job", f"the job this Idempotency-Key named ({earlier_id}) expired; use a new key"
             ) from None
@@ -387,43 +243,13 @@ class JobService:
             )
         return await self.with_predictions(record) if with_results else record
 
-    def _check_sync(self, spec: catalog.ModelSpec) -> None:
-        if not self.settings.sync_eligible(spec):
-            raise Problem(
-                409,
-                "not-sync-eligible",
-                f"{spec.id} is not served synchronously; submit it with POST /v1/forecasts and poll",
-                field="model",
-                async_endpoint="/v1/forecasts",
-            )
-
-    async def workers_online(self, name: str) -> int:
-        """How many workers of the model are live (an async job is accepted with none: one may start later)."""
-        return len(await self._live_workers(self.model(name)))
-
-    async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> None:
-        """Return once a worker serves the model (waiting up to `wait_s`), else 503."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            if await self._live_workers(spec):
-                return
-            if loop.time() >= deadline:
-                raise Problem(
-                    503,
-                    "no-worker",
-                    f"no worker is serving {spec.id} right now; POST /v1/forecasts queues the job until one starts",
-                    headers={"Retry-After": "5"},
-                )
-            await asyncio.sleep(0.5)
-
     async def require(self, job_id: str, owner: str) -> JobRecord:
         """The job's record; 404 when there is none or it belongs to another owner (same answer for both).
         The record is small: results live in their own list, read only for the owner (`results`)."""
-        fields = await self.client.hgetall(keys.job(job_id))
-        if not fields or fields.get("owner") != owner:
+        record = await self.store.get(job_id)
+        if record is None or record.owner != owner:
             raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
-        return JobRecord.from_hash(fields)
+        return record
 
     async def wait(self, job_id: str, timeout_s: float, owner: str) -> JobRecord:
         """The job's record as soon as it is terminal, or as it stands when `timeout_s` runs out."""
@@ -467,27 +293,16 @@ class JobService:
 
     async def cancel(self, job_id: str, owner: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns its record and whether it stopped already."""
-        outcome = await self.scripts.cancel(
-            keys=[keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id)],
-            args=[repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, owner],
-        )
+        outcome = await self.store.cancel(job_id, owner)
         if outcome not in ("cancelled", "cancelling", "missing"):
             raise Problem(409, "job-finished", f"job {job_id} already {outcome}; nothing to cancel", status_now=outcome)
         return await self.require(job_id, owner), outcome == "cancelled"  # require answers 404 for 'missing'
 
     async def ready(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self.client.ping(), 1.0))
+            return bool(await asyncio.wait_for(self.store.client.ping(), 1.0))
         except Exception:
             return False
-
-
-class OwnerLimits(NamedTuple):
-    rate_per_s: float
-    burst: int
-    max_in_flight: int
-    who: str  # how problem details name the owner
-    in_flight_setting: str
 
 
 def _digest(text: str) -> str:
@@ -502,16 +317,3 @@ def _items(series: SeriesSet, nested: list[bool] | None) -> bytes | None:
     return msgspec.msgpack.encode(
         [[item, start, bool(nested and nested[i])] for i, (item, start) in enumerate(zip(series.item_ids, series.starts))]
     )
-
-
-def _chunks(elements: list[bytes], budget: int = 8 << 20) -> list[list[bytes]]:
-    """Elements in groups of about `budget` bytes: one RPUSH each, so no command grows with the job."""
-    out: list[list[bytes]] = [[]]
-    size = 0
-    for element in elements:
-        if size + len(element) > budget and out[-1]:
-            out.append([])
-            size = 0
-        out[-1].append(element)
-        size += len(element)
-    return out

@@ -140,7 +140,7 @@ async def main_async(args) -> None:
 
 def _where(stack: Stack, job_ids: list[str], started_at: float) -> list[str]:
     """For jobs that never finished: their record, and whether their message is queued or held."""
-    from shared import keys
+    from shared.store import keys
 
     held = " ".join(stack.redis.hvals(keys.KOMBU_UNACKED))
     queued = " ".join(m for spec in stack.specs for q in keys.worker_queues(spec) for m in stack.redis.lrange(q, 0, -1))

@@ -24,7 +24,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared import catalog, keys  # noqa: E402
+from shared import catalog  # noqa: E402
+from shared.store import keys  # noqa: E402
 
 SYNTHETIC = ROOT / ".cache" / "synthetic"
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from client.errors import WaitTimeout, error_for
-from shared.jobs import TERMINAL
+from shared.store import TERMINAL
 from shared.schemas import JobView, ModelView
 
 Series = Sequence[float | None] | dict[str, Any]

@@ -6,7 +6,7 @@ computes once per request). Bolt and Chronos-2 are deterministic; T5 samples, so
 is cached only when it fixes `seed`. Workers copy a succeeded job's output list and fields under
 its key (`keys.cache`, `keys.cache_output`) for CACHE_TTL_S; the API looks the key up before
 queueing and answers a hit at once, marked `cached`. The same
-requests, while a job for one is still queued or running, share that job (api/flight.py).
+requests, while a job for one is still queued or running, share that job (single-flight, api/service.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared import catalog, keys
+from shared import catalog
+from shared.store import Lane, keys
 from shared.settings import Settings
 
 # The anonymous exchange routes by queue name alone. A named exchange depends on binding
@@ -54,3 +55,9 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> C
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def send_job(app: Celery, spec: catalog.ModelSpec, lane: Lane, job_id: str) -> None:
+    """Send a job's message to its model's queue for `lane`. The message carries only the job id (also
+    the task id, which is how the reaper matches messages to jobs); the series wait in the job store."""
+    app.send_task(keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=keys.lane_queue(spec, lane))

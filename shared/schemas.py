@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.jobs import JobKind, JobRecord, JobStatus, Lane
+from shared.store import JobKind, JobRecord, JobStatus, Lane
 
 DEFAULT_QUANTILES = [0.1, 0.5, 0.9]
 

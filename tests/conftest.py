@@ -19,7 +19,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from shared import catalog, keys
+from shared import catalog
+from shared.store import keys
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ _distinct = itertools.count()
 
 
 def submit(api: TestClient, body: dict | None = None, **headers):
-    # A different request each time: identical ones in flight would share one job (api/flight.py).
+    # A different request each time: identical ones in flight would share one job (single-flight, api/service.py).
     body = body or forecast_body(QUEUED_MODEL, length=20 + next(_distinct))
     response = api.post("/v1/forecasts", json=body, headers=headers)
     if response.status_code == 202:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from shared import catalog, keys
+from shared import catalog
+from shared.store import keys
 
 from conftest import BOLT, forecast_body, job_keys
 

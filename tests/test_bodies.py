@@ -186,7 +186,7 @@ def test_a_job_over_the_output_cap_is_422_naming_the_limit(redis_server):
 def test_series_are_stored_as_float32_arrays_one_element_per_series(api, redis_server):
     import redis
 
-    from shared import keys
+    from shared.store import keys
     from shared.series import decode
 
     body = forecast_body("amazon/chronos-bolt-mini", n_series=2, length=30)  # nobody serves it: stays queued

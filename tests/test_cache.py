@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared import keys
+from shared.store import keys
 
 from conftest import BOLT, OTHER_KEY, T5, forecast_body, wait_for
 
@@ -114,7 +114,7 @@ def test_an_identical_backtest_is_answered_from_the_cache(api, workers):
 
 
 def test_identical_requests_in_flight_share_one_job_and_only_when_the_answer_cannot_differ(api):
-    """Single-flight (api/flight.py). No worker serves these models here, so every job stays queued."""
+    """Single-flight (single-flight, api/service.py). No worker serves these models here, so every job stays queued."""
     bolt = forecast_body("amazon/chronos-bolt-mini", length=61)
     seeded = forecast_body("amazon/chronos-t5-mini", length=61, seed=7)
     unseeded = forecast_body("amazon/chronos-t5-mini", length=61)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared import catalog, keys
+from shared import catalog
+from shared.store import keys
 from shared.settings import Settings
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from client import AsyncClient, Client, InvalidRequest, NotFound, RateLimited, Unauthorized
-from shared.jobs import JobStatus
+from shared.store import JobStatus
 
 from conftest import API_KEY, BOLT, ROOT, T5
 

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from api.auth import LEGACY, KeyRing
 from api.main import create_app
 from api.problems import Problem
-from shared import catalog, keys
+from shared import catalog
+from shared.store import keys
 
 from conftest import API_KEY, BOLT, T5, forecast_body, job_keys, settings_for, start_api
 

@@ -146,3 +146,24 @@ def test_api_and_workers_never_import_each_other():
         for path in (ROOT / side).rglob("*.py"):
             text = path.read_text()
             assert not re.search(rf"^\s*(from|import) {other}\b", text, re.M), f"{path} imports {other}"
+
+
+def test_the_installed_package_carries_the_job_store_scripts(tmp_path):
+    """The images `pip install .` (not editable): the Lua scripts must travel as package data."""
+    import shutil
+    import zipfile
+
+    from shared.store import scripts
+
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("api", "workers", "shared", "cli", "client"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"shared/store/lua/{name}.lua" for name in (*scripts.NAMES, "ended")} <= packed

@@ -108,9 +108,10 @@ def test_sigterm_lets_a_worker_finish_the_job_in_hand_before_it_exits(api, redis
 def test_a_job_whose_message_was_lost_in_transit_is_sent_again_and_its_series_are_kept(api, redis_server):
     import redis
 
-    from shared import catalog, keys
+    from shared import catalog
     from shared.celery_app import make_celery
     from shared.series import decode
+    from shared.store import JobStore, keys
     from workers.reaper import resend_lost
 
     spec = catalog.get("amazon/chronos-bolt-mini")  # no worker: its messages stay in the queue
@@ -123,7 +124,8 @@ def test_a_job_whose_message_was_lost_in_transit_is_sent_again_and_its_series_ar
     client.delete(keys.sweep_lock(spec))
     time.sleep(0.05)
 
-    resent = resend_lost(make_celery(settings_for(redis_server), serve=spec), client, spec, grace_s=0.01)
+    store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server))
+    resent = resend_lost(make_celery(settings_for(redis_server), serve=spec), store, spec, grace_s=0.01)
 
     assert resent == 1
     (again,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
@@ -138,8 +140,11 @@ def test_a_job_whose_message_was_lost_in_transit_is_sent_again_and_its_series_ar
 
 
 def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_back_to_the_queue(api, redis_server):
-    from shared import catalog, keys
+    import redis
+
+    from shared import catalog
     from shared.celery_app import make_celery
+    from shared.store import JobStore, keys
     from workers.reaper import restore
 
     spec = catalog.get("amazon/chronos-bolt-mini")
@@ -152,7 +157,8 @@ def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_bac
     client.hset(keys.KOMBU_UNACKED, "tag-of-a-dead-worker", json.dumps([json.loads(raw), "", keys.queue(spec)]))
     client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": time.time() - 60})
 
-    restored = restore(make_celery(settings_for(redis_server), serve=spec), client, spec, heartbeat_s=1)
+    store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server, heartbeat_s=1))
+    restored = restore(make_celery(settings_for(redis_server), serve=spec), store, spec)
 
     assert restored == 1
     assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
@@ -170,7 +176,7 @@ def test_every_job_answered_202_ends_after_redis_restarts_with_its_append_only_f
     worker = start_worker(store, synthetic_dir, BOLT, tmp_path, MAX_BATCH="8")
     try:
         with TestClient(create_app(settings_for(store)), headers={"X-API-Key": API_KEY}) as api:
-            # 30 different requests: identical ones in flight would share one job (api/flight.py).
+            # 30 different requests: identical ones in flight would share one job (single-flight, api/service.py).
             accepted = [api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=8, length=300 + i)).json()["id"]
                         for i in range(30)]  # fmt: skip
             store.process.terminate()  # SIGTERM: Redis writes its append-only file and exits

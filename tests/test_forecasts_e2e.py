@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from shared import catalog, keys
+from shared import catalog
+from shared.store import keys
 
 from conftest import BOLT, T5, forecast_body, wait_for
 

@@ -7,8 +7,14 @@ import uuid
 
 import pytest
 
-from shared import keys
-from shared.jobs import JobRecord, JobStatus, Lane, Scripts, finish_args, new_record
+import redis
+
+from shared import catalog
+from shared.store import JobRecord, JobStatus, JobStore, Lane, keys
+
+from conftest import settings_for
+
+SPEC = catalog.get("amazon/chronos-bolt-tiny")
 
 
 @pytest.fixture()
@@ -17,61 +23,49 @@ def client(redis_server):
 
 
 @pytest.fixture()
-def scripts(client):
-    return Scripts(client)
+def store(redis_server):
+    return JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server, result_ttl_s=60, max_deliveries=3))
 
 
 def queued_job(client) -> str:
     job_id = uuid.uuid4().hex
-    client.hset(
-        keys.job(job_id), mapping=new_record(job_id, "amazon/chronos-bolt-tiny", 1, 4, Lane.ASYNC, time.time(), "owner")
-    )
+    record = JobRecord(job_id, SPEC.id, JobStatus.QUEUED, Lane.ASYNC, 1, 4, time.time(), "owner")
+    client.hset(keys.job(job_id), mapping=record.to_hash())
     return job_id
 
 
-def start(scripts, job_id):
-    return scripts.start(
-        keys=[keys.job(job_id), keys.in_flight("owner"), "cq:queued:test", keys.job_input(job_id), keys.job_output(job_id)],
-        args=[repr(time.time()), "w1", 3, 60, keys.EVENTS_CHANNEL, job_id],
-    )
+def start(store, job_id):
+    return store.start(SPEC, job_id, "w1")[0]
 
 
-def finish(scripts, job_id, status=JobStatus.SUCCEEDED, **fields):
-    args = finish_args(status, time.time(), 60, keys.EVENTS_CHANNEL, job_id, fields)
-    return scripts.finish(
-        keys=[keys.job(job_id), keys.in_flight("owner"), keys.job_input(job_id), keys.job_output(job_id),
-              keys.job_items(job_id)],
-        args=args,
-    )  # fmt: skip
+def finish(store, job_id, status=JobStatus.SUCCEEDED, **fields):
+    return store.finish(job_id, "owner", status, fields)
 
 
-def cancel(scripts, job_id, owner="owner"):
-    return scripts.cancel(
-        keys=[keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id)],
-        args=[repr(time.time()), 60, keys.EVENTS_CHANNEL, job_id, owner],
-    )
+def cancel(store, job_id, owner="owner"):
+    return store.cancel(job_id, owner)
 
 
 def record(client, job_id) -> JobRecord:
     return JobRecord.from_hash(client.hgetall(keys.job(job_id)))
 
 
-def test_queued_job_runs_then_succeeds_with_its_result_and_a_ttl(client, scripts):
+def test_queued_job_runs_then_succeeds_with_its_result_and_a_ttl(client, store):
     job_id = queued_job(client)
-    assert start(scripts, job_id) == "running"
-    assert finish(scripts, job_id, inference_s=0.5, weights="real") == "succeeded"
+    assert start(store, job_id) == "running"
+    assert finish(store, job_id, inference_s=0.5, weights="real") == "succeeded"
     rec = record(client, job_id)
     assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1
     assert rec.inference_s == 0.5 and rec.weights == "real"
     assert 0 < client.ttl(keys.job(job_id)) <= 60
 
 
-def test_terminal_state_is_announced_on_the_events_channel(client, scripts):
+def test_terminal_state_is_announced_on_the_events_channel(client, store):
     job_id = queued_job(client)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.EVENTS_CHANNEL)
-    start(scripts, job_id)
-    finish(scripts, job_id)
+    start(store, job_id)
+    finish(store, job_id)
     deadline = time.monotonic() + 5
     message = None
     while message is None and time.monotonic() < deadline:
@@ -79,59 +73,59 @@ def test_terminal_state_is_announced_on_the_events_channel(client, scripts):
     assert message is not None and message["data"] == job_id
 
 
-def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, scripts):
+def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, store):
     job_id = queued_job(client)
-    start(scripts, job_id)
-    finish(scripts, job_id, inference_s=1.0)
-    assert start(scripts, job_id) == "succeeded"  # the redelivery is told to drop the message
-    assert finish(scripts, job_id, inference_s=2.0) == "succeeded"
+    start(store, job_id)
+    finish(store, job_id, inference_s=1.0)
+    assert start(store, job_id) == "succeeded"  # the redelivery is told to drop the message
+    assert finish(store, job_id, inference_s=2.0) == "succeeded"
     assert record(client, job_id).inference_s == 1.0
 
 
-def test_redelivery_of_a_running_job_counts_another_attempt(client, scripts):
+def test_redelivery_of_a_running_job_counts_another_attempt(client, store):
     job_id = queued_job(client)
-    start(scripts, job_id)
-    assert start(scripts, job_id) == "running"
+    start(store, job_id)
+    assert start(store, job_id) == "running"
     assert record(client, job_id).attempts == 2
 
 
-def test_cancelling_a_queued_job_ends_it_and_its_message_is_dropped(client, scripts):
+def test_cancelling_a_queued_job_ends_it_and_its_message_is_dropped(client, store):
     job_id = queued_job(client)
-    assert cancel(scripts, job_id) == "cancelled"
-    assert start(scripts, job_id) == "cancelled"
+    assert cancel(store, job_id) == "cancelled"
+    assert start(store, job_id) == "cancelled"
     rec = record(client, job_id)
     assert rec.status is JobStatus.CANCELLED and rec.attempts == 0
 
 
-def test_cancelling_a_running_job_turns_its_finish_into_cancelled_without_a_result(client, scripts):
+def test_cancelling_a_running_job_turns_its_finish_into_cancelled_without_a_result(client, store):
     job_id = queued_job(client)
-    start(scripts, job_id)
-    assert cancel(scripts, job_id) == "cancelling"
-    assert finish(scripts, job_id, inference_s=1.0) == "cancelled"
+    start(store, job_id)
+    assert cancel(store, job_id) == "cancelling"
+    assert finish(store, job_id, inference_s=1.0) == "cancelled"
     rec = record(client, job_id)
     assert rec.status is JobStatus.CANCELLED and rec.inference_s is None
 
 
-def test_cancelling_a_finished_job_changes_nothing(client, scripts):
+def test_cancelling_a_finished_job_changes_nothing(client, store):
     job_id = queued_job(client)
-    start(scripts, job_id)
-    finish(scripts, job_id, JobStatus.FAILED, error="boom")
-    assert cancel(scripts, job_id) == "failed"
+    start(store, job_id)
+    finish(store, job_id, JobStatus.FAILED, error="boom")
+    assert cancel(store, job_id) == "failed"
     assert record(client, job_id).error == "boom"
 
 
-def test_a_vanished_record_is_reported_missing(client, scripts):
-    assert start(scripts, "nope") == "missing"
-    assert finish(scripts, "nope") == "missing"
-    assert cancel(scripts, "nope") == "missing"
+def test_a_vanished_record_is_reported_missing(client, store):
+    assert start(store, "nope") == "missing"
+    assert finish(store, "nope") == "missing"
+    assert cancel(store, "nope") == "missing"
 
 
-def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_looping(client, scripts):
+def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_looping(client, store):
     job_id = queued_job(client)
 
     claims = []
     for _ in range(4):  # each claim, then a forward pass that its worker never finishes: it died
-        claims.append(start(scripts, job_id))
+        claims.append(start(store, job_id))
         client.hset(keys.job(job_id), "in_pass", "1")
 
     assert claims == ["running", "running", "running", "failed"]
@@ -140,10 +134,10 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_lo
     assert "lost 3 times while it was in a forward pass" in rec.error and rec.finished_at is not None
 
 
-def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it(client, scripts):
+def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it(client, store):
     job_id = queued_job(client)
 
-    claims = [start(scripts, job_id) for _ in range(5)]  # each worker died before the job reached a pass
+    claims = [start(store, job_id) for _ in range(5)]  # each worker died before the job reached a pass
 
     assert claims == ["running"] * 5
     assert record(client, job_id).status is JobStatus.RUNNING

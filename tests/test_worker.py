@@ -13,8 +13,8 @@ from prometheus_client import REGISTRY
 
 from api import render
 from api.bodies import forecast_job
-from shared import catalog, keys
-from shared.jobs import JobRecord, JobStatus, Lane, new_record
+from shared import catalog
+from shared.store import JobRecord, JobStatus, JobStore, Lane, keys
 from shared.schemas import ForecastParameters, ForecastRequest
 from shared.series import Decoded
 from workers.batcher import Batcher, Work, group_key
@@ -36,9 +36,13 @@ def raw_client(redis_server):
     return redis.Redis.from_url(redis_server.url)
 
 
+def store_for(redis_server) -> JobStore:
+    return JobStore(raw_client(redis_server), settings_for(redis_server))
+
+
 @pytest.fixture()
 def io(redis_server) -> RedisPassIO:
-    return RedisPassIO(raw_client(redis_server))
+    return RedisPassIO(store_for(redis_server))
 
 
 @pytest.fixture()
@@ -54,11 +58,11 @@ def run_job(redis_server, batcher, body, lane=Lane.ASYNC) -> JobRecord:
     job_id = uuid.uuid4().hex
     job = forecast_job(ForecastRequest.model_validate(body))
     request = {"parameters": job.parameters.model_dump(mode="json")}
-    record = new_record(job_id, BOLT, len(body["inputs"]), 4, lane, time.time(), "owner", request=request)
+    record = JobRecord(job_id, BOLT, JobStatus.QUEUED, lane, len(body["inputs"]), 4, time.time(), "owner", request=request)
     raw.rpush(keys.job_input(job_id), *job.series.encode())
-    client.hset(keys.job(job_id), mapping=record)
+    client.hset(keys.job(job_id), mapping=record.to_hash())
     client.set(keys.job_items(job_id), msgspec.msgpack.encode([[s.get("item_id"), None, False] for s in body["inputs"]]))
-    execute(job_id, batcher, client, raw, settings_for(redis_server), "test-worker")
+    execute(job_id, batcher, store_for(redis_server), settings_for(redis_server), "test-worker")
     done = JobRecord.from_hash(client.hgetall(keys.job(job_id)))
     outputs = raw.lrange(keys.job_output(job_id), 0, -1)
     items = msgspec.msgpack.decode(raw.get(keys.job_items(job_id)))

@@ -5,23 +5,28 @@ from __future__ import annotations
 import os
 import sys
 
+from shared import catalog
+from shared.settings import get_settings
+
 
 def main(argv: list[str] | None = None) -> None:
-    from workers.app import app, slots, spec
+    from workers.app import Worker
 
-    if spec is None:
+    settings = get_settings()
+    if not settings.chronos_model:
         sys.exit("CHRONOS_MODEL is not set: a worker serves exactly one catalog model (e.g. amazon/chronos-bolt-tiny)")
+    worker = Worker(settings, catalog.get(settings.chronos_model))
     # A unique node name per process, so several workers of one model can share a host.
     args = [
         "worker",
-        f"--hostname={spec.slug}-{os.getpid()}@%h",
+        f"--hostname={worker.spec.slug}-{os.getpid()}@%h",
         # Threads, not processes: every slot's job feeds the one model this process holds (workers/batcher.py).
-        f"--concurrency={slots()}",
+        f"--concurrency={worker.slots()}",
         "--pool=threads",
         "--loglevel=INFO",
         *(sys.argv[1:] if argv is None else argv),
     ]
-    app.worker_main(args)
+    worker.app.worker_main(args)
 
 
 if __name__ == "__main__":

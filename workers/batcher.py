@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.catalog import Family, ModelSpec
-from shared.jobs import Lane
+from shared.store import Lane
 from shared.schemas import ForecastParameters
 from shared.series import Decoded
 from workers import metrics

@@ -23,44 +23,29 @@ import logging
 import re
 import time
 
-import redis
 from celery import Celery
 
-from shared import keys
 from shared.catalog import ModelSpec
+from shared.celery_app import send_job
+from shared.store import JobStore, keys
 
 log = logging.getLogger(__name__)
 
 
-def live_workers(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> set[str]:
-    """Names of the model's workers heard from within three heartbeats (the API's rule too)."""
-    now = time.time()
-    return {
-        name
-        for name, info in client.hgetall(keys.workers(spec)).items()
-        if now - json.loads(info)["last_seen"] < 3 * heartbeat_s
-    }
-
-
-def orphans(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> list[str]:
+def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     """Delivery tags of unacked messages for this model whose worker is gone."""
     queues = set(keys.worker_queues(spec))
     held = []
-    for tag, raw in client.hgetall(keys.KOMBU_UNACKED).items():
+    for tag, raw in store.unacked().items():
         message, _exchange, routing_key = json.loads(raw)
         if routing_key in queues:
             held.append((tag, message["headers"]["id"]))  # Celery's task id is the job id
     if not held:
         return []
-    alive = live_workers(client, spec, heartbeat_s)
-    with client.pipeline(transaction=False) as pipe:
-        for tag, job_id in held:
-            pipe.hmget(keys.job(job_id), "status", "worker")
-            pipe.zscore(keys.KOMBU_UNACKED_INDEX, tag)
-        replies = pipe.execute()
-    unclaimed_before = time.time() - 3 * heartbeat_s
+    alive = store.live_workers(spec)
+    unclaimed_before = time.time() - 3 * store.settings.heartbeat_s
     orphaned = []
-    for (tag, _), (status, worker), handed_out in zip(held, replies[::2], replies[1::2], strict=True):
+    for (tag, _), (status, worker, handed_out) in zip(held, store.holders(held), strict=True):
         # Claimed by a worker that stopped heartbeating; or handed out long ago and never claimed,
         # which happens only to a worker killed between fetching a message and claiming its job
         # (a live worker claims at once: it fetches only when a slot is free).
@@ -71,9 +56,9 @@ def orphans(client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> list[st
     return orphaned
 
 
-def restore(app: Celery, client: redis.Redis, spec: ModelSpec, heartbeat_s: float) -> int:
+def restore(app: Celery, store: JobStore, spec: ModelSpec) -> int:
     """Put the orphaned messages back on their queues; returns how many."""
-    tags = orphans(client, spec, heartbeat_s)
+    tags = orphans(store, spec)
     if not tags:
         return 0
     with app.connection_for_write() as connection:
@@ -90,32 +75,25 @@ _TASK_ID = re.compile(r'"id": "([0-9a-f]{32})"')
 SCAN_MAX = 5_000
 
 
-def resend_lost(app: Celery, client: redis.Redis, spec: ModelSpec, grace_s: float) -> int:
+def resend_lost(app: Celery, store: JobStore, spec: ModelSpec, grace_s: float) -> int:
     """Send again the model's jobs queued longer than `grace_s` whose message is nowhere; returns how many.
 
     One worker of the model sweeps at a time (a lock that expires with the grace period).
     """
-    if not client.set(keys.sweep_lock(spec), "1", nx=True, ex=max(1, int(grace_s))):
-        return 0
-    stale = client.zrangebyscore(keys.queued(spec), "-inf", time.time() - grace_s, start=0, num=200)
+    stale = store.sweep(spec, grace_s)
     if not stale:
         return 0
-    queues = keys.worker_queues(spec)
-    if sum(client.llen(q) for q in queues) > SCAN_MAX:
+    messages = store.waiting_messages(spec, SCAN_MAX)
+    if messages is None:
         return 0
-    present = {m.group(1) for q in queues for raw in client.lrange(q, 0, -1) if (m := _TASK_ID.search(raw))}
-    present |= {m.group(1) for raw in client.hvals(keys.KOMBU_UNACKED) if (m := _TASK_ID.search(raw))}
+    present = {m.group(1) for raw in messages if (m := _TASK_ID.search(raw))}
     resent = 0
     for job_id in stale:
-        status, lane = client.hmget(keys.job(job_id), "status", "lane")
-        if status != "queued" or not client.exists(keys.job_input(job_id)):
-            client.zrem(keys.queued(spec), job_id)  # claimed, finished or expired meanwhile
+        status, lane = store.queued_state(spec, job_id)
+        if status is None or job_id in present:  # claimed, finished or expired meanwhile; or not lost
             continue
-        if job_id in present:
-            continue
-        queue = keys.sync_queue(spec) if lane == "sync" else keys.queue(spec)
-        app.send_task(keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=queue)
-        client.zadd(keys.queued(spec), {job_id: time.time()})  # another grace period before looking again
+        send_job(app, spec, lane, job_id)
+        store.resent(spec, job_id)
         resent += 1
     if resent:
         log.warning("sent %d job(s) of %s again: accepted, never claimed, message lost", resent, spec.id)

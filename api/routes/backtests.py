@@ -13,11 +13,10 @@ from fastapi.responses import StreamingResponse
 from shared.schemas import BacktestRequest, JobView
 
 from api import bodies
+from api.answers import accepted, answer, cancel_job, get_job, job_events
 from api.auth import Caller
-from api.problems import documented
-from api.routes.forecasts import (
-    SUBMIT_ERRORS, IdempotencyKey, Service, answer, cancel_forecast, get_forecast, job_events, workers_online,
-)  # fmt: skip
+from api.deps import IdempotencyKey, Jobs, Models
+from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["backtests"])
 
@@ -30,7 +29,7 @@ router = APIRouter(prefix="/v1", tags=["backtests"])
     openapi_extra=bodies.documented_body(BacktestRequest, columnar=True),
 )
 async def submit_backtest(
-    request: Request, response: Response, jobs: Service, owner: Caller, idempotency_key: IdempotencyKey = None
+    request: Request, response: Response, jobs: Jobs, models: Models, owner: Caller, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
     from the `context_length` points before it, scored against the series' own later values (MASE,
@@ -38,7 +37,7 @@ async def submit_backtest(
     The series may also come as an Arrow stream or Parquet file (one series, long format), with
     `model`, `first`, `last`, `step`, `context_length` and the parameters in the query string.
     `X-Workers-Online` counts the model's live workers: with 0 the job is queued until one starts."""
-    await jobs.admit(owner)  # the key is checked and its rate taken before any of the body is read
+    await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     kind = bodies.media_type(request)
     if kind in bodies.COLUMNAR:
         raw = await bodies.read(request, jobs.settings.max_columnar_body_bytes, jobs.settings.body_timeout_s)
@@ -46,16 +45,12 @@ async def submit_backtest(
     else:
         body = await bodies.model_body(request, jobs.settings, BacktestRequest)
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key, admitted=True)
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/backtests/{record.id}"
-    response.status_code = status.HTTP_202_ACCEPTED
-    await workers_online(response, jobs, record.model)
+    await accepted(response, models, record, replayed)
     return await answer(jobs, record, request, response)
 
 
 router.add_api_route(
-    "/backtests/{job_id}", get_forecast, methods=["GET"], response_model=JobView,
+    "/backtests/{job_id}", get_job, methods=["GET"], response_model=JobView,
     responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
     summary="A backtest's status and progress; with `wait`, answer as soon as it finishes",
 )  # fmt: skip
@@ -66,7 +61,7 @@ router.add_api_route(
     summary="A Server-Sent Events stream of the backtest's progress, ending with its result",
 )  # fmt: skip
 router.add_api_route(
-    "/backtests/{job_id}", cancel_forecast, methods=["DELETE"], response_model=JobView,
+    "/backtests/{job_id}", cancel_job, methods=["DELETE"], response_model=JobView,
     responses={202: {"model": JobView, "description": "Running: it stops at its next batch."},
                **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable")},
     summary="Cancel a backtest",

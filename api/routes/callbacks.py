@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from api import callbacks
 from api.auth import Caller
 from api.problems import documented
-from api.routes.forecasts import Config, Service
+from api.deps import Config, Jobs
 
 router = APIRouter(prefix="/v1", tags=["callbacks"])
 
@@ -23,8 +23,8 @@ class CallbackSecret(BaseModel):
 @router.get(
     "/callbacks/secret", response_model=CallbackSecret, responses=documented("unauthorized", "redis-unavailable")
 )
-async def callback_secret(jobs: Service, config: Config, owner: Caller) -> CallbackSecret:
+async def callback_secret(jobs: Jobs, config: Config, owner: Caller) -> CallbackSecret:
     """How to check that a callback came from this service: verify its signature with this secret
     (`client.verify_signature` does), and reject old timestamps to stop replays."""
-    master = await callbacks.master_secret(jobs.client, config)
+    master = await callbacks.master_secret(jobs.store, config)
     return CallbackSecret(secret=callbacks.key_secret(master, owner), allowed_prefixes=config.callback_prefixes())

@@ -13,26 +13,24 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 
 from shared import catalog
-from shared.jobs import JobStatus, Lane
+from shared.store import JobStatus, Lane
 from shared.schemas import ForecastRequest
 
 from api import bodies, compat
 from api.auth import LegacyCaller
-from api.deps import service
+from api.deps import Config, Jobs, Models
 from api.problems import BODY_ERRORS, Problem, documented
 from api.service import JobService
 
-Service = Annotated[JobService, Depends(service)]
 
-
-async def _default_model(request: Request) -> catalog.ModelSpec:
-    return catalog.get(request.app.state.service.settings.compat_model)
+async def _default_model(config: Config) -> catalog.ModelSpec:
+    return catalog.get(config.compat_model)
 
 
 async def _path_model(
-    slug: Annotated[str, Path(description="Model slug (chronos-t5-tiny) or id, as in GET /v1/models.")], jobs: Service
+    slug: Annotated[str, Path(description="Model slug (chronos-t5-tiny) or id, as in GET /v1/models.")], models: Models
 ) -> catalog.ModelSpec:
-    return jobs.model(slug)
+    return models.model(slug)
 
 
 async def _no_model() -> None:
@@ -57,9 +55,9 @@ def build(
                   "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
 
     @router.get("/health", response_model=compat.HealthResponse, responses=documented(*url_errors))
-    async def health(spec: Model, jobs: Service) -> compat.HealthResponse:
+    async def health(spec: Model, models: Models) -> compat.HealthResponse:
         """Liveness, as the old server answered it (no key needed), and the model this URL serves."""
-        (view,) = await jobs.models((spec,))
+        (view,) = await models.models((spec,))
         return compat.health(view)
 
     # Bodies are read in the routes, after the caller was checked (api/bodies.py): a body FastAPI
@@ -71,10 +69,10 @@ def build(
         openapi_extra=bodies.documented_body(compat.InitializationRequest, required=False),
     )
     async def initialization(
-        request: Request, spec: Model, jobs: Service, _: LegacyCaller
+        request: Request, spec: Model, models: Models, config: Config, _: LegacyCaller
     ) -> compat.InitializationResponse:
         """Workers load their model when they start; this waits (COMPAT_INIT_WAIT_S) until one serves it."""
-        body = await bodies.model_body(request, jobs.settings, compat.InitializationRequest, optional=True)
+        body = await bodies.model_body(request, config, compat.InitializationRequest, optional=True)
         if body and body.model_variant and catalog.find(body.model_variant) is not spec:
             raise Problem(
                 409,
@@ -82,8 +80,8 @@ def build(
                 f"this URL serves {spec.id}; for {body.model_variant} use /models/<slug>/forecast/v1/chronos/...",
                 field="model_variant",
             )
-        await jobs.serving(spec, jobs.settings.compat_init_wait_s)
-        (view,) = await jobs.models((spec,))
+        await models.serving(spec, config.compat_init_wait_s)
+        (view,) = await models.models((spec,))
         return compat.InitializationResponse(
             message="Model initialized successfully", model_status="ready", model_info=compat.model_info(view)
         )
@@ -93,9 +91,9 @@ def build(
         response_model=compat.StatusResponse,
         responses=documented(*url_errors, "unauthorized"),
     )
-    async def chronos_status(spec: Model, jobs: Service, _: LegacyCaller) -> compat.StatusResponse:
+    async def chronos_status(spec: Model, models: Models, _: LegacyCaller) -> compat.StatusResponse:
         """ready while a worker serves the model; uninitialized while none does."""
-        (view,) = await jobs.models((spec,))
+        (view,) = await models.models((spec,))
         return compat.status(view)
 
     @router.post(
@@ -105,7 +103,7 @@ def build(
         openapi_extra=bodies.documented_body(compat.InferenceRequest),
     )
     async def inference(
-        request: Request, spec: Model, jobs: Service, owner: LegacyCaller, response: Response
+        request: Request, spec: Model, jobs: Jobs, owner: LegacyCaller, response: Response
     ) -> compat.InferenceResponse:
         """One forecast: median, mean, deciles, and sample paths (T5; empty for Bolt)."""
         body = await bodies.model_body(request, jobs.settings, compat.InferenceRequest)
@@ -121,7 +119,7 @@ def build(
     async def timeseries_forecast(
         request: Request,
         url_model: TimeseriesModel,
-        jobs: Service,
+        jobs: Jobs,
         owner: LegacyCaller,
         response: Response,
     ) -> compat.TimeseriesResponse:
@@ -129,7 +127,7 @@ def build(
         body = await bodies.model_body(request, jobs.settings, compat.TimeseriesRequest)
         if url_model is None and body.model is None:
             raise Problem(422, "validation-error", "model: required on this route", field="model")
-        spec = url_model or jobs.model(body.model)
+        spec = url_model or jobs.fleet.model(body.model)
         window = body.recent_data[-body.context_period_size :] if body.context_period_size else body.recent_data
         if all(x is None or math.isnan(x) for x in window):  # a valid body whose window holds nothing to forecast
             raise Problem(
@@ -147,7 +145,7 @@ async def _run(jobs: JobService, request: ForecastRequest, owner: str, response:
     """A compat call through the queue: the sync lane where the model has one, waiting up to COMPAT_TIMEOUT_S.
     503 `no-worker` at once when no worker serves the model: the old server failed at once too (no
     container), and a client that retries a timeout would otherwise wait its full timeout each time."""
-    spec = jobs.model(request.model)
+    spec = jobs.fleet.model(request.model)
     lane = Lane.SYNC if jobs.settings.sync_eligible(spec) else Lane.ASYNC
     record = await jobs.run(request, lane, owner, jobs.settings.compat_timeout_s)
     # Headers, so that the old bodies stay exactly as they were: the job, and what weights answered.

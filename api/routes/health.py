@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Request, Response
 
-from fastapi import APIRouter, Depends, Request, Response
-
-from api.deps import service
+from api.deps import Jobs, Models
 from api.problems import Problem, documented
-from api.service import JobService
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +17,7 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", responses=documented("redis-unavailable"))
-async def readyz(jobs: Annotated[JobService, Depends(service)]) -> dict:
+async def readyz(jobs: Jobs) -> dict:
     """Redis is reachable (503 otherwise)."""
     if not await jobs.ready():
         raise Problem(
@@ -30,7 +27,7 @@ async def readyz(jobs: Annotated[JobService, Depends(service)]) -> dict:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request, jobs: Annotated[JobService, Depends(service)]) -> Response:
+async def metrics(request: Request, models: Models) -> Response:
     """Prometheus metrics: request latency by route and status, jobs accepted, queue depth, workers online."""
-    body, content_type = request.app.state.metrics.render(await jobs.models())
+    body, content_type = request.app.state.metrics.render(await models.models())
     return Response(body, media_type=content_type)

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, Depends
 
 from shared.schemas import ModelView
 
 from api.auth import caller
-from api.deps import service
+from api.deps import Models
 from api.problems import documented
-from api.service import JobService
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)])
 
-Service = Annotated[JobService, Depends(service)]
 
 
 @router.get("/models", response_model=list[ModelView], responses=documented("unauthorized", "redis-unavailable"))
-async def list_models(jobs: Service) -> list[ModelView]:
+async def list_models(models: Models) -> list[ModelView]:
     """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind."""
-    return await jobs.models()
+    return await models.models()
 
 
 @router.get("/models/{model_id:path}", response_model=ModelView, responses=documented("unauthorized", "unknown-model", "redis-unavailable"))
-async def get_model(model_id: str, jobs: Service) -> ModelView:
+async def get_model(model_id: str, models: Models) -> ModelView:
     """One model, by id (`amazon/chronos-bolt-tiny`) or slug (`chronos-bolt-tiny`)."""
-    (view,) = await jobs.models((jobs.model(model_id),))
+    (view,) = await models.models((models.model(model_id),))
     return view

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shared.catalog import ModelSpec
+from shared.store.record import Lane
 
 PREFIX = "cq"
 
@@ -74,7 +75,7 @@ def idempotency(owner: str, key_digest: str) -> str:
 
 
 def flight(owner: str, digest: str) -> str:
-    """The job serving an owner's request (by its digest) while that job is queued or running (api/flight.py)."""
+    """The job serving an owner's request (by its digest) while that job is queued or running (single-flight, api/service.py)."""
     return f"{PREFIX}:flight:{owner}:{digest}"
 
 
@@ -101,6 +102,11 @@ def queue(spec: ModelSpec) -> str:
 def sync_queue(spec: ModelSpec) -> str:
     """The model's synchronous lane; its workers drain it before the bulk queue."""
     return f"{spec.slug}.sync"
+
+
+def lane_queue(spec: ModelSpec, lane: Lane) -> str:
+    """The queue a job of `lane` is sent to."""
+    return sync_queue(spec) if lane is Lane.SYNC else queue(spec)
 
 
 def worker_queues(spec: ModelSpec) -> tuple[str, str]:

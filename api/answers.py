@@ -1,0 +1,103 @@
+"""How a job is answered, for forecasts and backtests alike: the job as JSON (streamed when large),
+its results as a table, the headers of an accepted job, and the handlers of `/{jobs}/{job_id}`
+(read, long-wait, follow as Server-Sent Events, cancel) that both route modules register."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from shared.schemas import JobView
+from shared.store import JobKind, JobRecord, JobStatus
+
+from api import render
+from api.auth import Caller
+from api.deps import Config, Jobs, Models
+from api.service import JobService
+
+# Answers with more series than this are streamed, rendered piece by piece off the event loop.
+STREAM_FROM = 2_000
+
+STREAM_EXAMPLE = (
+    'event: status\ndata: {"id": "3f2a…", "kind": "backtest", "status": "running", "progress": {"done": 64, "total": 250}, …}\n\n'
+    'event: done\ndata: {"id": "3f2a…", "kind": "backtest", "status": "succeeded", "backtest": {…}, …}\n\n'
+)
+
+
+def location(response: Response, record: JobRecord) -> None:
+    base = "backtests" if record.kind is JobKind.BACKTEST else "forecasts"
+    response.headers["Location"] = f"/v1/{base}/{record.id}"
+
+
+async def accepted(response: Response, models: Models, record: JobRecord, replayed: bool) -> None:
+    """202 with the job's Location; `Idempotent-Replayed` for an earlier job; `X-Workers-Online: N`
+    (0 says the job waits until a worker of its model starts)."""
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    location(response, record)
+    response.status_code = status.HTTP_202_ACCEPTED
+    response.headers["X-Workers-Online"] = str(await models.workers_online(record.model))
+
+
+async def answer(jobs: JobService, record: JobRecord, request: Request, response: Response) -> Response:
+    """The job as JSON, results included once it succeeded; the results alone as an Arrow stream or
+    Parquet file when `Accept` asks for one. Rendered from the stored arrays (api/render.py)."""
+    outputs = items = None
+    code, headers = response.status_code or 200, dict(response.headers)
+    if record.status is JobStatus.SUCCEEDED and record.predictions is None:
+        outputs, items = await jobs.results(record)
+        media = render.wanted(request.headers.get("accept"))
+        if media and record.kind is JobKind.FORECAST:
+            return Response(render.columnar(record, outputs, items, media), code, headers, media_type=media)
+    if outputs is not None and len(outputs) > STREAM_FROM and record.kind is JobKind.FORECAST:
+        chunks = render.job_json_chunks(record, outputs, items)
+        return StreamingResponse(chunks, code, headers, media_type="application/json")
+    return Response(render.job_json(record, outputs, items), code, headers, media_type="application/json")
+
+
+async def get_job(
+    job_id: str,
+    request: Request,
+    response: Response,
+    jobs: Jobs,
+    config: Config,
+    owner: Caller,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal state (capped).")] = 0,
+) -> Response:
+    """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out).
+    `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
+    a succeeded forecast's results as a long-format table instead."""
+    wait = min(wait, config.wait_max_s)
+    record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner))
+    return await answer(jobs, record, request, response)
+
+
+async def job_events(job_id: str, jobs: Jobs, owner: Caller) -> StreamingResponse:
+    """A Server-Sent Events stream of the job's changes: `event: status` with the job (without its
+    results) whenever its status or progress changes, then `event: done` with the whole job, and the
+    stream ends. A comment line every 15 s keeps idle connections open."""
+    await jobs.require(job_id, owner)  # an unknown job is a plain 404, not an empty stream
+
+    async def stream():
+        async for record in jobs.changes(job_id, owner):
+            if record is None:
+                yield ": keep-alive\n\n"
+                continue
+            if record.terminal:
+                outputs, items = (await jobs.results(record)) if record.status is JobStatus.SUCCEEDED else (None, None)
+                yield f"event: done\ndata: {render.job_json(record, outputs, items).decode()}\n\n"
+            else:
+                view = JobView.of(record)
+                yield f"event: status\ndata: {view.model_dump_json(exclude={'predictions', 'backtest'})}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+
+
+async def cancel_job(job_id: str, response: Response, jobs: Jobs, owner: Caller) -> JobView:
+    """Cancel a job: a queued one never runs (200); a running one stops at its next batch (202)."""
+    record, stopped = await jobs.cancel(job_id, owner)
+    if not stopped:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return JobView.of(record)

@@ -1,0 +1,9 @@
+"""The job store: the only code that knows Redis key layouts (`keys`), a job's hash fields
+(`record`) and the Lua scripts' arguments (`scripts`, `lua/`). Everything else calls the typed
+methods of `JobStore` (blocking client) or `AsyncJobStore` (asyncio client)."""
+
+from shared.store.record import TERMINAL, JobKind, JobRecord, JobStatus, Lane
+from shared.store.store import AsyncJobStore, JobStore, ModelState, PassRead, live
+
+__all__ = ["TERMINAL", "AsyncJobStore", "JobKind", "JobRecord", "JobStatus", "JobStore", "Lane", "ModelState",
+           "PassRead", "live"]  # fmt: skip

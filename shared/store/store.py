@@ -1,0 +1,514 @@
+"""The job store: every read and write of a job, its series and results, its owner's counters and
+the model's worker list, as typed methods over Redis.
+
+Each operation is written once, as a generator that yields the commands of one round trip (a
+pipeline) and receives their replies (sans-IO, as h11 does for HTTP). `JobStore` runs them on a
+blocking client (workers, tests), `AsyncJobStore` on an asyncio one (the API): the same method
+returns the value, or an awaitable of it. Both clients must not decode replies: series and results
+are binary, and text is decoded here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import redis
+
+from shared.catalog import ModelSpec
+from shared.settings import Settings
+from shared.store import keys, scripts
+from shared.store.record import JobRecord, JobStatus, Lane, encode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCRIPT = "script"
+
+
+class Cmd(NamedTuple):
+    """One command of a round trip: a method of redis-py's client, or SCRIPT (name, keys, args)."""
+
+    name: str
+    args: tuple = ()
+    kwargs: dict = {}
+
+
+class Atomic(list):
+    """A round trip run as one MULTI/EXEC transaction."""
+
+
+Op = Generator[list[Cmd], list[Any], T]
+
+
+def run_script(name: str, keys_: Sequence[str], args: Sequence[Any]) -> Cmd:
+    return Cmd(SCRIPT, (name, list(keys_), list(args)))
+
+
+def operation(fn: Callable[..., Op[Any]]) -> Callable[..., Any]:
+    """Turn a generator of round trips into a method that runs it on the store's client."""
+
+    @functools.wraps(fn)
+    def method(self: _Core, *args: Any, **kwargs: Any) -> Any:
+        return self._drive(fn(self, *args, **kwargs))
+
+    return method
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def live(heartbeats: dict, heartbeat_s: float, now: float | None = None) -> dict[str, dict]:
+    """The workers heard from within three heartbeats, by name, from a model's heartbeat hash: the one
+    liveness rule (the API counts them, the reaper gives a dead one's jobs back)."""
+    now = time.time() if now is None else now
+    infos = {_text(name): json.loads(info) for name, info in heartbeats.items()}
+    return {name: info for name, info in infos.items() if now - info["last_seen"] < 3 * heartbeat_s}
+
+
+class ModelState(NamedTuple):
+    depth: int
+    sync_depth: int
+    live: list[dict]
+
+
+class PassRead(NamedTuple):
+    cancel_requested: bool
+    inputs: list[bytes] | None  # None when the pass did not ask for the job's series
+
+
+class _Core:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        # A job's record, series and idempotency key live until its result would have expired.
+        self.record_ttl_s = settings.result_ttl_s + settings.max_job_s
+
+    def _drive(self, op: Op[Any]) -> Any:
+        raise NotImplementedError
+
+    # -- creating a job (API) -------------------------------------------------------------------
+
+    @operation
+    def create(
+        self, spec: ModelSpec, record: JobRecord, inputs: list[bytes], items: bytes | None, max_in_flight: int,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Op[str | None]:  # fmt: skip
+        """Record a queued job with its series (`inputs`, one element each) and items. Returns None when
+        created; else nothing is kept and the answer is the earlier value of the idempotency key
+        (`idempotency`: its digest and the value to store), or 'in-flight:<n>' when the owner has
+        `max_in_flight` jobs not yet finished."""
+        job_id, ttl = record.id, self.record_ttl_s
+        step: list[Cmd] = []
+        if items is not None:
+            step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
+        step += [Cmd("rpush", (keys.job_input(job_id), *chunk)) for chunk in _chunks(inputs)]
+        step.append(Cmd("expire", (keys.job_input(job_id), ttl)))
+        idem_key = [keys.idempotency(record.owner, idempotency[0])] if idempotency else []
+        step.append(run_script(
+            "create",
+            [keys.job(job_id), keys.in_flight(record.owner), keys.job_input(job_id), keys.queued(spec),
+             keys.job_items(job_id), *idem_key],
+            [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "", *_pairs(record)],
+        ))  # fmt: skip
+        return _text((yield step)[-1])
+
+    @operation
+    def create_done(
+        self, record: JobRecord, cached: str, items: bytes | None, idempotency: tuple[str, str] | None = None
+    ) -> Op[str | None]:
+        """Record a job that is answered already, from the result cache entry `cached` (its digest);
+        returns as `create` does."""
+        job_id, ttl = record.id, self.settings.result_ttl_s
+        step: list[Cmd] = []
+        if items is not None:
+            step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
+        idem_key = [keys.idempotency(record.owner, idempotency[0])] if idempotency else []
+        step.append(run_script(
+            "create_done",
+            [keys.job(job_id), keys.in_flight(record.owner), keys.CALLBACKS, keys.cache_output(cached),
+             keys.job_output(job_id), keys.job_items(job_id), *idem_key],
+            [ttl, idempotency[1] if idempotency else "", repr(record.finished_at), keys.EVENTS_CHANNEL, job_id,
+             *_pairs(record)],
+        ))  # fmt: skip
+        return _text((yield step)[-1])
+
+    @operation
+    def discard(self, spec: ModelSpec, owner: str, job_id: str, idempotency: str | None = None) -> Op[None]:
+        """Undo a job's creation before its message was sent (and free its idempotency key)."""
+        also = [keys.idempotency(owner, idempotency)] if idempotency else []
+        yield [
+            Cmd("delete", (keys.job(job_id), keys.job_input(job_id), keys.job_items(job_id), *also)),
+            Cmd("zrem", (keys.in_flight(owner), job_id)),
+            Cmd("zrem", (keys.queued(spec), job_id)),
+        ]
+
+    @operation
+    def forget_idempotency(self, owner: str, digest: str) -> Op[None]:
+        yield [Cmd("delete", (keys.idempotency(owner, digest),))]
+
+    @operation
+    def join_flight(self, owner: str, digest: str, job_id: str) -> Op[str | None]:
+        """The owner's job queued or running for the request `digest`, if any; else `job_id` becomes it."""
+        reply = yield [run_script("join_flight", [keys.flight(owner, digest)], [job_id, self.record_ttl_s, keys.job("")])]
+        return _text(reply[0])
+
+    @operation
+    def take_token(self, owner: str, rate_per_s: float, burst: int) -> Op[float]:
+        """Take one submission token from the owner's bucket: 0, or the seconds until one is there."""
+        reply = yield [run_script("take_token", [keys.rate_bucket(owner)], [rate_per_s, burst])]
+        return float(reply[0])
+
+    @operation
+    def cached(self, digest: str) -> Op[dict | None]:
+        """The stored fields of a cached result (shared/cache.py), if there is one."""
+        found = (yield [Cmd("get", (keys.cache(digest),))])[0]
+        return json.loads(found) if found else None
+
+    # -- reading and cancelling (API) -----------------------------------------------------------
+
+    @operation
+    def get(self, job_id: str) -> Op[JobRecord | None]:
+        fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
+        return JobRecord.from_hash(fields) if fields else None
+
+    @operation
+    def results(self, job_id: str) -> Op[tuple[list[bytes], bytes | None]]:
+        """A succeeded job's output elements (one per series or origin) and its items."""
+        outputs, items = yield [Cmd("lrange", (keys.job_output(job_id), 0, -1)), Cmd("get", (keys.job_items(job_id),))]
+        return outputs, items
+
+    @operation
+    def cancel(self, job_id: str, owner: str) -> Op[str]:
+        """'cancelled' (it was queued), 'cancelling' (running: it stops at its next pass), the terminal
+        status it had already, or 'missing' (also for another owner's job)."""
+        reply = yield [run_script(
+            "cancel",
+            [keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id), keys.CALLBACKS],
+            [repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id, owner],
+        )]  # fmt: skip
+        return _text(reply[0])
+
+    # -- models and their workers ---------------------------------------------------------------
+
+    @operation
+    def models(self, specs: Iterable[ModelSpec]) -> Op[list[ModelState]]:
+        """Each model's queue depths and live workers, in one round trip."""
+        specs = list(specs)
+        replies = yield [
+            cmd
+            for spec in specs
+            for cmd in (Cmd("llen", (keys.queue(spec),)), Cmd("llen", (keys.sync_queue(spec),)),
+                        Cmd("hgetall", (keys.workers(spec),)))
+        ]  # fmt: skip
+        return [
+            ModelState(depth, sync_depth, list(live(beats, self.settings.heartbeat_s).values()))
+            for depth, sync_depth, beats in zip(replies[::3], replies[1::3], replies[2::3], strict=True)
+        ]
+
+    @operation
+    def live_workers(self, spec: ModelSpec) -> Op[dict[str, dict]]:
+        """The model's live workers' heartbeats, by worker name."""
+        beats = (yield [Cmd("hgetall", (keys.workers(spec),))])[0]
+        return live(beats, self.settings.heartbeat_s)
+
+    @operation
+    def queue_depth(self, queue: str) -> Op[int]:
+        return (yield [Cmd("llen", (queue,))])[0]
+
+    @operation
+    def heartbeat(self, spec: ModelSpec, name: str, info: dict) -> Op[None]:
+        """List a worker under its model (entries age out when it stops: `live`)."""
+        key = keys.workers(spec)
+        yield Atomic([Cmd("hset", (key, name, json.dumps({**info, "last_seen": time.time()}))),
+                      Cmd("expire", (key, int(self.settings.heartbeat_s * 6) + 1))])  # fmt: skip
+
+    @operation
+    def sign_off(self, spec: ModelSpec, name: str) -> Op[None]:
+        yield [Cmd("hdel", (keys.workers(spec), name))]
+
+    # -- running a job (workers) ----------------------------------------------------------------
+
+    @operation
+    def start(self, spec: ModelSpec, job_id: str, worker: str) -> Op[tuple[str, JobRecord | None]]:
+        """Claim the job for this delivery of its message: its status afterwards ('running', or why the
+        message is to be dropped: an end state or 'missing') and its record as it was."""
+        fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
+        if not fields:
+            return "missing", None
+        record = JobRecord.from_hash(fields)
+        s = self.settings
+        reply = yield [run_script(
+            "start",
+            [keys.job(job_id), keys.in_flight(record.owner), keys.queued(spec), keys.job_input(job_id),
+             keys.job_output(job_id), keys.CALLBACKS],
+            [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
+        )]  # fmt: skip
+        return _text(reply[0]), record
+
+    @operation
+    def read_pass(self, slices: Sequence[tuple[str, int, int, bool]]) -> Op[list[PassRead]]:
+        """For each (job id, first, end, wanted) of a forward pass: whether a cancel is pending, and the
+        job's series first..end-1 when `wanted`."""
+        step = []
+        for job_id, start, end, wanted in slices:
+            step.append(Cmd("hget", (keys.job(job_id), "cancel_requested")))
+            if wanted:
+                step.append(Cmd("lrange", (keys.job_input(job_id), start, end - 1)))
+        replies = iter((yield step))
+        return [PassRead(next(replies) == b"1", next(replies) if wanted else None) for *_, wanted in slices]
+
+    @operation
+    def mark_in_pass(self, job_ids: Iterable[str]) -> Op[None]:
+        """From here on a death of this worker counts against these jobs (lua/start.lua)."""
+        yield [Cmd("hset", (keys.job(job_id), "in_pass", "1")) for job_id in job_ids]
+
+    @operation
+    def append_results(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> Op[None]:
+        """For each (job id, result elements, series done or None): append the results, clear the
+        in-pass mark, and record the progress of a job not yet done."""
+        step = []
+        for job_id, elements, done in results:
+            step.append(Cmd("rpush", (keys.job_output(job_id), *elements)))
+            # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
+            # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
+            step.append(Cmd("expire", (keys.job_output(job_id), self.settings.result_ttl_s)))
+            step.append(Cmd("hdel", (keys.job(job_id), "in_pass")))
+            if done is not None:
+                step.append(run_script("progress", [keys.job(job_id)], [done, keys.EVENTS_CHANNEL, job_id]))
+        yield step
+
+    @operation
+    def first_input(self, job_id: str) -> Op[bytes | None]:
+        """A backtest's one series."""
+        return (yield [Cmd("lindex", (keys.job_input(job_id), 0))])[0]
+
+    @operation
+    def remember(self, job_id: str, digest: str, fields: dict) -> Op[None]:
+        """Keep a succeeded job's result in the cache under `digest` (shared/cache.py), with the record
+        fields a cache hit reuses."""
+        ttl = self.settings.cache_ttl_s
+        kept = {name: fields[name] for name in ("weights", "backtest", "progress_done") if name in fields}
+        yield [
+            Cmd("copy", (keys.job_output(job_id), keys.cache_output(digest)), {"replace": True}),
+            Cmd("expire", (keys.cache_output(digest), ttl)),
+            Cmd("set", (keys.cache(digest), json.dumps(kept)), {"ex": ttl}),
+        ]
+
+    @operation
+    def finish(self, job_id: str, owner: str, status: JobStatus, fields: dict) -> Op[str]:
+        """Store a job's outcome; returns its final status (a pending cancel makes a success 'cancelled';
+        a job that is not running keeps what it has)."""
+        reply = yield [run_script(
+            "finish",
+            [keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id),
+             keys.job_items(job_id), keys.CALLBACKS],
+            [status.value, repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id,
+             *(x for pair in encode(fields).items() for x in pair)],
+        )]  # fmt: skip
+        return _text(reply[0])
+
+    # -- messages lost with a worker (workers/reaper.py) ----------------------------------------
+
+    @operation
+    def unacked(self) -> Op[dict[str, str]]:
+        """kombu's messages handed to a worker and not acked: delivery tag -> message (JSON)."""
+        held = (yield [Cmd("hgetall", (keys.KOMBU_UNACKED,))])[0]
+        return {_text(tag): _text(message) for tag, message in held.items()}
+
+    @operation
+    def holders(self, held: Sequence[tuple[str, str]]) -> Op[list[tuple[str | None, str | None, float | None]]]:
+        """For each (delivery tag, job id): the job's status and worker, and when kombu handed the message out."""
+        step = []
+        for tag, job_id in held:
+            step += [Cmd("hmget", (keys.job(job_id), "status", "worker")), Cmd("zscore", (keys.KOMBU_UNACKED_INDEX, tag))]
+        replies = yield step
+        return [
+            (_text(status), _text(worker), handed_out)
+            for (status, worker), handed_out in zip(replies[::2], replies[1::2], strict=True)
+        ]
+
+    @operation
+    def sweep(self, spec: ModelSpec, grace_s: float, limit: int = 200) -> Op[list[str]]:
+        """The model's jobs queued longer than `grace_s`, if this worker holds the sweep for the next
+        `grace_s` (one worker of a model sweeps at a time)."""
+        locked = (yield [Cmd("set", (keys.sweep_lock(spec), "1"), {"nx": True, "ex": max(1, int(grace_s))})])[0]
+        if not locked:
+            return []
+        stale = (yield [Cmd("zrangebyscore", (keys.queued(spec), "-inf", time.time() - grace_s), {"start": 0, "num": limit})])[0]
+        return [_text(job_id) for job_id in stale]
+
+    @operation
+    def waiting_messages(self, spec: ModelSpec, at_most: int) -> Op[list[str] | None]:
+        """Every message on the model's queues and in kombu's unacked hash; None when more than
+        `at_most` wait in the queues (reading them all would cost more than it is worth)."""
+        queues = keys.worker_queues(spec)
+        if sum((yield [Cmd("llen", (q,)) for q in queues])) > at_most:
+            return None
+        replies = yield [*(Cmd("lrange", (q, 0, -1)) for q in queues), Cmd("hvals", (keys.KOMBU_UNACKED,))]
+        return [_text(m) for messages in replies for m in messages]
+
+    @operation
+    def queued_state(self, spec: ModelSpec, job_id: str) -> Op[tuple[JobStatus | None, Lane]]:
+        """A queued job's status and lane; a job claimed, ended or expired meanwhile leaves the queued set."""
+        (status, lane), has_input = yield [Cmd("hmget", (keys.job(job_id), "status", "lane")),
+                                           Cmd("exists", (keys.job_input(job_id),))]  # fmt: skip
+        if _text(status) != JobStatus.QUEUED or not has_input:
+            yield [Cmd("zrem", (keys.queued(spec), job_id))]
+            return None, Lane.ASYNC
+        return JobStatus.QUEUED, Lane(_text(lane) or Lane.ASYNC)
+
+    @operation
+    def resent(self, spec: ModelSpec, job_id: str) -> Op[None]:
+        """A queued job's message was sent again: another grace period before looking again."""
+        yield [Cmd("zadd", (keys.queued(spec), {job_id: time.time()}))]
+
+    # -- callbacks (api/callbacks.py) -----------------------------------------------------------
+
+    @operation
+    def callback_secret(self, candidate: str) -> Op[str]:
+        """The master secret all API processes share: the first one stored wins."""
+        _, secret = yield [Cmd("set", (keys.CALLBACK_MASTER, candidate), {"nx": True}), Cmd("get", (keys.CALLBACK_MASTER,))]
+        return _text(secret)
+
+    @operation
+    def callback_entries(self, consumer: str, count: int, idle_ms: int, block_ms: int) -> Op[list[tuple[str, str]]]:
+        """Callbacks to deliver, as (stream entry id, job id): retries that are due (moved back onto the
+        stream), entries another consumer held for `idle_ms` without acking, then new ones (waiting
+        up to `block_ms` for some)."""
+        try:
+            yield [Cmd("xgroup_create", (keys.CALLBACKS, keys.CALLBACK_GROUP), {"id": "0", "mkstream": True})]
+        except redis.ResponseError:  # BUSYGROUP: it exists already
+            pass
+        reply = yield [
+            run_script("promote_callbacks", [keys.CALLBACK_RETRIES, keys.CALLBACKS], [time.time()]),
+            Cmd("xautoclaim", (keys.CALLBACKS, keys.CALLBACK_GROUP, consumer, idle_ms, "0-0"), {"count": count}),
+        ]
+        stale = reply[1][1]
+        fresh = (yield [Cmd("xreadgroup", (keys.CALLBACK_GROUP, consumer, {keys.CALLBACKS: ">"}),
+                            {"count": count, "block": block_ms})])[0]  # fmt: skip
+        entries = [*stale, *(entry for _, listed in fresh or [] for entry in listed)]
+        return [(_text(entry_id), _text(fields.get(b"job", b""))) for entry_id, fields in entries]
+
+    @operation
+    def callback_done(self, entry_id: str, job_id: str, update: dict, retry_at: float | None = None) -> Op[None]:
+        """Record a delivery attempt's outcome on the job (`update`: callback fields), schedule another
+        at `retry_at`, and ack the stream entry."""
+        step: list[Cmd] = Atomic()
+        if update:
+            step.append(Cmd("hset", (keys.job(job_id),), {"mapping": encode(update)}))
+        if retry_at is not None:
+            step.append(Cmd("zadd", (keys.CALLBACK_RETRIES, {job_id: retry_at})))
+        step.append(Cmd("xack", (keys.CALLBACKS, keys.CALLBACK_GROUP, entry_id)))
+        yield step
+
+
+class JobStore(_Core):
+    """The job store on a blocking client (workers, the reaper, tests).
+
+    With `patience_s`, a round trip is retried while Redis is unreachable, so that a Redis restart
+    never strands a finished job; past the patience the error propagates (a worker's task then
+    fails without an ack, and Redis delivers its message again later).
+    """
+
+    def __init__(self, client: redis.Redis, settings: Settings, patience_s: float = 0.0):
+        super().__init__(settings)
+        self.client, self.patience_s = client, patience_s
+        self._scripts = scripts.register(client)
+
+    def _drive(self, op: Op[Any]) -> Any:
+        try:
+            step = next(op)
+            while True:
+                try:
+                    replies = self._outlasting(step)
+                except redis.ResponseError as exc:
+                    step = op.throw(exc)
+                else:
+                    step = op.send(replies)
+        except StopIteration as done:
+            return done.value
+
+    def _outlasting(self, step: list[Cmd]) -> list[Any]:
+        deadline = time.monotonic() + self.patience_s
+        while True:
+            try:
+                return self._execute(step)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Redis unreachable (%s); retrying", exc)
+                time.sleep(0.5)
+
+    def _execute(self, step: list[Cmd]) -> list[Any]:
+        if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline (nor its SCRIPT EXISTS)
+            return [self._call(self.client, step[0])]
+        with self.client.pipeline(transaction=isinstance(step, Atomic)) as pipe:
+            for cmd in step:
+                self._call(pipe, cmd)
+            return pipe.execute()
+
+    def _call(self, target: Any, cmd: Cmd) -> Any:
+        if cmd.name == SCRIPT:
+            name, keys_, args = cmd.args
+            return self._scripts[name](keys=keys_, args=args, client=target)
+        return getattr(target, cmd.name)(*cmd.args, **cmd.kwargs)
+
+
+class AsyncJobStore(_Core):
+    """The job store on an asyncio client (the API): each method returns an awaitable."""
+
+    def __init__(self, client: Any, settings: Settings):
+        super().__init__(settings)
+        self.client = client
+        self._scripts = scripts.register(client)
+
+    async def _drive(self, op: Op[Any]) -> Any:
+        try:
+            step = next(op)
+            while True:
+                try:
+                    replies = await self._execute(step)
+                except redis.ResponseError as exc:
+                    step = op.throw(exc)
+                else:
+                    step = op.send(replies)
+        except StopIteration as done:
+            return done.value
+
+    async def _execute(self, step: list[Cmd]) -> list[Any]:
+        if len(step) == 1 and not isinstance(step, Atomic):
+            return [await self._call(self.client, step[0])]
+        async with self.client.pipeline(transaction=isinstance(step, Atomic)) as pipe:
+            for cmd in step:
+                await self._call(pipe, cmd)
+            return await pipe.execute()
+
+    async def _call(self, target: Any, cmd: Cmd) -> Any:
+        if cmd.name == SCRIPT:
+            name, keys_, args = cmd.args
+            return await self._scripts[name](keys=keys_, args=args, client=target)
+        answer = getattr(target, cmd.name)(*cmd.args, **cmd.kwargs)
+        return answer if target is not self.client else await answer
+
+
+def _pairs(record: JobRecord) -> list:
+    return [x for pair in record.to_hash().items() for x in pair]
+
+
+def _chunks(elements: list[bytes], budget: int = 8 << 20) -> list[list[bytes]]:
+    """Elements in groups of about `budget` bytes: one RPUSH each, so no command grows with the job."""
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for element in elements:
+        if size + len(element) > budget and out[-1]:
+            out.append([])
+            size = 0
+        out[-1].append(element)
+        size += len(element)
+    return [chunk for chunk in out if chunk]
