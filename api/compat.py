@@ -1,4 +1,4 @@
-"""The contract of the per-model Chronos server this product replaces (DESIGN §4), as translations.
+"""The contract of the per-model Chronos server this product replaces (docs/api.md, compat routes), as translations.
 
 Each compat request becomes a native `ForecastRequest` and runs through the same queue and
 worker as `/v1/forecasts`; each answer is built from the finished job. Request models ignore

@@ -1,6 +1,6 @@
 """The evaluation client's 250-day run: 250 compat HTTP calls four at a time vs one backtest job.
 
-Same model, same stack, same run, alternating rounds. The client's pattern (DESIGN §4): one
+Same model, same stack, same run, alternating rounds. The client's pattern (docs/api.md, compat routes): one
 `POST /models/<slug>/v1/timeseries/forecast` per trading day, each with the last 252 points and a
 20-step horizon, 4 in flight. The backtest sends the series once (`POST /v1/backtests`, origins
 252 … 501) and long-waits on the job. The result cache is off (harness), so both run the model.

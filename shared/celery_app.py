@@ -21,7 +21,7 @@ def queues_for(spec: catalog.ModelSpec) -> list[Queue]:
 
 
 def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> Celery:
-    """A Celery app on the settings' Redis with the reliability defaults DESIGN §5 calls for.
+    """A Celery app on the settings' Redis with the reliability defaults of docs/architecture.md, crash safety.
 
     A sender knows every model's queues; a worker (`serve=spec`) knows, and so consumes, only its model's.
     """

@@ -1,4 +1,4 @@
-"""Request and response bodies of the native API (DESIGN §3), the single statement of each shape.
+"""Request and response bodies of the native API (docs/api.md), the single statement of each shape.
 
 Requests follow the SageMaker/AutoGluon Chronos endpoint convention:
 `{"model", "inputs": [{"target", "item_id"?, "start"?}], "parameters": {...}}`.

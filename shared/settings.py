@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (comma-separated); none by default, so no CORS headers.
     cors_origins: str | None = None
 
-    # Compatibility routes (DESIGN §4): the model behind un-prefixed /forecast/v1/chronos/*, how long
+    # Compatibility routes (docs/api.md, compat routes): the model behind un-prefixed /forecast/v1/chronos/*, how long
     # a compat call waits for its forecast (the evaluation client gives up after 300 s), and how long
     # /initialization waits for a worker to come online.
     compat_model: str = "amazon/chronos-t5-tiny"

@@ -1,4 +1,4 @@
-"""Drop-in for the old per-model Chronos server (DESIGN §4): its routes, shapes and the evaluation
+"""Drop-in for the old per-model Chronos server (docs/api.md, compat routes): its routes, shapes and the evaluation
 client's call pattern, served through the same queue and workers as the native API."""
 
 from __future__ import annotations

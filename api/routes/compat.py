@@ -1,4 +1,4 @@
-"""Drop-in routes of the per-model Chronos server (DESIGN §4), served twice: un-prefixed, for the
+"""Drop-in routes of the per-model Chronos server (docs/api.md, compat routes), served twice: un-prefixed, for the
 configured default model (COMPAT_MODEL; `/v1/timeseries/forecast` takes the body's model), and
 under `/models/{slug}`, one base URL per model standing in for one old container.
 
