@@ -237,10 +237,10 @@ def test_a_compat_window_with_no_observed_value_is_422_not_500(api, redis_server
 
 def test_a_large_answer_is_streamed_and_equals_the_answer_in_one_piece(api, workers, monkeypatch):
     from api import render
-    from api.routes import forecasts
+    from api import answers
 
     job = wait_for(api, api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=5, length=30, horizon=3)).json()["id"])
-    monkeypatch.setattr(forecasts, "STREAM_FROM", 2)
+    monkeypatch.setattr(answers, "STREAM_FROM", 2)
     monkeypatch.setattr(render, "PIECE", 2)  # three pieces: 2, 2 and 1 series
 
     streamed = api.get(f"/v1/forecasts/{job['id']}")
