@@ -3,7 +3,7 @@ request attaches to it instead of queueing another, so a client that retries aft
 waits on its first job.
 
 Only for requests whose answer does not depend on which job computes it: those the result
-cache may answer (`shared.cache.cacheable`: deterministic models, T5 with a seed). Requests
+cache may answer (the family's `cacheable`: deterministic models, T5 with a seed). Requests
 with an Idempotency-Key follow the key instead, and requests with a callback_url are never
 joined (each asked for its own delivery).
 

@@ -17,7 +17,7 @@ from celery import Celery
 
 import msgspec
 
-from shared import cache, catalog, keys
+from shared import cache, catalog, families, keys
 from shared.jobs import JobKind, JobRecord, JobStatus, Lane, Scripts, new_record, stored
 from shared.schemas import BacktestRequest, ForecastRequest, ModelView, WorkerView
 from shared.series import SeriesSet
@@ -88,7 +88,7 @@ class JobService:
                     sync_queue=keys.sync_queue(spec),
                     context_length=spec.context_length,
                     prediction_length=spec.prediction_length,
-                    sample_based=spec.sample_based,
+                    sample_based=families.of(spec).sample_based,
                     native_quantiles=list(spec.native_quantiles) if spec.native_quantiles else None,
                     sync_eligible=self.settings.sync_eligible(spec),
                     queue_depth=depth,
@@ -215,7 +215,7 @@ class JobService:
             self.metrics.accepted.labels(spec.id, "cached").inc()
             return JobRecord.from_hash({k: str(v) for k, v in record.items()}), False
 
-        if not idem_key and not callback_url and cache.cacheable(spec, request["parameters"]):
+        if not idem_key and not callback_url and families.of(spec).cacheable(request["parameters"]):
             # Joined after creating, so that two identical requests racing cannot both miss each other.
             earlier = await self.flights.join(owner, digest, job_id, ttl)
             if earlier is not None:
@@ -247,7 +247,7 @@ class JobService:
         """The stored fields of an identical earlier request's result (and `digest`, naming its
         output list), if the model's workers agree on one weights revision and the request is
         deterministic (see shared/cache.py)."""
-        if not self.settings.cache_ttl_s or not cache.cacheable(spec, request["parameters"]):
+        if not self.settings.cache_ttl_s or not families.of(spec).cacheable(request["parameters"]):
             return None
         revision = await self._revision(spec)
         if revision is None:
