@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared import catalog
+from shared import catalog, families
 from shared.store import JobRecord
 from shared.schemas import ForecastParameters, ForecastRequest, ModelView, SeriesInput, finite_with_an_observation
 
@@ -152,7 +152,7 @@ class TimeseriesResponse(BaseModel):
 
 
 def inference_request(spec: catalog.ModelSpec, body: InferenceRequest) -> ForecastRequest:
-    sampled = spec.sample_based
+    sampled = families.of(spec).sample_based
     sampling = {"num_samples": body.num_samples, "temperature": body.temperature, "top_k": body.top_k,
                 "top_p": body.top_p}  # fmt: skip
     params = ForecastParameters(
@@ -188,7 +188,8 @@ def inference_response(record: JobRecord, body: InferenceRequest) -> InferenceRe
 
 def timeseries_request(spec: catalog.ModelSpec, body: TimeseriesRequest) -> ForecastRequest:
     data = body.recent_data[-body.context_period_size :] if body.context_period_size else body.recent_data
-    seed = {"seed": _seed(data, {"prediction_length": body.forecast_period_size})} if spec.sample_based else {}
+    sampled = families.of(spec).sample_based
+    seed = {"seed": _seed(data, {"prediction_length": body.forecast_period_size})} if sampled else {}
     return ForecastRequest(
         model=spec.id,
         inputs=[SeriesInput(target=data, item_id=body.name)],

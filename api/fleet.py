@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shared import catalog
+from shared import catalog, families
 from shared.schemas import ModelView, WorkerView
 from shared.settings import Settings
 from shared.store import AsyncJobStore, keys
@@ -39,7 +39,7 @@ class Fleet:
                     sync_queue=keys.sync_queue(spec),
                     context_length=spec.context_length,
                     prediction_length=spec.prediction_length,
-                    sample_based=spec.sample_based,
+                    sample_based=families.of(spec).sample_based,
                     native_quantiles=list(spec.native_quantiles) if spec.native_quantiles else None,
                     sync_eligible=self.settings.sync_eligible(spec),
                     queue_depth=state.depth,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from shared import families
 from shared.catalog import ModelSpec
 from shared.schemas import BacktestRequest, ForecastParameters
 from shared.series import SeriesSet
@@ -50,7 +51,7 @@ def check(
         raise _over("parameters.num_samples", f"{params.num_samples} samples; at most {settings.max_num_samples}")
     offending = [*params.sampling(), *(["seed"] if params.seed is not None else []),
                  *(["return_samples"] if params.return_samples else [])]  # fmt: skip
-    if offending and not spec.sample_based:
+    if offending and not families.of(spec).sample_based:
         name = f"parameters.{offending[0]}"
         raise Problem(
             422,
@@ -130,7 +131,7 @@ def _check_covariates(
 ) -> None:
     """Covariates and several target variates: Chronos-2 only, and every length lined up."""
     covariates = series.covariates or [None] * len(series)
-    if not spec.takes_covariates:
+    if not families.of(spec).takes_covariates:
         for i, cov in enumerate(covariates):
             if cov:
                 group = next(iter(cov))

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from celery import Celery
 
-from shared import cache, catalog
+from shared import cache, catalog, families
 from shared.celery_app import send_job
 from shared.schemas import BacktestRequest, ForecastRequest
 from shared.series import SeriesSet
@@ -149,7 +149,7 @@ class JobService:
         # the cache may answer); a request with an Idempotency-Key follows its key, and one with a
         # callback_url asked for its own delivery. Joined after creating, so that two identical
         # requests racing cannot both miss each other.
-        if not idempotency and not callback_url and cache.cacheable(spec, request["parameters"]):
+        if not idempotency and not callback_url and families.of(spec).cacheable(request["parameters"]):
             earlier = await self.store.join_flight(owner, digest, record.id)
             if earlier is not None:
                 await self.store.discard(spec, owner, record.id)
@@ -172,7 +172,7 @@ class JobService:
         """The stored fields of an identical earlier request's result (and `digest`, naming its
         output list), if the model's workers agree on one weights revision and the request is
         deterministic (see shared/cache.py)."""
-        if not self.settings.cache_ttl_s or not cache.cacheable(spec, request["parameters"]):
+        if not self.settings.cache_ttl_s or not families.of(spec).cacheable(request["parameters"]):
             return None
         revision = await self.fleet.revision(spec)
         if revision is None:

@@ -2,8 +2,9 @@
 
 Identical means the same model, the same weights revision (what every worker of the model
 reports in its heartbeat), and the same series and parameters (`identity`, which the API
-computes once per request). Bolt and Chronos-2 are deterministic; T5 samples, so a T5 request
-is cached only when it fixes `seed`. Workers copy a succeeded job's output list and fields under
+computes once per request). Only a request the model's family calls `cacheable`
+(shared/families.py) is cached: a deterministic model's (Bolt, Chronos-2), or a seeded one's
+(T5, which samples). Workers copy a succeeded job's output list and fields under
 its key (`keys.cache`, `keys.cache_output`) for CACHE_TTL_S; the API looks the key up before
 queueing and answers a hit at once, marked `cached`. The same
 requests, while a job for one is still queued or running, share that job (single-flight, api/service.py).
@@ -14,10 +15,6 @@ from __future__ import annotations
 import hashlib
 
 from shared.catalog import ModelSpec
-
-
-def cacheable(spec: ModelSpec, parameters: dict) -> bool:
-    return not spec.sample_based or parameters.get("seed") is not None
 
 
 def digest(spec: ModelSpec, revision: str, identity: str) -> str:

@@ -2,7 +2,8 @@
 
 Both the API (validation, routing, /v1/models) and the workers (architecture of
 synthetic checkpoints, batch limits) read this one table; nothing else in the
-code branches on a model's name.
+code branches on a model's name. What a model's family can do and how it runs
+lives in its adapter (shared/families.py, workers/families.py), found by `family`.
 """
 
 from __future__ import annotations
@@ -42,25 +43,13 @@ class ModelSpec:
     sync_eligible: bool
     max_batch_cpu: int
     max_batch_cuda: int
+    # Quantile levels the model outputs directly (None for sample-based models).
+    native_quantiles: tuple[float, ...] | None = None
 
     @property
     def slug(self) -> str:
         """Text after the last '/': also the name of the model's queue."""
         return self.id.rsplit("/", 1)[-1]
-
-    @property
-    def sample_based(self) -> bool:
-        return self.family is Family.T5
-
-    @property
-    def takes_covariates(self) -> bool:
-        """Past/future covariates and several target variates per series (Chronos-2 only)."""
-        return self.family is Family.CHRONOS2
-
-    @property
-    def native_quantiles(self) -> tuple[float, ...] | None:
-        """Quantile levels the model outputs directly (None for sample-based models)."""
-        return {Family.BOLT: BOLT_QUANTILES, Family.CHRONOS2: CHRONOS2_QUANTILES}.get(self.family)
 
     def max_batch(self, device: str) -> int:
         """Series per forward pass; T5 memory grows with batch x samples, so its limits are lower."""
@@ -79,7 +68,7 @@ def _bolt(size: str, d_model: int, d_ff: int, layers: int, heads: int, params_m:
     return ModelSpec(
         id=f"amazon/chronos-bolt-{size}", family=Family.BOLT, d_model=d_model, d_ff=d_ff,
         encoder_layers=layers, decoder_layers=layers, heads=heads, params_m=params_m,
-        context_length=2048, prediction_length=64, sync_eligible=True, **kw,
+        context_length=2048, prediction_length=64, sync_eligible=True, native_quantiles=BOLT_QUANTILES, **kw,
     )  # fmt: skip
 
 
@@ -108,6 +97,7 @@ CATALOG: tuple[ModelSpec, ...] = (
         sync_eligible=False,
         max_batch_cpu=32,
         max_batch_cuda=256,
+        native_quantiles=CHRONOS2_QUANTILES,
     ),
 )
 

@@ -12,7 +12,7 @@ import torch
 from shared import catalog
 from shared.catalog import Family
 from shared.settings import Settings
-from workers import synthetic
+from workers import families, synthetic
 from workers.weights import WeightsNotFound, resolve
 
 BOLT = catalog.get("amazon/chronos-bolt-tiny")
@@ -91,8 +91,9 @@ def test_synthetic_builds_are_deterministic_for_a_seed(tmp_path):
 
 @pytest.mark.parametrize("spec", catalog.CATALOG, ids=lambda m: m.slug)
 def test_synthetic_architecture_matches_the_published_model(spec):
-    config_class, model_class = synthetic._classes(spec)
-    config = config_class(**synthetic.hf_config(spec))
+    family = families.of(spec)
+    config_class, model_class = family.checkpoint_classes()
+    config = config_class(**family.hf_config())
     with torch.device("meta"):  # shapes only: no memory, no time
         model = model_class(config)
     params = sum(p.numel() for p in model.parameters())

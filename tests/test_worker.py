@@ -17,7 +17,7 @@ from shared import catalog
 from shared.store import JobRecord, JobStatus, JobStore, Lane, keys
 from shared.schemas import ForecastParameters, ForecastRequest
 from shared.series import Decoded
-from workers.batcher import Batcher, Work, group_key
+from workers.batcher import Batcher, Work
 from workers.executor import RedisPassIO, execute
 from workers.runtime import ModelRuntime
 from workers.weights import resolve
@@ -108,7 +108,7 @@ def test_series_longer_than_the_context_are_cut_to_the_context_window(runtime):
 def work(runtime, inputs, lane=Lane.ASYNC, **params) -> Work:
     """In-memory work whose results are kept (as a backtest's are), so a test can read them."""
     p = ForecastParameters(**{"prediction_length": 4, **params})
-    return Work(uuid.uuid4().hex, len(inputs), p, lane, group_key(runtime.spec, p), inputs=inputs, keep=True)
+    return Work(uuid.uuid4().hex, len(inputs), p, lane, runtime.family.group_key(p), inputs=inputs, keep=True)
 
 
 def series(k: int, n: int = 48) -> Decoded:

@@ -7,12 +7,10 @@ jobs as fit (`max_batch`). Results are split back to their jobs, and each task t
 its job's outcome and only then returns, so its message is acked after the result is stored.
 
 Which series share a forward pass:
-- Only compatible ones (`group_key`): the same number of autoregressive rounds beyond the
-  model's native horizon, and for T5 the same sampling options; for Chronos-2 the same horizon. Within a group the pass runs
-  the longest horizon and the union of quantile levels, and each job gets its own slice: Bolt
-  always computes its native horizon and each quantile level independently, so a slice equals
-  what the job would get alone (up to the float noise of left-padding to the longest series);
-  T5 samples step by step, so a slice is a draw from the same distribution.
+- Only compatible ones: jobs with the same `Work.key`, which the model family's adapter gives
+  (`group_key` in shared/families.py). The pass runs the longest horizon and the union of
+  quantile levels of its jobs, and each job gets its own slice; the key keeps apart whatever
+  would make a slice differ from the job's result alone.
 - Sync-lane work goes first: while any is pending, a pass takes only sync-lane series, so a
   /v1/predict waits for at most the pass in progress, never for a bulk backlog.
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
@@ -35,7 +33,6 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.catalog import Family, ModelSpec
 from shared.store import Lane
 from shared.schemas import ForecastParameters
 from shared.series import Decoded
@@ -43,23 +40,6 @@ from workers import metrics
 from workers.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
-
-
-def group_key(spec: ModelSpec, params: ForecastParameters, job_id: str = "") -> tuple:
-    """What series must share to run in one forward pass (see the module docstring). A seeded T5
-    job runs in passes of its own, so its samples never depend on other jobs."""
-    if spec.family is Family.CHRONOS2:
-        # The horizon sets how many output patches the encoder attends to, so it changes every step's
-        # forecast a little: only equal horizons share a pass (a job's result never depends on its company).
-        return (params.prediction_length,)
-    rounds = (params.prediction_length - 1) // spec.prediction_length
-    if spec.sample_based:
-        return (
-            rounds,
-            tuple(sorted(params.sampling().items())),
-            *((params.seed, job_id) if params.seed is not None else ()),
-        )
-    return (rounds,)
 
 
 @dataclass(eq=False)
@@ -72,7 +52,7 @@ class Work:
     n: int  # series in the job
     params: ForecastParameters
     lane: Lane
-    key: tuple
+    key: tuple  # jobs share a pass only with equal keys (the family's `group_key`)
     inputs: list[Decoded] | None = None
     keep: bool = False
     kept: list[np.ndarray] = field(default_factory=list)

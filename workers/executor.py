@@ -8,13 +8,13 @@ import time
 import numpy as np
 import redis
 
-from shared import cache
+from shared import cache, families
 from shared.schemas import BacktestRequest, ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
 from shared.store import JobKind, JobStatus, JobStore, Lane
 from workers import backtest, metrics
-from workers.batcher import Batcher, Slice, Work, group_key
+from workers.batcher import Batcher, Slice, Work
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _backtest_work(store: JobStore, job_id: str, spec, request: dict, lane: Lane
         Decoded.of(w["target"], w.get("past_covariates"), w.get("future_covariates"))
         for w in backtest.windows(backtest_request, spec.context_length)
     ]
-    work = Work(job_id, len(windows), params, lane, group_key(spec, params, job_id), inputs=windows, keep=True)
+    work = Work(job_id, len(windows), params, lane, families.of(spec).group_key(params, job_id), inputs=windows, keep=True)
     return work, backtest_request
 
 
@@ -99,7 +99,7 @@ def execute(job_id: str, batcher: Batcher, store: JobStore, settings: Settings, 
             work, backtest_request = _backtest_work(store, job_id, spec, stored_request, lane)
         else:
             params = ForecastParameters.model_validate(stored_request["parameters"])
-            key = group_key(spec, params, job_id)
+            key = families.of(spec).group_key(params, job_id)
             # A job that was in the pass of a worker that died may be what killed it: it runs alone
             # from now on, so no other job shares its next passes (and its fate).
             work = Work(job_id, record.n_series, params, lane, (*key, job_id) if record.lost else key)
@@ -131,7 +131,7 @@ def execute(job_id: str, batcher: Batcher, store: JobStore, settings: Settings, 
     else:
         outcome = JobStatus.SUCCEEDED
     parameters = stored_request.get("parameters", {})
-    if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and cache.cacheable(spec, parameters):
+    if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and families.of(spec).cacheable(parameters):
         # Before FINISH, so a client that sends the same request the moment it sees the result hits the cache.
         if record.identity:
             digest = cache.digest(spec, batcher.runtime.weights.revision, record.identity)
