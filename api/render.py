@@ -13,9 +13,9 @@ import io
 from collections.abc import Iterator
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-import orjson
 
 from shared.jobs import JobKind, JobRecord
 from shared.schemas import JobView

@@ -16,8 +16,15 @@ from api import bodies
 from api.auth import Caller
 from api.problems import documented
 from api.routes.forecasts import (
-    SUBMIT_ERRORS, IdempotencyKey, Service, answer, cancel_forecast, get_forecast, job_events, workers_online,
-)  # fmt: skip
+    SUBMIT_ERRORS,
+    IdempotencyKey,
+    Service,
+    answer,
+    cancel_forecast,
+    get_forecast,
+    job_events,
+    workers_online,
+)
 
 router = APIRouter(prefix="/v1", tags=["backtests"])
 

@@ -32,7 +32,8 @@ Config = Annotated[Settings, Depends(settings)]
 
 
 STREAM_EXAMPLE = (
-    'event: status\ndata: {"id": "3f2a…", "kind": "backtest", "status": "running", "progress": {"done": 64, "total": 250}, …}\n\n'
+    'event: status\ndata: {"id": "3f2a…", "kind": "backtest", "status": "running", '
+    '"progress": {"done": 64, "total": 250}, …}\n\n'
     'event: done\ndata: {"id": "3f2a…", "kind": "backtest", "status": "succeeded", "backtest": {…}, …}\n\n'
 )
 
@@ -54,10 +55,16 @@ async def answer(jobs: JobService, record: JobRecord, request: Request, response
         media = render.wanted(request.headers.get("accept"))
         if media and record.kind.value == "forecast":
             body = render.columnar(record, outputs, items, media)
-            return Response(body, status_code=response.status_code or 200, headers=dict(response.headers), media_type=media)
+            return Response(
+                body, status_code=response.status_code or 200, headers=dict(response.headers), media_type=media
+            )
     if outputs is not None and len(outputs) > STREAM_FROM and record.kind.value == "forecast":
-        return StreamingResponse(render.job_json_chunks(record, outputs, items), status_code=response.status_code or 200,
-                                 headers=dict(response.headers), media_type="application/json")  # fmt: skip
+        return StreamingResponse(
+            render.job_json_chunks(record, outputs, items),
+            status_code=response.status_code or 200,
+            headers=dict(response.headers),
+            media_type="application/json",
+        )
     body = render.job_json(record, outputs, items)
     return Response(body, status_code=response.status_code or 200, headers=dict(response.headers),
                     media_type="application/json")  # fmt: skip

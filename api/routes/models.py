@@ -24,7 +24,11 @@ async def list_models(jobs: Service) -> list[ModelView]:
     return await jobs.models()
 
 
-@router.get("/models/{model_id:path}", response_model=ModelView, responses=documented("unauthorized", "unknown-model", "redis-unavailable"))
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelView,
+    responses=documented("unauthorized", "unknown-model", "redis-unavailable"),
+)
 async def get_model(model_id: str, jobs: Service) -> ModelView:
     """One model, by id (`amazon/chronos-bolt-tiny`) or slug (`chronos-bolt-tiny`)."""
     (view,) = await jobs.models((jobs.model(model_id),))
