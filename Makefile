@@ -1,4 +1,4 @@
-# chronos-queue: `make run` starts the whole stack, `make test` runs the tests.
+# chronos-queue: `make run` starts the whole stack, `make test` runs the tests, `make lint` checks the code.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,8 +6,10 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # CPU torch by default; set TORCH_INDEX to a CUDA index (e.g. .../whl/cu128) for GPU workers.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# What `make lint` checks (tests/ and bench/ are not linted).
+LINT_PATHS := api workers shared client cli
 
-.PHONY: install test run bench clean
+.PHONY: install lint test run bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	  || $(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e ".[worker,stack,test]"
 	touch $@
+
+# ruff (rules and isort) and ruff's formatter, then mypy; configured in pyproject.toml.
+lint: install
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy $(LINT_PATHS)
 
 test: install
 	$(PY) -m pytest
@@ -41,4 +49,4 @@ bench: install
 	$(PY) bench/backtest.py
 
 clean:
-	rm -rf $(VENV) .cache .run *.egg-info
+	rm -rf $(VENV) .cache .run *.egg-info .mypy_cache .ruff_cache

@@ -21,7 +21,8 @@ from api.service import JobService
 STREAM_FROM = 2_000
 
 STREAM_EXAMPLE = (
-    'event: status\ndata: {"id": "3f2a…", "kind": "backtest", "status": "running", "progress": {"done": 64, "total": 250}, …}\n\n'
+    'event: status\ndata: {"id": "3f2a…", "kind": "backtest", "status": "running", '
+    '"progress": {"done": 64, "total": 250}, …}\n\n'
     'event: done\ndata: {"id": "3f2a…", "kind": "backtest", "status": "succeeded", "backtest": {…}, …}\n\n'
 )
 

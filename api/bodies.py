@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, cast, overload
 
 import msgspec
 import numpy as np
@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 import pydantic_core
 from fastapi import Request
 from msgspec import Meta, Raw, Struct
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from shared.schemas import ForecastParameters, ForecastRequest, SeriesInput
+from shared.schemas import ForecastParameters, ForecastRequest, SeriesInput, Values
 from shared.series import SeriesSet
 from shared.settings import Settings
 
@@ -317,7 +317,7 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
         column = table["timestamp"].combine_chunks()
         starts = [None if (v := column[int(o)].as_py()) is None else str(v) for o in offsets[:-1]]
     extra = [c for c in table.column_names if c not in _RESERVED]
-    covariates = None
+    covariates: list[dict | None] | None = None
     if extra:
         columns = {c: _column(table[c], c) for c in extra}
         covariates = [
@@ -388,7 +388,9 @@ def _msgspec_problem(exc: msgspec.ValidationError, prefix: str = "") -> Problem:
 
 
 def _invalid(field: str, detail: str) -> Problem:
-    return Problem(422, "validation-error", f"{field}: {detail}", field=field, errors=[{"field": field, "message": detail}])
+    return Problem(
+        422, "validation-error", f"{field}: {detail}", field=field, errors=[{"field": field, "message": detail}]
+    )
 
 
 def _over(field: str, detail: str) -> Problem:
@@ -400,9 +402,11 @@ def _over(field: str, detail: str) -> Problem:
 
 def series_from_inputs(inputs: list[SeriesInput]) -> SeriesSet:
     """Validated pydantic series as a `SeriesSet`."""
-    rows, variates, covariates = [], [], []
+    rows: list[np.ndarray] = []
+    variates: list[int] = []
+    covariates: list[dict | None] = []
     for series in inputs:
-        target = series.target if series.multivariate else [series.target]
+        target = cast(list[Values], series.target) if series.multivariate else [cast(Values, series.target)]
         rows.extend(np.array([np.nan if x is None else x for x in row], dtype=np.float64) for row in target)
         variates.append(len(target))
         cov = {}
@@ -442,10 +446,10 @@ def forecast_job(request: ForecastRequest) -> ForecastJob:
 
 # -- OpenAPI: routes read their body themselves, so they describe it themselves ------------
 
-_DOCUMENTED: list[type] = []
+_DOCUMENTED: list[type[BaseModel]] = []
 
 
-def documented_body(model: type, columnar: bool = False, required: bool = True) -> dict:
+def documented_body(model: type[BaseModel], columnar: bool = False, required: bool = True) -> dict:
     """`openapi_extra` describing a body the route reads itself: `model` as JSON (and, if
     `columnar`, an Arrow stream or Parquet file with the parameters in the query string)."""
     _DOCUMENTED.append(model)
@@ -493,7 +497,16 @@ async def forecast(request: Request, settings: Settings) -> ForecastJob:
     return await asyncio.to_thread(forecast_json, body, settings)
 
 
-async def model_body(request: Request, settings: Settings, model: type, optional: bool = False):
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@overload
+async def model_body(
+    request: Request, settings: Settings, model: type[Model], optional: Literal[False] = False
+) -> Model: ...
+@overload
+async def model_body(request: Request, settings: Settings, model: type[Model], optional: bool) -> Model | None: ...
+async def model_body(request: Request, settings: Settings, model: type[Model], optional: bool = False) -> Model | None:
     """A small JSON body validated by its documented pydantic model, strictly (no coercion); with
     `optional`, None for an empty body."""
     if media_type(request) != JSON:
@@ -532,8 +545,8 @@ def backtest_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
     forecast parameters."""
     from shared.schemas import BacktestRequest
 
-    query = dict(query)
-    job = forecast_columnar(body, kind, {"model": query.get("model", ""), "prediction_length": "1"}, settings)
+    rest: dict[str, Any] = dict(query)  # what is left to read; quantile_levels becomes a list
+    job = forecast_columnar(body, kind, {"model": rest.get("model", ""), "prediction_length": "1"}, settings)
     if len(job.series) != 1:
         raise _invalid("item_id", f"a backtest takes one series, not {len(job.series)}")
     values = job.series.rows(0)[0]
@@ -546,16 +559,18 @@ def backtest_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
             name: v if isinstance(v, list) else [None if np.isnan(x) else float(x) for x in v.tolist()]
             for name, v in past["past"].items()
         }
-    origins = {name: query.pop(name) for name in ("first", "last", "step") if name in query}
-    outer = {name: query.pop(name) for name in ("context_length", "season_length", "callback_url") if name in query}
-    if "known_covariates" in query:
-        outer["known_covariates"] = [x for x in query.pop("known_covariates").split(",") if x]
-    model = query.pop("model", None)
-    if "quantile_levels" in query:
-        query["quantile_levels"] = [x for x in query["quantile_levels"].split(",") if x]
+    origins = {name: rest.pop(name) for name in ("first", "last", "step") if name in rest}
+    outer: dict[str, Any] = {
+        name: rest.pop(name) for name in ("context_length", "season_length", "callback_url") if name in rest
+    }
+    if "known_covariates" in rest:
+        outer["known_covariates"] = [x for x in rest.pop("known_covariates").split(",") if x]
+    model = rest.pop("model", None)
+    if "quantile_levels" in rest:
+        rest["quantile_levels"] = [x for x in rest["quantile_levels"].split(",") if x]
     try:  # query strings carry numbers as text: validated leniently, then as the documented model
         return BacktestRequest.model_validate(
-            {"model": model, "series": series, "origins": origins, "parameters": query, **outer}
+            {"model": model, "series": series, "origins": origins, "parameters": rest, **outer}
         )
     except ValidationError as exc:
         raise validation_problem(exc.errors()) from None

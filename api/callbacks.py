@@ -43,6 +43,7 @@ SIGNATURE_HEADER = "X-Chronos-Signature"
 _CLAIM_IDLE_MS = 60_000  # an entry held this long by a consumer that did not ack it is taken over
 _CONCURRENCY = 32
 
+
 def check_url(url: str | None, settings: Settings) -> None:
     """422 unless `url` is an http(s) URL under one of the operator's allowed prefixes.
 
@@ -61,7 +62,9 @@ def check_url(url: str | None, settings: Settings) -> None:
     path = _segments(parts.path)
     for prefix in map(urlsplit, prefixes):
         allowed = _segments(prefix.path)
-        if (parts.scheme, parts.netloc.lower()) == (prefix.scheme, prefix.netloc.lower()) and path[: len(allowed)] == allowed:
+        if (parts.scheme, parts.netloc.lower()) == (prefix.scheme, prefix.netloc.lower()) and path[
+            : len(allowed)
+        ] == allowed:
             return
     raise _refused(f"not under an allowed prefix ({', '.join(prefixes)})")
 
@@ -113,7 +116,7 @@ def body_of(record: JobRecord) -> bytes:
             "created_at": record.created_at,
             "finished_at": record.finished_at,
             "url": f"/v1/{base}/{record.id}",
-        },  # fmt: skip
+        },
         separators=(",", ":"),
     ).encode()
 

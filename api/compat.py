@@ -15,14 +15,14 @@ import hashlib
 import json
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared import catalog, families
-from shared.store import JobRecord
 from shared.schemas import ForecastParameters, ForecastRequest, ModelView, SeriesInput, finite_with_an_observation
+from shared.store import JobRecord
 
 API_VERSION = "1.0.0"
 # The old server's quantile keys: "10" ... "90" for the levels 0.1 ... 0.9.
@@ -49,7 +49,9 @@ class HealthResponse(BaseModel):
 
 class InitializationRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore", strict=True, json_schema_extra={"examples": [{"model_variant": "amazon/chronos-t5-tiny", "device": "cpu"}]}
+        extra="ignore",
+        strict=True,
+        json_schema_extra={"examples": [{"model_variant": "amazon/chronos-t5-tiny", "device": "cpu"}]},
     )
 
     model_variant: str | None = Field(
@@ -77,7 +79,8 @@ class StatusResponse(BaseModel):
 
 class InferenceRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore", strict=True,
+        extra="ignore",
+        strict=True,
         json_schema_extra={
             "examples": [{"context": [1.0, 2.0, 3.0, 4.0, 5.0], "prediction_length": 3, "num_samples": 20}]
         },
@@ -121,7 +124,8 @@ class InferenceResponse(BaseModel):
 
 class TimeseriesRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore", strict=True,
+        extra="ignore",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -163,8 +167,15 @@ def inference_request(spec: catalog.ModelSpec, body: InferenceRequest) -> Foreca
     return ForecastRequest(model=spec.id, inputs=[SeriesInput(target=body.context)], parameters=params)
 
 
+def _forecast(record: JobRecord) -> dict:
+    """The forecast of a compat job's one series (the record comes with its predictions)."""
+    if record.predictions is None or len(record.predictions) != 1:
+        raise RuntimeError(f"job {record.id}: expected the predictions of one series")
+    return record.predictions[0]
+
+
 def inference_response(record: JobRecord, body: InferenceRequest) -> InferenceResponse:
-    (forecast,) = record.predictions
+    forecast = _forecast(record)
     timings = record.timings()
     return InferenceResponse(
         prediction=Prediction(
@@ -204,7 +215,7 @@ def _seed(context: list[float | None], options: dict) -> int:
 
 
 def timeseries_response(record: JobRecord, body: TimeseriesRequest) -> TimeseriesResponse:
-    (forecast,) = record.predictions
+    forecast = _forecast(record)
     return TimeseriesResponse(name=body.name, forecast=forecast["0.5"])
 
 
@@ -223,7 +234,7 @@ def health(view: ModelView) -> HealthResponse:
     """The old server's /health fields, and which model this URL serves."""
     model_status = status(view).model_status
     return HealthResponse(
-        timestamp=datetime.fromtimestamp(time.time(), timezone.utc).isoformat(),
+        timestamp=datetime.fromtimestamp(time.time(), UTC).isoformat(),
         api_version=API_VERSION,
         models={view.id: model_status},
         model=view.id,

@@ -86,7 +86,9 @@ def check_values(series: SeriesSet, field: Callable[[int], str]) -> None:
     where = np.flatnonzero(~finite & ~missing)  # only NaN (missing) may be non-finite
     if len(where):
         row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
-        raise _invalid(f"{field(int(row_series[row]))}.target", "holds an infinite value; use null or NaN for missing values")
+        raise _invalid(
+            f"{field(int(row_series[row]))}.target", "holds an infinite value; use null or NaN for missing values"
+        )
     if values.dtype != np.float32 and len(values):  # float32 input cannot leave float32's range
         _beyond_float32(series, field, row_series, np.abs(np.where(finite, values, 0.0)) > FLOAT32_MAX)
     if len(values):
@@ -100,8 +102,10 @@ def _beyond_float32(series: SeriesSet, field: Callable[[int], str], row_series: 
     where = np.flatnonzero(bad)
     if len(where):
         row = int(np.searchsorted(series.offsets, where[0], side="right")) - 1
-        raise _invalid(f"{field(int(row_series[row]))}.target",
-                       f"holds a value beyond float32's range (±{FLOAT32_MAX:.3g}), which the models compute in")  # fmt: skip
+        raise _invalid(
+            f"{field(int(row_series[row]))}.target",
+            f"holds a value beyond float32's range (±{FLOAT32_MAX:.3g}), which the models compute in",
+        )
 
 
 def check_backtest(request: BacktestRequest, series: SeriesSet, spec: ModelSpec, settings: Settings) -> None:
@@ -135,7 +139,9 @@ def _check_covariates(
         for i, cov in enumerate(covariates):
             if cov:
                 group = next(iter(cov))
-                raise _unsupported(f"{field(i)}.{group}_covariates", f"{spec.id} takes no covariates; amazon/chronos-2 does")
+                raise _unsupported(
+                    f"{field(i)}.{group}_covariates", f"{spec.id} takes no covariates; amazon/chronos-2 does"
+                )
         if series.multivariate:
             i = int(np.flatnonzero(series.variates > 1)[0])
             raise _unsupported(

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 import redis
 import redis.asyncio as aioredis
+from fastapi import FastAPI
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
-from fastapi import FastAPI
 
 from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
@@ -17,10 +17,10 @@ from shared.store import AsyncJobStore
 
 from api import bodies, problems, security
 from api.auth import LEGACY, KeyRing
+from api.callbacks import Dispatcher
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
-from api.callbacks import Dispatcher
 from api.routes import backtests, callbacks, compat, forecasts, health, models
 from api.service import JobService
 
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await dispatcher.stop()
             await events.stop()
             celery.close()
-            for c, pool in zip((client, raw), pools):
+            for c, pool in zip((client, raw), pools, strict=True):
                 await c.aclose()
                 await pool.disconnect()
 

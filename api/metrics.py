@@ -34,7 +34,8 @@ class ApiMetrics:
             ["method", "route", "status"], buckets=_LATENCY_BUCKETS, registry=own,
         )  # fmt: skip
         self.accepted = Counter(
-            "chronos_queue_jobs_accepted_total", "Jobs accepted, by model and lane ('cached': answered from the result cache).", ["model", "lane"],
+            "chronos_queue_jobs_accepted_total",
+            "Jobs accepted, by model and lane ('cached': answered from the result cache).", ["model", "lane"],
             registry=own,
         )  # fmt: skip
         self.queue_depth = Gauge(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.exceptions as redis
@@ -29,7 +30,7 @@ class Problem(Exception):
         detail: str,
         *,
         field: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         **extra: Any,
     ):
         super().__init__(detail)
@@ -133,7 +134,7 @@ def install(app: FastAPI) -> None:
         return Problem(500, "internal-error", "internal error; see the server log").response(request.url.path)
 
 
-def validation_problem(errors: list, prefix: str = "") -> Problem:
+def validation_problem(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:
     """A 422 naming the first invalid field (pydantic error list; `prefix` is where the model sits in the body)."""
     items = []
     for e in errors:
@@ -147,7 +148,7 @@ def validation_problem(errors: list, prefix: str = "") -> Problem:
     return Problem(422, "validation-error", detail, field=first["field"], errors=items[:20])
 
 
-def _message(error: dict) -> str:
+def _message(error: Mapping[str, Any]) -> str:
     msg = error.get("msg", "invalid value")
     return msg.removeprefix("Value error, ")
 
@@ -179,7 +180,9 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     "job-finished": (409, "job 3f2a… already succeeded; nothing to cancel", {"status_now": "succeeded"}),
     "job-cancelled": (409, "job 3f2a… was cancelled", {"job_id": "3f2a…"}),
     "other-model": (
-        409, "this URL serves amazon/chronos-t5-tiny; for amazon/chronos-bolt-base use /models/<slug>/forecast/v1/chronos/...",
+        409,
+        "this URL serves amazon/chronos-t5-tiny; "
+        "for amazon/chronos-bolt-base use /models/<slug>/forecast/v1/chronos/...",
         {"field": "model_variant"},
     ),
     "rate-limited": (429, "over 200 submissions/s for this key (burst 400)", {}),
@@ -194,18 +197,25 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     "body-too-large": (413, "request body over 67108864 bytes (MAX_BODY_BYTES)", {}),
     "body-timeout": (408, "the request body did not arrive within 30s", {}),
     "unsupported-media-type": (
-        415, "bodies are application/json, application/vnd.apache.arrow.stream or application/vnd.apache.parquet, not text/csv", {}
+        415,
+        "bodies are application/json, application/vnd.apache.arrow.stream or application/vnd.apache.parquet, "
+        "not text/csv",
+        {},
     ),
     "malformed-body": (400, "not a readable application/vnd.apache.arrow.stream body: …", {}),
     "validation-error": (
         422, "inputs[0].target: holds an infinite value; use null or NaN for missing values",
-        {"field": "inputs[0].target", "errors": [{"field": "inputs[0].target", "message": "holds an infinite value; use null or NaN for missing values"}]},
+        {"field": "inputs[0].target", "errors": [
+            {"field": "inputs[0].target", "message": "holds an infinite value; use null or NaN for missing values"}
+        ]},
     ),
     "limit-exceeded": (
         422, "parameters.prediction_length: 2048 steps; at most 1024", {"field": "parameters.prediction_length"}
     ),
     "not-sample-based": (
-        422, "parameters.temperature: amazon/chronos-bolt-small outputs quantiles directly; sampling options apply to T5 models only",
+        422,
+        "parameters.temperature: amazon/chronos-bolt-small outputs quantiles directly; "
+        "sampling options apply to T5 models only",
         {"field": "parameters.temperature"},
     ),
     "unsupported-input": (
@@ -218,7 +228,9 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     "forecast-failed": (500, "RuntimeError: CUDA out of memory", {"job_id": "3f2a…"}),
     "internal-error": (500, "internal error; see the server log", {}),
     "no-worker": (
-        503, "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts", {}
+        503,
+        "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts",
+        {},
     ),
     "broker-unavailable": (503, "could not enqueue the job; retry", {}),
     "redis-unavailable": (503, "the job store (Redis) is not reachable; retry", {}),
@@ -270,4 +282,4 @@ def _document_validation_errors(app: FastAPI) -> None:
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents replacing app.openapi; typed as a method

@@ -27,7 +27,8 @@ class HeaderDeadline(HttpToolsProtocol):
     timeout_s: float = get_settings().header_timeout_s
     _deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    # uvicorn narrows asyncio.Protocol.connection_made to an asyncio.Transport (and ignores [override] itself).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 

@@ -13,13 +13,13 @@ import io
 from collections.abc import Iterator
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-import orjson
 
-from shared.store import JobKind, JobRecord
 from shared.schemas import JobView
 from shared.series import ResultLayout
+from shared.store import JobKind, JobRecord
 
 ARROW = "application/vnd.apache.arrow.stream"
 PARQUET = "application/vnd.apache.parquet"

@@ -315,5 +315,8 @@ def _items(series: SeriesSet, nested: list[bool] | None) -> bytes | None:
     if not any(series.item_ids) and not any(series.starts) and not nested:
         return None
     return msgspec.msgpack.encode(
-        [[item, start, bool(nested and nested[i])] for i, (item, start) in enumerate(zip(series.item_ids, series.starts))]
+        [
+            [item, start, bool(nested and nested[i])]
+            for i, (item, start) in enumerate(zip(series.item_ids, series.starts, strict=True))
+        ]
     )

@@ -122,6 +122,8 @@ def run(
             done = client.wait(job.id)
             if done.status.value != "succeeded":
                 raise RuntimeError(f"job {done.id} {done.status.value}: {done.error or ''}".strip())
+            if done.predictions is None:
+                raise RuntimeError(f"job {done.id} succeeded without predictions")
             predictions += done.predictions
             weights.add(done.weights or "unknown")
             bar.update(done.n_series)
@@ -138,11 +140,13 @@ def backtest(
 
     job = client.submit_backtest(model, {"item_id": series.item_id, "target": series.values}, first, last, horizon,
                                  **options)  # fmt: skip
-    with tqdm(total=job.progress.total, unit="origin", disable=not progress, file=sys.stderr) as bar:
+    total = job.progress.total if job.progress else None
+    with tqdm(total=total, unit="origin", disable=not progress, file=sys.stderr) as bar:
         while job.status.value in ("queued", "running"):
             time.sleep(0.5)
             job = client.get(job.id)
-            bar.update(job.progress.done - bar.n)
+            if job.progress:
+                bar.update(job.progress.done - bar.n)
     if job.status.value != "succeeded":
         raise RuntimeError(f"backtest {job.id} {job.status.value}: {job.error or ''}".strip())
     return job

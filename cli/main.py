@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     fc.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated levels (default 0.1,0.5,0.9)")
     fc.add_argument("--num-samples", type=int, help="sample paths (T5 models)")
     fc.add_argument("--out", type=Path, help="output file (default: stdout)")
-    fc.add_argument("--format", choices=("csv", "json", "parquet"), help="output format (default: from --out, else csv)")
+    fc.add_argument(
+        "--format", choices=("csv", "json", "parquet"), help="output format (default: from --out, else csv)"
+    )
     fc.add_argument("--plot", type=Path, help="PNG of history, median and 10-90%% band (first 12 series)")
     fc.add_argument("--freq", help="pandas frequency of the series (default: inferred from timestamps)")
     fc.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic checkpoint of {spec.id} (seed {args.seed}) in {path}: forecasts from it are meaningless")
         return 0
     from shared.settings import get_settings
+
     from workers.weights import WeightsNotFound, resolve
 
     try:

@@ -66,7 +66,8 @@ def procfile(
     if redis_port is not None:
         data = RUN_DIR / "redis"
         commands["redis"] = (
-            f"redis-server --port {redis_port} --bind 127.0.0.1 --dir {shlex.quote(str(data))} --appendonly yes --save ''"
+            f"redis-server --port {redis_port} --bind 127.0.0.1 --dir {shlex.quote(str(data))}"
+            " --appendonly yes --save ''"
         )
     commands["api"] = f"{API_ENTRY} --host 127.0.0.1 --port {api_port}"
     for i, spec in enumerate(specs):

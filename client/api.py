@@ -17,13 +17,14 @@ import asyncio
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self, TypedDict
 
 import httpx
 
-from client.errors import WaitTimeout, error_for
-from shared.store import TERMINAL
 from shared.schemas import JobView, ModelView
+from shared.store import TERMINAL
+
+from client.errors import WaitTimeout, error_for
 
 Series = Sequence[float | None] | dict[str, Any]
 # A server-side long-wait slice; the HTTP read timeout allows for it.
@@ -67,7 +68,9 @@ def _arrow_call(path: str, model: str, inputs: list[dict[str, Any]], parameters:
 
     lengths = [len(s["target"]) for s in inputs]
     ids = [str(s.get("item_id") if s.get("item_id") is not None else i) for i, s in enumerate(inputs)]
-    values = np.concatenate([np.array(s["target"], dtype=np.float64) for s in inputs]) if inputs else []
+    values: np.ndarray | list[float] = (
+        np.concatenate([np.array(s["target"], dtype=np.float64) for s in inputs]) if inputs else []
+    )
     # Run-end encoded: one id and one end per series, not one per row (half the body otherwise).
     item_ids = pa.RunEndEncodedArray.from_arrays(pa.array(np.cumsum(lengths), type=pa.int32()), pa.array(ids))
     table = pa.table({"item_id": item_ids, "target": pa.array(values, from_pandas=True)})
@@ -77,7 +80,9 @@ def _arrow_call(path: str, model: str, inputs: list[dict[str, Any]], parameters:
     query = {
         name: ",".join(map(str, value)) if isinstance(value, list) else value for name, value in parameters.items()
     }
-    return _Call("POST", path, params={"model": model, **query}, content=sink.getvalue(), headers={"content-type": ARROW})
+    return _Call(
+        "POST", path, params={"model": model, **query}, content=sink.getvalue(), headers={"content-type": ARROW}
+    )
 
 
 def _table_call(job_id: str) -> _Call:
@@ -100,7 +105,7 @@ def _backtest_call(
     context_length: int | None,
     extra: dict,
 ) -> _Call:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "series": _inputs([series])[0],
         "origins": {"first": first, "last": last, "step": step},
@@ -149,10 +154,18 @@ def _waiting(job_id: str, timeout: float | None, now=time.monotonic) -> Generato
             raise WaitTimeout(job_id, job.status.value)
 
 
+class _Options(TypedDict):
+    """The httpx client arguments both classes set."""
+
+    base_url: str
+    headers: dict[str, str]
+    timeout: httpx.Timeout
+
+
 class _Base:
     def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int):
         self.max_retries = max_retries
-        self._options = {
+        self._options: _Options = {
             "base_url": base_url.rstrip("/"),
             "headers": {"X-API-Key": api_key} if api_key else {},
             "timeout": httpx.Timeout(timeout + _WAIT_SLICE_S, connect=min(timeout, 10.0)),
@@ -171,7 +184,7 @@ class Client(_Base):
         super().__init__(base_url, api_key, timeout, max_retries)
         self._http = httpx.Client(**self._options, **httpx_args)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -264,7 +277,7 @@ class AsyncClient(_Base):
         super().__init__(base_url, api_key, timeout, max_retries)
         self._http = httpx.AsyncClient(**self._options, **httpx_args)
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

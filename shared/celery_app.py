@@ -6,8 +6,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared import catalog
-from shared.store import Lane, keys
 from shared.settings import Settings
+from shared.store import Lane, keys
 
 # The anonymous exchange routes by queue name alone. A named exchange depends on binding
 # rows in Redis; if those vanish (Redis restarted without its data) kombu silently sends

@@ -79,7 +79,8 @@ class SeriesInput(BaseModel):
     @property
     def length(self) -> int:
         """Points per variate."""
-        return len(self.target[0]) if self.multivariate else len(self.target)
+        first = self.target[0]
+        return len(first) if isinstance(first, list) else len(self.target)
 
 
 class ForecastParameters(BaseModel):
@@ -214,10 +215,10 @@ class JobView(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "id": "5d0c7a0e6b6f4f0f9a1f3c2b8e7d6a51", "status": "succeeded", "model": "amazon/chronos-bolt-tiny",
-                    "lane": "sync", "n_series": 1, "prediction_length": 3, "created_at": 1763900000.012,
-                    "started_at": 1763900000.018, "finished_at": 1763900000.034, "attempts": 1, "weights": "real",
-                    "error": None, "cancel_requested": False,
+                    "id": "5d0c7a0e6b6f4f0f9a1f3c2b8e7d6a51", "status": "succeeded",
+                    "model": "amazon/chronos-bolt-tiny", "lane": "sync", "n_series": 1, "prediction_length": 3,
+                    "created_at": 1763900000.012, "started_at": 1763900000.018, "finished_at": 1763900000.034,
+                    "attempts": 1, "weights": "real", "error": None, "cancel_requested": False,
                     "timings": {"queued_s": 0.006, "inference_s": 0.015, "total_s": 0.022},
                     "predictions": [{"item_id": "a", "mean": [2.1, 2.4, 2.2], "0.1": [1.2, 1.3, 1.1],
                                      "0.5": [2.1, 2.4, 2.2], "0.9": [3.0, 3.4, 3.3]}],
@@ -278,7 +279,7 @@ class JobView(BaseModel):
                 error=record.callback_error,
             )
             if record.callback_url
-            else None,  # fmt: skip
+            else None,
             timings=Timings(**record.timings()),
             progress=Progress(done=record.progress_done, total=record.n_series),
             predictions=record.predictions,

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from typing import NamedTuple
 
 import redis
 from celery import Celery, signals
@@ -25,6 +26,7 @@ from shared.catalog import ModelSpec
 from shared.celery_app import make_celery
 from shared.settings import Settings
 from shared.store import JobStore, keys
+
 from workers import metrics, reaper
 from workers.batcher import Batcher
 from workers.executor import RedisPassIO, execute
@@ -36,6 +38,14 @@ log = logging.getLogger("workers")
 REDIS_PATIENCE_S = 300.0
 
 
+class Loaded(NamedTuple):
+    """What a worker holds once it has loaded its model."""
+
+    batcher: Batcher
+    store: JobStore
+    name: str  # as listed under its model: <Celery hostname>/<pid>
+
+
 class Worker:
     """One worker process: its Celery app, its model (inside the batcher), its job store, its name."""
 
@@ -43,9 +53,7 @@ class Worker:
         self.settings, self.spec = settings, spec
         self.app: Celery = make_celery(settings, serve=spec)
         self.app.task(name=keys.FORECAST_TASK)(self.forecast)
-        self.batcher: Batcher | None = None
-        self.store: JobStore | None = None
-        self.name = ""
+        self._loaded: Loaded | None = None
         self.stop = threading.Event()
         signals.worker_init.connect(self.load, weak=False)
 
@@ -74,17 +82,24 @@ class Worker:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        self.store = JobStore(client, settings, patience_s=REDIS_PATIENCE_S)
-        self.batcher = Batcher(runtime, RedisPassIO(self.store), wait_s=settings.batch_wait_ms / 1000)
-        self.batcher.start()
-        metrics.watch_cpu(spec.id, self.batcher.thread)
-        self.name = f"{sender.hostname}/{os.getpid()}"
+        store = JobStore(client, settings, patience_s=REDIS_PATIENCE_S)
+        batcher = Batcher(runtime, RedisPassIO(store), wait_s=settings.batch_wait_ms / 1000)
+        batcher.start()
+        metrics.watch_cpu(spec.id, batcher.thread)
+        self._loaded = Loaded(batcher, store, f"{sender.hostname}/{os.getpid()}")
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         atexit.register(self._sign_off)
 
+    @property
+    def loaded(self) -> Loaded:
+        if self._loaded is None:
+            raise RuntimeError("the worker has not loaded its model yet (Celery's worker_init)")
+        return self._loaded
+
     def forecast(self, job_id: str) -> str:
         """The task: one job message."""
-        return execute(job_id, self.batcher, self.store, self.settings, self.name)
+        loaded = self.loaded
+        return execute(job_id, loaded.batcher, loaded.store, self.settings, loaded.name)
 
     def _sign_off(self) -> None:
         """At process exit (after a warm shutdown has finished the jobs in hand): leave the worker list.
@@ -94,16 +109,16 @@ class Worker:
         """
         self.stop.set()
         try:
-            self.store.sign_off(self.spec, self.name)
+            self.loaded.store.sign_off(self.spec, self.loaded.name)
         except redis.RedisError:
             pass
 
     def _heartbeat(self) -> None:
         """Keep this worker listed under its model while it lives (entries age out when it dies), and
         give the jobs of workers that died back to the queue (workers/reaper.py)."""
-        runtime = self.batcher.runtime
+        runtime, name = self.loaded.batcher.runtime, self.loaded.name
         info = {
-            "name": self.name,
+            "name": name,
             "weights": runtime.weights.kind,
             "revision": runtime.weights.revision,
             "device": runtime.device,
@@ -113,10 +128,10 @@ class Worker:
             "max_batch": runtime.max_batch,
             "slots": self.slots(),
         }
-        beat = JobStore(self.store.client, self.settings)  # no patience: a missed beat is retried next beat
+        beat = JobStore(self.loaded.store.client, self.settings)  # no patience: a missed beat is retried next beat
         while not self.stop.is_set():
             try:
-                beat.heartbeat(self.spec, self.name, info)
+                beat.heartbeat(self.spec, name, info)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             try:

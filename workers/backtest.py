@@ -56,7 +56,7 @@ def score(request: BacktestRequest, forecasts: Sequence[dict]) -> dict:
     target = np.array([math.nan if x is None else x for x in request.series.target], dtype=np.float64)
     horizon = request.parameters.prediction_length
     quantile_levels = levels(request)
-    errors, losses, actual_sum = [], {q: 0.0 for q in request.parameters.quantile_levels}, 0.0
+    errors, losses, actual_sum = [], dict.fromkeys(request.parameters.quantile_levels, 0.0), 0.0
     pairs = [q for q in request.parameters.quantile_levels if q < 0.5 and round(1 - q, 10) in _rounded(quantile_levels)]
     inside = {q: [0, 0] for q in pairs}  # actuals inside [q, 1-q], actuals scored
     out = []

@@ -33,9 +33,10 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.store import Lane
 from shared.schemas import ForecastParameters
 from shared.series import Decoded
+from shared.store import Lane
+
 from workers import metrics
 from workers.runtime import ModelRuntime
 
@@ -121,8 +122,11 @@ class Batcher:
         but the one that marks its jobs in a pass."""
         ahead: tuple[list[Slice], Future] | None = None
         while True:
-            batch, reading = ahead or self._next(block=True)
+            taken = ahead or self._next(block=True)
             ahead = None
+            if taken is None:  # woken with nothing to do
+                continue
+            batch, reading = taken
             if batch[0][0].lane is Lane.ASYNC and self._pending[Lane.SYNC]:
                 self._put_back(batch)  # a sync request came while this was read: it goes first
                 continue
@@ -228,7 +232,7 @@ class Batcher:
                 self.abandon(work)
                 self._finish(work, error=f"{type(failure).__name__}: {failure}")
                 continue
-            sliced = [_slice(out, levels, work.params) for out in mine]
+            sliced = [_slice(out, levels, work.params) for out in mine if not isinstance(out, Exception)]
             results.append(((work, start, end), sliced))
             if work.keep:
                 work.kept.extend(sliced)

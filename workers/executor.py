@@ -13,6 +13,7 @@ from shared.schemas import BacktestRequest, ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
 from shared.store import JobKind, JobStatus, JobStore, Lane
+
 from workers import backtest, metrics
 from workers.batcher import Batcher, Slice, Work
 
@@ -66,7 +67,9 @@ def _backtest_work(store: JobStore, job_id: str, spec, request: dict, lane: Lane
         Decoded.of(w["target"], w.get("past_covariates"), w.get("future_covariates"))
         for w in backtest.windows(backtest_request, spec.context_length)
     ]
-    work = Work(job_id, len(windows), params, lane, families.of(spec).group_key(params, job_id), inputs=windows, keep=True)
+    work = Work(
+        job_id, len(windows), params, lane, families.of(spec).group_key(params, job_id), inputs=windows, keep=True
+    )
     return work, backtest_request
 
 
@@ -74,6 +77,40 @@ def _as_list(values: np.ndarray) -> list:
     if values.dtype == object:
         return values.tolist()
     return [None if np.isnan(x) else float(x) for x in values.tolist()]
+
+
+def _failed(job_id: str, fields: dict, error: str) -> JobStatus:
+    log.error("job %s failed: %s", job_id, error)
+    fields["error"] = error
+    return JobStatus.FAILED
+
+
+def _run(
+    work: Work, backtest_request: BacktestRequest | None, batcher: Batcher, settings: Settings, fields: dict
+) -> JobStatus:
+    """Feed the job to the batcher, wait for it, and score it when it is a backtest: its outcome
+    (`fields` get what the job's record stores)."""
+    batcher.submit(work)
+    finished = work.finished.wait(settings.max_job_s)
+    if not finished:
+        batcher.abandon(work)
+    fields["inference_s"] = round(work.model_s, 6)
+    fields["progress_done"] = work.done
+    error = work.error if finished else f"TimeoutError: not finished within MAX_JOB_S={settings.max_job_s}s"
+    if error:
+        return _failed(work.job_id, fields, error)
+    if work.cancelled:
+        return JobStatus.CANCELLED
+    if backtest_request is not None:
+        try:
+            levels = work.params.quantile_levels
+            forecasts = [{str(q): block[0, 1 + j] for j, q in enumerate(levels)} for block in work.kept]
+            fields["backtest"] = {"metrics": backtest.score(backtest_request, forecasts)["metrics"]}
+        except Exception as exc:  # scoring is ours, not the model's: still fail the job, not the worker
+            log.exception("job %s: scoring the backtest failed", work.job_id)
+            fields["error"] = f"{type(exc).__name__}: {exc}"
+            return JobStatus.FAILED
+    return JobStatus.SUCCEEDED
 
 
 def execute(job_id: str, batcher: Batcher, store: JobStore, settings: Settings, worker: str) -> str:
@@ -93,7 +130,7 @@ def execute(job_id: str, batcher: Batcher, store: JobStore, settings: Settings, 
 
     fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
     stored_request = record.request
-    backtest_request = None
+    work: Work | None = None
     try:
         if record.kind is JobKind.BACKTEST:
             work, backtest_request = _backtest_work(store, job_id, spec, stored_request, lane)
@@ -103,33 +140,11 @@ def execute(job_id: str, batcher: Batcher, store: JobStore, settings: Settings, 
             # A job that was in the pass of a worker that died may be what killed it: it runs alone
             # from now on, so no other job shares its next passes (and its fate).
             work = Work(job_id, record.n_series, params, lane, (*key, job_id) if record.lost else key)
+            backtest_request = None
     except Exception as exc:  # a job this worker cannot read fails, not the worker
-        work, error = None, f"{type(exc).__name__}: {exc}"
+        outcome = _failed(job_id, fields, f"{type(exc).__name__}: {exc}")
     else:
-        batcher.submit(work)
-        finished = work.finished.wait(settings.max_job_s)
-        if not finished:
-            batcher.abandon(work)
-        error = work.error if finished else f"TimeoutError: not finished within MAX_JOB_S={settings.max_job_s}s"
-        fields["inference_s"] = round(work.model_s, 6)
-        fields["progress_done"] = work.done
-    if error:
-        log.error("job %s failed: %s", job_id, error)
-        fields["error"] = error
-        outcome = JobStatus.FAILED
-    elif work.cancelled:
-        outcome = JobStatus.CANCELLED
-    elif backtest_request is not None:
-        try:
-            levels = work.params.quantile_levels
-            forecasts = [{str(q): block[0, 1 + j] for j, q in enumerate(levels)} for block in work.kept]
-            fields["backtest"] = {"metrics": backtest.score(backtest_request, forecasts)["metrics"]}
-            outcome = JobStatus.SUCCEEDED
-        except Exception as exc:  # scoring is ours, not the model's: still fail the job, not the worker
-            log.exception("job %s: scoring the backtest failed", job_id)
-            fields["error"], outcome = f"{type(exc).__name__}: {exc}", JobStatus.FAILED
-    else:
-        outcome = JobStatus.SUCCEEDED
+        outcome = _run(work, backtest_request, batcher, settings, fields)
     parameters = stored_request.get("parameters", {})
     if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and families.of(spec).cacheable(parameters):
         # Before FINISH, so a client that sends the same request the moment it sees the result hits the cache.

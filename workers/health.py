@@ -11,7 +11,7 @@ from shared.settings import get_settings
 
 def main() -> int:
     host = socket.gethostname()
-    replies = make_celery(get_settings()).control.ping(timeout=5.0)
+    replies = make_celery(get_settings()).control.ping(timeout=5.0) or []  # None only when no reply is asked for
     alive = [name for reply in replies for name in reply if name.endswith(f"@{host}")]
     print(f"worker on {host}: {'pong from ' + ', '.join(alive) if alive else 'no answer'}")
     return 0 if alive else 1

@@ -22,8 +22,11 @@ import json
 import logging
 import re
 import time
+from typing import cast
 
 from celery import Celery
+from kombu.transport.redis import Channel as RedisChannel
+from kombu.transport.redis import QoS as RedisQoS
 
 from shared.catalog import ModelSpec
 from shared.celery_app import send_job
@@ -62,7 +65,9 @@ def restore(app: Celery, store: JobStore, spec: ModelSpec) -> int:
     if not tags:
         return 0
     with app.connection_for_write() as connection:
-        qos = connection.default_channel.qos
+        # Workers consume from Redis (shared/celery_app.py): the channel is kombu's Redis channel,
+        # whose QoS keeps the unacked messages.
+        qos = cast(RedisQoS, cast(RedisChannel, connection.default_channel).qos)
         for tag in tags:
             qos.restore_by_tag(tag)
     log.warning("restored %d job(s) of %s whose worker stopped heartbeating", len(tags), spec.id)

@@ -14,6 +14,7 @@ from shared.catalog import ModelSpec
 from shared.schemas import ForecastParameters
 from shared.series import Decoded
 from shared.settings import Settings
+
 from workers import families
 from workers.weights import Weights
 
@@ -84,7 +85,7 @@ class ModelRuntime:
         their own get their exception, every other series its forecast. Out of memory also lowers
         `max_batch` for the batches to come, so no job fails because its batch was too big."""
         try:
-            return self.predict(inputs, *args, **kwargs)
+            return [*self.predict(inputs, *args, **kwargs)]
         except Exception as exc:
             if _out_of_memory(exc):
                 if self.device.startswith("cuda"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from shared.catalog import ModelSpec
 from shared.settings import Settings
+
 from workers import synthetic
 
 

@@ -29,7 +29,12 @@ router = APIRouter(prefix="/v1", tags=["backtests"])
     openapi_extra=bodies.documented_body(BacktestRequest, columnar=True),
 )
 async def submit_backtest(
-    request: Request, response: Response, jobs: Jobs, models: Models, owner: Caller, idempotency_key: IdempotencyKey = None
+    request: Request,
+    response: Response,
+    jobs: Jobs,
+    models: Models,
+    owner: Caller,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Queue a backtest: a forecast from every origin `first, first+step, … last` of the series, each
     from the `context_length` points before it, scored against the series' own later values (MASE,

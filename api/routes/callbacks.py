@@ -7,8 +7,8 @@ from pydantic import BaseModel, Field
 
 from api import callbacks
 from api.auth import Caller
-from api.problems import documented
 from api.deps import Config, Jobs
+from api.problems import documented
 
 router = APIRouter(prefix="/v1", tags=["callbacks"])
 

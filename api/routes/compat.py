@@ -7,14 +7,14 @@ defined inside `build` at import time.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
 from shared import catalog
-from shared.store import JobStatus, Lane
 from shared.schemas import ForecastRequest
+from shared.store import JobStatus, Lane
 
 from api import bodies, compat
 from api.auth import LegacyCaller
@@ -39,8 +39,8 @@ async def _no_model() -> None:
 
 def build(
     prefix: str,
-    model_of: Callable[..., catalog.ModelSpec],
-    timeseries_model_of: Callable[..., catalog.ModelSpec | None],
+    model_of: Callable[..., Awaitable[catalog.ModelSpec]],
+    timeseries_model_of: Callable[..., Awaitable[catalog.ModelSpec | None]],
 ) -> APIRouter:
     """The compat routes under `prefix`, serving the model that the dependency `model_of` names;
     `/v1/timeseries/forecast` serves `timeseries_model_of`'s, or the body's when that is None."""
@@ -125,9 +125,12 @@ def build(
     ) -> compat.TimeseriesResponse:
         """The evaluation client's call: the median forecast of `recent_data`."""
         body = await bodies.model_body(request, jobs.settings, compat.TimeseriesRequest)
-        if url_model is None and body.model is None:
+        if url_model is not None:
+            spec = url_model
+        elif body.model is not None:
+            spec = jobs.fleet.model(body.model)
+        else:
             raise Problem(422, "validation-error", "model: required on this route", field="model")
-        spec = url_model or jobs.fleet.model(body.model)
         window = body.recent_data[-body.context_period_size :] if body.context_period_size else body.recent_data
         if all(x is None or math.isnan(x) for x in window):  # a valid body whose window holds nothing to forecast
             raise Problem(

@@ -27,7 +27,12 @@ router = APIRouter(prefix="/v1", tags=["forecasts"])
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
 async def submit_forecast(
-    request: Request, response: Response, jobs: Jobs, models: Models, owner: Caller, idempotency_key: IdempotencyKey = None
+    request: Request,
+    response: Response,
+    jobs: Jobs,
+    models: Models,
+    owner: Caller,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
 
@@ -50,8 +55,10 @@ router.add_api_route(
 )  # fmt: skip
 router.add_api_route(
     "/forecasts/{job_id}/events", job_events, methods=["GET"], response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"example": STREAM_EXAMPLE}}, "description": "Server-Sent Events."},
-               **documented("unauthorized", "unknown-job", "redis-unavailable")},
+    responses={
+        200: {"content": {"text/event-stream": {"example": STREAM_EXAMPLE}}, "description": "Server-Sent Events."},
+        **documented("unauthorized", "unknown-job", "redis-unavailable"),
+    },
     summary="A Server-Sent Events stream of the job's changes, ending with its result",
 )  # fmt: skip
 router.add_api_route(

@@ -13,14 +13,17 @@ from api.problems import documented
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)])
 
 
-
 @router.get("/models", response_model=list[ModelView], responses=documented("unauthorized", "redis-unavailable"))
 async def list_models(models: Models) -> list[ModelView]:
     """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind."""
     return await models.models()
 
 
-@router.get("/models/{model_id:path}", response_model=ModelView, responses=documented("unauthorized", "unknown-model", "redis-unavailable"))
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelView,
+    responses=documented("unauthorized", "unknown-model", "redis-unavailable"),
+)
 async def get_model(model_id: str, models: Models) -> ModelView:
     """One model, by id (`amazon/chronos-bolt-tiny`) or slug (`chronos-bolt-tiny`)."""
     (view,) = await models.models((models.model(model_id),))

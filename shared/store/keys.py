@@ -75,7 +75,7 @@ def idempotency(owner: str, key_digest: str) -> str:
 
 
 def flight(owner: str, digest: str) -> str:
-    """The job serving an owner's request (by its digest) while that job is queued or running (single-flight, api/service.py)."""
+    """The job serving an owner's request (by digest) while it is queued or running (single-flight: api/service.py)."""
     return f"{PREFIX}:flight:{owner}:{digest}"
 
 

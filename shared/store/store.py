@@ -14,7 +14,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 import redis
@@ -36,7 +37,7 @@ class Cmd(NamedTuple):
 
     name: str
     args: tuple = ()
-    kwargs: dict = {}
+    kwargs: Mapping[str, Any] = MappingProxyType({})
 
 
 class Atomic(list):
@@ -155,7 +156,9 @@ class _Core:
     @operation
     def join_flight(self, owner: str, digest: str, job_id: str) -> Op[str | None]:
         """The owner's job queued or running for the request `digest`, if any; else `job_id` becomes it."""
-        reply = yield [run_script("join_flight", [keys.flight(owner, digest)], [job_id, self.record_ttl_s, keys.job("")])]
+        reply = yield [
+            run_script("join_flight", [keys.flight(owner, digest)], [job_id, self.record_ttl_s, keys.job("")])
+        ]
         return _text(reply[0])
 
     @operation
@@ -326,7 +329,10 @@ class _Core:
         """For each (delivery tag, job id): the job's status and worker, and when kombu handed the message out."""
         step = []
         for tag, job_id in held:
-            step += [Cmd("hmget", (keys.job(job_id), "status", "worker")), Cmd("zscore", (keys.KOMBU_UNACKED_INDEX, tag))]
+            step += [
+                Cmd("hmget", (keys.job(job_id), "status", "worker")),
+                Cmd("zscore", (keys.KOMBU_UNACKED_INDEX, tag)),
+            ]
         replies = yield step
         return [
             (_text(status), _text(worker), handed_out)
@@ -340,7 +346,9 @@ class _Core:
         locked = (yield [Cmd("set", (keys.sweep_lock(spec), "1"), {"nx": True, "ex": max(1, int(grace_s))})])[0]
         if not locked:
             return []
-        stale = (yield [Cmd("zrangebyscore", (keys.queued(spec), "-inf", time.time() - grace_s), {"start": 0, "num": limit})])[0]
+        stale = (
+            yield [Cmd("zrangebyscore", (keys.queued(spec), "-inf", time.time() - grace_s), {"start": 0, "num": limit})]
+        )[0]
         return [_text(job_id) for job_id in stale]
 
     @operation
@@ -373,7 +381,10 @@ class _Core:
     @operation
     def callback_secret(self, candidate: str) -> Op[str]:
         """The master secret all API processes share: the first one stored wins."""
-        _, secret = yield [Cmd("set", (keys.CALLBACK_MASTER, candidate), {"nx": True}), Cmd("get", (keys.CALLBACK_MASTER,))]
+        _, secret = yield [
+            Cmd("set", (keys.CALLBACK_MASTER, candidate), {"nx": True}),
+            Cmd("get", (keys.CALLBACK_MASTER,)),
+        ]
         return _text(secret)
 
     @operation
