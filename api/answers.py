@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from shared.schemas import JobView
@@ -15,6 +15,7 @@ from shared.store import JobKind, JobRecord, JobStatus
 from api import render
 from api.auth import Caller
 from api.deps import Config, Jobs, Models
+from api.problems import documented
 from api.service import JobService
 
 # Answers with more series than this are streamed, rendered piece by piece off the event loop.
@@ -102,3 +103,38 @@ async def cancel_job(job_id: str, response: Response, jobs: Jobs, owner: Caller)
     if not stopped:
         response.status_code = status.HTTP_202_ACCEPTED
     return JobView.of(record)
+
+
+def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
+    """`GET /{collection}/{job_id}` (with long-wait), `GET …/events` and `DELETE` on `router`."""
+    path = f"/{collection}/{{job_id}}"
+    router.add_api_route(
+        path,
+        get_job,
+        methods=["GET"],
+        response_model=JobView,
+        responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
+        summary=f"A {noun}'s status and results; with `wait`, answer as soon as it finishes",
+    )
+    router.add_api_route(
+        f"{path}/events",
+        job_events,
+        methods=["GET"],
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {"example": STREAM_EXAMPLE}}, "description": "Server-Sent Events."},
+            **documented("unauthorized", "unknown-job", "redis-unavailable"),
+        },
+        summary=f"A Server-Sent Events stream of the {noun}'s changes, ending with its result",
+    )
+    router.add_api_route(
+        path,
+        cancel_job,
+        methods=["DELETE"],
+        response_model=JobView,
+        responses={
+            202: {"model": JobView, "description": "Running: it stops at its next batch."},
+            **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable"),
+        },
+        summary=f"Cancel a {noun}",
+    )

@@ -8,12 +8,11 @@ The job is read, long-waited and cancelled like any other (`/v1/backtests/{id}` 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
-from fastapi.responses import StreamingResponse
 
 from shared.schemas import BacktestRequest, JobView
 
 from api import bodies
-from api.answers import accepted, answer, cancel_job, get_job, job_events
+from api.answers import accepted, add_job_routes, answer
 from api.auth import Caller
 from api.deps import IdempotencyKey, Jobs, Models
 from api.problems import SUBMIT_ERRORS, documented
@@ -54,20 +53,4 @@ async def submit_backtest(
     return await answer(jobs, record, request, response)
 
 
-router.add_api_route(
-    "/backtests/{job_id}", get_job, methods=["GET"], response_model=JobView,
-    responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
-    summary="A backtest's status and progress; with `wait`, answer as soon as it finishes",
-)  # fmt: skip
-router.add_api_route(
-    "/backtests/{job_id}/events", job_events, methods=["GET"], response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."},
-               **documented("unauthorized", "unknown-job", "redis-unavailable")},
-    summary="A Server-Sent Events stream of the backtest's progress, ending with its result",
-)  # fmt: skip
-router.add_api_route(
-    "/backtests/{job_id}", cancel_job, methods=["DELETE"], response_model=JobView,
-    responses={202: {"model": JobView, "description": "Running: it stops at its next batch."},
-               **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable")},
-    summary="Cancel a backtest",
-)  # fmt: skip
+add_job_routes(router, "backtests", "backtest")

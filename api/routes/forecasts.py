@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
 
 from shared.schemas import ForecastRequest, JobView
 from shared.store import JobStatus, Lane
 
 from api import bodies
-from api.answers import STREAM_EXAMPLE, accepted, answer, cancel_job, get_job, job_events, location
+from api.answers import accepted, add_job_routes, answer, location
 from api.auth import Caller
 from api.deps import Config, IdempotencyKey, Jobs, Models
 from api.problems import SUBMIT_ERRORS, documented
@@ -48,25 +47,7 @@ async def submit_forecast(
     return await answer(jobs, record, request, response)
 
 
-router.add_api_route(
-    "/forecasts/{job_id}", get_job, methods=["GET"], response_model=JobView,
-    responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
-    summary="A forecast job's status and results; with `wait`, answer as soon as it finishes",
-)  # fmt: skip
-router.add_api_route(
-    "/forecasts/{job_id}/events", job_events, methods=["GET"], response_class=StreamingResponse,
-    responses={
-        200: {"content": {"text/event-stream": {"example": STREAM_EXAMPLE}}, "description": "Server-Sent Events."},
-        **documented("unauthorized", "unknown-job", "redis-unavailable"),
-    },
-    summary="A Server-Sent Events stream of the job's changes, ending with its result",
-)  # fmt: skip
-router.add_api_route(
-    "/forecasts/{job_id}", cancel_job, methods=["DELETE"], response_model=JobView,
-    responses={202: {"model": JobView, "description": "Running: it stops at its next batch."},
-               **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable")},
-    summary="Cancel a job",
-)  # fmt: skip
+add_job_routes(router, "forecasts", "forecast job")
 
 
 @router.post(
