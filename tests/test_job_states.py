@@ -24,7 +24,9 @@ def client(redis_server):
 
 @pytest.fixture()
 def store(redis_server):
-    return JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server, result_ttl_s=60, max_deliveries=3))
+    return JobStore(
+        redis.Redis.from_url(redis_server.url), settings_for(redis_server, result_ttl_s=60, max_deliveries=3)
+    )
 
 
 def queued_job(client) -> str:
@@ -141,3 +143,17 @@ def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it
 
     assert claims == ["running"] * 5
     assert record(client, job_id).status is JobStatus.RUNNING
+
+
+def test_a_record_reads_back_from_its_hash_as_it_was_written_as_text_or_bytes(client, redis_server):
+    written = JobRecord(
+        uuid.uuid4().hex, SPEC.id, JobStatus.SUCCEEDED, Lane.SYNC, 3, 12, 1764000000.123456, "owner",
+        request={"parameters": {"prediction_length": 12}}, identity="owner:abc", started_at=1764000001.5,
+        finished_at=1764000002.25, inference_s=0.125, worker="w1/7", weights="synthetic", cancel_requested=True,
+        progress_done=3, cached=True, lost=1, callback_url="http://hooks/x", callback_status="delivered",
+        callback_attempts=2, backtest={"metrics": {"mase": 0.5}},
+    )  # fmt: skip
+    client.hset(keys.job(written.id), mapping=written.to_hash())
+
+    assert JobRecord.from_hash(client.hgetall(keys.job(written.id))) == written
+    assert JobRecord.from_hash(redis.Redis.from_url(redis_server.url).hgetall(keys.job(written.id))) == written
