@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if dispatcher:
                 await dispatcher.stop()
+            await app.state.service.sender.close()
             await events.stop()
             celery.close()
             for c, pool in zip((client, raw), pools, strict=True):

@@ -14,7 +14,6 @@ import msgspec
 from celery import Celery
 
 from shared import cache, catalog, families
-from shared.celery_app import send_job
 from shared.schemas import BacktestRequest, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
@@ -28,6 +27,7 @@ from api.events import JobEvents
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
+from api.sender import Sender
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class JobService:
         self.events, self.metrics = events, metrics
         self.fleet = Fleet(settings, store)
         self.admission = Admission(settings, store)
+        self.sender = Sender(celery, settings.send_window_ms / 1000, settings.send_max_jobs)
 
     async def submit(
         self,
@@ -157,7 +158,7 @@ class JobService:
                 return await self.require(earlier, owner), False
 
         try:
-            await asyncio.to_thread(send_job, self.celery, spec, lane, record.id)
+            await self.sender.send(spec, lane, record.id)
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", record.id, exc)
             await self.store.discard(spec, owner, record.id, idempotency[0] if idempotency else None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import time
 from collections import Counter
@@ -140,10 +141,14 @@ async def main_async(args) -> None:
 
 def _where(stack: Stack, job_ids: list[str], started_at: float) -> list[str]:
     """For jobs that never finished: their record, and whether their message is queued or held."""
+    from shared.celery_app import job_ids as carried
     from shared.store import keys
 
-    held = " ".join(stack.redis.hvals(keys.KOMBU_UNACKED))
-    queued = " ".join(m for spec in stack.specs for q in keys.worker_queues(spec) for m in stack.redis.lrange(q, 0, -1))
+    held = {j for m in stack.redis.hvals(keys.KOMBU_UNACKED) for j in carried(json.loads(m)[0])}
+    queued = {
+        j for spec in stack.specs for q in keys.worker_queues(spec) for m in stack.redis.lrange(q, 0, -1)
+        for j in carried(json.loads(m))
+    }  # fmt: skip
     lines = []
     for job_id in job_ids:
         rec = stack.redis.hgetall(keys.job(job_id))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -57,7 +61,20 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> C
     return app
 
 
-def send_job(app: Celery, spec: catalog.ModelSpec, lane: Lane, job_id: str) -> None:
-    """Send a job's message to its model's queue for `lane`. The message carries only the job id (also
-    the task id, which is how the reaper matches messages to jobs); the series wait in the job store."""
-    app.send_task(keys.FORECAST_TASK, args=[job_id], task_id=job_id, queue=keys.lane_queue(spec, lane))
+def send_jobs(app: Celery, spec: catalog.ModelSpec, lane: Lane, job_ids: list[str]) -> None:
+    """Send one message for these jobs to their model's queue for `lane`. A message carries only ids:
+    one job's id is also its task id; several jobs (api/sender.py) go as a list under a task id of
+    their own. The series wait in the job store. The reaper reads the ids back with `job_ids`."""
+    single = len(job_ids) == 1
+    app.send_task(
+        keys.FORECAST_TASK,
+        args=[job_ids[0] if single else job_ids],
+        task_id=job_ids[0] if single else uuid.uuid4().hex,
+        queue=keys.lane_queue(spec, lane),
+    )
+
+
+def job_ids(message: dict) -> list[str]:
+    """The job ids a Celery message (as kombu's Redis transport stores it) carries."""
+    (jobs,), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return [jobs] if isinstance(jobs, str) else list(jobs)

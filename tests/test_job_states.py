@@ -37,11 +37,14 @@ def queued_job(client) -> str:
 
 
 def start(store, job_id):
-    return store.start(SPEC, job_id, "w1")[0]
+    ((state, _),) = store.start(SPEC, [job_id], "w1")
+    return state
 
 
 def finish(store, job_id, status=JobStatus.SUCCEEDED, **fields):
-    return store.finish(job_id, "owner", status, fields)
+    job = JobRecord(job_id, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner")
+    (final,) = store.finish([(job, status, fields)])
+    return final
 
 
 def cancel(store, job_id, owner="owner"):

@@ -96,10 +96,12 @@ class Worker:
             raise RuntimeError("the worker has not loaded its model yet (Celery's worker_init)")
         return self._loaded
 
-    def forecast(self, job_id: str) -> str:
-        """The task: one job message."""
+    def forecast(self, jobs: str | list[str]) -> list[str]:
+        """The task: the job ids of one message (one id, or a list of the small jobs the API sent
+        together); returns their statuses afterwards."""
         loaded = self.loaded
-        return execute(job_id, loaded.batcher, loaded.store, self.settings, loaded.name)
+        job_ids = [jobs] if isinstance(jobs, str) else jobs
+        return execute(job_ids, loaded.batcher, loaded.store, self.settings, loaded.name)
 
     def _sign_off(self) -> None:
         """At process exit (after a warm shutdown has finished the jobs in hand): leave the worker list.

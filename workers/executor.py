@@ -1,18 +1,22 @@
-"""One forecast job, start to finish: claim it, run its series through the batcher, store the outcome."""
+"""The jobs of one message, start to finish: claim them, run their series through the batcher, store
+the outcomes."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import redis
 
 from shared import cache, families
+from shared.catalog import ModelSpec
 from shared.schemas import BacktestRequest, ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import JobKind, JobStatus, JobStore, Lane
+from shared.store import JobKind, JobRecord, JobStatus, JobStore, Lane
 
 from workers import backtest, metrics
 from workers.batcher import Batcher, Slice, Work
@@ -85,18 +89,22 @@ def _failed(job_id: str, fields: dict, error: str) -> JobStatus:
     return JobStatus.FAILED
 
 
-def _run(
-    work: Work, backtest_request: BacktestRequest | None, batcher: Batcher, settings: Settings, fields: dict
+def _settle(
+    work: Work,
+    backtest_request: BacktestRequest | None,
+    batcher: Batcher,
+    deadline: float,
+    max_job_s: float,
+    fields: dict,
 ) -> JobStatus:
-    """Feed the job to the batcher, wait for it, and score it when it is a backtest: its outcome
-    (`fields` get what the job's record stores)."""
-    batcher.submit(work)
-    finished = work.finished.wait(settings.max_job_s)
+    """Wait for a submitted job until `deadline` (monotonic), and score it when it is a backtest: its
+    outcome (`fields` get what the job's record stores)."""
+    finished = work.finished.wait(max(0.0, deadline - time.monotonic()))
     if not finished:
         batcher.abandon(work)
     fields["inference_s"] = round(work.model_s, 6)
     fields["progress_done"] = work.done
-    error = work.error if finished else f"TimeoutError: not finished within MAX_JOB_S={settings.max_job_s}s"
+    error = work.error if finished else f"TimeoutError: not finished within MAX_JOB_S={max_job_s}s"
     if error:
         return _failed(work.job_id, fields, error)
     if work.cancelled:
@@ -113,52 +121,91 @@ def _run(
     return JobStatus.SUCCEEDED
 
 
-def execute(job_id: str, batcher: Batcher, store: JobStore, settings: Settings, worker: str) -> str:
-    """Run one job message (on a task thread); returns the job's status afterwards.
+def _work(store: JobStore, record: JobRecord, spec: ModelSpec) -> tuple[Work, BacktestRequest | None]:
+    """What the batcher runs for a job (and a backtest's request, to score it by)."""
+    if record.kind is JobKind.BACKTEST:
+        return _backtest_work(store, record.id, spec, record.request, record.lane)
+    params = ForecastParameters.model_validate(record.request["parameters"])
+    key = families.of(spec).group_key(params, record.id)
+    # A job that was in the pass of a worker that died may be what killed it: it runs alone from now
+    # on, so no other job shares its next passes (and its fate).
+    return Work(record.id, record.n_series, params, record.lane, (*key, record.id) if record.lost else key), None
 
-    A message whose job is no longer runnable (cancelled while queued, already finished by
-    an earlier delivery, or expired) is dropped without touching the model.
+
+def _outcome(job: _Claimed, batcher: Batcher, deadline: float, max_job_s: float) -> JobStatus:
+    if job.work is None:
+        return job.failed or JobStatus.FAILED
+    return _settle(job.work, job.backtest_request, batcher, deadline, max_job_s, job.fields)
+
+
+class _Claimed(NamedTuple):
+    record: JobRecord
+    fields: dict
+    work: Work | None = None
+    backtest_request: BacktestRequest | None = None
+    failed: JobStatus | None = None  # the job could not even be read
+
+
+def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings: Settings, worker: str) -> list[str]:
+    """Run the jobs of one message (on a task thread); returns their statuses afterwards.
+
+    A message carries one job, or several small ones the API sent together (api/sender.py): they
+    are claimed in one round trip, handed to the batcher together, and finished in one. A job no
+    longer runnable (cancelled while queued, finished by an earlier delivery, expired) is skipped
+    without touching the model.
     """
     spec = batcher.runtime.spec
-    state, record = store.start(spec, job_id, worker)
-    if state != JobStatus.RUNNING:
-        log.info("job %s: not runnable (%s), message dropped", job_id, state)
-        metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
-        return state
-    lane = record.lane
-    metrics.QUEUE_WAIT.labels(spec.id, lane.value).observe(max(0.0, time.time() - record.created_at))
-
-    fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
-    stored_request = record.request
-    work: Work | None = None
-    try:
-        if record.kind is JobKind.BACKTEST:
-            work, backtest_request = _backtest_work(store, job_id, spec, stored_request, lane)
+    statuses = {}
+    claimed: list[_Claimed] = []
+    for job_id, (state, record) in zip(job_ids, store.start(spec, job_ids, worker), strict=True):
+        if state != JobStatus.RUNNING or record is None:
+            log.info("job %s: not runnable (%s), skipped", job_id, state)
+            metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
+            statuses[job_id] = state
+            continue
+        metrics.QUEUE_WAIT.labels(spec.id, record.lane.value).observe(max(0.0, time.time() - record.created_at))
+        fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
+        try:
+            work, backtest_request = _work(store, record, spec)
+        except Exception as exc:  # a job this worker cannot read fails, not the worker
+            claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
         else:
-            params = ForecastParameters.model_validate(stored_request["parameters"])
-            key = families.of(spec).group_key(params, job_id)
-            # A job that was in the pass of a worker that died may be what killed it: it runs alone
-            # from now on, so no other job shares its next passes (and its fate).
-            work = Work(job_id, record.n_series, params, lane, (*key, job_id) if record.lost else key)
-            backtest_request = None
-    except Exception as exc:  # a job this worker cannot read fails, not the worker
-        outcome = _failed(job_id, fields, f"{type(exc).__name__}: {exc}")
-    else:
-        outcome = _run(work, backtest_request, batcher, settings, fields)
-    parameters = stored_request.get("parameters", {})
-    if outcome == JobStatus.SUCCEEDED and settings.cache_ttl_s and families.of(spec).cacheable(parameters):
-        # Before FINISH, so a client that sends the same request the moment it sees the result hits the cache.
-        if record.identity:
-            digest = cache.digest(spec, batcher.runtime.weights.revision, record.identity)
-            try:  # best effort: a miss only costs a run
-                store.remember(job_id, digest, fields)
-            except redis.RedisError as exc:
-                log.warning("result not cached: %s", exc)
-    final = store.finish(job_id, record.owner, outcome, fields)
-    n = work.n if work else 0
-    log.info("job %s: %s (%d series, %.3fs in the model)", job_id, final, n, fields["inference_s"])
-    metrics.JOBS.labels(spec.id, final).inc()
-    metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])
-    if final == JobStatus.SUCCEEDED:
-        metrics.SERIES.labels(spec.id).inc(n)
-    return final
+            batcher.submit(work)
+            claimed.append(_Claimed(record, fields, work, backtest_request))
+    deadline = time.monotonic() + settings.max_job_s
+    outcomes = [(job.record, _outcome(job, batcher, deadline, settings.max_job_s), job.fields) for job in claimed]
+    _remember(store, spec, batcher, settings, outcomes)
+    finals = store.finish(outcomes) if outcomes else []
+    for (record, _, fields), job, final in zip(outcomes, claimed, finals, strict=True):
+        n = job.work.n if job.work else 0
+        log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
+        metrics.JOBS.labels(spec.id, final).inc()
+        metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])
+        if final == JobStatus.SUCCEEDED:
+            metrics.SERIES.labels(spec.id).inc(n)
+        statuses[record.id] = final
+    return [statuses[job_id] for job_id in job_ids]
+
+
+def _remember(
+    store: JobStore,
+    spec: ModelSpec,
+    batcher: Batcher,
+    settings: Settings,
+    outcomes: list[tuple[JobRecord, JobStatus, dict]],
+) -> None:
+    """Keep the results of deterministic succeeded jobs for identical requests (shared/cache.py): before
+    they finish, so a client that sends the same request the moment it sees the result hits the cache."""
+    if not settings.cache_ttl_s:
+        return
+    family, revision = families.of(spec), batcher.runtime.weights.revision
+    kept = [
+        (record.id, cache.digest(spec, revision, record.identity), fields)
+        for record, status, fields in outcomes
+        if status == JobStatus.SUCCEEDED and record.identity and family.cacheable(record.request.get("parameters", {}))
+    ]
+    if kept:
+        try:  # best effort: a miss only costs a run
+            store.remember(kept)
+        except redis.RedisError as exc:
+            log.warning("results not cached: %s", exc)

@@ -11,7 +11,7 @@ The next delivery claims the job again (`attempts` + 1); after `MAX_DELIVERIES` 
 One window kombu leaves open: its Redis transport pops a message off the list and records it in
 `unacked` in a second step, so a worker killed in between loses the message outright. For that,
 `resend_lost` re-sends jobs still `queued` after `grace_s` whose message is in neither their
-queue nor `unacked` (a message carries only the job id; the series wait in the job's input list,
+queue nor `unacked` (a message carries only job ids; the series wait in the job's input list,
 `keys.job_input`). A duplicate it might send
 is harmless: the first delivery claims the job, later ones find it running or finished.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from typing import cast
 
@@ -29,7 +28,7 @@ from kombu.transport.redis import Channel as RedisChannel
 from kombu.transport.redis import QoS as RedisQoS
 
 from shared.catalog import ModelSpec
-from shared.celery_app import send_job
+from shared.celery_app import job_ids, send_jobs
 from shared.store import JobStore, keys
 
 log = logging.getLogger(__name__)
@@ -42,21 +41,22 @@ def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     for tag, raw in store.unacked().items():
         message, _exchange, routing_key = json.loads(raw)
         if routing_key in queues:
-            held.append((tag, message["headers"]["id"]))  # Celery's task id is the job id
+            held += [(tag, job_id) for job_id in job_ids(message)]
     if not held:
         return []
     alive = store.live_workers(spec)
     unclaimed_before = time.time() - 3 * store.settings.heartbeat_s
-    orphaned = []
+    orphaned: set[str] = set()
     for (tag, _), (status, worker, handed_out) in zip(held, store.holders(held), strict=True):
         # Claimed by a worker that stopped heartbeating; or handed out long ago and never claimed,
-        # which happens only to a worker killed between fetching a message and claiming its job
-        # (a live worker claims at once: it fetches only when a slot is free).
+        # which happens only to a worker killed between fetching a message and claiming its jobs
+        # (a live worker claims at once: it fetches only when a slot is free). One such job of a
+        # message is enough: the redelivery skips the jobs that ended meanwhile.
         if (status == "running" and worker and worker not in alive) or (
             status == "queued" and handed_out is not None and handed_out < unclaimed_before
         ):
-            orphaned.append(tag)
-    return orphaned
+            orphaned.add(tag)
+    return sorted(orphaned)
 
 
 def restore(app: Celery, store: JobStore, spec: ModelSpec) -> int:
@@ -74,8 +74,6 @@ def restore(app: Celery, store: JobStore, spec: ModelSpec) -> int:
     return len(tags)
 
 
-# kombu's JSON puts Celery's headers (task id first) after the body; a task id is 32 hex digits here.
-_TASK_ID = re.compile(r'"id": "([0-9a-f]{32})"')
 # Above this many waiting messages the sweep waits for the backlog to shrink (it reads every message).
 SCAN_MAX = 5_000
 
@@ -91,15 +89,20 @@ def resend_lost(app: Celery, store: JobStore, spec: ModelSpec, grace_s: float) -
     messages = store.waiting_messages(spec, SCAN_MAX)
     if messages is None:
         return 0
-    present = {m.group(1) for raw in messages if (m := _TASK_ID.search(raw))}
+    present = {job_id for raw in messages for job_id in job_ids(_message(json.loads(raw)))}
     resent = 0
     for job_id in stale:
         status, lane = store.queued_state(spec, job_id)
         if status is None or job_id in present:  # claimed, finished or expired meanwhile; or not lost
             continue
-        send_job(app, spec, lane, job_id)
+        send_jobs(app, spec, lane, [job_id])
         store.resent(spec, job_id)
         resent += 1
     if resent:
         log.warning("sent %d job(s) of %s again: accepted, never claimed, message lost", resent, spec.id)
     return resent
+
+
+def _message(stored: dict | list) -> dict:
+    """A message from a queue (as sent), or from kombu's unacked hash ([message, exchange, routing key])."""
+    return stored[0] if isinstance(stored, list) else stored

@@ -238,21 +238,31 @@ class _Core:
     # -- running a job (workers) ----------------------------------------------------------------
 
     @operation
-    def start(self, spec: ModelSpec, job_id: str, worker: str) -> Op[tuple[str, JobRecord | None]]:
-        """Claim the job for this delivery of its message: its status afterwards ('running', or why the
-        message is to be dropped: an end state or 'missing') and its record as it was."""
-        fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
-        if not fields:
-            return "missing", None
-        record = JobRecord.from_hash(fields)
+    def start(self, spec: ModelSpec, job_ids: Sequence[str], worker: str) -> Op[list[tuple[str, JobRecord | None]]]:
+        """Claim the jobs of one delivery of a message: for each, its status afterwards ('running', or
+        why it is to be skipped: an end state or 'missing') and its record as it was. Two round trips
+        however many jobs the message carries."""
+        found = yield [Cmd("hgetall", (keys.job(job_id),)) for job_id in job_ids]
+        records = [JobRecord.from_hash(fields) if fields else None for fields in found]
         s = self.settings
-        reply = yield [run_script(
-            "start",
-            [keys.job(job_id), keys.in_flight(record.owner), keys.queued(spec), keys.job_input(job_id),
-             keys.job_output(job_id), keys.CALLBACKS],
-            [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, job_id],
-        )]  # fmt: skip
-        return _text(reply[0]), record
+        claims = [
+            run_script(
+                "start",
+                [
+                    keys.job(r.id),
+                    keys.in_flight(r.owner),
+                    keys.queued(spec),
+                    keys.job_input(r.id),
+                    keys.job_output(r.id),
+                    keys.CALLBACKS,
+                ],
+                [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, r.id],
+            )
+            for r in records
+            if r is not None
+        ]
+        states = iter((yield claims) if claims else [])
+        return [(_text(next(states)), r) if r is not None else ("missing", None) for r in records]
 
     @operation
     def read_pass(self, slices: Sequence[tuple[str, int, int, bool]]) -> Op[list[PassRead]]:
@@ -292,29 +302,47 @@ class _Core:
         return (yield [Cmd("lindex", (keys.job_input(job_id), 0))])[0]
 
     @operation
-    def remember(self, job_id: str, digest: str, fields: dict) -> Op[None]:
-        """Keep a succeeded job's result in the cache under `digest` (shared/cache.py), with the record
-        fields a cache hit reuses."""
+    def remember(self, results: Sequence[tuple[str, str, dict]]) -> Op[None]:
+        """Keep each (job id, digest, fields) succeeded job's result in the cache under its digest
+        (shared/cache.py), with the record fields a cache hit reuses."""
         ttl = self.settings.cache_ttl_s
-        kept = {name: fields[name] for name in ("weights", "backtest", "progress_done") if name in fields}
-        yield [
-            Cmd("copy", (keys.job_output(job_id), keys.cache_output(digest)), {"replace": True}),
-            Cmd("expire", (keys.cache_output(digest), ttl)),
-            Cmd("set", (keys.cache(digest), json.dumps(kept)), {"ex": ttl}),
-        ]
+        step = []
+        for job_id, digest, fields in results:
+            kept = {name: fields[name] for name in ("weights", "backtest", "progress_done") if name in fields}
+            step += [
+                Cmd("copy", (keys.job_output(job_id), keys.cache_output(digest)), {"replace": True}),
+                Cmd("expire", (keys.cache_output(digest), ttl)),
+                Cmd("set", (keys.cache(digest), json.dumps(kept)), {"ex": ttl}),
+            ]
+        yield step
 
     @operation
-    def finish(self, job_id: str, owner: str, status: JobStatus, fields: dict) -> Op[str]:
-        """Store a job's outcome; returns its final status (a pending cancel makes a success 'cancelled';
-        a job that is not running keeps what it has)."""
-        reply = yield [run_script(
-            "finish",
-            [keys.job(job_id), keys.in_flight(owner), keys.job_input(job_id), keys.job_output(job_id),
-             keys.job_items(job_id), keys.CALLBACKS],
-            [status.value, repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, job_id,
-             *(x for pair in encode(fields).items() for x in pair)],
-        )]  # fmt: skip
-        return _text(reply[0])
+    def finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> Op[list[str]]:
+        """Store the outcome (status and record fields) of each job; returns their final statuses (a
+        pending cancel makes a success 'cancelled'; a job that is not running keeps what it has)."""
+        replies = yield [
+            run_script(
+                "finish",
+                [
+                    keys.job(r.id),
+                    keys.in_flight(r.owner),
+                    keys.job_input(r.id),
+                    keys.job_output(r.id),
+                    keys.job_items(r.id),
+                    keys.CALLBACKS,
+                ],
+                [
+                    status.value,
+                    repr(time.time()),
+                    self.settings.result_ttl_s,
+                    keys.EVENTS_CHANNEL,
+                    r.id,
+                    *(x for pair in encode(fields).items() for x in pair),
+                ],
+            )
+            for r, status, fields in outcomes
+        ]
+        return [_text(reply) for reply in replies]
 
     # -- messages lost with a worker (workers/reaper.py) ----------------------------------------
 

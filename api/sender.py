@@ -1,0 +1,81 @@
+"""Sending jobs' messages to their model's queue: async jobs that arrive together share one.
+
+A flood of one-series jobs costs a worker one Celery delivery (fetch, unacked bookkeeping, ack,
+task events) per message, and a message per job caps the flood well below what the model does.
+So each API process holds the async jobs of a model for up to SEND_WINDOW_MS, or until
+SEND_MAX_JOBS are waiting, and sends their ids as one message; the worker claims, runs and
+finishes them together (workers/executor.py). Each job keeps its own id, record, cancel and
+result. A request is answered only once its message is sent: if the send fails, every job of
+the message is discarded and answered 503, so nothing accepted is ever without a message.
+
+Sync jobs are never held: a /v1/predict is sent at once, on its lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from celery import Celery
+
+from shared.catalog import ModelSpec
+from shared.celery_app import send_jobs
+from shared.store import Lane
+
+
+@dataclass
+class _Open:
+    """A message being filled."""
+
+    spec: ModelSpec
+    job_ids: list[str] = field(default_factory=list)
+    sent: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    timer: asyncio.TimerHandle | None = None
+
+
+class Sender:
+    def __init__(self, celery: Celery, window_s: float, max_jobs: int):
+        self.celery, self.window_s, self.max_jobs = celery, window_s, max_jobs
+        self._open: dict[str, _Open] = {}  # model id -> the message being filled
+        self._sending: set[asyncio.Task] = set()
+
+    async def send(self, spec: ModelSpec, lane: Lane, job_id: str) -> None:
+        """Return once the job's message is on its queue (raises what sending raised)."""
+        if lane is Lane.SYNC or not self.window_s or self.max_jobs == 1:
+            await asyncio.to_thread(send_jobs, self.celery, spec, lane, [job_id])
+            return
+        message = self._open.get(spec.id)
+        if message is None:
+            message = self._open[spec.id] = _Open(spec)
+            message.timer = asyncio.get_running_loop().call_later(self.window_s, self._flush, spec.id)
+        message.job_ids.append(job_id)
+        if len(message.job_ids) >= self.max_jobs:
+            self._flush(spec.id)
+        # Shielded: a request that goes away (client disconnect) must not cancel its neighbours' send.
+        await asyncio.shield(message.sent)
+
+    def _flush(self, model_id: str) -> None:
+        message = self._open.pop(model_id, None)
+        if message is None:
+            return
+        if message.timer is not None:
+            message.timer.cancel()
+        task = asyncio.create_task(self._send(message))
+        self._sending.add(task)  # held, so the loop does not drop it mid-send
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, message: _Open) -> None:
+        try:
+            await asyncio.to_thread(send_jobs, self.celery, message.spec, Lane.ASYNC, message.job_ids)
+        except Exception as exc:
+            message.sent.set_exception(exc)
+            message.sent.exception()  # each waiting request handles it; none left is no error to log
+        else:
+            message.sent.set_result(None)
+
+    async def close(self) -> None:
+        """Send what is held (at shutdown), and wait for the sends under way."""
+        for model_id in list(self._open):
+            self._flush(model_id)
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=10)
