@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from shared.catalog import ModelSpec
 from shared.settings import Settings
-from shared.store import AsyncJobStore
+from shared.store import AsyncJobStore, Lane, keys
 
 from api.auth import LEGACY
 from api.problems import Problem
@@ -34,8 +35,8 @@ class Admission:
 
     async def admit(self, owner: str) -> None:
         """The owner's submission rate limit (429). Routes take the token before they read a body, so
-        a caller over its rate costs no parsing; the queue-depth cap needs the model, so it waits for
-        the body, and the in-flight cap is checked as the job is created (`too_many_in_flight`)."""
+        a caller over its rate costs no parsing. The queue-depth and in-flight caps are checked by the
+        job store as it creates the job (`queue_full`, `too_many_in_flight`)."""
         own = self.limits(owner)
         if not own.rate_per_s:
             return
@@ -48,12 +49,13 @@ class Admission:
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
 
-    async def check_queue(self, queue: str) -> None:
-        cap = self.settings.max_queue_depth
-        if cap and await self.store.queue_depth(queue) >= cap:
-            raise Problem(
-                503, "queue-full", f"queue {queue} holds {cap} jobs or more; retry later", headers={"Retry-After": "5"}
-            )
+    def queue_full(self, spec: ModelSpec, lane: Lane) -> Problem:
+        """The answer when MAX_QUEUE_DEPTH messages wait on the lane's queue (the job store checks it
+        as it creates the job; with several small jobs to a message it counts messages)."""
+        cap, queue = self.settings.max_queue_depth, keys.lane_queue(spec, lane)
+        return Problem(
+            503, "queue-full", f"queue {queue} holds {cap} jobs or more; retry later", headers={"Retry-After": "5"}
+        )
 
     def too_many_in_flight(self, owner: str, n: str) -> Problem:
         own = self.limits(owner)

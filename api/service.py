@@ -18,7 +18,7 @@ from shared.schemas import BacktestRequest, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
-from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, keys
+from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane
 
 from api import callbacks, limits, render
 from api.admission import Admission
@@ -110,7 +110,6 @@ class JobService:
     ) -> tuple[JobRecord, bool]:
         if not admitted:
             await self.admission.admit(owner)
-        await self.admission.check_queue(keys.lane_queue(spec, lane))
 
         now = time.time()
         identity = series_identity(series, {"kind": kind.value, **request})
@@ -135,27 +134,27 @@ class JobService:
             record.progress_done = int(hit.get("progress_done", 0))
             outcome = await self.store.create_done(record, digest_of_hit, items, idempotency)
         else:
+            # Single-flight: while a job for a request is queued or running, the same owner's identical
+            # request attaches to it instead of queueing another, so a client that retries after a
+            # timeout waits on its first job. Only for answers that do not depend on which job computes
+            # them (what the cache may answer); a request with an Idempotency-Key follows its key, and
+            # one with a callback_url asked for its own delivery. Decided in the creating script, so two
+            # identical requests racing cannot both miss each other.
+            joins = not idempotency and not callback_url and families.of(spec).cacheable(request["parameters"])
             max_in_flight = self.admission.limits(owner).max_in_flight
-            outcome = await self.store.create(spec, record, series.encode(), items, max_in_flight, idempotency)
+            outcome = await self.store.create(
+                spec, record, series.encode(), items, max_in_flight, idempotency, digest if joins else None
+            )
+        if outcome is not None and outcome.startswith("joined:"):
+            earlier = outcome.removeprefix("joined:")
+            log.info("%s for %s attached to the same request's job %s, in flight", kind.value, spec.id, earlier)
+            return await self.require(earlier, owner), False
         if outcome is not None:
-            return await self._refused_or_replayed(outcome, digest, owner, idempotency)
+            return await self._refused_or_replayed(outcome, digest, owner, idempotency, spec, lane)
         if hit is not None:
             log.info("%s %s answered from the result cache: %s", kind.value, record.id, spec.id)
             self.metrics.accepted.labels(spec.id, "cached").inc()
             return record, False
-
-        # Single-flight: while a job for a request is queued or running, the same owner's identical
-        # request attaches to it instead of queueing another, so a client that retries after a timeout
-        # waits on its first job. Only for answers that do not depend on which job computes them (what
-        # the cache may answer); a request with an Idempotency-Key follows its key, and one with a
-        # callback_url asked for its own delivery. Joined after creating, so that two identical
-        # requests racing cannot both miss each other.
-        if not idempotency and not callback_url and families.of(spec).cacheable(request["parameters"]):
-            earlier = await self.store.join_flight(owner, digest, record.id)
-            if earlier is not None:
-                await self.store.discard(spec, owner, record.id)
-                log.info("%s for %s attached to the same request's job %s, in flight", kind.value, spec.id, earlier)
-                return await self.require(earlier, owner), False
 
         try:
             await self.sender.send(spec, lane, record.id)
@@ -196,10 +195,13 @@ class JobService:
         return record
 
     async def _refused_or_replayed(
-        self, outcome: str, digest: str, owner: str, idempotency: tuple[str, str] | None
-    ) -> tuple[JobRecord, bool]:
+        self, outcome: str, digest: str, owner: str, idempotency: tuple[str, str] | None, spec: catalog.ModelSpec,
+        lane: Lane,
+    ) -> tuple[JobRecord, bool]:  # fmt: skip
         if outcome.startswith("in-flight:"):
             raise self.admission.too_many_in_flight(owner, outcome.split(":")[1])
+        if outcome.startswith("queue-full:"):
+            raise self.admission.queue_full(spec, lane)
         earlier_id, earlier_digest = outcome.split(" ", 1)
         if earlier_digest != digest:
             raise Problem(

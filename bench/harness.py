@@ -57,10 +57,11 @@ class Stack:
     """redis-server, the API and one worker per model, as separate processes; a context manager."""
 
     def __init__(
-        self, models: list[str], worker_env: dict[str, str] | None = None, workers_per_model: int = 1, aof: bool = False
-    ):
+        self, models: list[str], worker_env: dict[str, str] | None = None, workers_per_model: int = 1, aof: bool = False,
+        api_env: dict[str, str] | None = None,
+    ):  # fmt: skip
         self.specs = [catalog.get(m) for m in models]
-        self.worker_env = worker_env or {}
+        self.worker_env, self.api_env = worker_env or {}, api_env or {}
         self.workers_per_model, self.aof = workers_per_model, aof
         self.procs: dict[str, subprocess.Popen] = {}
         self._exit = ExitStack()
@@ -85,7 +86,7 @@ class Stack:
             for i in range(self.workers_per_model):
                 self.start_worker(spec.id, f"worker-{spec.slug}" + (f"-{i}" if i else ""))
         api = ["api", "--port", str(api_port), "--log-level", "warning"]
-        self._spawn([sys.executable, "-m", *api], self.env, "api")
+        self._spawn([sys.executable, "-m", *api], {**self.env, **self.api_env}, "api")
         for spec in self.specs:
             wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec)) > 0, f"the {spec.slug} worker")
         self.base = f"http://127.0.0.1:{api_port}"

@@ -87,7 +87,7 @@ def _env(pairs: list[str]) -> dict[str, str]:
 
 
 def flood(args) -> None:
-    with Stack([args.model], _env(args.worker_env)) as stack:
+    with Stack([args.model], _env(args.worker_env), api_env=_env(args.api_env)) as stack:
         print(
             f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads), {LENGTH} points, horizon {HORIZON}"
         )
@@ -107,7 +107,8 @@ def flood(args) -> None:
         after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
     print(f"flood: {args.clients} clients, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s"
-          f"{', worker ' + ' '.join(args.worker_env) if args.worker_env else ''}")  # fmt: skip
+          f"{', worker ' + ' '.join(args.worker_env) if args.worker_env else ''}"
+          f"{', API ' + ' '.join(args.api_env) if args.api_env else ''}")  # fmt: skip
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
     print(f"  served (HTTP→result) {served:8.1f} series/s, mean worker batch {mean_batch:.1f} series")
     print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.80)")
@@ -121,7 +122,7 @@ def flood(args) -> None:
 
 
 def sync(args) -> None:
-    with Stack([args.model], _env(args.worker_env)) as stack:
+    with Stack([args.model], _env(args.worker_env), api_env=_env(args.api_env)) as stack:
         quiet, quiet_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)
         load = subprocess.Popen(
             [sys.executable, __file__, "_load", "--base", stack.base, "--model", args.model, "--clients", str(args.clients)],
@@ -156,7 +157,7 @@ def _load(args) -> None:
 
 
 def bulk(args) -> None:
-    with Stack([args.model], _env(args.worker_env)) as stack:
+    with Stack([args.model], _env(args.worker_env), api_env=_env(args.api_env)) as stack:
         print(f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads)")
         raw = Raw(args.model)
         best_batch, raw_rate = raw.best(None, LENGTH, HORIZON)
@@ -195,6 +196,7 @@ def main() -> None:
     b.add_argument("--series", type=int, default=10_000)
     for sub in (f, s, b):
         sub.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE", help="worker settings to try")
+        sub.add_argument("--api-env", nargs="*", default=[], metavar="KEY=VALUE", help="API settings to try")
     load = commands.add_parser("_load")
     load.add_argument("--base", required=True)
     load.add_argument("--model", required=True)

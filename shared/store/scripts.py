@@ -10,8 +10,7 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-NAMES = ("create", "create_done", "start", "finish", "cancel", "progress", "take_token", "join_flight",
-         "promote_callbacks")  # fmt: skip
+NAMES = ("create", "create_done", "start", "finish", "cancel", "progress", "take_token", "promote_callbacks")
 
 
 @cache

@@ -98,24 +98,29 @@ class _Core:
     @operation
     def create(
         self, spec: ModelSpec, record: JobRecord, inputs: list[bytes], items: bytes | None, max_in_flight: int,
-        idempotency: tuple[str, str] | None = None,
+        idempotency: tuple[str, str] | None = None, flight: str | None = None,
     ) -> Op[str | None]:  # fmt: skip
-        """Record a queued job with its series (`inputs`, one element each) and items. Returns None when
-        created; else nothing is kept and the answer is the earlier value of the idempotency key
-        (`idempotency`: its digest and the value to store), or 'in-flight:<n>' when the owner has
-        `max_in_flight` jobs not yet finished."""
+        """Record a queued job with its series (`inputs`, one element each) and items, in one round trip.
+
+        Returns None when created. Otherwise nothing is kept, and the answer says why (lua/create.lua):
+        the earlier value of the idempotency key (`idempotency`: the key's digest and the value to
+        store), 'queue-full:<n>' (MAX_QUEUE_DEPTH messages wait on the lane's queue),
+        'in-flight:<n>' (the owner has `max_in_flight` jobs not yet finished), or 'joined:<id>' (the
+        owner's identical request `flight`, a digest, is in flight as job <id>)."""
         job_id, ttl = record.id, self.record_ttl_s
         step: list[Cmd] = []
         if items is not None:
             step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
         step += [Cmd("rpush", (keys.job_input(job_id), *chunk)) for chunk in _chunks(inputs)]
         step.append(Cmd("expire", (keys.job_input(job_id), ttl)))
-        idem_key = [keys.idempotency(record.owner, idempotency[0])] if idempotency else []
         step.append(run_script(
             "create",
             [keys.job(job_id), keys.in_flight(record.owner), keys.job_input(job_id), keys.queued(spec),
-             keys.job_items(job_id), *idem_key],
-            [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "", *_pairs(record)],
+             keys.job_items(job_id), keys.lane_queue(spec, record.lane),
+             keys.idempotency(record.owner, idempotency[0]) if idempotency else "",
+             keys.flight(record.owner, flight) if flight else ""],
+            [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "",
+             self.settings.max_queue_depth, keys.job(""), *_pairs(record)],
         ))  # fmt: skip
         return _text((yield step)[-1])
 
@@ -152,14 +157,6 @@ class _Core:
     @operation
     def forget_idempotency(self, owner: str, digest: str) -> Op[None]:
         yield [Cmd("delete", (keys.idempotency(owner, digest),))]
-
-    @operation
-    def join_flight(self, owner: str, digest: str, job_id: str) -> Op[str | None]:
-        """The owner's job queued or running for the request `digest`, if any; else `job_id` becomes it."""
-        reply = yield [
-            run_script("join_flight", [keys.flight(owner, digest)], [job_id, self.record_ttl_s, keys.job("")])
-        ]
-        return _text(reply[0])
 
     @operation
     def take_token(self, owner: str, rate_per_s: float, burst: int) -> Op[float]:
@@ -219,10 +216,6 @@ class _Core:
         """The model's live workers' heartbeats, by worker name."""
         beats = (yield [Cmd("hgetall", (keys.workers(spec),))])[0]
         return live(beats, self.settings.heartbeat_s)
-
-    @operation
-    def queue_depth(self, queue: str) -> Op[int]:
-        return (yield [Cmd("llen", (queue,))])[0]
 
     @operation
     def heartbeat(self, spec: ModelSpec, name: str, info: dict) -> Op[None]:
@@ -485,18 +478,27 @@ class JobStore(_Core):
                 time.sleep(0.5)
 
     def _execute(self, step: list[Cmd]) -> list[Any]:
-        if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline (nor its SCRIPT EXISTS)
-            return [self._call(self.client, step[0])]
-        with self.client.pipeline(transaction=isinstance(step, Atomic)) as pipe:
-            for cmd in step:
-                self._call(pipe, cmd)
-            return pipe.execute()
+        if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline
+            cmd = step[0]
+            if cmd.name == SCRIPT:
+                name, keys_, args = cmd.args
+                return [self._scripts[name](keys=keys_, args=args)]  # loads the script when Redis lacks it
+            return [getattr(self.client, cmd.name)(*cmd.args, **cmd.kwargs)]
+        replies = self._pipeline(step, isinstance(step, Atomic))
+        missing = _scripts_missing(step, replies)
+        if missing:
+            for script in self._scripts.values():
+                self.client.script_load(script.script)
+            for i, reply in zip(missing, self._pipeline([step[i] for i in missing], False), strict=True):
+                replies[i] = reply
+        return _raise_first(replies)
 
-    def _call(self, target: Any, cmd: Cmd) -> Any:
-        if cmd.name == SCRIPT:
-            name, keys_, args = cmd.args
-            return self._scripts[name](keys=keys_, args=args, client=target)
-        return getattr(target, cmd.name)(*cmd.args, **cmd.kwargs)
+    def _pipeline(self, step: list[Cmd], atomic: bool) -> list[Any]:
+        with self.client.pipeline(transaction=atomic) as pipe:
+            for cmd in step:
+                name, args, kwargs = _command(cmd, self._scripts)
+                getattr(pipe, name)(*args, **kwargs)
+            return pipe.execute(raise_on_error=False)
 
 
 class AsyncJobStore(_Core):
@@ -521,19 +523,49 @@ class AsyncJobStore(_Core):
             return done.value
 
     async def _execute(self, step: list[Cmd]) -> list[Any]:
-        if len(step) == 1 and not isinstance(step, Atomic):
-            return [await self._call(self.client, step[0])]
-        async with self.client.pipeline(transaction=isinstance(step, Atomic)) as pipe:
-            for cmd in step:
-                await self._call(pipe, cmd)
-            return await pipe.execute()
+        if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline
+            cmd = step[0]
+            if cmd.name == SCRIPT:
+                name, keys_, args = cmd.args
+                return [await self._scripts[name](keys=keys_, args=args)]  # loads the script when Redis lacks it
+            return [await getattr(self.client, cmd.name)(*cmd.args, **cmd.kwargs)]
+        replies = await self._pipeline(step, isinstance(step, Atomic))
+        missing = _scripts_missing(step, replies)
+        if missing:
+            for script in self._scripts.values():
+                await self.client.script_load(script.script)
+            for i, reply in zip(missing, await self._pipeline([step[i] for i in missing], False), strict=True):
+                replies[i] = reply
+        return _raise_first(replies)
 
-    async def _call(self, target: Any, cmd: Cmd) -> Any:
-        if cmd.name == SCRIPT:
-            name, keys_, args = cmd.args
-            return await self._scripts[name](keys=keys_, args=args, client=target)
-        answer = getattr(target, cmd.name)(*cmd.args, **cmd.kwargs)
-        return answer if target is not self.client else await answer
+    async def _pipeline(self, step: list[Cmd], atomic: bool) -> list[Any]:
+        async with self.client.pipeline(transaction=atomic) as pipe:
+            for cmd in step:
+                name, args, kwargs = _command(cmd, self._scripts)
+                getattr(pipe, name)(*args, **kwargs)
+            return await pipe.execute(raise_on_error=False)
+
+
+def _command(cmd: Cmd, registered: dict[str, Any]) -> tuple[str, tuple, Mapping[str, Any]]:
+    """A command as a pipeline method call. Scripts go as EVALSHA: redis-py's own pipelined scripts
+    cost a SCRIPT EXISTS round trip on every execute; a script Redis lacks is loaded on NOSCRIPT."""
+    if cmd.name != SCRIPT:
+        return cmd.name, cmd.args, cmd.kwargs
+    name, keys_, args = cmd.args
+    return "evalsha", (registered[name].sha, len(keys_), *keys_, *args), {}
+
+
+def _scripts_missing(step: list[Cmd], replies: list[Any]) -> list[int]:
+    """Where a pipeline's scripts failed for want of being loaded (Redis restarted or flushed them). All
+    of its scripts fail then and nothing else does, so running those again completes the round trip."""
+    return [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+
+
+def _raise_first(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def _pairs(record: JobRecord) -> list:
