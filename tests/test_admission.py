@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from shared.store import keys
 
 from conftest import forecast_body, job_keys, settings_for
 
@@ -116,3 +117,13 @@ def test_idempotency_keys_belong_to_their_api_key(redis_server):
             client.delete(f"/v1/forecasts/{job_id}", headers={"X-API-Key": k})
 
     assert ids[0] != ids[1]
+
+
+def test_a_job_is_created_once_even_when_redis_has_lost_its_scripts(open_api, redis_server):
+    client = redis_server.client()
+    client.script_flush()
+
+    answer = submit(open_api, forecast_body(QUEUED_MODEL, n_series=3, length=77))
+
+    assert answer.status_code == 202
+    assert client.llen(keys.job_input(answer.json()["id"])) == 3  # the series were pushed once

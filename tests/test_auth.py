@@ -93,7 +93,9 @@ def test_every_answer_carries_security_headers_and_a_request_id(api):
         assert response.headers["cache-control"] == "no-store"
     assert chosen.headers["x-request-id"] == "trace-123"
     assert len(made.headers["x-request-id"]) == 32
-    assert "access-control-allow-origin" not in api.get("/v1/models", headers={"Origin": "https://evil.example"}).headers
+    assert (
+        "access-control-allow-origin" not in api.get("/v1/models", headers={"Origin": "https://evil.example"}).headers
+    )
 
 
 def test_cors_answers_only_configured_origins(redis_server):

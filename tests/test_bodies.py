@@ -26,7 +26,7 @@ from conftest import BOLT, forecast_body, job_keys, wait_for
 ARROW = "application/vnd.apache.arrow.stream"
 PARQUET = "application/vnd.apache.parquet"
 SETTINGS = Settings(_env_file=None, auth_disabled=True)
-values = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**6, 10**6))
+values = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-(10**6), 10**6))
 
 
 def fast_accepts(target: list) -> bool:
@@ -76,7 +76,7 @@ def test_numbers_are_strict_and_must_fit_float32(api, redis_server, change, fiel
 
 
 def test_a_huge_body_without_a_key_is_refused_before_it_is_read_and_the_api_stays_responsive(api):
-    huge = b'{"model": "amazon/chronos-bolt-tiny", "inputs": [{"target": [' + b"1," * 25_000_000 + b'1]}]}'
+    huge = b'{"model": "amazon/chronos-bolt-tiny", "inputs": [{"target": [' + b"1," * 25_000_000 + b"1]}]}"
     assert len(huge) > 50_000_000
 
     started = time.perf_counter()
@@ -239,7 +239,9 @@ def test_a_large_answer_is_streamed_and_equals_the_answer_in_one_piece(api, work
     from api import render
     from api import answers
 
-    job = wait_for(api, api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=5, length=30, horizon=3)).json()["id"])
+    job = wait_for(
+        api, api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=5, length=30, horizon=3)).json()["id"]
+    )
     monkeypatch.setattr(answers, "STREAM_FROM", 2)
     monkeypatch.setattr(render, "PIECE", 2)  # three pieces: 2, 2 and 1 series
 

@@ -26,7 +26,13 @@ def test_models_are_found_by_id_or_slug():
 
 def test_t5_tiny_and_every_bolt_are_sync_eligible_by_default():
     eligible = {m.slug for m in catalog.CATALOG if Settings(_env_file=None).sync_eligible(m)}
-    assert eligible == {"chronos-t5-tiny", "chronos-bolt-tiny", "chronos-bolt-mini", "chronos-bolt-small", "chronos-bolt-base"}
+    assert eligible == {
+        "chronos-t5-tiny",
+        "chronos-bolt-tiny",
+        "chronos-bolt-mini",
+        "chronos-bolt-small",
+        "chronos-bolt-base",
+    }
 
 
 def test_sync_models_setting_overrides_eligibility():
@@ -43,4 +49,6 @@ def test_sync_models_setting_rejects_unknown_models():
 def test_t5_batch_limits_are_lower_than_bolt_and_higher_on_cuda():
     for spec in catalog.CATALOG:
         assert spec.max_batch("cuda") >= spec.max_batch("cpu") >= 1
-    assert catalog.get("amazon/chronos-t5-large").max_batch("cuda") < catalog.get("amazon/chronos-bolt-base").max_batch("cuda")
+    assert catalog.get("amazon/chronos-t5-large").max_batch("cuda") < catalog.get("amazon/chronos-bolt-base").max_batch(
+        "cuda"
+    )

@@ -181,7 +181,9 @@ def test_a_large_job_goes_as_arrow_and_its_results_come_back_as_a_table(live_api
         table = cq.results_table(done.id)
         positional = cq.wait(cq.submit(BOLT, unnamed, 2).id, timeout=120)
 
-    assert done.status.value == "succeeded" and [p["item_id"] for p in done.predictions] == [s["item_id"] for s in series]
+    assert done.status.value == "succeeded" and [p["item_id"] for p in done.predictions] == [
+        s["item_id"] for s in series
+    ]
     assert table.num_rows == 300 * 4 and table.column_names == ["item_id", "step", "mean", "0.5"]
     assert table["0.5"].to_pylist()[-4:] == pytest.approx(done.predictions[-1]["0.5"], rel=1e-6)
     assert [p["item_id"] for p in positional.predictions][:3] == ["0", "1", "2"]  # no ids: named by position

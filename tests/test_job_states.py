@@ -160,3 +160,13 @@ def test_a_record_reads_back_from_its_hash_as_it_was_written_as_text_or_bytes(cl
 
     assert JobRecord.from_hash(client.hgetall(keys.job(written.id))) == written
     assert JobRecord.from_hash(redis.Redis.from_url(redis_server.url).hgetall(keys.job(written.id))) == written
+
+
+def test_scripts_redis_lost_are_loaded_again_and_a_round_trip_runs_each_command_once(client, store):
+    first, second = queued_job(client), queued_job(client)
+    client.script_flush()  # what a Redis restart without persistence does to loaded scripts
+
+    claims = store.start(SPEC, [first, second], "w1")  # one pipeline of two scripts
+
+    assert [state for state, _ in claims] == ["running", "running"]
+    assert [record(client, job_id).attempts for job_id in (first, second)] == [1, 1]

@@ -92,7 +92,10 @@ def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_b
             done = api.get(f"/v1/forecasts/{job.json()['id']}", params={"wait": 60}).json()
             assert done["status"] == "succeeded"
         worker_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
-        assert 'chronos_queue_worker_jobs_total{model="amazon/chronos-bolt-tiny",outcome="succeeded"}' in worker_metrics.text
+        assert (
+            'chronos_queue_worker_jobs_total{model="amazon/chronos-bolt-tiny",outcome="succeeded"}'
+            in worker_metrics.text
+        )
         flower = httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=10)
         assert flower.status_code == 200
         assert len(descendants(runner.pid)) >= 6  # redis, api, 2 workers, flower, announcer (+ wrappers)

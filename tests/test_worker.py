@@ -58,10 +58,14 @@ def run_job(redis_server, batcher, body, lane=Lane.ASYNC) -> JobRecord:
     job_id = uuid.uuid4().hex
     job = forecast_job(ForecastRequest.model_validate(body))
     request = {"parameters": job.parameters.model_dump(mode="json")}
-    record = JobRecord(job_id, BOLT, JobStatus.QUEUED, lane, len(body["inputs"]), 4, time.time(), "owner", request=request)
+    record = JobRecord(
+        job_id, BOLT, JobStatus.QUEUED, lane, len(body["inputs"]), 4, time.time(), "owner", request=request
+    )
     raw.rpush(keys.job_input(job_id), *job.series.encode())
     client.hset(keys.job(job_id), mapping=record.to_hash())
-    client.set(keys.job_items(job_id), msgspec.msgpack.encode([[s.get("item_id"), None, False] for s in body["inputs"]]))
+    client.set(
+        keys.job_items(job_id), msgspec.msgpack.encode([[s.get("item_id"), None, False] for s in body["inputs"]])
+    )
     execute([job_id], batcher, store_for(redis_server), settings_for(redis_server), "test-worker")
     done = JobRecord.from_hash(client.hgetall(keys.job(job_id)))
     outputs = raw.lrange(keys.job_output(job_id), 0, -1)
