@@ -49,7 +49,7 @@ class ModelFamily:
 
     def cacheable(self, parameters: dict) -> bool:
         """Whether an identical request may be answered from the result cache (shared/cache.py) or
-        join an identical one in flight (api/flight.py): `parameters` as stored with the job."""
+        join an identical one in flight (single-flight, api/service.py): `parameters` as stored with the job."""
         return True
 
     def _rounds(self, params: ForecastParameters) -> int:

@@ -258,3 +258,19 @@ def test_a_one_series_job_waits_about_one_pass_behind_a_3000_series_job(runtime,
     assert small in [w for w, _, _ in second]  # its series go into the very next pass
     assert sum(end - start for _, start, end in second) <= runtime.max_batch
     assert big.scheduled == runtime.max_batch + sum(end - start for w, start, end in second if w is big)
+
+
+def test_after_sync_work_async_passes_stay_short_so_the_next_sync_call_waits_little(runtime, io):
+    guarded = Batcher(runtime, io, sync_guard_s=60, sync_guard_batch=2)
+    p = ForecastParameters(prediction_length=4)
+    backlog = Work("bulk", 20, p, Lane.ASYNC, runtime.family.group_key(p))
+    guarded.submit(backlog)
+    before_sync = guarded._take()
+    guarded.submit(Work("sync", 1, p, Lane.SYNC, runtime.family.group_key(p)))
+    sync_pass = guarded._take()
+
+    after_sync = guarded._take()
+
+    assert [(w.job_id, end - start) for w, start, end in before_sync] == [("bulk", 8)]  # no sync yet: max batch
+    assert [w.job_id for w, _, _ in sync_pass] == ["sync"]
+    assert [(w.job_id, end - start) for w, start, end in after_sync] == [("bulk", 2)]

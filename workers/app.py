@@ -83,7 +83,9 @@ class Worker:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         store = JobStore(client, settings, patience_s=REDIS_PATIENCE_S)
-        batcher = Batcher(runtime, RedisPassIO(store), wait_s=settings.batch_wait_ms / 1000)
+        batcher = Batcher(
+            runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, settings.sync_guard_s, settings.sync_guard_batch
+        )
         batcher.start()
         metrics.watch_cpu(spec.id, batcher.thread)
         self._loaded = Loaded(batcher, store, f"{sender.hostname}/{os.getpid()}")

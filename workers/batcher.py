@@ -12,7 +12,9 @@ Which series share a forward pass:
   quantile levels of its jobs, and each job gets its own slice; the key keeps apart whatever
   would make a slice differ from the job's result alone.
 - Sync-lane work goes first: while any is pending, a pass takes only sync-lane series, so a
-  /v1/predict waits for at most the pass in progress, never for a bulk backlog.
+  /v1/predict waits for at most the pass in progress, never for a bulk backlog. And while sync
+  requests keep coming (within `sync_guard_s` of the last), passes of async work are kept short
+  (`sync_guard_batch`), so the pass in progress is a short one.
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
   room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 
@@ -92,8 +94,15 @@ class PassIO(Protocol):
 class Batcher:
     """The model thread and the work waiting for it."""
 
-    def __init__(self, runtime: ModelRuntime, io: PassIO, wait_s: float = 0.0):
+    def __init__(
+        self, runtime: ModelRuntime, io: PassIO, wait_s: float = 0.0, sync_guard_s: float = 0.0,
+        sync_guard_batch: int = 0,
+    ):  # fmt: skip
+        """`sync_guard_s`, `sync_guard_batch`: after sync work, async passes stay short for a while
+        (SYNC_GUARD_S, SYNC_GUARD_BATCH in shared/settings.py)."""
         self.runtime, self.io, self.wait_s = runtime, io, wait_s
+        self.sync_guard_s, self.sync_guard_batch = sync_guard_s, sync_guard_batch
+        self._sync_seen = -float("inf")  # monotonic time sync work last arrived
         self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
         self._cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -105,6 +114,8 @@ class Batcher:
 
     def submit(self, work: Work) -> None:
         with self._cond:
+            if work.lane is Lane.SYNC:
+                self._sync_seen = time.monotonic()
             self._pending[work.lane].append(work)
             self._cond.notify()
 
@@ -168,6 +179,8 @@ class Batcher:
             lane = Lane.SYNC if self._pending[Lane.SYNC] else Lane.ASYNC
             first = min(self._pending[lane], key=lambda w: w.waiting_since)
             room = self.runtime.batch_limit(first.params)
+            if lane is Lane.ASYNC and time.monotonic() - self._sync_seen < self.sync_guard_s:
+                room = min(room, self.sync_guard_batch or max(1, room // 4))
             if self.wait_s and self._pending_series() < room:
                 self._cond.wait_for(lambda: self._pending_series() >= room, timeout=self.wait_s)
                 lane = Lane.SYNC if self._pending[Lane.SYNC] else lane
