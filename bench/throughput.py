@@ -131,7 +131,11 @@ def sync(args) -> None:
         try:
             time.sleep(5)  # let the flood fill the queue
             depth = httpx.get(f"{stack.base}/metrics", timeout=5).text
+            served_before, t0 = stack.worker_metric(args.model, "chronos_queue_worker_series_total"), time.monotonic()
             loaded, loaded_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)
+            flood_rate = (
+                stack.worker_metric(args.model, "chronos_queue_worker_series_total") - served_before - args.n
+            ) / (time.monotonic() - t0)
         finally:
             os.killpg(load.pid, signal.SIGTERM)
             load.wait(30)
@@ -144,6 +148,7 @@ def sync(args) -> None:
         print(f"  {name:24}{1e3 * percentile(samples, 0.5):10.1f}{1e3 * percentile(samples, 0.99):10.1f}"
               f"{1e3 * statistics.fmean(samples):10.1f}")  # fmt: skip
     print(f"  queue during the flood: {'; '.join(backlog)}")
+    print(f"  the flood's own series served meanwhile: {flood_rate:.1f} series/s")
     print(f"  where a call's time goes (median ms)  {'no load':>10}{'flood':>10}")
     for leg in quiet_legs:
         print(f"    {leg:34}{1e3 * quiet_legs[leg]:10.1f}{1e3 * loaded_legs[leg]:10.1f}")
