@@ -81,7 +81,7 @@ class Stack:
                     "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0",
                     # Benchmarks measure the model path: repeated bodies must not be answered from the cache.
                     "CACHE_TTL_S": "0"}  # fmt: skip
-        self.metrics_ports = {}
+        self.metrics_ports: dict[str, tuple[str, int]] = {}  # worker name -> (model, metrics port)
         for spec in self.specs:
             for i in range(self.workers_per_model):
                 self.start_worker(spec.id, f"worker-{spec.slug}" + (f"-{i}" if i else ""))
@@ -101,7 +101,7 @@ class Stack:
 
     def start_worker(self, model: str, name: str) -> None:
         port = free_port()
-        self.metrics_ports.setdefault(model, port)
+        self.metrics_ports[name] = (model, port)  # a restarted worker replaces its predecessor
         env = {**self.env, "CHRONOS_MODEL": model, "METRICS_PORT": str(port), **self.worker_env}
         self._spawn([sys.executable, "-m", "workers"], env, name)
 
@@ -118,17 +118,17 @@ class Stack:
         self._spawn(self._redis_args, {}, "redis")
         wait_until(self._pings, "redis")
 
-    def worker_metric(self, model: str, name: str) -> float:
-        """A summed sample of the model's worker metrics (e.g. chronos_queue_worker_batch_size_sum)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[model]}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-    def worker_metric_labelled(self, model: str, name: str, **labels: str) -> float:
-        """One sample of the model's first worker's metrics, by name and labels."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[model]}/metrics", timeout=5).text
+    def worker_metric(self, model: str, name: str, **labels: str) -> float:
+        """A metric of the model's workers (e.g. chronos_queue_worker_batch_size_sum), summed over its
+        samples with these labels and over every worker of the model."""
         wanted = [f'{key}="{value}"' for key, value in labels.items()]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") and all(w in line for w in wanted))  # fmt: skip
+        total = 0.0
+        for of, port in self.metrics_ports.values():
+            if of == model:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                             if line.startswith(name + "{") and all(w in line for w in wanted))  # fmt: skip
+        return total
 
     def _spawn(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
         log = self.logs / f"{name}.log"

@@ -1,6 +1,6 @@
 """Throughput of the whole path against the raw pipeline, side by side in one run.
 
-    .venv/bin/python bench/throughput.py flood [--model amazon/chronos-bolt-tiny] [--clients 128] [--seconds 20]
+    .venv/bin/python bench/throughput.py flood [--model amazon/chronos-bolt-tiny] [--clients 128] [--seconds 20] [--workers 1]
     .venv/bin/python bench/throughput.py sync  [--model amazon/chronos-bolt-tiny] [--n 100] [--clients 64]
     .venv/bin/python bench/throughput.py bulk  [--model amazon/chronos-bolt-small] [--series 10000]
 
@@ -71,7 +71,7 @@ async def _flood(base: str, model: str, clients: int, warmup_s: float, seconds: 
 def _cpu(stack, model: str) -> dict[str, float]:
     """CPU seconds so far: every API process, Redis, the worker (model and bookkeeping), this process."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    worker = {part: stack.worker_metric_labelled(model, "chronos_queue_worker_cpu_seconds_total", part=part)
+    worker = {part: stack.worker_metric(model, "chronos_queue_worker_cpu_seconds_total", part=part)
               for part in ("model", "bookkeeping")}  # fmt: skip
     return {
         "api": cpu_seconds(stack.procs["api"].pid),
@@ -87,7 +87,7 @@ def _env(pairs: list[str]) -> dict[str, str]:
 
 
 def flood(args) -> None:
-    with Stack([args.model], _env(args.worker_env), api_env=_env(args.api_env)) as stack:
+    with Stack([args.model], _env(args.worker_env), args.workers, api_env=_env(args.api_env)) as stack:
         print(
             f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads), {LENGTH} points, horizon {HORIZON}"
         )
@@ -106,7 +106,8 @@ def flood(args) -> None:
         served = len(window) / args.seconds
         after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
-    print(f"flood: {args.clients} clients, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s"
+    print(f"flood: {args.clients} clients, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s, "
+          f"{args.workers} worker(s)"
           f"{', worker ' + ' '.join(args.worker_env) if args.worker_env else ''}"
           f"{', API ' + ' '.join(args.api_env) if args.api_env else ''}")  # fmt: skip
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
@@ -192,6 +193,7 @@ def main() -> None:
     f.add_argument("--clients", type=int, default=128)
     f.add_argument("--seconds", type=float, default=20)
     f.add_argument("--warmup", type=float, default=5)
+    f.add_argument("--workers", type=int, default=1, help="workers of the model (several may share one GPU)")
     s = commands.add_parser("sync")
     s.add_argument("--model", default="amazon/chronos-bolt-tiny")
     s.add_argument("--n", type=int, default=100)
