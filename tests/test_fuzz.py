@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, reject, settings
 
 from api.main import create_app
 from api.problems import MEDIA_TYPE
@@ -43,6 +43,8 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_get_no_unexpected_5xx_and_errors_are_problem_json(case, client):
     kwargs = case.as_transport_kwargs(base_url="http://testserver")
+    if not all(str(value).isascii() for value in (kwargs.get("headers") or {}).values()):
+        reject()  # a header HTTP cannot carry (e.g. 'Bearer \x80'): no client can send it, no server sees it
     response = client.request(
         kwargs["method"], kwargs["url"], params=kwargs.get("params"), headers=kwargs.get("headers"),
         json=kwargs.get("json"), content=kwargs.get("data"),
