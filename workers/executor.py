@@ -41,7 +41,7 @@ class RedisPassIO:
         for (work, start, end), read in zip(batch, reads, strict=True):
             if read.cancel_requested:
                 stopped.add(work.job_id)
-            elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in read.inputs]
+            elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in read.inputs or ()]
             if len(elements) != end - start:  # the input list expired or was deleted under the job
                 raise RuntimeError(f"job {work.job_id}: series {start}..{end} are no longer stored")
             decoded.extend(elements)
@@ -61,7 +61,10 @@ class RedisPassIO:
 
 def _backtest_work(store: JobStore, job_id: str, spec, request: dict, lane: Lane) -> tuple[Work, BacktestRequest]:
     """A backtest's windows, cut from its one stored series, as in-memory work whose results are kept."""
-    stored = decode(store.first_input(job_id))
+    element = store.first_input(job_id)
+    if element is None:  # the input list expired or was deleted under the job
+        raise RuntimeError(f"job {job_id}: its series is no longer stored")
+    stored = decode(element)
     series: dict = {"target": _as_list(stored.target[0])}
     if stored.past:
         series["past_covariates"] = {name: _as_list(values) for name, values in stored.past.items()}

@@ -14,9 +14,9 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 import redis
 
@@ -28,6 +28,7 @@ from shared.store.record import JobRecord, JobStatus, Lane, encode
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 SCRIPT = "script"
 
@@ -51,14 +52,26 @@ def run_script(name: str, keys_: Sequence[str], args: Sequence[Any]) -> Cmd:
     return Cmd(SCRIPT, (name, list(keys_), list(args)))
 
 
-def operation(fn: Callable[..., Op[Any]]) -> Callable[..., Any]:
-    """Turn a generator of round trips into a method that runs it on the store's client."""
+class operation(Generic[P, T]):  # lower case: used as a decorator, like `property`
+    """Turn a generator of round trips into a method that runs it on the store's client. Typed per
+    driver: on a `JobStore` the method returns T, on an `AsyncJobStore` an awaitable of T."""
 
-    @functools.wraps(fn)
-    def method(self: _Core, *args: Any, **kwargs: Any) -> Any:
-        return self._drive(fn(self, *args, **kwargs))
+    def __init__(self, fn: Callable[Concatenate[Any, P], Op[T]]):
+        self.fn = fn
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # copies __doc__ and __name__ onto the descriptor
 
-    return method
+    @overload
+    def __get__(self, store: AsyncJobStore, owner: type | None = None) -> Callable[P, Awaitable[T]]: ...
+    @overload
+    def __get__(self, store: JobStore, owner: type | None = None) -> Callable[P, T]: ...
+    @overload
+    def __get__(self, store: _Core, owner: type | None = None) -> Callable[P, Any]: ...
+
+    def __get__(self, store: _Core, owner: type | None = None) -> Callable[P, Any]:
+        def method(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return store._drive(self.fn(store, *args, **kwargs))
+
+        return method
 
 
 def _text(value: Any) -> Any:
