@@ -28,6 +28,19 @@ STREAM_EXAMPLE = (
 )
 
 
+def preferred_wait(prefer: str | None, most: float) -> float:
+    """The seconds a `Prefer: wait=N` header asks for (RFC 7240 section 4.3), capped at `most`; 0
+    without one. Other preferences are ignored, as the RFC asks."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return max(0.0, min(float(value.strip().strip('"')), most))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 def location(response: Response, record: JobRecord) -> None:
     base = "backtests" if record.kind is JobKind.BACKTEST else "forecasts"
     response.headers["Location"] = f"/v1/{base}/{record.id}"

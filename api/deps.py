@@ -32,6 +32,14 @@ async def settings(request: Request) -> Settings:
 Jobs = Annotated[JobService, Depends(service)]
 Models = Annotated[Fleet, Depends(fleet)]
 Config = Annotated[Settings, Depends(settings)]
+PreferHeader = Annotated[
+    str | None,
+    Header(
+        alias="Prefer",
+        max_length=255,
+        description="`wait=<seconds>` (RFC 7240): answer when the job ends, or when the wait runs out.",
+    ),
+]
 IdempotencyKey = Annotated[
     str | None,
     Header(

@@ -38,8 +38,12 @@ def body(model: str, targets: list[list[float]], horizon: int = HORIZON) -> dict
     return {"model": model, "inputs": [{"target": t} for t in targets], "parameters": {"prediction_length": horizon}}
 
 
-async def _flood(base: str, model: str, clients: int, warmup_s: float, seconds: float, length: int) -> list[float]:
-    """Completion times (monotonic) of one-series jobs from `clients` looping clients, for warmup + seconds.
+async def _flood(
+    base: str, model: str, clients: int, warmup_s: float, seconds: float, length: int, prefer_wait: bool = False
+) -> list[float]:
+    """Completion times (monotonic) of one-series jobs from `clients` looping clients, for warmup + seconds:
+    each POSTs a job and long-waits on it with GET, or with `prefer_wait` sends `Prefer: wait` with the
+    POST (one request per job) and GETs only if the job is not done by then.
 
     aiohttp, not httpx, drives the load: httpx's async pool spends more CPU on its own bookkeeping
     at this concurrency than the API spends serving, and the client shares the machine.
@@ -50,12 +54,15 @@ async def _flood(base: str, model: str, clients: int, warmup_s: float, seconds: 
     deadline = loop.time() + warmup_s + seconds
     completed: list[float] = []
     connector = aiohttp.TCPConnector(limit=clients + 8)
+    prefer = {"Prefer": "wait=30"} if prefer_wait else {}
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
 
         async def client(k: int) -> None:
             i = 0
             while loop.time() < deadline:
-                async with http.post("/v1/forecasts", json=body(model, [series(length, k * 100_000 + i)])) as r:
+                async with http.post(
+                    "/v1/forecasts", json=body(model, [series(length, k * 100_000 + i)]), headers=prefer
+                ) as r:
                     job = await r.json(content_type=None)
                 while job["status"] in ("queued", "running"):
                     async with http.get(f"/v1/forecasts/{job['id']}", params={"wait": "30"}) as r:
@@ -101,13 +108,15 @@ def flood(args) -> None:
         for timer in timers:
             timer.start()
         started = time.monotonic()
-        completed = asyncio.run(_flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH))
+        completed = asyncio.run(
+            _flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH, args.prefer_wait)
+        )
         window = [t for t in completed if started + args.warmup <= t < started + args.warmup + args.seconds]
         served = len(window) / args.seconds
         after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
     print(f"flood: {args.clients} clients, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s, "
-          f"{args.workers} worker(s)"
+          f"{args.workers} worker(s){', POST with Prefer: wait' if args.prefer_wait else ', POST then long-wait GET'}"
           f"{', worker ' + ' '.join(args.worker_env) if args.worker_env else ''}"
           f"{', API ' + ' '.join(args.api_env) if args.api_env else ''}")  # fmt: skip
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
@@ -194,6 +203,7 @@ def main() -> None:
     f.add_argument("--seconds", type=float, default=20)
     f.add_argument("--warmup", type=float, default=5)
     f.add_argument("--workers", type=int, default=1, help="workers of the model (several may share one GPU)")
+    f.add_argument("--prefer-wait", action="store_true", help="POST with `Prefer: wait`: one request per job")
     s = commands.add_parser("sync")
     s.add_argument("--model", default="amazon/chronos-bolt-tiny")
     s.add_argument("--n", type=int, default=100)

@@ -1,1 +1,1 @@
-"""What the API and the workers must agree on: catalog, schemas, settings, keys, job states."""
+"""What the API and the workers must agree on: catalog, schemas, settings, the job store (keys, record, scripts)."""

@@ -210,3 +210,21 @@ def test_many_concurrent_long_waits_all_wake(api, workers):
 def test_health_and_readiness(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").status_code == 200
+
+
+def test_a_post_that_prefers_to_wait_answers_with_the_finished_job(api, workers):
+    answer = api.post("/v1/forecasts", json=forecast_body(BOLT, n_series=2, length=41), headers={"Prefer": "wait=30"})
+
+    assert answer.status_code == 200 and answer.headers["preference-applied"] == "wait=30"
+    assert answer.json()["status"] == "succeeded" and len(answer.json()["predictions"]) == 2
+    assert answer.headers["location"] == f"/v1/forecasts/{answer.json()['id']}"
+
+
+def test_a_post_that_prefers_to_wait_for_a_job_that_does_not_end_in_time_is_202_as_usual(api):
+    idle = "amazon/chronos-bolt-mini"  # no worker serves it here
+    answer = api.post(
+        "/v1/forecasts", json=forecast_body(idle, length=43), headers={"Prefer": "respond-async, wait=0.3"}
+    )
+
+    assert answer.status_code == 202 and answer.json()["status"] == "queued"
+    api.delete(f"/v1/forecasts/{answer.json()['id']}")

@@ -10,9 +10,9 @@ from shared.schemas import ForecastRequest, JobView
 from shared.store import JobStatus, Lane
 
 from api import bodies
-from api.answers import accepted, add_job_routes, answer, location
+from api.answers import accepted, add_job_routes, answer, location, preferred_wait
 from api.auth import Caller
-from api.deps import Config, IdempotencyKey, Jobs, Models
+from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
@@ -22,7 +22,10 @@ router = APIRouter(prefix="/v1", tags=["forecasts"])
     "/forecasts",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
-    responses=documented(*SUBMIT_ERRORS),
+    responses={
+        200: {"model": JobView, "description": "With `Prefer: wait`: the job ended within the wait."},
+        **documented(*SUBMIT_ERRORS),
+    },
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
 async def submit_forecast(
@@ -30,20 +33,30 @@ async def submit_forecast(
     response: Response,
     jobs: Jobs,
     models: Models,
+    config: Config,
     owner: Caller,
     idempotency_key: IdempotencyKey = None,
+    prefer: PreferHeader = None,
 ) -> Response:
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
 
     The body is JSON, or an Arrow IPC stream / Parquet file in long format with the parameters in
     the query string. With an `Idempotency-Key`, sending the same request again returns the same
     job (`Idempotent-Replayed: true`) instead of queueing another. `X-Workers-Online` counts the
-    model's live workers: with 0 the job is queued until one starts.
+    model's live workers: with 0 the job is queued until one starts. With `Prefer: wait=<seconds>`
+    (RFC 7240; capped at WAIT_MAX_S) the answer waits for the job like a long-wait GET: 200 with the
+    results when it ends in time, else 202 as usual. One request per job instead of two.
     """
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
     record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
     await accepted(response, models, record, replayed)
+    wait = preferred_wait(prefer, config.wait_max_s)
+    if wait:
+        record = record if record.terminal else await jobs.wait(record.id, wait, owner)
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
+        if record.terminal:
+            response.status_code = status.HTTP_200_OK
     return await answer(jobs, record, request, response)
 
 
