@@ -85,7 +85,7 @@ async def get_job(
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
     a succeeded forecast's results as a long-format table instead."""
     wait = min(wait, config.wait_max_s)
-    record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner))
+    record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
     return await answer(jobs, record, request, response)
 
 

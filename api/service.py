@@ -183,7 +183,7 @@ class JobService:
 
     async def results(self, record: JobRecord) -> tuple[list[bytes], list | None]:
         """A succeeded job's output elements (one per series or origin) and its items (ids, starts, shapes)."""
-        outputs, items = await self.store.results(record.id)
+        outputs, items = record.results if record.results is not None else await self.store.results(record.id)
         return outputs, (msgspec.msgpack.decode(items) if items else None)
 
     async def with_predictions(self, record: JobRecord) -> JobRecord:
@@ -246,10 +246,11 @@ class JobService:
             )
         return await self.with_predictions(record) if with_results else record
 
-    async def require(self, job_id: str, owner: str) -> JobRecord:
+    async def require(self, job_id: str, owner: str, with_results: bool = False) -> JobRecord:
         """The job's record; 404 when there is none or it belongs to another owner (same answer for both).
-        The record is small: results live in their own list, read only for the owner (`results`)."""
-        record = await self.store.get(job_id)
+        The record is small: results live in their own list, read with it when asked (`with_results`,
+        one round trip for an answer) or later (`results`), and never given to another owner."""
+        record = await self.store.get(job_id, with_results)
         if record is None or record.owner != owner:
             raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
         return record
@@ -261,7 +262,7 @@ class JobService:
         with self.events.watch(job_id) as announced:
             while True:
                 announced.clear()
-                record = await self.require(job_id, owner)
+                record = await self.require(job_id, owner, with_results=True)
                 remaining = deadline - loop.time()
                 if record.terminal or remaining <= 0:
                     return record

@@ -77,6 +77,10 @@ class JobRecord:
     # demand (`api.render.attach`) and never stored in the hash.
     backtest: dict | None = field(default=None, repr=False)
     predictions: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})
+    # A succeeded job's output elements and items, when they were read with the record (`get`).
+    results: tuple[list[bytes], bytes | None] | None = field(
+        default=None, repr=False, compare=False, metadata={"stored": False}
+    )
 
     @classmethod
     def from_hash(cls, h: Mapping[Any, Any]) -> JobRecord:

@@ -186,9 +186,20 @@ class _Core:
     # -- reading and cancelling (API) -----------------------------------------------------------
 
     @operation
-    def get(self, job_id: str) -> Op[JobRecord | None]:
-        fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
-        return JobRecord.from_hash(fields) if fields else None
+    def get(self, job_id: str, with_results: bool = False) -> Op[JobRecord | None]:
+        """The job's record; `with_results`: and, if it succeeded, its output elements and items
+        (`JobRecord.results`) in the same round trip."""
+        if not with_results:
+            fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
+            return JobRecord.from_hash(fields) if fields else None
+        reply = (yield [run_script("read", [keys.job(job_id), keys.job_output(job_id), keys.job_items(job_id)], [])])[0]
+        flat, outputs, items = reply
+        if not flat:
+            return None
+        record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+        if outputs is not None:  # Lua's false comes back as None
+            record.results = (outputs, items)
+        return record
 
     @operation
     def results(self, job_id: str) -> Op[tuple[list[bytes], bytes | None]]:
