@@ -187,3 +187,15 @@ def test_a_large_job_goes_as_arrow_and_its_results_come_back_as_a_table(live_api
     assert table.num_rows == 300 * 4 and table.column_names == ["item_id", "step", "mean", "0.5"]
     assert table["0.5"].to_pylist()[-4:] == pytest.approx(done.predictions[-1]["0.5"], rel=1e-6)
     assert [p["item_id"] for p in positional.predictions][:3] == ["0", "1", "2"]  # no ids: named by position
+
+
+def test_a_large_job_whose_series_carry_a_start_goes_as_json_and_gets_its_starts_back(live_api, workers):
+    series = [
+        {"item_id": f"s{k}", "start": "2026-01-05", "target": [float(t % 7) for t in range(20)]} for k in range(256)
+    ]
+
+    with Client(live_api, api_key=API_KEY) as cq:
+        done = cq.wait(cq.submit(BOLT, series, 2).id, timeout=120)
+
+    assert done.status.value == "succeeded"
+    assert {p["start"] for p in done.predictions} == {"2026-01-05"}
