@@ -4,6 +4,7 @@ submit (validate, admit, record, enqueue), wait, follow, cancel, read results.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -58,9 +59,10 @@ class JobService:
         idempotency_key: str | None = None,
         waited: bool = False,
         admitted: bool = False,
+        job_id: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate, admit (unless the route `admitted` the owner before reading the body), record the
-        job and enqueue it on its model's queue.
+        job (as `job_id` when given) and enqueue it on its model's queue.
 
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
@@ -75,7 +77,7 @@ class JobService:
         request = {"parameters": job.parameters.model_dump(mode="json")}
         return await self._enqueue(
             spec, lane, owner, idempotency_key, request, job.series, job.nested,
-            job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted,
+            job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted, job_id=job_id,
         )  # fmt: skip
 
     async def submit_backtest(
@@ -107,6 +109,7 @@ class JobService:
         callback_url: str | None = None,
         n_series: int | None = None,
         admitted: bool = False,
+        job_id: str | None = None,
     ) -> tuple[JobRecord, bool]:
         if not admitted:
             await self.admission.admit(owner)
@@ -114,7 +117,7 @@ class JobService:
         now = time.time()
         identity = series_identity(series, {"kind": kind.value, **request})
         record = JobRecord(
-            id=uuid.uuid4().hex, model=spec.id, status=JobStatus.QUEUED, lane=lane,
+            id=job_id or uuid.uuid4().hex, model=spec.id, status=JobStatus.QUEUED, lane=lane,
             n_series=len(series) if n_series is None else n_series, prediction_length=prediction_length,
             created_at=now, owner=owner, kind=kind, request=request,
             # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
@@ -236,8 +239,7 @@ class JobService:
         worker of the model online the answer is 503 at once, not a wait for nothing.
         """
         job = request if isinstance(request, ForecastJob) else forecast_job(request)
-        submitted, _ = await self.submit(job, lane, owner, idempotency_key, waited=True, admitted=admitted)
-        record = await self.wait(submitted.id, timeout_s, owner)
+        record, _ = await self.submit_and_wait(job, lane, owner, timeout_s, idempotency_key, True, admitted)
         if record.status is JobStatus.FAILED:
             raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
         if record.terminal and record.status is not JobStatus.SUCCEEDED:
@@ -245,6 +247,25 @@ class JobService:
                 409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id
             )
         return await self.with_predictions(record) if with_results else record
+
+    async def submit_and_wait(
+        self, job: ForecastJob, lane: Lane, owner: str, wait_s: float, idempotency_key: str | None = None,
+        waited: bool = False, admitted: bool = False,
+    ) -> tuple[JobRecord, bool]:  # fmt: skip
+        """`submit`, then `wait` up to `wait_s`. The wake-up is subscribed to before the job's message is
+        sent, so the job just created is not read back before anything could have changed it: its first
+        read is the one that finds it ended (one round trip less per waited job)."""
+        job_id = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        with self.events.watch(job_id) as announced:
+            record, replayed = await self.submit(job, lane, owner, idempotency_key, waited, admitted, job_id)
+            if record.terminal:  # answered from the cache, or an ended job replayed
+                return record, replayed
+            if record.id == job_id:  # not an earlier job (replayed, or joined in flight) that may have moved on
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(announced.wait(), max(0.0, min(deadline - loop.time(), _RECHECK_S)))
+        return await self.wait(record.id, max(0.0, deadline - loop.time()), owner), replayed
 
     async def require(self, job_id: str, owner: str, with_results: bool = False) -> JobRecord:
         """The job's record; 404 when there is none or it belongs to another owner (same answer for both).

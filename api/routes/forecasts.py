@@ -49,11 +49,13 @@ async def submit_forecast(
     """
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
-    record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
-    await accepted(response, models, record, replayed)
     wait = preferred_wait(prefer, config.wait_max_s)
     if wait:
-        record = record if record.terminal else await jobs.wait(record.id, wait, owner)
+        record, replayed = await jobs.submit_and_wait(job, Lane.ASYNC, owner, wait, idempotency_key, admitted=True)
+    else:
+        record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
+    await accepted(response, models, record, replayed)
+    if wait:
         response.headers["Preference-Applied"] = f"wait={wait:g}"
         if record.terminal:
             response.status_code = status.HTTP_200_OK
