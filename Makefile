@@ -32,7 +32,9 @@ lint: install
 	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy $(LINT_PATHS)
 
+# The tests start their own redis-server: installed here when missing and running as root (as `make run` does).
 test: install
+	$(PY) -m cli.stack ensure-redis
 	$(PY) -m pytest
 
 run: install

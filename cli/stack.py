@@ -197,6 +197,8 @@ def _dev_key() -> str:
 
 
 def _ensure_redis_server() -> None:
+    """redis-server on the PATH, installed from the OS archive when missing and running as root
+    (`make run` and `make test` both call this: the tests start their own redis-server)."""
     if shutil.which("redis-server"):
         return
     how = "install it (sudo apt-get install redis-server) or point REDIS_URL at a running Redis"
@@ -215,4 +217,5 @@ def _in_use(port: int) -> bool:
 
 
 if __name__ == "__main__":
-    {"run": run, "announce": announce}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
+    commands = {"run": run, "announce": announce, "ensure-redis": _ensure_redis_server}
+    commands[sys.argv[1] if len(sys.argv) > 1 else "run"]()
