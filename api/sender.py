@@ -8,7 +8,9 @@ finishes them together (workers/executor.py). Each job keeps its own id, record,
 result. A request is answered only once its message is sent: if the send fails, every job of
 the message is discarded and answered 503, so nothing accepted is ever without a message.
 
-Sync jobs are never held: a /v1/predict is sent at once, on its lane.
+Only small forecasts are held (up to SHARED_MAX_SERIES series): a message's jobs are claimed by
+one worker, so a large job would take its neighbours along (and large work is better spread over
+workers anyway). Sync jobs are never held: a /v1/predict is sent at once, on its lane.
 """
 
 from __future__ import annotations
@@ -33,15 +35,20 @@ class _Open:
     timer: asyncio.TimerHandle | None = None
 
 
+# Jobs of more series than this go in a message of their own.
+SHARED_MAX_SERIES = 16
+
+
 class Sender:
     def __init__(self, celery: Celery, window_s: float, max_jobs: int):
         self.celery, self.window_s, self.max_jobs = celery, window_s, max_jobs
         self._open: dict[str, _Open] = {}  # model id -> the message being filled
         self._sending: set[asyncio.Task] = set()
 
-    async def send(self, spec: ModelSpec, lane: Lane, job_id: str) -> None:
-        """Return once the job's message is on its queue (raises what sending raised)."""
-        if lane is Lane.SYNC or not self.window_s or self.max_jobs == 1:
+    async def send(self, spec: ModelSpec, lane: Lane, job_id: str, small: bool = True) -> None:
+        """Return once the job's message is on its queue (raises what sending raised). `small`: a
+        forecast of at most SHARED_MAX_SERIES series, which may share a message."""
+        if lane is Lane.SYNC or not small or not self.window_s or self.max_jobs == 1:
             await asyncio.to_thread(send_jobs, self.celery, spec, lane, [job_id])
             return
         message = self._open.get(spec.id)

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import msgspec
 from celery import Celery
@@ -28,7 +29,7 @@ from api.events import JobEvents
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
-from api.sender import Sender
+from api.sender import SHARED_MAX_SERIES, Sender
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,19 @@ class JobService:
         idempotency = (_digest(idempotency_key), f"{record.id} {digest}") if idempotency_key else None
         items = _items(series, nested)
         hit = await self._cached(spec, request, record.identity)
+        outcome = None
         if hit is not None:
-            digest_of_hit = hit.pop("digest")
-            record.status, record.started_at, record.finished_at = JobStatus.SUCCEEDED, now, now
-            record.cached, record.inference_s = True, 0.0
-            record.weights, record.backtest = hit.get("weights"), hit.get("backtest")
-            record.progress_done = int(hit.get("progress_done", 0))
-            outcome = await self.store.create_done(record, digest_of_hit, items, idempotency)
-        else:
+            answered = replace(
+                record, status=JobStatus.SUCCEEDED, started_at=now, finished_at=now, cached=True, inference_s=0.0,
+                weights=hit.get("weights"), backtest=hit.get("backtest"),
+                progress_done=int(hit.get("progress_done", 0)),
+            )  # fmt: skip
+            outcome = await self.store.create_done(answered, hit["digest"], items, idempotency)
+            if outcome != "miss":  # else the cached result expired just now: the job runs
+                record = answered
+            else:
+                hit = None
+        if hit is None:
             # Single-flight: while a job for a request is queued or running, the same owner's identical
             # request attaches to it instead of queueing another, so a client that retries after a
             # timeout waits on its first job. Only for answers that do not depend on which job computes
@@ -160,10 +166,12 @@ class JobService:
             return record, False
 
         try:
-            await self.sender.send(spec, lane, record.id)
+            small = kind is JobKind.FORECAST and record.n_series <= SHARED_MAX_SERIES
+            await self.sender.send(spec, lane, record.id, small)
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", record.id, exc)
-            await self.store.discard(spec, owner, record.id, idempotency[0] if idempotency else None)
+            error = f"could not be enqueued ({type(exc).__name__}); its request was answered 503"
+            await self.store.fail_unsent(spec, record, error, idempotency[0] if idempotency else None)
             raise Problem(
                 503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
             ) from exc

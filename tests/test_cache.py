@@ -136,3 +136,16 @@ def test_identical_requests_in_flight_share_one_job_and_only_when_the_answer_can
     assert len({first["id"], keyed_once["id"], keyed_again["id"]}) == 3  # an Idempotency-Key decides instead
     assert len(seeded_ids) == 1 and len(unseeded_ids) == 2  # T5 only with a seed
     assert after_it_ended["id"] != first["id"]  # a cancelled (ended) job is not joined
+
+
+def test_a_cache_entry_whose_results_expired_is_not_served_the_request_runs(api, workers, redis_server):
+    body = forecast_body(BOLT, n_series=2, length=72, horizon=5)
+    first = wait_for(api, run(api, body)["id"])
+    client = redis_server.client()
+    for key in client.scan_iter(keys.cache_output("*")):  # the results expire before the entry that names them
+        client.delete(key)
+
+    again = wait_for(api, run(api, body)["id"])
+
+    assert first["status"] == again["status"] == "succeeded"
+    assert again["cached"] is False and again["predictions"] == first["predictions"]

@@ -69,7 +69,7 @@ def test_a_message_holds_at_most_send_max_jobs(api, redis_server):
     assert sorted(len(m) for m in queued_messages(client)) == [2, 4]
 
 
-def test_when_a_shared_message_cannot_be_sent_every_job_in_it_is_refused_and_none_is_kept(
+def test_when_a_shared_message_cannot_be_sent_every_job_in_it_is_refused_and_none_waits(
     api, redis_server, monkeypatch
 ):
     from api import sender
@@ -85,7 +85,39 @@ def test_when_a_shared_message_cannot_be_sent_every_job_in_it_is_refused_and_non
 
     assert [a.status_code for a in answers] == [503, 503, 503]
     assert {a.json()["code"] for a in answers} == {"broker-unavailable"}
-    assert job_keys(client) == before
+    # Ended, not deleted (a caller that joined one may hold its id): failed, with the reason, no series.
+    unsent = [client.hgetall(key) for key in job_keys(client) - before]
+    assert len(unsent) == 3 and {r["status"] for r in unsent} == {"failed"}
+    assert all("could not be enqueued" in r["error"] for r in unsent)
+    assert not any(client.exists(keys.job_input(r["id"])) for r in unsent)
+    assert not any(client.zscore(keys.in_flight(r["owner"]), r["id"]) for r in unsent)
+
+
+def test_a_request_that_joined_a_job_whose_message_then_could_not_be_sent_finds_it_failed(
+    api, redis_server, monkeypatch
+):
+    import threading
+
+    from api import sender
+
+    release = threading.Event()
+
+    def slow_broker_down(*args, **kwargs):
+        release.wait(10)
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(sender, "send_jobs", slow_broker_down)
+    body = forecast_body(IDLE.id, length=350)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(api.post, "/v1/forecasts", json=body)  # its send hangs, then fails
+        time.sleep(0.2)
+        joined = api.post("/v1/forecasts", json=body)  # identical, while the first's job is queued: joins it
+        release.set()
+        refused = first.result(30)
+
+    assert joined.status_code == 202 and refused.status_code == 503
+    later = api.get(f"/v1/forecasts/{joined.json()['id']}").json()
+    assert later["status"] == "failed" and "could not be enqueued" in later["error"]
 
 
 def test_every_job_of_a_shared_message_runs_on_the_worker(api, workers):

@@ -52,7 +52,8 @@ class Worker:
     def __init__(self, settings: Settings, spec: ModelSpec):
         self.settings, self.spec = settings, spec
         self.app: Celery = make_celery(settings, serve=spec)
-        self.app.task(name=keys.FORECAST_TASK)(self.forecast)
+        # typing=False: Celery would check calls against the bound method's signature, `self` included.
+        self.app.task(name=keys.FORECAST_TASK, typing=False)(self.forecast)
         self._loaded: Loaded | None = None
         self.stop = threading.Event()
         signals.worker_init.connect(self.load, weak=False)

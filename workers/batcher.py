@@ -178,13 +178,12 @@ class Batcher:
             self._cond.wait_for(lambda: any(self._pending.values()))
             lane = Lane.SYNC if self._pending[Lane.SYNC] else Lane.ASYNC
             first = min(self._pending[lane], key=lambda w: w.waiting_since)
-            room = self.runtime.batch_limit(first.params)
-            if lane is Lane.ASYNC and time.monotonic() - self._sync_seen < self.sync_guard_s:
-                room = min(room, self.sync_guard_batch or max(1, room // 4))
+            room = self._room(lane, first)
             if self.wait_s and self._pending_series() < room:
                 self._cond.wait_for(lambda: self._pending_series() >= room, timeout=self.wait_s)
                 lane = Lane.SYNC if self._pending[Lane.SYNC] else lane
                 first = min(self._pending[lane], key=lambda w: w.waiting_since)
+                room = self._room(lane, first)
             queue = self._pending[lane]
             group = [w for w in queue if w.key == first.key]
             shares = dict.fromkeys(group, 0)
@@ -205,6 +204,14 @@ class Batcher:
                 if not work.unscheduled:
                     queue.remove(work)
             return picked
+
+    def _room(self, lane: Lane, first: Work) -> int:
+        """Series the next pass may take: the batch limit for its parameters, and while sync requests
+        keep coming, no more than the sync guard for async work."""
+        room = self.runtime.batch_limit(first.params)
+        if lane is Lane.ASYNC and time.monotonic() - self._sync_seen < self.sync_guard_s:
+            room = min(room, self.sync_guard_batch or max(1, room // 4))
+        return room
 
     def _execute(self, batch: list[Slice], reading: Future | None = None, store=None) -> None:
         """Run one pass: its series (read now, or by `reading`), the model, then `store` the results

@@ -153,7 +153,8 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     """Run the jobs of one message (on a task thread); returns their statuses afterwards.
 
     A message carries one job, or several small ones the API sent together (api/sender.py): they
-    are claimed in one round trip, handed to the batcher together, and finished in one. A job no
+    are claimed in one round trip, handed to the batcher together, and each finished as soon as it
+    ends, with the others that ended in the same pass (one round trip). A job no
     longer runnable (cancelled while queued, finished by an earlier delivery, expired) is skipped
     without touching the model.
     """
@@ -176,17 +177,26 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
             batcher.submit(work)
             claimed.append(_Claimed(record, fields, work, backtest_request))
     deadline = time.monotonic() + settings.max_job_s
-    outcomes = [(job.record, _outcome(job, batcher, deadline, settings.max_job_s), job.fields) for job in claimed]
-    _remember(store, spec, batcher, settings, outcomes)
-    finals = store.finish(outcomes) if outcomes else []
-    for (record, _, fields), job, final in zip(outcomes, claimed, finals, strict=True):
-        n = job.work.n if job.work else 0
-        log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
-        metrics.JOBS.labels(spec.id, final).inc()
-        metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])
-        if final == JobStatus.SUCCEEDED:
-            metrics.SERIES.labels(spec.id).inc(n)
-        statuses[record.id] = final
+    pending = claimed
+    while pending:
+        # Each job is finished as soon as it ends, with the others of the message that ended by then
+        # (one round trip for the jobs of one pass): none waits for a slower neighbour.
+        head, rest = pending[0], pending[1:]
+        head_status = _outcome(head, batcher, deadline, settings.max_job_s)
+        ended = [job for job in rest if job.work is None or job.work.finished.is_set()]
+        pending = [job for job in rest if job not in ended]
+        wave = [head, *ended]
+        outcomes = [(head.record, head_status, head.fields)]
+        outcomes += [(job.record, _outcome(job, batcher, deadline, settings.max_job_s), job.fields) for job in ended]
+        _remember(store, spec, batcher, settings, outcomes)
+        for (record, _, fields), job, final in zip(outcomes, wave, store.finish(outcomes), strict=True):
+            n = job.work.n if job.work else 0
+            log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
+            metrics.JOBS.labels(spec.id, final).inc()
+            metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])
+            if final == JobStatus.SUCCEEDED:
+                metrics.SERIES.labels(spec.id).inc(n)
+            statuses[record.id] = final
     return [statuses[job_id] for job_id in job_ids]
 
 

@@ -10,7 +10,8 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-NAMES = ("create", "create_done", "start", "finish", "cancel", "progress", "take_token", "promote_callbacks", "read")
+NAMES = ("create", "create_done", "start", "finish", "cancel", "progress", "take_token", "promote_callbacks", "read",
+         "unsent")  # fmt: skip
 
 
 @cache

@@ -158,14 +158,16 @@ class _Core:
         return _text((yield step)[-1])
 
     @operation
-    def discard(self, spec: ModelSpec, owner: str, job_id: str, idempotency: str | None = None) -> Op[None]:
-        """Undo a job's creation before its message was sent (and free its idempotency key)."""
-        also = [keys.idempotency(owner, idempotency)] if idempotency else []
-        yield [
-            Cmd("delete", (keys.job(job_id), keys.job_input(job_id), keys.job_items(job_id), *also)),
-            Cmd("zrem", (keys.in_flight(owner), job_id)),
-            Cmd("zrem", (keys.queued(spec), job_id)),
-        ]
+    def fail_unsent(self, spec: ModelSpec, record: JobRecord, error: str, idempotency: str | None = None) -> Op[bool]:
+        """End a queued job whose message could not be sent (lua/unsent.lua): failed, with `error`."""
+        reply = yield [run_script(
+            "unsent",
+            [keys.job(record.id), keys.in_flight(record.owner), keys.queued(spec), keys.job_input(record.id),
+             keys.job_items(record.id), keys.CALLBACKS,
+             keys.idempotency(record.owner, idempotency) if idempotency else ""],
+            [repr(time.time()), self.settings.result_ttl_s, keys.EVENTS_CHANNEL, record.id, error],
+        )]  # fmt: skip
+        return bool(reply[0])
 
     @operation
     def forget_idempotency(self, owner: str, digest: str) -> Op[None]:
@@ -279,7 +281,15 @@ class _Core:
             if r is not None
         ]
         states = iter((yield claims) if claims else [])
-        return [(_text(next(states)), r) if r is not None else ("missing", None) for r in records]
+        claimed: list[tuple[str, JobRecord | None]] = []
+        for r in records:
+            if r is None:
+                claimed.append(("missing", None))
+                continue
+            state, lost = next(states)
+            r.lost = int(lost)  # as the claim left it: a job whose worker died in its pass runs alone now
+            claimed.append((_text(state), r))
+        return claimed
 
     @operation
     def read_pass(self, slices: Sequence[tuple[str, int, int, bool]]) -> Op[list[PassRead]]:

@@ -1,13 +1,14 @@
 -- A worker claims a job for a delivery of its message.
 -- KEYS: job, owner's in-flight set, model's queued set, job's input list, job's output list, callbacks stream
 -- ARGV: now, worker name, max deliveries, ttl, events channel, job id
--- Returns the status afterwards; anything but 'running' tells the worker to drop the message
--- (cancelled, finished, expired: 'missing'). A redelivered job starts over: its partial output is
+-- Returns {the status afterwards, lost}; anything but 'running' tells the worker to skip the job
+-- (cancelled, finished, expired: 'missing'). `lost` counts the deliveries whose worker died while the
+-- job was in a forward pass, this one's predecessor included: a job lost before runs alone. A redelivered job starts over: its partial output is
 -- cleared. A job whose worker died `max deliveries` times while it was in a forward pass ends
 -- 'failed' instead of killing worker after worker.
 local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return 'missing' end
-if s ~= 'queued' and s ~= 'running' then return s end
+if not s then return {'missing', 0} end
+if s ~= 'queued' and s ~= 'running' then return {s, 0} end
 redis.call('ZREM', KEYS[3], ARGV[6])
 -- A redelivery counts against the job only when its series were in a forward pass as its worker
 -- died (the worker sets 'in_pass' around each pass): a job that merely waited beside the one that
@@ -23,9 +24,9 @@ if lost >= tonumber(ARGV[3]) then
     'its worker was lost ' .. lost .. ' times while it was in a forward pass; not retried again')
   redis.call('DEL', KEYS[4], KEYS[5])
   ended(KEYS[1], KEYS[2], KEYS[6], ARGV[6], 'failed', ARGV[1], ARGV[4], ARGV[5])
-  return 'failed'
+  return {'failed', lost}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0)
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('DEL', KEYS[5])
-return 'running'
+return {'running', lost}
