@@ -6,7 +6,8 @@ So each API process holds the async jobs of a model for up to SEND_WINDOW_MS, or
 SEND_MAX_JOBS are waiting, and sends their ids as one message; the worker claims, runs and
 finishes them together (workers/executor.py). Each job keeps its own id, record, cancel and
 result. A request is answered only once its message is sent: if the send fails, every job of
-the message is discarded and answered 503, so nothing accepted is ever without a message.
+the message is answered 503 and ended `failed` (api/service.py), so nothing accepted is ever
+without a message.
 
 Only small forecasts are held (up to SHARED_MAX_SERIES series): a message's jobs are claimed by
 one worker, so a large job would take its neighbours along (and large work is better spread over
