@@ -60,6 +60,13 @@ def _forecast_call(path: str, model: str, series: Sequence[Series], prediction_l
     return _Call("POST", path, json={"model": model, "inputs": inputs, "parameters": parameters})
 
 
+def _submit_call(model: str, series: Sequence[Series], prediction_length: int, wait: float, params: dict) -> _Call:
+    call = _forecast_call("/v1/forecasts", model, series, prediction_length, params)
+    if wait > 0:  # within one long-wait slice, which the HTTP read timeout allows for
+        call.headers["Prefer"] = f"wait={min(wait, _WAIT_SLICE_S):g}"
+    return call
+
+
 def _arrow_call(path: str, model: str, inputs: list[dict[str, Any]], parameters: dict[str, Any]) -> _Call:
     """The same request as a long-format Arrow table, the parameters in the query string."""
     import io
@@ -205,9 +212,13 @@ class Client(_Base):
             time.sleep(_retry_delay(response, attempt))
             attempt += 1
 
-    def submit(self, model: str, series: Sequence[Series], prediction_length: int, **parameters) -> JobView:
-        """Queue a job; `series` holds value lists or `{"target", "item_id"?, "start"?}` dicts."""
-        call = _forecast_call("/v1/forecasts", model, series, prediction_length, parameters)
+    def submit(
+        self, model: str, series: Sequence[Series], prediction_length: int, *, wait: float = 0, **parameters
+    ) -> JobView:
+        """Queue a job; `series` holds value lists or `{"target", "item_id"?, "start"?}` dicts. With
+        `wait` (seconds, at most 30), the same request also waits for the job (`Prefer: wait`): the
+        answer is the finished job, results included, or the job as it stands when the wait ran out."""
+        call = _submit_call(model, series, prediction_length, wait, parameters)
         return JobView.model_validate(self._send(call).json())
 
     def submit_backtest(
@@ -298,8 +309,10 @@ class AsyncClient(_Base):
             await asyncio.sleep(_retry_delay(response, attempt))
             attempt += 1
 
-    async def submit(self, model: str, series: Sequence[Series], prediction_length: int, **parameters) -> JobView:
-        call = _forecast_call("/v1/forecasts", model, series, prediction_length, parameters)
+    async def submit(
+        self, model: str, series: Sequence[Series], prediction_length: int, *, wait: float = 0, **parameters
+    ) -> JobView:
+        call = _submit_call(model, series, prediction_length, wait, parameters)
         return JobView.model_validate((await self._send(call)).json())
 
     async def submit_backtest(

@@ -199,3 +199,17 @@ def test_a_large_job_whose_series_carry_a_start_goes_as_json_and_gets_its_starts
 
     assert done.status.value == "succeeded"
     assert {p["start"] for p in done.predictions} == {"2026-01-05"}
+
+
+def test_submit_with_wait_answers_with_the_finished_job_in_one_request(live_api, workers):
+    with Client(live_api, api_key=API_KEY) as cq:
+        done = cq.submit(BOLT, [[float(t % 6) for t in range(30)]], 3, wait=30)
+
+    async def submit_async():
+        async with AsyncClient(live_api, api_key=API_KEY) as cq:
+            return await cq.submit(BOLT, [[float(t % 4) for t in range(31)]], 3, wait=30)
+
+    done_async = asyncio.run(submit_async())
+
+    assert done.status.value == done_async.status.value == "succeeded"
+    assert len(done.predictions) == len(done_async.predictions) == 1
