@@ -183,8 +183,9 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         # (one round trip for the jobs of one pass): none waits for a slower neighbour.
         head, rest = pending[0], pending[1:]
         head_status = _outcome(head, batcher, deadline, settings.max_job_s)
-        ended = [job for job in rest if job.work is None or job.work.finished.is_set()]
-        pending = [job for job in rest if job not in ended]
+        done_now = [job.work is None or job.work.finished.is_set() for job in rest]
+        ended = [job for job, done in zip(rest, done_now, strict=True) if done]
+        pending = [job for job, done in zip(rest, done_now, strict=True) if not done]
         wave = [head, *ended]
         outcomes = [(head.record, head_status, head.fields)]
         outcomes += [(job.record, _outcome(job, batcher, deadline, settings.max_job_s), job.fields) for job in ended]

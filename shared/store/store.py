@@ -491,20 +491,17 @@ class JobStore(_Core):
         try:
             step = next(op)
             while True:
-                try:
-                    replies = self._outlasting(step)
-                except redis.ResponseError as exc:
-                    step = op.throw(exc)
-                else:
-                    step = op.send(replies)
+                step = _resume(op, self._outlasting(step))
         except StopIteration as done:
             return done.value
 
-    def _outlasting(self, step: list[Cmd]) -> list[Any]:
+    def _outlasting(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
         deadline = time.monotonic() + self.patience_s
         while True:
             try:
                 return self._execute(step)
+            except redis.ResponseError as exc:  # Redis's answer: the operation decides
+                return exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise
@@ -547,14 +544,15 @@ class AsyncJobStore(_Core):
         try:
             step = next(op)
             while True:
-                try:
-                    replies = await self._execute(step)
-                except redis.ResponseError as exc:
-                    step = op.throw(exc)
-                else:
-                    step = op.send(replies)
+                step = _resume(op, await self._attempt(step))
         except StopIteration as done:
             return done.value
+
+    async def _attempt(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
+        try:
+            return await self._execute(step)
+        except redis.ResponseError as exc:  # Redis's answer: the operation decides
+            return exc
 
     async def _execute(self, step: list[Cmd]) -> list[Any]:
         if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline
@@ -578,6 +576,12 @@ class AsyncJobStore(_Core):
                 name, args, kwargs = _command(cmd, self._scripts)
                 getattr(pipe, name)(*args, **kwargs)
             return await pipe.execute(raise_on_error=False)
+
+
+def _resume(op: Op[Any], outcome: list[Any] | redis.ResponseError) -> list[Cmd]:
+    """The operation's next round trip, given the replies of the last one or the error Redis answered
+    (an operation may expect one, e.g. BUSYGROUP); raises StopIteration with its result when it is done."""
+    return op.throw(outcome) if isinstance(outcome, redis.ResponseError) else op.send(outcome)
 
 
 def _command(cmd: Cmd, registered: dict[str, Any]) -> tuple[str, tuple, Mapping[str, Any]]:
