@@ -42,8 +42,7 @@ def preferred_wait(prefer: str | None, most: float) -> float:
 
 
 def location(response: Response, record: JobRecord) -> None:
-    base = "backtests" if record.kind is JobKind.BACKTEST else "forecasts"
-    response.headers["Location"] = f"/v1/{base}/{record.id}"
+    response.headers["Location"] = f"/v1/{record.kind.collection}/{record.id}"
 
 
 async def accepted(response: Response, models: Models, record: JobRecord, replayed: bool) -> None:
@@ -64,7 +63,7 @@ async def answer(jobs: JobService, record: JobRecord, request: Request, response
     if record.status is JobStatus.SUCCEEDED and record.predictions is None:
         outputs, items = await jobs.results(record)
         media = render.wanted(request.headers.get("accept"))
-        if media and record.kind is JobKind.FORECAST:
+        if media and record.kind is not JobKind.BACKTEST:
             return Response(render.columnar(record, outputs, items, media), code, headers, media_type=media)
     if outputs is not None and len(outputs) > STREAM_FROM and record.kind is JobKind.FORECAST:
         chunks = render.job_json_chunks(record, outputs, items)
@@ -104,8 +103,8 @@ async def job_events(job_id: str, jobs: Jobs, owner: Caller) -> StreamingRespons
                 outputs, items = (await jobs.results(record)) if record.status is JobStatus.SUCCEEDED else (None, None)
                 yield f"event: done\ndata: {render.job_json(record, outputs, items).decode()}\n\n"
             else:
-                view = JobView.of(record)
-                yield f"event: status\ndata: {view.model_dump_json(exclude={'predictions', 'backtest'})}\n\n"
+                view = JobView.of(record).model_dump_json(exclude={"anomalies", "predictions", "backtest"})
+                yield f"event: status\ndata: {view}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
@@ -121,13 +120,14 @@ async def cancel_job(job_id: str, response: Response, jobs: Jobs, owner: Caller)
 def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
     """`GET /{collection}/{job_id}` (with long-wait), `GET …/events` and `DELETE` on `router`."""
     path = f"/{collection}/{{job_id}}"
+    article = "An" if noun[0] in "aeiou" else "A"
     router.add_api_route(
         path,
         get_job,
         methods=["GET"],
         response_model=JobView,
         responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
-        summary=f"A {noun}'s status and results; with `wait`, answer as soon as it finishes",
+        summary=f"{article} {noun}'s status and results; with `wait`, answer as soon as it finishes",
     )
     router.add_api_route(
         f"{path}/events",
@@ -149,5 +149,5 @@ def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
             202: {"model": JobView, "description": "Running: it stops at its next batch."},
             **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable"),
         },
-        summary=f"Cancel a {noun}",
+        summary=f"Cancel {article.lower()} {noun}",
     )

@@ -70,12 +70,16 @@ _ROWS = msgspec.json.Decoder(list[list[float | None]])
 _LABELS = msgspec.json.Decoder(list[str | None])
 
 
+# The parameters a series body carries: a forecast's, or an anomaly job's (same body otherwise).
+P = TypeVar("P", bound=BaseModel)
+
+
 @dataclass
-class ForecastJob:
-    """A parsed forecast request: what the service validates and stores."""
+class ForecastJob(Generic[P]):
+    """A parsed series request (a forecast's, or an anomaly job's): what the service validates and stores."""
 
     model: str
-    parameters: ForecastParameters
+    parameters: P
     series: SeriesSet
     callback_url: str | None = None
     # Per series: the target came as a list of variates (its answer then holds one list per variate).
@@ -118,21 +122,21 @@ def media_type(request: Request) -> str:
 # -- JSON ---------------------------------------------------------------------------------
 
 
-def forecast_json(body: bytes, settings: Settings) -> ForecastJob:
-    """Parse a JSON forecast request (see the module docstring)."""
+def forecast_json(body: bytes, settings: Settings, schema: type[BaseModel] = ForecastParameters) -> ForecastJob:
+    """Parse a JSON forecast request (see the module docstring), its parameters by `schema`."""
     try:
         request = _STRUCTURE.decode(body)
     except msgspec.ValidationError as exc:
         raise _msgspec_problem(exc) from None
     except msgspec.DecodeError:
-        return _forecast_literals(body, settings)
+        return _forecast_literals(body, settings, schema)
     _check_counts(request.inputs, settings)
     for i, series in enumerate(request.inputs):
         _check_points(series.target, f"inputs[{i}].target", settings)
-    return _assemble(request, settings, _decode_raw)
+    return _assemble(request, settings, _decode_raw, schema)
 
 
-def _forecast_literals(body: bytes, settings: Settings) -> ForecastJob:
+def _forecast_literals(body: bytes, settings: Settings, schema: type[BaseModel]) -> ForecastJob:
     """Bodies msgspec refuses: malformed JSON (400), or JSON with NaN/Infinity literals."""
     try:
         tree = pydantic_core.from_json(body, allow_inf_nan=True)
@@ -143,7 +147,7 @@ def _forecast_literals(body: bytes, settings: Settings) -> ForecastJob:
     except msgspec.ValidationError as exc:
         raise _msgspec_problem(exc) from None
     _check_counts(request.inputs, settings)
-    return _assemble(request, settings, _convert_tree)
+    return _assemble(request, settings, _convert_tree, schema)
 
 
 def _check_counts(inputs: list, settings: Settings) -> None:
@@ -204,7 +208,7 @@ def _covariate(raw: Any, field: str) -> np.ndarray | list:
             raise _msgspec_problem(exc, field) from None
 
 
-def _assemble(request: _Forecast, settings: Settings, decode) -> ForecastJob:
+def _assemble(request: _Forecast, settings: Settings, decode, schema: type[BaseModel]) -> ForecastJob:
     rows: list[np.ndarray] = []
     variates, nested_flags, covariates = [], [], []
     for i, series in enumerate(request.inputs):
@@ -237,19 +241,19 @@ def _assemble(request: _Forecast, settings: Settings, decode) -> ForecastJob:
     )
     return ForecastJob(
         model=request.model,
-        parameters=parameters(request.parameters),
+        parameters=parameters(request.parameters, schema=schema),
         series=series_set,
         callback_url=request.callback_url,
         nested=nested_flags if any(nested_flags) else None,
     )
 
 
-def parameters(raw: Any, prefix: str = "parameters") -> ForecastParameters:
-    """Forecast parameters, validated by the documented model itself (strict: no coercion)."""
+def parameters(raw: Any, prefix: str = "parameters", schema: type[BaseModel] = ForecastParameters) -> Any:
+    """Forecast (or `schema`) parameters, validated by the documented model itself (strict: no coercion)."""
     try:
         if isinstance(raw, Raw):
-            return ForecastParameters.model_validate_json(bytes(raw), strict=True)
-        return ForecastParameters.model_validate(raw, strict=True)
+            return schema.model_validate_json(bytes(raw), strict=True)
+        return schema.model_validate(raw, strict=True)
     except ValidationError as exc:
         raise validation_problem(exc.errors(), prefix) from None
 
@@ -267,7 +271,9 @@ def series_input(value: Any, field: str) -> SeriesInput:
 _RESERVED = ("item_id", "timestamp", "target")
 
 
-def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: Settings) -> ForecastJob:
+def forecast_columnar(
+    body: bytes, kind: str, query: dict[str, str], settings: Settings, schema: type[BaseModel] = ForecastParameters
+) -> ForecastJob:
     """A long-format table (one row per series and time step) and the parameters from the query string."""
     try:
         if kind == ARROW:
@@ -336,7 +342,7 @@ def forecast_columnar(body: bytes, kind: str, query: dict[str, str], settings: S
     if "quantile_levels" in params:
         params["quantile_levels"] = [x for x in params["quantile_levels"].split(",") if x]
     try:
-        parsed = ForecastParameters.model_validate(params)  # query strings: numbers arrive as text
+        parsed = schema.model_validate(params)  # query strings: numbers arrive as text
     except ValidationError as exc:
         raise validation_problem(exc.errors(), "") from None
     return ForecastJob(model=model, parameters=parsed, series=series_set, callback_url=callback_url)
@@ -484,17 +490,17 @@ def install(app) -> None:
     app.openapi = openapi
 
 
-async def forecast(request: Request, settings: Settings) -> ForecastJob:
-    """Read and parse a forecast body of any accepted media type. Large JSON is parsed on a thread:
-    its per-series steps let the event loop run between them."""
+async def forecast(request: Request, settings: Settings, schema: type[BaseModel] = ForecastParameters) -> ForecastJob:
+    """Read and parse a forecast body (parameters by `schema`) of any accepted media type. Large JSON
+    is parsed on a thread: its per-series steps let the event loop run between them."""
     kind = media_type(request)
     limit = settings.max_columnar_body_bytes if kind in COLUMNAR else settings.max_body_bytes
     body = await read(request, limit, settings.body_timeout_s)
     if kind in COLUMNAR:
-        return forecast_columnar(body, kind, dict(request.query_params), settings)
+        return forecast_columnar(body, kind, dict(request.query_params), settings, schema)
     if len(body) < 1 << 20:
-        return forecast_json(body, settings)
-    return await asyncio.to_thread(forecast_json, body, settings)
+        return forecast_json(body, settings, schema)
+    return await asyncio.to_thread(forecast_json, body, settings, schema)
 
 
 Model = TypeVar("Model", bound=BaseModel)

@@ -104,7 +104,6 @@ def sign(secret: str, body: bytes, at: int) -> str:
 
 def body_of(record: JobRecord) -> bytes:
     """What a callback says: the job's final status and where to read its results."""
-    base = "backtests" if record.kind == "backtest" else "forecasts"
     return json.dumps(
         {
             "id": record.id,
@@ -115,7 +114,7 @@ def body_of(record: JobRecord) -> bytes:
             "cached": record.cached,
             "created_at": record.created_at,
             "finished_at": record.finished_at,
-            "url": f"/v1/{base}/{record.id}",
+            "url": f"/v1/{record.kind.collection}/{record.id}",
         },
         separators=(",", ":"),
     ).encode()

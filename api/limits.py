@@ -9,7 +9,7 @@ import numpy as np
 
 from shared import families
 from shared.catalog import ModelSpec
-from shared.schemas import BacktestRequest, ForecastParameters
+from shared.schemas import AnomalyParameters, BacktestRequest, ForecastParameters
 from shared.series import SeriesSet
 from shared.settings import Settings
 
@@ -59,6 +59,8 @@ def check(
             f"{name}: {spec.id} outputs quantiles directly; sampling options apply to T5 models only",
             field=name,
         )
+    if params.cross_learning:
+        _check_cross_learning(series, spec, settings, field)
     samples = (params.num_samples or 20) if params.return_samples else 0
     outputs = int(series.variates.sum()) * params.prediction_length * (1 + len(params.quantile_levels) + samples)
     if outputs > settings.max_output_values:
@@ -128,6 +130,73 @@ def check_backtest(request: BacktestRequest, series: SeriesSet, spec: ModelSpec,
     count = len(origins.values())
     if count > settings.max_backtest_origins:
         raise _over("origins", f"{count} origins; at most {settings.max_backtest_origins}")
+
+
+def _check_cross_learning(series: SeriesSet, spec: ModelSpec, settings: Settings, field: Callable[[int], str]) -> None:
+    """One group in one forward pass: a family that groups series, a group within its cap, one
+    input schema (the pipeline takes one per call, so two schemas would be two groups)."""
+    name = "parameters.cross_learning"
+    if not families.of(spec).cross_learning:
+        raise _unsupported(name, f"{spec.id} forecasts each series on its own; amazon/chronos-2 can cross-learn")
+    if len(series) > settings.cross_learning_max_series:
+        raise _over(
+            "inputs",
+            f"{len(series)} series; at most {settings.cross_learning_max_series} per cross-learning request "
+            "(CROSS_LEARNING_MAX_SERIES)",
+        )
+    covariates = series.covariates or [None] * len(series)
+
+    def schema(i: int) -> tuple:
+        cov = covariates[i] or {}
+        return int(series.variates[i]), sorted(cov.get("past", {})), sorted(cov.get("future", {}))
+
+    first = schema(0)
+    for i in range(1, len(series)):
+        if schema(i) != first:
+            raise _invalid(
+                field(i), "with cross_learning every series needs the same target variates and covariate names"
+            )
+
+
+def check_anomalies(
+    series: SeriesSet, params: AnomalyParameters, spec: ModelSpec, settings: Settings
+) -> tuple[list[int], int]:
+    """An anomaly job's series as a forecast's (one target variate, no covariates), an interval the
+    model can give, and a point to score in each series. Returns the index of each series' first
+    scored point and the forecasts the job runs (one per `horizon` scored points)."""
+    check(series, params.forecast(), spec, settings)
+    for i, cov in enumerate(series.covariates or ()):
+        if cov:
+            raise _unsupported(f"inputs[{i}].{next(iter(cov))}_covariates", "an anomaly job scores targets alone")
+    if series.multivariate:
+        i = int(np.flatnonzero(series.variates > 1)[0])
+        raise _unsupported(f"inputs[{i}].target", "an anomaly job scores one target variate per series")
+    native = spec.native_quantiles
+    lower, upper = params.bounds()
+    if native and (lower < min(native) - 1e-9 or upper > max(native) + 1e-9):
+        widest = 1 - 2 * max(min(native), 1 - max(native))
+        raise _unsupported(
+            "parameters.level",
+            f"{spec.id} outputs quantiles {min(native):g}-{max(native):g}: level {params.level:g} needs "
+            f"{lower:g} and {upper:g}; at most {widest:.4g}",
+        )
+    lengths = series.lengths()
+    starts = [params.first_scored(int(n), spec.context_length) for n in lengths]
+    for i, (n, start) in enumerate(zip(lengths, starts, strict=True)):
+        if start >= n:
+            raise _invalid(
+                f"inputs[{i}].target",
+                f"{int(n)} points leave none to score from index {start} (score_from, or context_length)"
+                if n > 1 else "needs at least 2 points: one of context, one to score",
+            )  # fmt: skip
+    windows = sum(-(-(int(n) - start) // params.horizon) for n, start in zip(lengths, starts, strict=True))
+    if windows > settings.max_anomaly_windows:
+        raise _over(
+            "inputs",
+            f"{windows} forecasts (one per {params.horizon} scored point(s)); at most {settings.max_anomaly_windows} "
+            "per anomaly job (MAX_ANOMALY_WINDOWS)",
+        )
+    return starts, windows
 
 
 def _check_covariates(

@@ -21,7 +21,7 @@ from api.callbacks import Dispatcher
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
-from api.routes import backtests, callbacks, compat, forecasts, health, models
+from api.routes import anomalies, backtests, callbacks, compat, forecasts, health, models
 from api.service import JobService
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (
         forecasts.router,
         backtests.router,
+        anomalies.router,
         callbacks.router,
         models.router,
         health.router,

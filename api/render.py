@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.schemas import JobView
-from shared.series import ResultLayout
+from shared.series import ANOMALY_ROWS, ResultLayout
 from shared.store import JobKind, JobRecord
 
 ARROW = "application/vnd.apache.arrow.stream"
@@ -64,10 +64,31 @@ def backtest(record: JobRecord, outputs: list[bytes]) -> dict:
     return {**(record.backtest or {}), "forecasts": forecasts}
 
 
+def _scored(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, np.float32).reshape(len(ANOMALY_ROWS), -1).astype(np.float64)
+
+
+def anomalies(record: JobRecord, outputs: list[bytes], items: list | None) -> list[dict]:
+    """One entry per series: item_id, the index of its first scored point, and per scored point the
+    interval, the median, the flag and the score (NaN, written as null, where the actual is missing)."""
+    starts = record.request.get("starts") or [0] * len(outputs)
+    out = []
+    for i, raw in enumerate(outputs):
+        rows = dict(zip(ANOMALY_ROWS, _scored(raw), strict=True))
+        out.append({
+            "item_id": items[i][0] if items else None, "start": starts[i],
+            "lower": rows["lower"], "upper": rows["upper"], "median": rows["median"],
+            "anomaly": rows["score"] > 0, "score": rows["score"],
+        })  # fmt: skip
+    return out
+
+
 def attach(record: JobRecord, outputs: list[bytes], items: list | None) -> JobRecord:
-    """Fill the record's `predictions` (or `backtest` forecasts) as plain lists."""
+    """Fill the record's `predictions` (or `backtest` forecasts, or `anomalies`) as plain lists."""
     if record.kind is JobKind.BACKTEST:
         record.backtest = _lists(backtest(record, outputs))
+    elif record.kind is JobKind.ANOMALY:
+        record.anomalies = _lists(anomalies(record, outputs, items))
     else:
         record.predictions = _lists(predictions(record, outputs, items))
     return record
@@ -75,11 +96,13 @@ def attach(record: JobRecord, outputs: list[bytes], items: list | None) -> JobRe
 
 def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list | None = None) -> bytes:
     """The job as `JobView` JSON, its results spliced in as arrays (written by orjson in C)."""
-    view = JobView.of(record).model_dump(mode="json", exclude={"predictions", "backtest"})
-    view["predictions"] = view["backtest"] = None
+    view = JobView.of(record).model_dump(mode="json", exclude={"anomalies", "predictions", "backtest"})
+    view["anomalies"] = view["predictions"] = view["backtest"] = None
     if outputs is not None:
         if record.kind is JobKind.BACKTEST:
             view["backtest"] = backtest(record, outputs)
+        elif record.kind is JobKind.ANOMALY:
+            view["anomalies"] = anomalies(record, outputs, items)
         else:
             view["predictions"] = predictions(record, outputs, items)
     return orjson.dumps(view, option=_OPTIONS)
@@ -106,6 +129,8 @@ def job_json_chunks(record: JobRecord, outputs: list[bytes], items: list | None)
 
 def table(record: JobRecord, outputs: list[bytes], items: list | None):
     """Long format, one row per series (and variate) and step: item_id, [variate,] step, mean, a column per level."""
+    if record.kind is JobKind.ANOMALY:
+        return _anomaly_table(record, outputs, items)
 
     shape = layout(record, outputs[0] if outputs else None)
     blocks = [shape.array(raw) for raw in outputs]  # [variates, rows, horizon] each
@@ -121,6 +146,25 @@ def table(record: JobRecord, outputs: list[bytes], items: list | None):
     columns["mean"] = stacked[:, 0].reshape(-1)
     for j, level in enumerate(shape.levels):
         columns[str(level)] = stacked[:, 1 + j].reshape(-1)
+    return pa.table(columns)
+
+
+def _anomaly_table(record: JobRecord, outputs: list[bytes], items: list | None):
+    """An anomaly job's results in long format, one row per scored point: item_id, index (in its
+    series), lower, upper, median, anomaly, score."""
+    blocks = [_scored(raw) for raw in outputs]
+    counts = np.array([b.shape[1] for b in blocks], dtype=np.int64)
+    starts = np.array(record.request.get("starts") or [0] * len(outputs), dtype=np.int64)
+    ids = [item[0] for item in items] if items else [None] * len(outputs)
+    stacked = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(ANOMALY_ROWS), 0))
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    columns: dict = {
+        "item_id": pa.array(np.repeat(np.array(ids, dtype=object), counts), type=pa.string()),
+        "index": np.repeat(starts, counts) + np.arange(int(counts.sum())) - first,
+    }
+    rows = dict(zip(ANOMALY_ROWS, stacked, strict=True))
+    columns |= {"lower": rows["lower"], "upper": rows["upper"], "median": rows["median"]}
+    columns |= {"anomaly": rows["score"] > 0, "score": rows["score"]}
     return pa.table(columns)
 
 

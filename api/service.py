@@ -16,7 +16,7 @@ import msgspec
 from celery import Celery
 
 from shared import cache, catalog, families
-from shared.schemas import BacktestRequest, ForecastRequest
+from shared.schemas import AnomalyParameters, BacktestRequest, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
@@ -94,6 +94,25 @@ class JobService:
         return await self._enqueue(
             spec, Lane.ASYNC, owner, idempotency_key, stored, series, None, request.parameters.prediction_length,
             kind=JobKind.BACKTEST, callback_url=request.callback_url, n_series=n_origins, admitted=admitted,
+        )  # fmt: skip
+
+    async def submit_anomalies(
+        self,
+        job: ForecastJob[AnomalyParameters],
+        owner: str,
+        idempotency_key: str | None = None,
+        admitted: bool = False,
+    ) -> tuple[JobRecord, bool]:
+        """An anomaly job is one job on the model's bulk queue: a forecast of every scored point (or
+        every `horizon` points) of every series, then the intervals and flags. The first scored
+        point of each series is settled here and stored with the job, so the worker applies it as is."""
+        spec = self.fleet.model(job.model)
+        starts, windows = limits.check_anomalies(job.series, job.parameters, spec, self.settings)
+        callbacks.check_url(job.callback_url, self.settings)
+        request = {"parameters": job.parameters.model_dump(mode="json"), "starts": starts}
+        return await self._enqueue(
+            spec, Lane.ASYNC, owner, idempotency_key, request, job.series, None, job.parameters.horizon,
+            kind=JobKind.ANOMALY, callback_url=job.callback_url, n_series=windows, admitted=admitted,
         )  # fmt: skip
 
     async def _enqueue(

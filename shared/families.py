@@ -11,6 +11,7 @@ Capabilities are class attributes, as in chronos-forecasting's pipelines:
   temperature, top_k, top_p), `seed` and `return_samples` apply, and a result is reproducible
   only with a seed. Otherwise the model outputs quantiles directly and is deterministic.
 - `takes_covariates`: past/future covariates and several target variates per series.
+- `cross_learning`: the series of one request can be forecast jointly, as one group.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ModelFamily:
     family: ClassVar[Family]
     sample_based: ClassVar[bool] = False
     takes_covariates: ClassVar[bool] = False
+    cross_learning: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -100,13 +102,23 @@ class Chronos2(ModelFamily):
 
     family = Family.CHRONOS2
     takes_covariates = True
+    cross_learning = True
 
     def group_key(self, params: ForecastParameters, job_id: str = "") -> tuple:
         """The horizon itself: it sets how many output patches the encoder attends to, so it changes
         every step's forecast a little; only equal horizons share a pass, so a job's result never
         depends on its company. (Series of different input schemas still share a pass: the worker
-        splits it into one call per schema.)"""
+        splits it into one call per schema.) A cross-learning job's series attend to each other, so
+        they run in passes of their own: no other job's series ever join their group."""
+        if params.cross_learning:
+            return (params.prediction_length, "cross-learning", job_id)
         return (params.prediction_length,)
+
+    def batch_limit(self, max_batch: int, params: ForecastParameters) -> int:
+        """A cross-learning job's group is all its series (at most CROSS_LEARNING_MAX_SERIES, checked
+        by the API), so its one pass takes them all, past `max_batch` if need be: split into passes,
+        the group and with it every forecast would change."""
+        return max_batch if not params.cross_learning else max(max_batch, 1 << 20)
 
 
 FAMILIES: dict[Family, type[ModelFamily]] = {cls.family: cls for cls in (T5, Bolt, Chronos2)}

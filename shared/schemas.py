@@ -100,6 +100,12 @@ class ForecastParameters(BaseModel):
     return_samples: bool = Field(
         False, description="Also return the sample paths as `samples` (T5 models only: Bolt outputs quantiles)."
     )
+    cross_learning: bool = Field(
+        False,
+        description="Chronos-2 only: forecast this request's series jointly, as one group whose series attend to "
+        "each other (related series inform each other's forecasts). The series of one request only: they never "
+        "share a group with another request's. At most CROSS_LEARNING_MAX_SERIES series, one input schema.",
+    )
 
     def sampling(self) -> dict[str, float | int]:
         """The sampling options that were set (they apply to sample-based models only)."""
@@ -190,6 +196,84 @@ class BacktestRequest(BaseModel):
     callback_url: CallbackUrl = None
 
 
+class AnomalyParameters(BaseModel):
+    """How an anomaly job scores its series: each scored point against the central interval of the
+    model's forecast of it, made from the points before it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: float = Field(
+        0.8, gt=0, lt=1,
+        description="Width of the central interval, e.g. 0.99 for quantiles 0.005 and 0.995. Bolt models "
+        "output quantiles 0.1-0.9 (level at most 0.8), Chronos-2 0.01-0.99 (at most 0.98); T5 models "
+        "take any level (quantiles of `num_samples` sample paths: tails need more samples).",
+    )  # fmt: skip
+    context_length: int | None = Field(
+        None, ge=1, description="Points before each scored point given to the model (default: the model's context)."
+    )
+    score_from: int | None = Field(
+        None, ge=1,
+        description="Index of the first point to score, in every series (default: `context_length`, or the "
+        "model's context length capped to leave one point to score). Scoring only the last N points of a "
+        "series (online use) is `score_from = len - N`.",
+    )  # fmt: skip
+    horizon: int = Field(
+        1, ge=1,
+        description="Steps forecast from each origin; origins are `horizon` points apart, so each scored point "
+        "is forecast once, 1 to `horizon` steps ahead. 1 (the default) is the most sensitive; larger horizons "
+        "need `horizon` times fewer forecasts.",
+    )  # fmt: skip
+    num_samples: int | None = Field(None, ge=1, description="Sample paths (T5 models only; default 20).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="T5 models only: fixes the sampling.")
+
+    def context(self, model_context: int) -> int:
+        """Points before an origin given to the model."""
+        return min(self.context_length or model_context, model_context)
+
+    def first_scored(self, length: int, model_context: int) -> int:
+        """Index of a series' first scored point: `score_from`, or after the first `context_length`
+        points, or (neither given) after the model's context, capped to leave one point to score."""
+        if self.score_from is not None:
+            return self.score_from
+        if self.context_length is not None:
+            return self.context_length
+        return max(1, min(model_context, length - 1))
+
+    def bounds(self) -> tuple[float, float]:
+        """The interval's quantile levels."""
+        return round((1 - self.level) / 2, 10), round((1 + self.level) / 2, 10)
+
+    def forecast(self) -> ForecastParameters:
+        """The forecast each origin runs: the interval's bounds and the median."""
+        lower, upper = self.bounds()
+        return ForecastParameters(
+            prediction_length=self.horizon, quantile_levels=sorted({lower, 0.5, upper}),
+            num_samples=self.num_samples, seed=self.seed,
+        )  # fmt: skip
+
+
+class AnomalyRequest(BaseModel):
+    """Anomaly detection: flag the points of each series that fall outside the model's forecast interval."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "inputs": [{"item_id": "cpu", "target": [*(float(10 + t % 5) for t in range(40)), 90.0, 12.0]}],
+                    "parameters": {"level": 0.8, "context_length": 32},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="Catalog id or slug.")
+    inputs: list[SeriesInput] = Field(min_length=1, description="Series as for a forecast: one target variate each.")
+    parameters: AnomalyParameters = Field(default_factory=AnomalyParameters)
+    callback_url: CallbackUrl = None
+
+
 class Timings(BaseModel):
     queued_s: float | None = None
     inference_s: float | None = None
@@ -197,7 +281,7 @@ class Timings(BaseModel):
 
 
 class Progress(BaseModel):
-    done: int = Field(description="Series (for a backtest: origins) forecast so far.")
+    done: int = Field(description="Series (for a backtest or an anomaly job: origins) forecast so far.")
     total: int
 
 
@@ -244,7 +328,16 @@ class JobView(BaseModel):
     cached: bool = Field(False, description="Answered from the result cache (an identical earlier request).")
     callback: CallbackView | None = None
     timings: Timings
-    progress: Progress | None = Field(None, description="Series forecast so far (origins, for a backtest).")
+    progress: Progress | None = Field(
+        None, description="Series forecast so far (origins, for a backtest or an anomaly job)."
+    )
+    # Before `predictions` and `backtest`: api/render.py streams a large answer by splicing them in last.
+    anomalies: list[dict[str, Any]] | None = Field(
+        None,
+        description="A succeeded anomaly job: one entry per series with item_id, `start` (index of the first "
+        "scored point) and equal-length lists `lower`, `upper`, `median`, `anomaly` (booleans) and `score` (how "
+        "far outside the interval, in interval widths; 0 inside; null where the actual is missing).",
+    )
     predictions: list[dict[str, Any]] | None = Field(
         None, description="One entry per input series: item_id, mean, and one key per requested quantile level."
     )
@@ -282,6 +375,7 @@ class JobView(BaseModel):
             else None,
             timings=Timings(**record.timings()),
             progress=Progress(done=record.progress_done, total=record.n_series),
+            anomalies=record.anomalies,
             predictions=record.predictions,
             backtest=record.backtest,
         )

@@ -151,6 +151,11 @@ def _arrays(group: dict | None) -> dict[str, np.ndarray]:
     }
 
 
+# An anomaly job's result element per series: float32 [len(ANOMALY_ROWS), scored points]. A point is
+# an anomaly when its score is above 0; a missing actual has a NaN score.
+ANOMALY_ROWS = ("lower", "upper", "median", "score")
+
+
 @dataclass(frozen=True)
 class ResultLayout:
     """How a job's result elements are laid out: per series float32 [variates, rows, horizon],

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_variates: int = Field(64, ge=1)
     # Forecast origins in one backtest job.
     max_backtest_origins: int = Field(10_000, ge=1)
+    # Forecasts (one per scored point, or per `horizon` points) in one anomaly job, over all its series.
+    max_anomaly_windows: int = Field(50_000, ge=1)
+    # Series of one cross-learning request (Chronos-2): they run as one group in one forward pass,
+    # whose attention across series grows with the square of its size.
+    cross_learning_max_series: int = Field(256, ge=1)
 
     # Admission, per API key: job submissions per second (token bucket; 0: no limit) and burst,
     # and jobs not yet finished (0: no cap), both answered 429; per model, messages waiting in its

@@ -184,3 +184,65 @@ def test_the_catalog_lists_chronos2_with_its_21_quantiles(api):
 
     assert view["prediction_length"] == 1024 and view["context_length"] == 8192
     assert len(view["native_quantiles"]) == 21 and view["sample_based"] is False
+
+
+def _direct(runtime: ModelRuntime, targets: list[list[float]], horizon: int, cross_learning: bool) -> list:
+    """Each series' [0.1, 0.5, 0.9] x steps from one direct pipeline call over all of them."""
+    quantiles, _ = runtime.pipeline.predict_quantiles(
+        [np.array(t, dtype=np.float32) for t in targets], prediction_length=horizon,
+        quantile_levels=[0.1, 0.5, 0.9], cross_learning=cross_learning,
+    )  # fmt: skip
+    return [q[0].T.tolist() for q in quantiles]
+
+
+def test_cross_learning_forecasts_a_jobs_series_as_one_group_and_never_with_another_jobs(
+    api, chronos2_worker, runtime
+):
+    first = [wave(64, k) for k in range(1, 6)]
+    second = [[x * 3 + 50 for x in wave(80, k)] for k in range(2, 5)]
+    # Sent back to back, so the second waits while the first runs: they would share a pass if they could.
+    jobs = [api.post("/v1/forecasts", json=body(*({"target": t} for t in targets), horizon=6, cross_learning=True))
+            for targets in (first, second)]  # fmt: skip
+
+    served = [wait_for(api, job.json()["id"])["predictions"] for job in jobs]
+
+    for targets, predictions in zip((first, second), served, strict=True):
+        joint = _direct(runtime, targets, 6, cross_learning=True)
+        for forecast, expected in zip(predictions, joint, strict=True):
+            for j, level in enumerate(("0.1", "0.5", "0.9")):
+                assert forecast[level] == pytest.approx(expected[j], rel=1e-4, abs=1e-4)
+    # The flag reaches the model: each series alone forecasts otherwise.
+    independent = _direct(runtime, first, 6, cross_learning=False)
+    assert any(
+        not np.allclose(f["0.5"], alone[1], rtol=1e-4, atol=1e-4)
+        for f, alone in zip(served[0], independent, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_body", "field", "code"),
+    [
+        ({"model": "amazon/chronos-bolt-tiny", "inputs": [{"target": wave(20)}],
+          "parameters": {"prediction_length": 3, "cross_learning": True}}, "parameters.cross_learning",
+         "unsupported-input"),
+        (body({"target": wave(20)}, {"target": wave(20)}, {"target": wave(20)}, cross_learning=True), "inputs",
+         "limit-exceeded"),
+        (body({"target": wave(20)}, {"target": [wave(20), wave(20)]}, cross_learning=True), "inputs[1]",
+         "validation-error"),
+    ],
+    ids=["bolt", "over-the-cap", "two-schemas"],
+)  # fmt: skip
+def test_cross_learning_beyond_what_it_can_do_is_422(redis_server, request_body, field, code):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(
+        create_app(settings_for(redis_server, cross_learning_max_series=2)), headers={"X-API-Key": API_KEY}
+    ) as client:
+        answer = client.post("/v1/forecasts", json=request_body)
+
+    assert answer.status_code == 422 and answer.headers["content-type"] == PROBLEM
+    assert answer.json()["field"] == field and answer.json()["code"] == code, answer.json()
+    if code == "limit-exceeded":
+        assert "CROSS_LEARNING_MAX_SERIES" in answer.json()["detail"]

@@ -15,11 +15,46 @@ Scores, over every forecast step that has an actual (a non-missing value inside 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from shared import families
+from shared.catalog import ModelSpec
 from shared.schemas import BacktestRequest
+from shared.series import Decoded, decode
+from shared.store import JobRecord
+
+from workers.batcher import Work
+
+
+def job(elements: list[bytes], record: JobRecord, spec: ModelSpec) -> tuple[Work, Callable[[Work], tuple]]:
+    """A backtest's windows, cut from its one stored series, as in-memory work whose results are
+    kept (and stored: they are the per-origin forecasts), and how its kept results are scored."""
+    stored = decode(elements[0])
+    series: dict = {"target": _as_list(stored.target[0])}
+    if stored.past:
+        series["past_covariates"] = {name: _as_list(values) for name, values in stored.past.items()}
+    request = BacktestRequest.model_validate({"model": spec.id, "series": series, **record.request})
+    params = request.parameters.model_copy(update={"quantile_levels": levels(request)})
+    windows_ = [
+        Decoded.of(w["target"], w.get("past_covariates"), w.get("future_covariates"))
+        for w in windows(request, spec.context_length)
+    ]
+    key = families.of(spec).group_key(params, record.id)
+    work = Work(record.id, len(windows_), params, record.lane, key, inputs=windows_, keep=True)
+
+    def scored(work: Work) -> tuple[dict, None]:
+        forecasts = [{str(q): block[0, 1 + j] for j, q in enumerate(params.quantile_levels)} for block in work.kept]
+        return {"backtest": {"metrics": score(request, forecasts)["metrics"]}}, None
+
+    return work, scored
+
+
+def _as_list(values: np.ndarray) -> list:
+    if values.dtype == object:
+        return values.tolist()
+    return [None if np.isnan(x) else float(x) for x in values.tolist()]
 
 
 def levels(request: BacktestRequest) -> list[float]:

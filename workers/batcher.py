@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Work:
     """One job's series on their way through the model. The series are read pass by pass from the
-    job's input list in Redis (`inputs` None), or held here (a backtest's windows); results go to
-    the job's output list pass by pass, and are also kept here when `keep` (a backtest scores them)."""
+    job's input list in Redis (`inputs` None), or held here (a backtest's or anomaly job's windows);
+    results go to the job's output list pass by pass unless not `stored`, and are also kept here
+    when `keep` (a backtest scores them; an anomaly job's are only kept, and scored into its results)."""
 
     job_id: str
     n: int  # series in the job
@@ -58,6 +59,7 @@ class Work:
     key: tuple  # jobs share a pass only with equal keys (the family's `group_key`)
     inputs: list[Decoded] | None = None
     keep: bool = False
+    stored: bool = True
     kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
     waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
@@ -238,8 +240,9 @@ class Batcher:
         metrics.BATCH.labels(self.runtime.spec.id).observe(len(inputs))
         started = time.perf_counter()
         outputs = self.runtime.predict_isolating(
-            inputs, horizon, levels, sampling=params[0].sampling(), return_samples=samples, seed=params[0].seed
-        )
+            inputs, horizon, levels, sampling=params[0].sampling(), return_samples=samples, seed=params[0].seed,
+            cross_learning=params[0].cross_learning,  # only ever one job's series (shared/families.py)
+        )  # fmt: skip
         elapsed = time.perf_counter() - started
         at = 0
         results, completed = [], []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -13,12 +13,12 @@ import redis
 
 from shared import cache, families
 from shared.catalog import ModelSpec
-from shared.schemas import BacktestRequest, ForecastParameters
+from shared.schemas import ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import JobKind, JobRecord, JobStatus, JobStore, Lane
+from shared.store import JobKind, JobRecord, JobStatus, JobStore
 
-from workers import backtest, metrics
+from workers import anomaly, backtest, metrics
 from workers.batcher import Batcher, Slice, Work
 
 log = logging.getLogger(__name__)
@@ -54,36 +54,9 @@ class RedisPassIO:
         if results:
             # The last pass's progress comes with the job's final state.
             self.store.append_results([
-                (work.job_id, [a.tobytes() for a in arrays], end if end < work.n else None)
+                (work.job_id, [a.tobytes() for a in arrays] if work.stored else [], end if end < work.n else None)
                 for (work, _, end), arrays in results
             ])  # fmt: skip
-
-
-def _backtest_work(store: JobStore, job_id: str, spec, request: dict, lane: Lane) -> tuple[Work, BacktestRequest]:
-    """A backtest's windows, cut from its one stored series, as in-memory work whose results are kept."""
-    element = store.first_input(job_id)
-    if element is None:  # the input list expired or was deleted under the job
-        raise RuntimeError(f"job {job_id}: its series is no longer stored")
-    stored = decode(element)
-    series: dict = {"target": _as_list(stored.target[0])}
-    if stored.past:
-        series["past_covariates"] = {name: _as_list(values) for name, values in stored.past.items()}
-    backtest_request = BacktestRequest.model_validate({"model": spec.id, "series": series, **request})
-    params = backtest_request.parameters.model_copy(update={"quantile_levels": backtest.levels(backtest_request)})
-    windows = [
-        Decoded.of(w["target"], w.get("past_covariates"), w.get("future_covariates"))
-        for w in backtest.windows(backtest_request, spec.context_length)
-    ]
-    work = Work(
-        job_id, len(windows), params, lane, families.of(spec).group_key(params, job_id), inputs=windows, keep=True
-    )
-    return work, backtest_request
-
-
-def _as_list(values: np.ndarray) -> list:
-    if values.dtype == object:
-        return values.tolist()
-    return [None if np.isnan(x) else float(x) for x in values.tolist()]
 
 
 def _failed(job_id: str, fields: dict, error: str) -> JobStatus:
@@ -92,15 +65,20 @@ def _failed(job_id: str, fields: dict, error: str) -> JobStatus:
     return JobStatus.FAILED
 
 
+# How a job of a kind that scores its forecasts (backtest, anomaly) turns the batcher's kept
+# results into the fields its record stores and the result elements stored (None: the pass results).
+Score = Callable[[Work], tuple[dict, list[bytes] | None]]
+# The kinds of job whose series the worker cuts into windows of its own, and scores.
+_SCORED: dict[JobKind, Callable[[list[bytes], JobRecord, ModelSpec], tuple[Work, Score]]] = {
+    JobKind.BACKTEST: backtest.job,
+    JobKind.ANOMALY: anomaly.job,
+}
+
+
 def _settle(
-    work: Work,
-    backtest_request: BacktestRequest | None,
-    batcher: Batcher,
-    deadline: float,
-    max_job_s: float,
-    fields: dict,
+    work: Work, score: Score | None, store: JobStore, batcher: Batcher, deadline: float, max_job_s: float, fields: dict
 ) -> JobStatus:
-    """Wait for a submitted job until `deadline` (monotonic), and score it when it is a backtest: its
+    """Wait for a submitted job until `deadline` (monotonic), and score it when its kind does: its
     outcome (`fields` get what the job's record stores)."""
     finished = work.finished.wait(max(0.0, deadline - time.monotonic()))
     if not finished:
@@ -112,40 +90,49 @@ def _settle(
         return _failed(work.job_id, fields, error)
     if work.cancelled:
         return JobStatus.CANCELLED
-    if backtest_request is not None:
+    if score is not None:
         try:
-            levels = work.params.quantile_levels
-            forecasts = [{str(q): block[0, 1 + j] for j, q in enumerate(levels)} for block in work.kept]
-            fields["backtest"] = {"metrics": backtest.score(backtest_request, forecasts)["metrics"]}
+            scored, elements = score(work)
+            if elements is not None:
+                store.append_results([(work.job_id, elements, None)])
         except Exception as exc:  # scoring is ours, not the model's: still fail the job, not the worker
-            log.exception("job %s: scoring the backtest failed", work.job_id)
+            log.exception("job %s: scoring its forecasts failed", work.job_id)
             fields["error"] = f"{type(exc).__name__}: {exc}"
             return JobStatus.FAILED
+        fields.update(scored)
     return JobStatus.SUCCEEDED
 
 
-def _work(store: JobStore, record: JobRecord, spec: ModelSpec) -> tuple[Work, BacktestRequest | None]:
-    """What the batcher runs for a job (and a backtest's request, to score it by)."""
-    if record.kind is JobKind.BACKTEST:
-        return _backtest_work(store, record.id, spec, record.request, record.lane)
-    params = ForecastParameters.model_validate(record.request["parameters"])
-    key = families.of(spec).group_key(params, record.id)
-    # A job that was in the pass of a worker that died may be what killed it: it runs alone from now
-    # on, so no other job shares its next passes (and its fate).
-    return Work(record.id, record.n_series, params, record.lane, (*key, record.id) if record.lost else key), None
+def _work(store: JobStore, record: JobRecord, spec: ModelSpec) -> tuple[Work, Score | None]:
+    """What the batcher runs for a job (and how its results are scored, for a kind that scores them)."""
+    score = None
+    if record.kind in _SCORED:
+        elements = store.inputs(record.id)
+        if not elements:  # the input list expired or was deleted under the job
+            raise RuntimeError(f"job {record.id}: its series are no longer stored")
+        work, score = _SCORED[record.kind](elements, record, spec)
+    else:
+        params = ForecastParameters.model_validate(record.request["parameters"])
+        key = families.of(spec).group_key(params, record.id)
+        work = Work(record.id, record.n_series, params, record.lane, key)
+    if record.lost:
+        # A job that was in the pass of a worker that died may be what killed it: it runs alone from
+        # now on, so no other job shares its next passes (and its fate).
+        work.key = (*work.key, record.id)
+    return work, score
 
 
-def _outcome(job: _Claimed, batcher: Batcher, deadline: float, max_job_s: float) -> JobStatus:
+def _outcome(job: _Claimed, store: JobStore, batcher: Batcher, deadline: float, max_job_s: float) -> JobStatus:
     if job.work is None:
         return job.failed or JobStatus.FAILED
-    return _settle(job.work, job.backtest_request, batcher, deadline, max_job_s, job.fields)
+    return _settle(job.work, job.score, store, batcher, deadline, max_job_s, job.fields)
 
 
 class _Claimed(NamedTuple):
     record: JobRecord
     fields: dict
     work: Work | None = None
-    backtest_request: BacktestRequest | None = None
+    score: Score | None = None
     failed: JobStatus | None = None  # the job could not even be read
 
 
@@ -170,25 +157,27 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         metrics.QUEUE_WAIT.labels(spec.id, record.lane.value).observe(max(0.0, time.time() - record.created_at))
         fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
         try:
-            work, backtest_request = _work(store, record, spec)
+            work, score = _work(store, record, spec)
         except Exception as exc:  # a job this worker cannot read fails, not the worker
             claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
         else:
             batcher.submit(work)
-            claimed.append(_Claimed(record, fields, work, backtest_request))
+            claimed.append(_Claimed(record, fields, work, score))
     deadline = time.monotonic() + settings.max_job_s
     pending = claimed
     while pending:
         # Each job is finished as soon as it ends, with the others of the message that ended by then
         # (one round trip for the jobs of one pass): none waits for a slower neighbour.
         head, rest = pending[0], pending[1:]
-        head_status = _outcome(head, batcher, deadline, settings.max_job_s)
+        head_status = _outcome(head, store, batcher, deadline, settings.max_job_s)
         done_now = [job.work is None or job.work.finished.is_set() for job in rest]
         ended = [job for job, done in zip(rest, done_now, strict=True) if done]
         pending = [job for job, done in zip(rest, done_now, strict=True) if not done]
         wave = [head, *ended]
         outcomes = [(head.record, head_status, head.fields)]
-        outcomes += [(job.record, _outcome(job, batcher, deadline, settings.max_job_s), job.fields) for job in ended]
+        outcomes += [
+            (job.record, _outcome(job, store, batcher, deadline, settings.max_job_s), job.fields) for job in ended
+        ]
         _remember(store, spec, batcher, settings, outcomes)
         for (record, _, fields), job, final in zip(outcomes, wave, store.finish(outcomes), strict=True):
             n = job.work.n if job.work else 0

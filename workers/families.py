@@ -59,10 +59,12 @@ class TorchFamily(families.ModelFamily, ABC):
         quantile_levels: Sequence[float],
         sampling: Mapping[str, float | int] | None = None,
         return_samples: bool = False,
+        cross_learning: bool = False,
     ) -> list[np.ndarray]:
         """One forward pass over `inputs` (called under `torch.inference_mode`, seeded by the caller):
         per series a float32 array [variates, 1 + len(quantile_levels) (+ samples), prediction_length].
-        `sampling` holds num_samples/temperature/top_k/top_p for sample-based families."""
+        `sampling` holds num_samples/temperature/top_k/top_p for sample-based families;
+        `cross_learning` (families that have it) forecasts all `inputs` as one group."""
 
     @abstractmethod
     def hf_config(self) -> dict:
@@ -76,7 +78,10 @@ class TorchFamily(families.ModelFamily, ABC):
 class _EncoderDecoder(TorchFamily):
     """T5 and Bolt: T5 encoder-decoders over one target variate, a whole pass as one 2-D tensor."""
 
-    def predict(self, pipeline, inputs, prediction_length, quantile_levels, sampling=None, return_samples=False):
+    def predict(
+        self, pipeline, inputs, prediction_length, quantile_levels, sampling=None, return_samples=False,
+        cross_learning=False,
+    ):  # fmt: skip
         q, m, samples = self._forecast(pipeline, self._batch(inputs), prediction_length, quantile_levels, sampling)
         quantiles, mean = q.to(torch.float32).numpy(), m.to(torch.float32).numpy()  # [B, H, Q], [B, H]
         parts = [mean[:, None, :], quantiles.transpose(0, 2, 1)]
@@ -190,10 +195,14 @@ class Bolt(_EncoderDecoder, families.Bolt):
 
 
 class Chronos2(TorchFamily, families.Chronos2):
-    def predict(self, pipeline, inputs, prediction_length, quantile_levels, sampling=None, return_samples=False):
+    def predict(
+        self, pipeline, inputs, prediction_length, quantile_levels, sampling=None, return_samples=False,
+        cross_learning=False,
+    ):  # fmt: skip
         """`Chronos2Pipeline` takes one input schema per call (variates, covariate names and kinds), so
         series are grouped by schema: one call per group. Each series' target variates and covariates
-        form their own group inside the model (no cross-learning), so jobs sharing a pass never mix."""
+        form their own group inside the model, so jobs sharing a pass never mix; with `cross_learning`
+        (a pass holding one job's series alone, shared/families.py) the series of a call form one group."""
         by_schema: dict[tuple, list[int]] = {}
         for i, series in enumerate(inputs):
             by_schema.setdefault(_schema(series), []).append(i)
@@ -202,8 +211,9 @@ class Chronos2(TorchFamily, families.Chronos2):
             batch = [_chronos2_input(inputs[i]) for i in indices]
             rows = sum(len(b["target"]) + len(b.get("past_covariates", ())) for b in batch)
             q, m = pipeline.predict_quantiles(
-                batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels), batch_size=rows
-            )
+                batch, prediction_length=prediction_length, quantile_levels=list(quantile_levels), batch_size=rows,
+                cross_learning=cross_learning,
+            )  # fmt: skip
             for i, qi, mi in zip(indices, q, m, strict=True):
                 qi, mi = qi.to(torch.float32).numpy(), mi.to(torch.float32).numpy()  # [variates, H, Q], [variates, H]
                 out[i] = np.concatenate([mi[:, None, :], qi.transpose(0, 2, 1)], axis=1)

@@ -69,24 +69,30 @@ class ModelRuntime:
         sampling: Mapping[str, float | int] | None = None,
         return_samples: bool = False,
         seed: int | None = None,
+        cross_learning: bool = False,
     ) -> list[np.ndarray]:
         """One forward pass over `inputs`: per series a float32 array [variates, rows, horizon], rows
         being the mean, one per quantile level, then the sample paths (T5, when `return_samples`).
-        `sampling` holds num_samples/temperature/top_k/top_p (T5), `seed` seeds T5's sampling."""
+        `sampling` holds num_samples/temperature/top_k/top_p (T5), `seed` seeds T5's sampling;
+        `cross_learning` forecasts the inputs as one group (Chronos-2)."""
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
             return self.family.predict(
-                self.pipeline, inputs, prediction_length, quantile_levels, sampling, return_samples
+                self.pipeline, inputs, prediction_length, quantile_levels, sampling, return_samples, cross_learning
             )
 
     def predict_isolating(self, inputs: Sequence, *args, **kwargs) -> list[np.ndarray | Exception]:
         """`predict`, but a failure is narrowed down by halving the batch: the series that fail on
         their own get their exception, every other series its forecast. Out of memory also lowers
-        `max_batch` for the batches to come, so no job fails because its batch was too big."""
+        `max_batch` for the batches to come, so no job fails because its batch was too big. A
+        cross-learning pass is one group: halved, every forecast would change, so it fails whole."""
         try:
             return [*self.predict(inputs, *args, **kwargs)]
         except Exception as exc:
+            if kwargs.get("cross_learning"):
+                log.error("a cross-learning group of %d series failed: %s: %s", len(inputs), type(exc).__name__, exc)
+                return [exc] * len(inputs)
             if _out_of_memory(exc):
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()

@@ -33,6 +33,12 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 class JobKind(StrEnum):
     FORECAST = "forecast"
     BACKTEST = "backtest"
+    ANOMALY = "anomaly"
+
+    @property
+    def collection(self) -> str:
+        """Where the API serves jobs of this kind: `/v1/<collection>/<id>`."""
+        return {"forecast": "forecasts", "backtest": "backtests", "anomaly": "anomalies"}[self.value]
 
 
 class Lane(StrEnum):
@@ -77,6 +83,8 @@ class JobRecord:
     # demand (`api.render.attach`) and never stored in the hash.
     backtest: dict | None = field(default=None, repr=False)
     predictions: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})
+    # An anomaly job's per-series intervals and flags, likewise loaded from its output list.
+    anomalies: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})
     # A succeeded job's output elements and items, when they were read with the record (`get`).
     results: tuple[list[bytes], bytes | None] | None = field(
         default=None, repr=False, compare=False, metadata={"stored": False}

@@ -314,19 +314,21 @@ class _Core:
         in-pass mark, and record the progress of a job not yet done."""
         step = []
         for job_id, elements, done in results:
-            step.append(Cmd("rpush", (keys.job_output(job_id), *elements)))
-            # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
-            # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
-            step.append(Cmd("expire", (keys.job_output(job_id), self.settings.result_ttl_s)))
+            if elements:  # none for work whose results are kept by the worker alone (anomaly windows)
+                step.append(Cmd("rpush", (keys.job_output(job_id), *elements)))
+                # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
+                # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
+                step.append(Cmd("expire", (keys.job_output(job_id), self.settings.result_ttl_s)))
             step.append(Cmd("hdel", (keys.job(job_id), "in_pass")))
             if done is not None:
                 step.append(run_script("progress", [keys.job(job_id)], [done, keys.EVENTS_CHANNEL, job_id]))
         yield step
 
     @operation
-    def first_input(self, job_id: str) -> Op[bytes | None]:
-        """A backtest's one series."""
-        return (yield [Cmd("lindex", (keys.job_input(job_id), 0))])[0]
+    def inputs(self, job_id: str) -> Op[list[bytes]]:
+        """All of a job's stored series (a backtest's one, an anomaly job's), read at once: the worker
+        cuts its forecast windows from them."""
+        return (yield [Cmd("lrange", (keys.job_input(job_id), 0, -1))])[0]
 
     @operation
     def remember(self, results: Sequence[tuple[str, str, dict]]) -> Op[None]:
