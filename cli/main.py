@@ -2,6 +2,7 @@
 
 chronos-queue forecast INPUT.csv|json --model amazon/chronos-bolt-small --horizon 24 [--out f.csv] [--plot f.png]
 chronos-queue backtest INPUT.csv|json --model amazon/chronos-bolt-small --horizon 20 --first 252 [--out f.csv]
+chronos-queue anomalies INPUT.csv|json --model amazon/chronos-bolt-small --level 0.8 [--out f.csv] [--plot f.png]
 chronos-queue weights synthetic --model amazon/chronos-bolt-tiny --out DIR [--seed N]
 chronos-queue weights resolve --model amazon/chronos-bolt-tiny
 chronos-queue worker   (same as `python -m workers`; CHRONOS_MODEL picks the model)
@@ -73,11 +74,29 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--value-column", default="target")
     bt.add_argument("--no-progress", action="store_true")
 
+    an = commands.add_parser("anomalies", help="flag the points of the series of a file that fall outside "
+                             "the model's forecast interval, as one job")  # fmt: skip
+    an.add_argument("input", type=Path, help="as for `forecast`")
+    an.add_argument("--model", required=True, help="catalog id or slug")
+    an.add_argument("--level", type=float, default=0.8, help="central interval width (default 0.8; Bolt at most 0.8)")
+    an.add_argument("--context", type=int, help="points before each scored point given to the model")
+    an.add_argument("--score-from", type=int, help="index of the first point scored (default: after --context)")
+    an.add_argument("--horizon", type=int, default=1, help="steps forecast from each origin (default 1)")
+    an.add_argument("--num-samples", type=int, help="sample paths (T5 models)")
+    an.add_argument("--out", type=Path, help="one row per scored point as CSV (default: stdout)")
+    an.add_argument("--plot", type=Path, help="PNG of each series (first 12) with its interval and flagged points")
+    an.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
+    an.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
+    an.add_argument("--id-column", default="item_id")
+    an.add_argument("--time-column", default="timestamp")
+    an.add_argument("--value-column", default="target")
+    an.add_argument("--no-progress", action="store_true")
+
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("forecast", "backtest"):
+    if args.command in ("forecast", "backtest", "anomalies"):
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _forecast(args) if args.command == "forecast" else _backtest(args)
+        return {"forecast": _forecast, "backtest": _backtest, "anomalies": _anomalies}[args.command](args)
     if args.command == "worker":
         from workers.__main__ import main as worker_main
 
@@ -173,6 +192,40 @@ def _backtest(args: argparse.Namespace) -> int:
     if args.out:
         forecast.write(forecast.backtest_rows(series, job.backtest["forecasts"], args.horizon), args.out, "csv")
     print(json.dumps({"job": job.id, "item_id": series.item_id, "model": job.model, **job.backtest["metrics"]}))
+    return 0
+
+
+def _anomalies(args: argparse.Namespace) -> int:
+    from cli import anomalies, forecast
+    from client import ChronosQueueError, Client
+
+    try:
+        series = forecast.read(args.input, args.id_column, args.time_column, args.value_column)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+    if not series:
+        print(f"error: no series in {args.input}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            job = anomalies.run(
+                client, series, args.model, progress=not args.no_progress, level=args.level,
+                context_length=args.context, score_from=args.score_from, horizon=args.horizon,
+                num_samples=args.num_samples,
+            )  # fmt: skip
+    except (ChronosQueueError, RuntimeError, OSError) as exc:
+        return _failed(exc)
+    synthetic = job.weights == "synthetic"
+    if synthetic:
+        print(f"warning: {args.model} answered with SYNTHETIC weights: these flags are meaningless", file=sys.stderr)
+    forecast.write(anomalies.rows(series, job.anomalies), args.out, "csv")
+    flagged = sum(sum(found["anomaly"]) for found in job.anomalies)
+    print(f"{flagged} anomalies in {len(series)} series (job {job.id})", file=sys.stderr)
+    if args.plot:
+        title = f"{args.model}, level {args.level:g}" + (" - SYNTHETIC weights: meaningless" if synthetic else "")
+        drawn = anomalies.plot(series, job.anomalies, args.plot, title)
+        print(f"plot of {drawn} of {len(series)} series: {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -52,7 +52,12 @@ def _inputs(series: Sequence[Series]) -> list[dict[str, Any]]:
 
 
 def _forecast_call(path: str, model: str, series: Sequence[Series], prediction_length: int, params: dict) -> _Call:
-    parameters = {"prediction_length": prediction_length, **{k: v for k, v in params.items() if v is not None}}
+    return _series_call(path, model, series, {"prediction_length": prediction_length, **params})
+
+
+def _series_call(path: str, model: str, series: Sequence[Series], params: dict) -> _Call:
+    """A request of series and parameters (a forecast's, an anomaly job's): JSON, or Arrow when large."""
+    parameters = {k: v for k, v in params.items() if v is not None}
     inputs = _inputs(series)
     # A `start` has no column in the long format the client sends: such series go as JSON, so it is echoed.
     if len(inputs) >= ARROW_MIN_SERIES and all(set(s) <= {"target", "item_id"} for s in inputs):
@@ -239,8 +244,16 @@ class Client(_Base):
         call = _backtest_call(model, series, first, last, prediction_length, step, context_length, extra)
         return JobView.model_validate(self._send(call).json())
 
+    def submit_anomalies(self, model: str, series: Sequence[Series], *, level: float = 0.8, **parameters) -> JobView:
+        """Queue an anomaly job: every point of each series from `score_from` on (default: after the
+        first `context_length`) is flagged when it falls outside the central `level` interval of the
+        model's forecast of it. `parameters`: context_length, score_from, horizon, num_samples, seed.
+        `wait(job.id).anomalies` holds per series: start, lower, upper, median, anomaly, score."""
+        call = _series_call("/v1/anomalies", model, series, {"level": level, **parameters})
+        return JobView.model_validate(self._send(call).json())
+
     def get(self, job_id: str) -> JobView:
-        """Any job (forecast or backtest) as it stands, with its `progress`."""
+        """Any job (forecast, backtest or anomaly job) as it stands, with its `progress`."""
         return JobView.model_validate(self._send(_Call("GET", f"/v1/forecasts/{job_id}")).json())
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobView:
@@ -273,7 +286,8 @@ class Client(_Base):
 
     def results_table(self, job_id: str):
         """A succeeded forecast's results as a `pyarrow.Table` (long format: item_id, step, mean, a
-        column per level): the cheap way to fetch thousands of series."""
+        column per level): the cheap way to fetch thousands of series. An anomaly job's: item_id,
+        index, lower, upper, median, anomaly, score."""
         return _table(self._send(_table_call(job_id)))
 
     def models(self) -> list[ModelView]:
@@ -328,6 +342,12 @@ class AsyncClient(_Base):
         **extra,
     ) -> JobView:
         call = _backtest_call(model, series, first, last, prediction_length, step, context_length, extra)
+        return JobView.model_validate((await self._send(call)).json())
+
+    async def submit_anomalies(
+        self, model: str, series: Sequence[Series], *, level: float = 0.8, **parameters
+    ) -> JobView:
+        call = _series_call("/v1/anomalies", model, series, {"level": level, **parameters})
         return JobView.model_validate((await self._send(call)).json())
 
     async def get(self, job_id: str) -> JobView:

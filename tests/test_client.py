@@ -213,3 +213,30 @@ def test_submit_with_wait_answers_with_the_finished_job_in_one_request(live_api,
 
     assert done.status.value == done_async.status.value == "succeeded"
     assert len(done.predictions) == len(done_async.predictions) == 1
+
+
+def test_client_and_cli_flag_anomalies_and_draw_them(live_api, workers, tmp_path):
+    spiky = history(90)
+    spiky[70] = 1e5
+    many = [{"item_id": f"m{k}", "target": history(34, k)} for k in range(260)]  # enough to go as Arrow
+    with Client(live_api, api_key=API_KEY) as cq:
+        job = cq.wait(cq.submit_anomalies(BOLT, [spiky], level=0.8, context_length=32).id)
+        bulk = cq.wait(cq.submit_anomalies(BOLT, many, context_length=32).id, timeout=120)
+    source = tmp_path / "meters.json"
+    source.write_text(json.dumps({"meter": spiky}))
+    out, png = tmp_path / "flags.csv", tmp_path / "flags.png"
+
+    done = cli(str(source), "--model", BOLT, "--context", "32", "--out", str(out), "--plot", str(png),
+               live_api=live_api, command="anomalies", progress=True)  # fmt: skip
+
+    (found,) = job.anomalies
+    assert found["start"] == 32 and found["anomaly"][70 - 32] is True
+    assert bulk.status.value == "succeeded" and [a["item_id"] for a in bulk.anomalies] == [s["item_id"] for s in many]
+    assert all(len(a["score"]) == 2 for a in bulk.anomalies)
+    assert done.returncode == 0, done.stderr
+    assert "58/58" in done.stderr and "SYNTHETIC weights" in done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 58 and rows[0]["index"] == "32" and rows[0]["item_id"] == "meter"
+    assert [r["anomaly"] for r in rows if r["index"] == "70"] == ["True"]
+    assert [r["anomaly"] == "True" for r in rows] == found["anomaly"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
