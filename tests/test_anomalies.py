@@ -4,6 +4,7 @@ checked against the same checkpoint called directly."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 
@@ -147,6 +148,35 @@ def test_a_t5_job_reports_progress_and_takes_any_level(api, workers):
     assert view["progress"] == {"done": 268, "total": 268}
     assert any(0 < done < 268 for done in seen), seen
     assert len(view["anomalies"][0]["score"]) == 268
+
+
+def test_the_event_stream_shows_progress_and_ends_with_the_anomalies(api, workers):
+    job = api.post("/v1/anomalies", json=body({"target": readings(200)}, model=T5, seed=1)).json()
+    seen = []
+    with api.stream("GET", f"/v1/anomalies/{job['id']}/events", timeout=120) as answer:
+        assert answer.status_code == 200
+        for line in answer.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line.removeprefix("data: ")))
+
+    progress = [data["progress"]["done"] for data in seen]
+    assert progress == sorted(progress) and progress[-1] == 168 and any(0 < done < 168 for done in progress)
+    assert all(data.get("anomalies") is None for data in seen[:-1])  # updates stay small
+    assert seen[-1]["status"] == "succeeded" and len(seen[-1]["anomalies"][0]["score"]) == 168
+
+
+def test_a_running_job_is_cancelled_between_passes(api, workers):
+    job = api.post("/v1/anomalies", json=body({"target": readings(1000)}, model=T5, seed=2)).json()
+    deadline = time.monotonic() + 60
+    while api.get(f"/v1/anomalies/{job['id']}").json()["progress"]["done"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    answer = api.delete(f"/v1/anomalies/{job['id']}")
+
+    assert answer.status_code == 202, answer.text
+    done = wait_for(api, job["id"])
+    assert done["status"] == "cancelled" and done["progress"]["done"] < done["progress"]["total"]
+    assert done["anomalies"] is None
 
 
 def test_another_key_cannot_see_or_cancel_the_job(api, workers):
