@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shared import catalog, families
+from shared import catalog, families, model_store
 from shared.schemas import ModelView, WorkerView
 from shared.settings import Settings
 from shared.store import AsyncJobStore, keys
@@ -21,8 +21,43 @@ class Fleet:
     def model(self, name: str) -> catalog.ModelSpec:
         spec = catalog.find(name)
         if spec is None:
-            raise Problem(404, "unknown-model", f"unknown model {name!r}; GET /v1/models lists them", field="model")
+            raise _unknown(name)
         return spec
+
+    async def resolve(self, name: str, owner: str) -> tuple[catalog.ModelSpec, str | None]:
+        """The catalog model a request names, and the fine-tuned model it names instead, if any
+        (its base model's workers serve it). Another owner's fine-tuned model is unknown (404)."""
+        if not model_store.is_finetuned(name):
+            return self.model(name), None
+        manifest = await self.finetuned(name, owner)
+        return self.model(manifest["base_model"]), manifest["id"]
+
+    async def finetuned(self, name: str, owner: str) -> dict:
+        """A fine-tuned model's manifest, if it is `owner`'s (404 otherwise, as for another's job)."""
+        found = (await self.store.finetuned(name)).get(name)
+        if found is None or found.get("owner") != owner:
+            raise _unknown(name)
+        return found
+
+    async def owned(self, owner: str) -> list[dict]:
+        """The manifests of `owner`'s fine-tuned models, oldest first."""
+        mine = [m for m in (await self.store.finetuned()).values() if m.get("owner") == owner]
+        return sorted(mine, key=lambda m: m.get("created_at", 0))
+
+    async def finetuned_views(self, manifests: list[dict]) -> list[ModelView]:
+        """Fine-tuned models as their base models' views (same workers, queues and limits), renamed."""
+        if not manifests:
+            return []
+        specs = tuple(self.model(name) for name in sorted({m["base_model"] for m in manifests}))
+        bases = {view.id: view for view in await self.models(specs)}
+        keep = ("id", "base_model", "base_revision", "mode", "created_at", "metrics", "weights")
+        return [
+            bases[m["base_model"]].model_copy(
+                update={"id": m["id"], "slug": m["id"], "base_model": m["base_model"],
+                        "finetune": {k: m.get(k) for k in keep}}
+            )
+            for m in manifests
+        ]  # fmt: skip
 
     async def models(self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG) -> list[ModelView]:
         """Catalog entries with live queue depths and the workers heard from recently (one round trip)."""
@@ -96,3 +131,7 @@ class Fleet:
                 field="model",
                 async_endpoint="/v1/forecasts",
             )
+
+
+def _unknown(name: str) -> Problem:
+    return Problem(404, "unknown-model", f"unknown model {name!r}; GET /v1/models lists them", field="model")

@@ -9,7 +9,7 @@ import numpy as np
 
 from shared import families
 from shared.catalog import ModelSpec
-from shared.schemas import AnomalyParameters, BacktestRequest, ForecastParameters
+from shared.schemas import AnomalyParameters, BacktestRequest, FinetuneParameters, ForecastParameters
 from shared.series import SeriesSet
 from shared.settings import Settings
 
@@ -197,6 +197,37 @@ def check_anomalies(
             "per anomaly job (MAX_ANOMALY_WINDOWS)",
         )
     return starts, windows
+
+
+def check_finetune(series: SeriesSet, params: FinetuneParameters, spec: ModelSpec, settings: Settings) -> None:
+    """A fine-tuning job: a base model that can be tuned, training series as a forecast's (past
+    covariates only), long enough for the horizon (and the held-out points), within the step limit."""
+    if not families.of(spec).fine_tunable:
+        raise _unsupported("model", f"{spec.id} cannot be fine-tuned here; amazon/chronos-2 can")
+    check(series, ForecastParameters(prediction_length=params.prediction_length), spec, settings)
+    for i, cov in enumerate(series.covariates or ()):
+        if cov and cov.get("future"):
+            raise _invalid(f"inputs[{i}].future_covariates", "training takes each covariate's history in "
+                           "past_covariates; known future values are for forecasts")  # fmt: skip
+    if params.num_steps > settings.max_finetune_steps:
+        raise _over("parameters.num_steps", f"{params.num_steps} steps; at most {settings.max_finetune_steps}")
+    if params.context_length is not None and params.context_length > spec.context_length:
+        raise _over(
+            "parameters.context_length", f"{params.context_length}; {spec.id} sees at most {spec.context_length}"
+        )
+    # The library trains on windows of at least `prediction_length` context points before a
+    # horizon; held-out points come off the end first.
+    horizon = params.prediction_length
+    needed = 2 * horizon + (horizon if params.validation else 0)
+    lengths = series.lengths()
+    short = np.flatnonzero(lengths < needed)
+    if len(short):
+        i = int(short[0])
+        raise _invalid(
+            f"inputs[{i}].target",
+            f"{int(lengths[i])} points; fine-tuning for prediction_length {horizon} needs at least {needed}"
+            + (f" ({horizon} of them held out for validation)" if params.validation else ""),
+        )
 
 
 def _check_covariates(

@@ -21,7 +21,7 @@ from api.callbacks import Dispatcher
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
-from api.routes import anomalies, backtests, callbacks, compat, forecasts, health, models
+from api.routes import anomalies, backtests, callbacks, compat, finetunes, forecasts, health, models
 from api.service import JobService
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         forecasts.router,
         backtests.router,
         anomalies.router,
+        finetunes.router,
         callbacks.router,
         models.router,
         health.router,

@@ -185,6 +185,7 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         "for amazon/chronos-bolt-base use /models/<slug>/forecast/v1/chronos/...",
         {"field": "model_variant"},
     ),
+    "not-deletable": (405, "amazon/chronos-2 is a catalog model; only fine-tuned models are deleted", {}),
     "rate-limited": (429, "over 200 submissions/s for this key (burst 400)", {}),
     "too-many-in-flight": (
         429, "10000 jobs not yet finished for this key (MAX_IN_FLIGHT 10000); wait for some to finish", {}

@@ -16,7 +16,7 @@ import msgspec
 from celery import Celery
 
 from shared import cache, catalog, families
-from shared.schemas import AnomalyParameters, BacktestRequest, ForecastRequest
+from shared.schemas import AnomalyParameters, BacktestRequest, FinetuneParameters, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
@@ -68,14 +68,14 @@ class JobService:
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         """
-        spec = self.fleet.model(job.model)
+        spec, finetuned = await self.fleet.resolve(job.model, owner)
         limits.check(job.series, job.parameters, spec, self.settings)
         if lane is Lane.SYNC:
             self.fleet.check_sync(spec)
         if waited or lane is Lane.SYNC:
             await self.fleet.serving(spec)
         callbacks.check_url(job.callback_url, self.settings)
-        request = {"parameters": job.parameters.model_dump(mode="json")}
+        request = {"parameters": job.parameters.model_dump(mode="json"), **_variant(finetuned)}
         return await self._enqueue(
             spec, lane, owner, idempotency_key, request, job.series, job.nested,
             job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted, job_id=job_id,
@@ -85,11 +85,11 @@ class JobService:
         self, request: BacktestRequest, owner: str, idempotency_key: str | None = None, admitted: bool = False
     ) -> tuple[JobRecord, bool]:
         """A backtest is one job on the model's bulk queue: every origin's forecast, then the scores."""
-        spec = self.fleet.model(request.model)
+        spec, finetuned = await self.fleet.resolve(request.model, owner)
         series = series_from_inputs([request.series])
         limits.check_backtest(request, series, spec, self.settings)
         callbacks.check_url(request.callback_url, self.settings)
-        stored = request.model_dump(mode="json", exclude={"model", "callback_url", "series"})
+        stored = {**request.model_dump(mode="json", exclude={"model", "callback_url", "series"}), **_variant(finetuned)}
         n_origins = len(request.origins.values())
         return await self._enqueue(
             spec, Lane.ASYNC, owner, idempotency_key, stored, series, None, request.parameters.prediction_length,
@@ -106,13 +106,30 @@ class JobService:
         """An anomaly job is one job on the model's bulk queue: a forecast of every scored point (or
         every `horizon` points) of every series, then the intervals and flags. The first scored
         point of each series is settled here and stored with the job, so the worker applies it as is."""
-        spec = self.fleet.model(job.model)
+        spec, finetuned = await self.fleet.resolve(job.model, owner)
         starts, windows = limits.check_anomalies(job.series, job.parameters, spec, self.settings)
         callbacks.check_url(job.callback_url, self.settings)
-        request = {"parameters": job.parameters.model_dump(mode="json"), "starts": starts}
+        request = {"parameters": job.parameters.model_dump(mode="json"), "starts": starts, **_variant(finetuned)}
         return await self._enqueue(
             spec, Lane.ASYNC, owner, idempotency_key, request, job.series, None, job.parameters.horizon,
             kind=JobKind.ANOMALY, callback_url=job.callback_url, n_series=windows, admitted=admitted,
+        )  # fmt: skip
+
+    async def submit_finetune(
+        self,
+        job: ForecastJob[FinetuneParameters],
+        owner: str,
+        idempotency_key: str | None = None,
+        admitted: bool = False,
+    ) -> tuple[JobRecord, bool]:
+        """A fine-tuning job goes to its base model's training queue; its progress counts steps."""
+        spec = self.fleet.model(job.model)
+        limits.check_finetune(job.series, job.parameters, spec, self.settings)
+        callbacks.check_url(job.callback_url, self.settings)
+        request = {"parameters": job.parameters.model_dump(mode="json")}
+        return await self._enqueue(
+            spec, Lane.TRAIN, owner, idempotency_key, request, job.series, None, job.parameters.prediction_length,
+            kind=JobKind.FINETUNE, callback_url=job.callback_url, n_series=job.parameters.num_steps, admitted=admitted,
         )  # fmt: skip
 
     async def _enqueue(
@@ -148,7 +165,9 @@ class JobService:
         digest = _digest(f"{lane.value}\0{spec.id}\0{identity}")
         idempotency = (_digest(idempotency_key), f"{record.id} {digest}") if idempotency_key else None
         items = _items(series, nested)
-        hit = await self._cached(spec, request, record.identity)
+        # A fine-tuning run is never shared: each makes a model of its own.
+        cacheable = kind is not JobKind.FINETUNE and families.of(spec).cacheable(request["parameters"])
+        hit = await self._cached(spec, record.identity) if cacheable else None
         outcome = None
         if hit is not None:
             answered = replace(
@@ -168,7 +187,7 @@ class JobService:
             # them (what the cache may answer); a request with an Idempotency-Key follows its key, and
             # one with a callback_url asked for its own delivery. Decided in the creating script, so two
             # identical requests racing cannot both miss each other.
-            joins = not idempotency and not callback_url and families.of(spec).cacheable(request["parameters"])
+            joins = not idempotency and not callback_url and cacheable
             max_in_flight = self.admission.limits(owner).max_in_flight
             outcome = await self.store.create(
                 spec, record, series.encode(), items, max_in_flight, idempotency, digest if joins else None
@@ -198,11 +217,11 @@ class JobService:
         self.metrics.accepted.labels(spec.id, lane.value).inc()
         return record, False
 
-    async def _cached(self, spec: catalog.ModelSpec, request: dict, identity: str) -> dict | None:
+    async def _cached(self, spec: catalog.ModelSpec, identity: str) -> dict | None:
         """The stored fields of an identical earlier request's result (and `digest`, naming its
         output list), if the model's workers agree on one weights revision and the request is
         deterministic (see shared/cache.py)."""
-        if not self.settings.cache_ttl_s or not families.of(spec).cacheable(request["parameters"]):
+        if not self.settings.cache_ttl_s:
             return None
         revision = await self.fleet.revision(spec)
         if revision is None:
@@ -359,6 +378,12 @@ class JobService:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _variant(finetuned: str | None) -> dict:
+    """What a job's stored request says of the fine-tuned model it asked for: the worker runs that
+    variant of its base model, and the request identity (cache, single-flight) includes it."""
+    return {"finetuned": finetuned} if finetuned else {}
 
 
 def _items(series: SeriesSet, nested: list[bool] | None) -> bytes | None:

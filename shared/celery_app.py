@@ -19,20 +19,25 @@ from shared.store import Lane, keys
 _DIRECT = Exchange("", type="direct")
 
 
-def queues_for(spec: catalog.ModelSpec) -> list[Queue]:
-    """A model's queues, sync lane first (the order a worker polls them in)."""
-    return [Queue(name, _DIRECT, routing_key=name) for name in keys.worker_queues(spec)]
+def _queues(names: tuple[str, ...]) -> list[Queue]:
+    return [Queue(name, _DIRECT, routing_key=name) for name in names]
 
 
-def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None) -> Celery:
+def queues_for(spec: catalog.ModelSpec, train: bool = False) -> list[Queue]:
+    """A worker's queues, sync lane first (the order it polls them in); a training worker's one."""
+    return _queues(keys.worker_queues(spec, train))
+
+
+def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None, train: bool = False) -> Celery:
     """A Celery app on the settings' Redis with the reliability defaults of docs/architecture.md, crash safety.
 
-    A sender knows every model's queues; a worker (`serve=spec`) knows, and so consumes, only its model's.
+    A sender knows every model's queues; a worker (`serve=spec`) knows, and so consumes, only its
+    model's (with `train`, only its model's fine-tuning queue).
     """
-    specs = [serve] if serve else catalog.CATALOG
+    queues = queues_for(serve, train) if serve else [q for s in catalog.CATALOG for q in _queues(keys.model_queues(s))]
     app = Celery("chronos_queue", broker=settings.redis_url)
     app.conf.update(
-        task_queues=[q for spec in specs for q in queues_for(spec)],
+        task_queues=queues,
         task_create_missing_queues=False,
         # Results live in our own job records, not in Celery's result backend.
         task_ignore_result=True,

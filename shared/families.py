@@ -12,6 +12,7 @@ Capabilities are class attributes, as in chronos-forecasting's pipelines:
   only with a seed. Otherwise the model outputs quantiles directly and is deterministic.
 - `takes_covariates`: past/future covariates and several target variates per series.
 - `cross_learning`: the series of one request can be forecast jointly, as one group.
+- `fine_tunable`: the pipeline can be fine-tuned (`fit`), so fine-tuning jobs take it as a base.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ModelFamily:
     sample_based: ClassVar[bool] = False
     takes_covariates: ClassVar[bool] = False
     cross_learning: ClassVar[bool] = False
+    fine_tunable: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -103,6 +105,7 @@ class Chronos2(ModelFamily):
     family = Family.CHRONOS2
     takes_covariates = True
     cross_learning = True
+    fine_tunable = True
 
     def group_key(self, params: ForecastParameters, job_id: str = "") -> tuple:
         """The horizon itself: it sets how many output patches the encoder attends to, so it changes

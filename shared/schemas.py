@@ -9,7 +9,7 @@ Limits that depend on configuration (series count, horizon, ...) are checked by
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -274,6 +274,57 @@ class AnomalyRequest(BaseModel):
     callback_url: CallbackUrl = None
 
 
+class FinetuneParameters(BaseModel):
+    """How a fine-tuning job trains (`Chronos2Pipeline.fit`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_length: int = Field(ge=1, description="Horizon the model is fine-tuned for.")
+    context_length: int | None = Field(
+        None, ge=1, description="Longest context seen in training (default: the model's context length)."
+    )
+    finetune_mode: Literal["lora", "full"] = Field(
+        "lora", description="`lora`: low-rank adapters (a few MB, fast); `full`: every weight."
+    )
+    num_steps: int = Field(100, ge=1, description="Optimizer steps (at most MAX_FINETUNE_STEPS).")
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Default: 1e-5 for lora, 1e-6 for full (the library's advice)."
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Series (targets and covariates) per step.")
+    validation: bool = Field(
+        True,
+        description="Hold out the last `prediction_length` points of each series: training never sees them, "
+        "and the base and fine-tuned models are scored on them (WQL, MASE).",
+    )
+
+    def rate(self) -> float:
+        return self.learning_rate or (1e-5 if self.finetune_mode == "lora" else 1e-6)
+
+
+class FinetuneRequest(BaseModel):
+    """Fine-tune a base model on the caller's series; the result is a model only its owner can use."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-2",
+                    "inputs": [{"item_id": "store-1", "target": [float(20 + (t % 7)) for t in range(120)]}],
+                    "parameters": {"prediction_length": 8, "finetune_mode": "lora", "num_steps": 50},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="The base model (amazon/chronos-2).")
+    inputs: list[SeriesInput] = Field(
+        min_length=1, description="Training series as for a forecast (targets, past covariates)."
+    )
+    parameters: FinetuneParameters
+    callback_url: CallbackUrl = None
+
+
 class Timings(BaseModel):
     queued_s: float | None = None
     inference_s: float | None = None
@@ -331,6 +382,14 @@ class JobView(BaseModel):
     progress: Progress | None = Field(
         None, description="Series forecast so far (origins, for a backtest or an anomaly job)."
     )
+    finetune: dict[str, Any] | None = Field(
+        None,
+        description="A fine-tuning job: `losses` (training loss per step), `mode`, and once it succeeded "
+        "`metrics` (`base` and `finetuned`: WQL and MASE on the held-out points, with validation).",
+    )
+    finetuned_model: str | None = Field(
+        None, description="A succeeded fine-tuning job: the id of the new model (usable by its owner only)."
+    )
     # Before `predictions` and `backtest`: api/render.py streams a large answer by splicing them in last.
     anomalies: list[dict[str, Any]] | None = Field(
         None,
@@ -353,7 +412,7 @@ class JobView(BaseModel):
             id=record.id,
             kind=record.kind,
             status=record.status,
-            model=record.model,
+            model=record.request.get("finetuned") or record.model,  # the fine-tuned model asked for
             lane=record.lane,
             n_series=record.n_series,
             prediction_length=record.prediction_length,
@@ -375,6 +434,8 @@ class JobView(BaseModel):
             else None,
             timings=Timings(**record.timings()),
             progress=Progress(done=record.progress_done, total=record.n_series),
+            finetune=record.finetune,
+            finetuned_model=(record.finetune or {}).get("finetuned_model"),
             anomalies=record.anomalies,
             predictions=record.predictions,
             backtest=record.backtest,
@@ -409,3 +470,11 @@ class ModelView(BaseModel):
     workers_online: int
     weights: str | None = Field(description="'real', 'synthetic', 'mixed', or null when no worker is online.")
     workers: list[WorkerView]
+    base_model: str | None = Field(
+        None,
+        description="A fine-tuned model (listed for its owner only): the catalog model it was tuned from, "
+        "whose workers serve it.",
+    )
+    finetune: dict[str, Any] | None = Field(
+        None, description="A fine-tuned model: mode, created_at, base_revision and the validation metrics."
+    )

@@ -131,6 +131,16 @@ class Settings(BaseSettings):
     sync_guard_s: float = Field(10.0, ge=0)
     sync_guard_batch: int = Field(0, ge=0)
     torch_threads: int = Field(0, ge=0)
+    # A training worker (`python -m workers --train`): consumes its model's fine-tuning queue only.
+    train: bool = False
+    # Where fine-tuned weights are kept (adapters or full checkpoints, each with a manifest): a
+    # directory every worker of the base model (and the API, which deletes them) can read.
+    model_store: str = ".cache/finetuned"
+    # Fine-tuned models an inference worker keeps loaded (least recently used out); each is a full
+    # copy of the base model's weights in memory (amazon/chronos-2: ~0.5 GB in float32).
+    finetuned_cache: int = Field(4, ge=1)
+    # Steps of one fine-tuning job (it must also end within MAX_JOB_S, or it fails).
+    max_finetune_steps: int = Field(1_000, ge=1)
     heartbeat_s: float = Field(5.0, gt=0)
     # A job still queued after this long with its message nowhere is sent again (workers/reaper.py).
     lost_message_grace_s: float = Field(30.0, gt=0)

@@ -1,4 +1,5 @@
-"""`python -m workers`: start a Celery worker for the model named by CHRONOS_MODEL."""
+"""`python -m workers [--train]`: start a Celery worker for the model named by CHRONOS_MODEL (with
+`--train` or TRAIN=true, a training worker: it runs the model's fine-tuning jobs only)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     if not settings.chronos_model:
         sys.exit("CHRONOS_MODEL is not set: a worker serves exactly one catalog model (e.g. amazon/chronos-bolt-tiny)")
-    worker = Worker(settings, catalog.get(settings.chronos_model))
+    extra = sys.argv[1:] if argv is None else argv
+    train = settings.train or "--train" in extra
+    worker = Worker(settings, catalog.get(settings.chronos_model), train=train)
     # A unique node name per process, so several workers of one model can share a host.
     args = [
         "worker",
-        f"--hostname={worker.spec.slug}-{os.getpid()}@%h",
+        f"--hostname={worker.spec.slug}{'-train' if train else ''}-{os.getpid()}@%h",
         # Threads, not processes: every slot's job feeds the one model this process holds (workers/batcher.py).
         f"--concurrency={worker.slots()}",
         "--pool=threads",
         "--loglevel=INFO",
-        *(sys.argv[1:] if argv is None else argv),
+        *(a for a in extra if a != "--train"),
     ]
     worker.app.worker_main(args)
 

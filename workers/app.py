@@ -1,4 +1,5 @@
-"""The Celery worker: pinned to one model by CHRONOS_MODEL, consuming only that model's queues.
+"""The Celery worker: pinned to one model by CHRONOS_MODEL, consuming only that model's queues
+(a training worker, `--train`: only its fine-tuning queue, workers/training.py).
 
 `python -m workers` builds a `Worker` and starts Celery's threads pool with `slots()` jobs at
 once. When Celery initialises the process, the worker resolves its weights (building a
@@ -30,6 +31,7 @@ from shared.store import JobStore, keys
 from workers import metrics, reaper
 from workers.batcher import Batcher
 from workers.executor import RedisPassIO, execute
+from workers.training import Trainer
 from workers.weights import resolve
 
 log = logging.getLogger("workers")
@@ -41,17 +43,19 @@ REDIS_PATIENCE_S = 300.0
 class Loaded(NamedTuple):
     """What a worker holds once it has loaded its model."""
 
-    batcher: Batcher
+    batcher: Batcher | None  # an inference worker's
+    trainer: Trainer | None  # a training worker's
     store: JobStore
     name: str  # as listed under its model: <Celery hostname>/<pid>
 
 
 class Worker:
-    """One worker process: its Celery app, its model (inside the batcher), its job store, its name."""
+    """One worker process: its Celery app, its model (inside the batcher, or the trainer), its job
+    store, its name."""
 
-    def __init__(self, settings: Settings, spec: ModelSpec):
-        self.settings, self.spec = settings, spec
-        self.app: Celery = make_celery(settings, serve=spec)
+    def __init__(self, settings: Settings, spec: ModelSpec, train: bool = False):
+        self.settings, self.spec, self.train = settings, spec, train
+        self.app: Celery = make_celery(settings, serve=spec, train=train)
         # typing=False: Celery would check calls against the bound method's signature, `self` included.
         self.app.task(name=keys.FORECAST_TASK, typing=False)(self.forecast)
         self._loaded: Loaded | None = None
@@ -62,34 +66,44 @@ class Worker:
         """Jobs held at once: enough to fill the next batch while one runs."""
         from workers.runtime import pick_device
 
+        if self.train:  # one fine-tuning run at a time: it takes the whole device
+            return 1
         if self.settings.worker_slots:
             return self.settings.worker_slots
         limit = self.settings.max_batch or self.spec.max_batch(pick_device(self.settings.device))
         return min(max(2 * limit, 8), 1024)
 
     def load(self, sender=None, **_) -> None:
-        from workers.runtime import ModelRuntime
-
         settings, spec = self.settings, self.spec
         weights = resolve(spec, settings)
         log.info("%s: %s weights from %s", spec.id, weights.kind, weights.source)
         if weights.kind == "synthetic":
             log.warning("*** %s serves SYNTHETIC weights: its forecasts are meaningless ***", spec.id)
-        runtime = ModelRuntime(spec, weights, settings)
-        metrics.LOAD.labels(spec.id).set(runtime.load_s)
-        metrics.serve(settings.metrics_port)
         client = redis.Redis.from_url(
             settings.redis_url,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         store = JobStore(client, settings, patience_s=REDIS_PATIENCE_S)
-        batcher = Batcher(
-            runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, settings.sync_guard_s, settings.sync_guard_batch
-        )
-        batcher.start()
-        metrics.watch_cpu(spec.id, batcher.thread)
-        self._loaded = Loaded(batcher, store, f"{sender.hostname}/{os.getpid()}")
+        name = f"{sender.hostname}/{os.getpid()}"
+        if self.train:
+            trainer = Trainer(spec, weights, settings)
+            metrics.LOAD.labels(spec.id).set(trainer.load_s)
+            metrics.serve(settings.metrics_port)
+            self._loaded = Loaded(None, trainer, store, name)
+        else:
+            from workers.runtime import ModelRuntime
+
+            runtime = ModelRuntime(spec, weights, settings)
+            metrics.LOAD.labels(spec.id).set(runtime.load_s)
+            metrics.serve(settings.metrics_port)
+            batcher = Batcher(
+                runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, settings.sync_guard_s,
+                settings.sync_guard_batch,
+            )  # fmt: skip
+            batcher.start()
+            metrics.watch_cpu(spec.id, batcher.thread)
+            self._loaded = Loaded(batcher, None, store, name)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         atexit.register(self._sign_off)
 
@@ -104,6 +118,11 @@ class Worker:
         together); returns their statuses afterwards."""
         loaded = self.loaded
         job_ids = [jobs] if isinstance(jobs, str) else jobs
+        if loaded.trainer is not None:
+            from workers import training
+
+            return training.execute(job_ids, loaded.trainer, loaded.store, loaded.name)
+        assert loaded.batcher is not None
         return execute(job_ids, loaded.batcher, loaded.store, self.settings, loaded.name)
 
     def _sign_off(self) -> None:
@@ -114,29 +133,34 @@ class Worker:
         """
         self.stop.set()
         try:
-            self.loaded.store.sign_off(self.spec, self.loaded.name)
+            self.loaded.store.sign_off(self.spec, self.loaded.name, self.train)
         except redis.RedisError:
             pass
 
     def _heartbeat(self) -> None:
         """Keep this worker listed under its model while it lives (entries age out when it dies), and
         give the jobs of workers that died back to the queue (workers/reaper.py)."""
-        runtime, name = self.loaded.batcher.runtime, self.loaded.name
+        loaded = self.loaded
+        runtime = loaded.batcher.runtime if loaded.batcher else None
+        held = runtime or loaded.trainer
+        assert held is not None
         info = {
-            "name": name,
-            "weights": runtime.weights.kind,
-            "revision": runtime.weights.revision,
-            "device": runtime.device,
-            "dtype": str(runtime.dtype).removeprefix("torch."),
+            "name": loaded.name,
+            "weights": held.weights.kind,
+            "revision": held.weights.revision,
+            "device": held.device,
+            "dtype": str(runtime.dtype).removeprefix("torch.") if runtime else "float32",  # a trainer trains in float32
             "started_at": time.time(),
-            "load_s": round(runtime.load_s, 3),
-            "max_batch": runtime.max_batch,
+            "load_s": round(held.load_s, 3),
+            "max_batch": runtime.max_batch if runtime else 0,
             "slots": self.slots(),
+            "role": "serve" if runtime else "train",
         }
+        name = loaded.name
         beat = JobStore(self.loaded.store.client, self.settings)  # no patience: a missed beat is retried next beat
         while not self.stop.is_set():
             try:
-                beat.heartbeat(self.spec, name, info)
+                beat.heartbeat(self.spec, name, info, self.train)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             try:

@@ -35,7 +35,8 @@ def job(elements: list[bytes], record: JobRecord, spec: ModelSpec) -> tuple[Work
     series: dict = {"target": _as_list(stored.target[0])}
     if stored.past:
         series["past_covariates"] = {name: _as_list(values) for name, values in stored.past.items()}
-    request = BacktestRequest.model_validate({"model": spec.id, "series": series, **record.request})
+    options = {k: v for k, v in record.request.items() if k != "finetuned"}  # the model is the worker's business
+    request = BacktestRequest.model_validate({"model": spec.id, "series": series, **options})
     params = request.parameters.model_copy(update={"quantile_levels": levels(request)})
     windows_ = [
         Decoded.of(w["target"], w.get("past_covariates"), w.get("future_covariates"))

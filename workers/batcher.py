@@ -56,10 +56,11 @@ class Work:
     n: int  # series in the job
     params: ForecastParameters
     lane: Lane
-    key: tuple  # jobs share a pass only with equal keys (the family's `group_key`)
+    key: tuple  # jobs share a pass only with equal keys (the family's `group_key`, and `variant`)
     inputs: list[Decoded] | None = None
     keep: bool = False
     stored: bool = True
+    variant: str | None = None  # the fine-tuned model of the worker's base model the job asked for
     kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
     waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
@@ -242,6 +243,7 @@ class Batcher:
         outputs = self.runtime.predict_isolating(
             inputs, horizon, levels, sampling=params[0].sampling(), return_samples=samples, seed=params[0].seed,
             cross_learning=params[0].cross_learning,  # only ever one job's series (shared/families.py)
+            variant=live[0][0].variant,  # one per pass: it is part of the key
         )  # fmt: skip
         elapsed = time.perf_counter() - started
         at = 0

@@ -115,6 +115,9 @@ def _work(store: JobStore, record: JobRecord, spec: ModelSpec) -> tuple[Work, Sc
         params = ForecastParameters.model_validate(record.request["parameters"])
         key = families.of(spec).group_key(params, record.id)
         work = Work(record.id, record.n_series, params, record.lane, key)
+    work.variant = record.request.get("finetuned")
+    if work.variant:  # a fine-tuned model's series never share a pass with another model's
+        work.key = (*work.key, ("finetuned", work.variant))
     if record.lost:
         # A job that was in the pass of a worker that died may be what killed it: it runs alone from
         # now on, so no other job shares its next passes (and its fate).

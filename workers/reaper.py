@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     """Delivery tags of unacked messages for this model whose worker is gone."""
-    queues = set(keys.worker_queues(spec))
+    queues = set(keys.model_queues(spec))
     held = []
     for tag, raw in store.unacked().items():
         message, _exchange, routing_key = json.loads(raw)
@@ -46,7 +46,7 @@ def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
             held += [(tag, job_id) for job_id in job_ids(message)]
     if not held:
         return []
-    alive = store.live_workers(spec)
+    alive = store.live_workers(spec, train=None)
     unclaimed_before = time.time() - 3 * store.settings.heartbeat_s
     orphaned: set[str] = set()
     for (tag, _), (status, worker, handed_out) in zip(held, store.holders(held), strict=True):

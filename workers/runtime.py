@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from chronos import BaseChronosPipeline
 
+from shared import model_store
 from shared.catalog import ModelSpec
 from shared.schemas import ForecastParameters
 from shared.series import Decoded
@@ -48,6 +51,8 @@ class ModelRuntime:
         self.pipeline = BaseChronosPipeline.from_pretrained(weights.path, device_map=self.device, dtype=self.dtype)
         self.load_s = time.perf_counter() - started
         self.max_batch = settings.max_batch or spec.max_batch(self.device)
+        self.model_store, self.finetuned_cache = settings.model_store, settings.finetuned_cache
+        self._variants: OrderedDict[str, BaseChronosPipeline] = OrderedDict()  # fine-tuned, least recent first
         # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
         warmup = [Decoded.of([float(i % 7) for i in range(64)])] * self.max_batch
         self.predict(warmup, 8, [0.5], sampling=self.family.warmup_sampling)
@@ -70,17 +75,52 @@ class ModelRuntime:
         return_samples: bool = False,
         seed: int | None = None,
         cross_learning: bool = False,
+        variant: str | None = None,
     ) -> list[np.ndarray]:
         """One forward pass over `inputs`: per series a float32 array [variates, rows, horizon], rows
         being the mean, one per quantile level, then the sample paths (T5, when `return_samples`).
         `sampling` holds num_samples/temperature/top_k/top_p (T5), `seed` seeds T5's sampling;
-        `cross_learning` forecasts the inputs as one group (Chronos-2)."""
+        `cross_learning` forecasts the inputs as one group (Chronos-2); `variant` names the
+        fine-tuned model of this base model to run instead of the base model."""
+        pipeline = self.pipeline if variant is None else self.finetuned(variant)
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
             return self.family.predict(
-                self.pipeline, inputs, prediction_length, quantile_levels, sampling, return_samples, cross_learning
+                pipeline, inputs, prediction_length, quantile_levels, sampling, return_samples, cross_learning
             )
+
+    def finetuned(self, name: str) -> BaseChronosPipeline:
+        """A fine-tuned model of this base model, loaded from the model store on first use and kept
+        among the FINETUNED_CACHE most recently used. A LoRA adapter is merged into a copy of the
+        base weights, so every loaded model is a plain pipeline (a full copy of the weights)."""
+        if name in self._variants:
+            self._variants.move_to_end(name)
+            return self._variants[name]
+        manifest = model_store.manifest(self.model_store, name)
+        if manifest is None:
+            raise RuntimeError(f"fine-tuned model {name} is not in the model store ({self.model_store})")
+        if manifest.get("base_revision") != self.weights.revision:
+            raise RuntimeError(
+                f"{name} was tuned from {self.spec.id} revision {manifest.get('base_revision')}; "
+                f"this worker serves revision {self.weights.revision}"
+            )
+        weights = model_store.path(self.model_store, name) / model_store.WEIGHTS
+        started = time.perf_counter()
+        if manifest["mode"] == "lora":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(copy.deepcopy(self.pipeline.inner_model), weights).merge_and_unload()
+            pipeline = type(self.pipeline)(model=model)
+        else:
+            pipeline = BaseChronosPipeline.from_pretrained(weights, device_map=self.device, dtype=self.dtype)
+        pipeline.inner_model.eval()
+        self._variants[name] = pipeline
+        while len(self._variants) > self.finetuned_cache:
+            evicted, _ = self._variants.popitem(last=False)
+            log.info("fine-tuned model %s unloaded (FINETUNED_CACHE=%d)", evicted, self.finetuned_cache)
+        log.info("fine-tuned model %s (%s) loaded in %.1fs", name, manifest["mode"], time.perf_counter() - started)
+        return pipeline
 
     def predict_isolating(self, inputs: Sequence, *args, **kwargs) -> list[np.ndarray | Exception]:
         """`predict`, but a failure is narrowed down by halving the batch: the series that fail on

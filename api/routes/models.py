@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response, status
 
+from shared import model_store
 from shared.schemas import ModelView
 
-from api.auth import caller
-from api.deps import Models
-from api.problems import documented
+from api.auth import Caller, caller
+from api.deps import Config, Jobs, Models
+from api.problems import Problem, documented
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)])
 
 
 @router.get("/models", response_model=list[ModelView], responses=documented("unauthorized", "redis-unavailable"))
-async def list_models(models: Models) -> list[ModelView]:
-    """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind."""
-    return await models.models()
+async def list_models(models: Models, owner: Caller) -> list[ModelView]:
+    """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind; then
+    the caller's fine-tuned models (`base_model`, `finetune`), served by their base model's workers."""
+    return [*await models.models(), *await models.finetuned_views(await models.owned(owner))]
 
 
 @router.get(
@@ -24,7 +26,28 @@ async def list_models(models: Models) -> list[ModelView]:
     response_model=ModelView,
     responses=documented("unauthorized", "unknown-model", "redis-unavailable"),
 )
-async def get_model(model_id: str, models: Models) -> ModelView:
-    """One model, by id (`amazon/chronos-bolt-tiny`) or slug (`chronos-bolt-tiny`)."""
+async def get_model(model_id: str, models: Models, owner: Caller) -> ModelView:
+    """One model, by id (`amazon/chronos-bolt-tiny`) or slug (`chronos-bolt-tiny`), or one of the
+    caller's fine-tuned models by id."""
+    if model_store.is_finetuned(model_id):
+        (view,) = await models.finetuned_views([await models.finetuned(model_id, owner)])
+        return view
     (view,) = await models.models((models.model(model_id),))
     return view
+
+
+@router.delete(
+    "/models/{model_id:path}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=documented("unauthorized", "unknown-model", "not-deletable", "redis-unavailable"),
+)
+async def delete_model(model_id: str, models: Models, jobs: Jobs, config: Config, owner: Caller) -> Response:
+    """Delete one of the caller's fine-tuned models: it is unlisted and refused at once, and its
+    weights are removed from the model store. Catalog models cannot be deleted (405)."""
+    if not model_store.is_finetuned(model_id):
+        models.model(model_id)  # an unknown name is 404, a catalog model 405
+        raise Problem(405, "not-deletable", f"{model_id} is a catalog model; only fine-tuned models are deleted")
+    manifest = await models.finetuned(model_id, owner)
+    await jobs.store.forget_finetuned(manifest["id"])
+    model_store.delete(config.model_store, manifest["id"])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

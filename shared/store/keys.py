@@ -89,9 +89,13 @@ def cache_output(digest: str) -> str:
     return f"{PREFIX}:cache:{digest}:out"
 
 
-def workers(spec: ModelSpec) -> str:
-    """Hash of the workers serving a model: worker name -> JSON heartbeat."""
-    return f"{PREFIX}:workers:{spec.slug}"
+def workers(spec: ModelSpec, train: bool = False) -> str:
+    """Hash of the workers serving a model (with `train`: fine-tuning it): worker name -> JSON heartbeat."""
+    return f"{PREFIX}:{'trainers' if train else 'workers'}:{spec.slug}"
+
+
+# Hash of the fine-tuned models: model id -> JSON manifest (owner, base model, where its weights are).
+FINETUNED = f"{PREFIX}:finetuned"
 
 
 def queue(spec: ModelSpec) -> str:
@@ -104,11 +108,21 @@ def sync_queue(spec: ModelSpec) -> str:
     return f"{spec.slug}.sync"
 
 
+def train_queue(spec: ModelSpec) -> str:
+    """The model's fine-tuning queue, consumed by its training workers only."""
+    return f"{spec.slug}.train"
+
+
 def lane_queue(spec: ModelSpec, lane: Lane) -> str:
     """The queue a job of `lane` is sent to."""
-    return sync_queue(spec) if lane is Lane.SYNC else queue(spec)
+    return {Lane.SYNC: sync_queue, Lane.ASYNC: queue, Lane.TRAIN: train_queue}[lane](spec)
 
 
-def worker_queues(spec: ModelSpec) -> tuple[str, str]:
-    """A worker's queues in the order it must poll them: sync lane first."""
-    return (sync_queue(spec), queue(spec))
+def worker_queues(spec: ModelSpec, train: bool = False) -> tuple[str, ...]:
+    """A worker's queues in the order it must poll them: sync lane first (a training worker: its one)."""
+    return (train_queue(spec),) if train else (sync_queue(spec), queue(spec))
+
+
+def model_queues(spec: ModelSpec) -> tuple[str, ...]:
+    """Every queue of the model: where the reaper looks for its messages, whoever consumes them."""
+    return (*worker_queues(spec), *worker_queues(spec, train=True))

@@ -34,16 +34,21 @@ class JobKind(StrEnum):
     FORECAST = "forecast"
     BACKTEST = "backtest"
     ANOMALY = "anomaly"
+    FINETUNE = "finetune"
 
     @property
     def collection(self) -> str:
         """Where the API serves jobs of this kind: `/v1/<collection>/<id>`."""
-        return {"forecast": "forecasts", "backtest": "backtests", "anomaly": "anomalies"}[self.value]
+        return {"forecast": "forecasts", "backtest": "backtests", "anomaly": "anomalies", "finetune": "finetunes"}[
+            self.value
+        ]
 
 
 class Lane(StrEnum):
     ASYNC = "async"
     SYNC = "sync"
+    # Fine-tuning runs: a queue of their own per base model, consumed by training workers only.
+    TRAIN = "train"
 
 
 @dataclass
@@ -82,6 +87,9 @@ class JobRecord:
     # A backtest's scores (stored); a forecast's predictions are loaded from its output list on
     # demand (`api.render.attach`) and never stored in the hash.
     backtest: dict | None = field(default=None, repr=False)
+    # A fine-tuning job's training record (stored): the loss per step, and once it succeeded the
+    # fine-tuned model's id and the validation scores of the base and fine-tuned models.
+    finetune: dict | None = field(default=None, repr=False)
     predictions: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})
     # An anomaly job's per-series intervals and flags, likewise loaded from its output list.
     anomalies: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})

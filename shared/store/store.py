@@ -238,21 +238,23 @@ class _Core:
         ]
 
     @operation
-    def live_workers(self, spec: ModelSpec) -> Op[dict[str, dict]]:
-        """The model's live workers' heartbeats, by worker name."""
-        beats = (yield [Cmd("hgetall", (keys.workers(spec),))])[0]
-        return live(beats, self.settings.heartbeat_s)
+    def live_workers(self, spec: ModelSpec, train: bool | None = False) -> Op[dict[str, dict]]:
+        """The model's live workers' heartbeats, by worker name (`train`: its training workers; None:
+        both kinds, which the reaper needs: any worker of a model gives back any dead one's jobs)."""
+        kinds = (False, True) if train is None else (train,)
+        replies = yield [Cmd("hgetall", (keys.workers(spec, kind),)) for kind in kinds]
+        return {name: beat for beats in replies for name, beat in live(beats, self.settings.heartbeat_s).items()}
 
     @operation
-    def heartbeat(self, spec: ModelSpec, name: str, info: dict) -> Op[None]:
+    def heartbeat(self, spec: ModelSpec, name: str, info: dict, train: bool = False) -> Op[None]:
         """List a worker under its model (entries age out when it stops: `live`)."""
-        key = keys.workers(spec)
+        key = keys.workers(spec, train)
         yield Atomic([Cmd("hset", (key, name, json.dumps({**info, "last_seen": time.time()}))),
                       Cmd("expire", (key, int(self.settings.heartbeat_s * 6) + 1))])  # fmt: skip
 
     @operation
-    def sign_off(self, spec: ModelSpec, name: str) -> Op[None]:
-        yield [Cmd("hdel", (keys.workers(spec), name))]
+    def sign_off(self, spec: ModelSpec, name: str, train: bool = False) -> Op[None]:
+        yield [Cmd("hdel", (keys.workers(spec, train), name))]
 
     # -- running a job (workers) ----------------------------------------------------------------
 
@@ -412,7 +414,7 @@ class _Core:
     def waiting_messages(self, spec: ModelSpec, at_most: int) -> Op[list[str] | None]:
         """Every message on the model's queues and in kombu's unacked hash; None when more than
         `at_most` wait in the queues (reading them all would cost more than it is worth)."""
-        queues = keys.worker_queues(spec)
+        queues = keys.model_queues(spec)
         if sum((yield [Cmd("llen", (q,)) for q in queues])) > at_most:
             return None
         replies = yield [*(Cmd("lrange", (q, 0, -1)) for q in queues), Cmd("hvals", (keys.KOMBU_UNACKED,))]
@@ -432,6 +434,35 @@ class _Core:
     def resent(self, spec: ModelSpec, job_id: str) -> Op[None]:
         """A queued job's message was sent again: another grace period before looking again."""
         yield [Cmd("zadd", (keys.queued(spec), {job_id: time.time()}))]
+
+    # -- fine-tuning (workers/training.py) and fine-tuned models --------------------------------
+
+    @operation
+    def training_step(self, job_id: str, step: int, finetune: dict) -> Op[bool]:
+        """Record a running fine-tuning job's step and training record and announce it; returns
+        whether a cancel was requested (training stops at its next step)."""
+        _, cancel = (yield [
+            run_script("progress", [keys.job(job_id)],
+                       [step, keys.EVENTS_CHANNEL, job_id, "finetune", json.dumps(finetune)]),
+            Cmd("hget", (keys.job(job_id), "cancel_requested")),
+        ])  # fmt: skip
+        return _text(cancel) == "1"
+
+    @operation
+    def register_finetuned(self, name: str, manifest: dict) -> Op[None]:
+        yield [Cmd("hset", (keys.FINETUNED, name, json.dumps(manifest)))]
+
+    @operation
+    def finetuned(self, name: str | None = None) -> Op[dict[str, dict]]:
+        """The fine-tuned models' manifests by id (only `name`'s, when given and registered)."""
+        if name is not None:
+            raw = (yield [Cmd("hget", (keys.FINETUNED, name))])[0]
+            return {name: json.loads(raw)} if raw else {}
+        return {_text(k): json.loads(v) for k, v in (yield [Cmd("hgetall", (keys.FINETUNED,))])[0].items()}
+
+    @operation
+    def forget_finetuned(self, name: str) -> Op[None]:
+        yield [Cmd("hdel", (keys.FINETUNED, name))]
 
     # -- callbacks (api/callbacks.py) -----------------------------------------------------------
 
