@@ -21,7 +21,7 @@ from api.callbacks import Dispatcher
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
-from api.routes import backtests, callbacks, compat, forecasts, health, models
+from api.routes import backtests, callbacks, compat, forecasts, health, models, predict
 from api.service import JobService
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
     for router in (
         forecasts.router,
+        predict.router,
         backtests.router,
         callbacks.router,
         models.router,

@@ -140,6 +140,51 @@ class ForecastRequest(BaseModel):
     callback_url: CallbackUrl = None
 
 
+class PredictRequest(BaseModel):
+    """`POST /predict`: one series. The native `inputs` list is also taken, holding one series."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "input": {"item_id": "a", "target": [1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0, 2.0]},
+                    "parameters": {"prediction_length": 4, "quantile_levels": [0.1, 0.5, 0.9]},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
+    input: SeriesInput
+    parameters: ForecastParameters
+    callback_url: CallbackUrl = None
+
+
+class BatchPredictRequest(BaseModel):
+    """`POST /predict/batch`: many series as `requests` (the native name, `inputs`, is also taken)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "requests": [{"item_id": "a", "target": [1.0, 2.0, 3.0, 2.0, 1.0]},
+                                 {"item_id": "b", "target": [5.0, 4.0, 6.0, 5.0]}],
+                    "parameters": {"prediction_length": 4},
+                }
+            ]
+        },
+    )  # fmt: skip
+
+    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
+    requests: list[SeriesInput] = Field(min_length=1)
+    parameters: ForecastParameters
+    callback_url: CallbackUrl = None
+
+
 class Origins(BaseModel):
     """Forecast origins: an origin is how many points of the series are known when forecasting."""
 

@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     sync_timeout_max_s: float = Field(60.0, gt=0)
     wait_max_s: float = Field(60.0, gt=0)
 
-    # Access. Keys come from API_KEYS (comma-separated) and/or API_KEYS_FILE (one per line, `#` comments).
+    # Access. Keys come from API_KEYS (comma-separated) and/or API_KEYS_FILE (one per line, `#` comments,
+    # each line `KEY` or `KEY models=PATTERN,... scopes=SCOPE,...`: api/auth.py).
     # With neither, the API refuses to start unless AUTH_DISABLED=true says so explicitly.
     api_keys: str | None = None
     api_keys_file: str | None = None

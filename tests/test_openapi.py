@@ -40,7 +40,7 @@ def test_every_request_body_has_an_example(openapi):
         if "requestBody" in op
     ]
 
-    assert len(bodies) == 9  # native submit, predict and backtest, three compat routes twice
+    assert len(bodies) == 11  # native submit, predict, backtest, /predict, /predict/batch; 3 compat routes twice
     for name, media in bodies:
         assert media.get("examples") or resolve(openapi, media["schema"]).get("examples"), name
 
