@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     callback_backoff_s: float = Field(2.0, gt=0)
     callback_timeout_s: float = Field(5.0, gt=0)
 
+    # The audit log (api/audit.py), one JSON line per request: `-` writes it to stdout, a path
+    # appends it to that file (several API processes may share one), `off` writes none.
+    audit_log: str = "-"
+
     # Browser origins allowed to call the API (comma-separated); none by default, so no CORS headers.
     cors_origins: str | None = None
 
