@@ -140,11 +140,20 @@ class ForecastRequest(BaseModel):
     callback_url: CallbackUrl = None
 
 
-class PredictRequest(BaseModel):
+class _DesignRequest(BaseModel):
+    """What the bodies of `/predict` and `/predict/batch` share with `ForecastRequest`'s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
+    parameters: ForecastParameters
+    callback_url: CallbackUrl = None
+
+
+class PredictRequest(_DesignRequest):
     """`POST /predict`: one series. The native `inputs` list is also taken, holding one series."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -156,17 +165,13 @@ class PredictRequest(BaseModel):
         },
     )
 
-    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
     input: SeriesInput
-    parameters: ForecastParameters
-    callback_url: CallbackUrl = None
 
 
-class BatchPredictRequest(BaseModel):
+class BatchPredictRequest(_DesignRequest):
     """`POST /predict/batch`: many series as `requests` (the native name, `inputs`, is also taken)."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -179,10 +184,7 @@ class BatchPredictRequest(BaseModel):
         },
     )  # fmt: skip
 
-    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
     requests: list[SeriesInput] = Field(min_length=1)
-    parameters: ForecastParameters
-    callback_url: CallbackUrl = None
 
 
 class Origins(BaseModel):
