@@ -101,7 +101,8 @@ def test_a_key_limited_to_models_is_403_for_another_model_before_the_series_are_
     before = job_keys(redis_server.client())
     unparsable = {"model": "chronos-t5-tiny", "inputs": [{"target": [1.0, "x"]}], "parameters": {"prediction_length": 2}}
 
-    as_json = scoped.call(BOLT_ONLY, "POST", "/v1/forecasts", json=unparsable)  # a 422 for a key that may use T5
+    as_json = scoped.call(BOLT_ONLY, "POST", "/v1/forecasts", json=unparsable,
+                          headers={"X-Request-Id": "not-allowed"})  # a 422 for a key that may use T5
     as_arrow = scoped.call(BOLT_ONLY, "POST", "/v1/predict", params={"model": "amazon/chronos-t5-tiny"},
                            content=b"not arrow", headers={"content-type": "application/vnd.apache.arrow.stream"})
     backtest = scoped.call(BOLT_ONLY, "POST", "/v1/backtests", json={
@@ -115,6 +116,8 @@ def test_a_key_limited_to_models_is_403_for_another_model_before_the_series_are_
         assert response.json()["code"] == "model-not-allowed" and response.json()["field"] == "model"
     assert as_json.json()["detail"] == "model 'chronos-t5-tiny' not allowed for this key"
     assert as_arrow.json()["detail"] == "model 'amazon/chronos-t5-tiny' not allowed for this key"
+    audited = scoped.line("not-allowed")
+    assert (audited["status"], audited["model"], audited["key_id"]) == (403, "amazon/chronos-t5-tiny", key_id(BOLT_ONLY))
     assert job_keys(redis_server.client()) == before
 
 
@@ -211,7 +214,12 @@ def test_the_audit_log_goes_to_stdout_by_default_and_off_writes_none(redis_serve
 )  # fmt: skip
 def test_key_file_lines_are_a_key_then_options_and_old_lines_keep_full_access(entry, key, grant):
     assert parse_entry(entry) == (key, grant)
-    assert Grant().scopes == {FORECAST, READ} and not Grant().admin
+
+
+def test_a_plain_key_may_forecast_and_read_every_model_but_is_no_admin():
+    _, grant = parse_entry("plain-key")
+
+    assert grant.scopes == {FORECAST, READ} and grant.models is None and not grant.admin
 
 
 def test_a_key_file_with_an_unknown_scope_or_one_key_granted_twice_stops_the_start():
