@@ -1,6 +1,7 @@
 """How a job is answered, for forecasts and backtests alike: the job as JSON (streamed when large),
-its results as a table, the headers of an accepted job, and the handlers of `/{jobs}/{job_id}`
-(read, long-wait, follow as Server-Sent Events, cancel) that both route modules register."""
+its results as a table, the headers of an accepted job, the handlers of `/{jobs}/{job_id}`
+(read, long-wait, follow as Server-Sent Events, cancel) that both route modules register, and the
+synchronous predict that `/v1/predict` and the design's `/predict` routes share."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from shared.schemas import JobView
-from shared.store import JobKind, JobRecord, JobStatus
+from shared.settings import Settings
+from shared.store import JobKind, JobRecord, JobStatus, Lane
 
-from api import render
-from api.auth import Caller
+from api import bodies, render
+from api.auth import Caller, is_admin
 from api.deps import Config, Jobs, Models
-from api.problems import documented
+from api.problems import Problem, documented
 from api.service import JobService
 
 # Answers with more series than this are streamed, rendered piece by piece off the event loop.
@@ -58,6 +60,7 @@ async def accepted(response: Response, models: Models, record: JobRecord, replay
 async def answer(jobs: JobService, record: JobRecord, request: Request, response: Response) -> Response:
     """The job as JSON, results included once it succeeded; the results alone as an Arrow stream or
     Parquet file when `Accept` asks for one. Rendered from the stored arrays (api/render.py)."""
+    request.state.job_id, request.state.model = record.id, record.model  # for the audit log
     outputs = items = None
     code, headers = response.status_code or 200, dict(response.headers)
     if record.status is JobStatus.SUCCEEDED and record.predictions is None:
@@ -84,7 +87,15 @@ async def get_job(
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
     a succeeded forecast's results as a long-format table instead."""
     wait = min(wait, config.wait_max_s)
-    record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
+    try:
+        record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
+    except Problem as problem:
+        if problem.code != "unknown-job" or not is_admin(request):
+            raise
+        # An admin key reading another owner's job: its metadata and owner, never its series or results.
+        record = await jobs.inspect(job_id)
+        request.state.job_id, request.state.model = record.id, record.model
+        return Response(render.job_metadata(record), media_type="application/json")
     return await answer(jobs, record, request, response)
 
 
@@ -109,12 +120,37 @@ async def job_events(job_id: str, jobs: Jobs, owner: Caller) -> StreamingRespons
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
 
-async def cancel_job(job_id: str, response: Response, jobs: Jobs, owner: Caller) -> JobView:
-    """Cancel a job: a queued one never runs (200); a running one stops at its next batch (202)."""
-    record, stopped = await jobs.cancel(job_id, owner)
+async def cancel_job(job_id: str, request: Request, response: Response, jobs: Jobs, owner: Caller) -> JobView:
+    """Cancel a job: a queued one never runs (200); a running one stops at its next batch (202).
+    An `admin` key may cancel any owner's job."""
+    request.state.job_id = job_id
+    record, stopped = await jobs.cancel(job_id, owner, any_owner=is_admin(request))
     if not stopped:
         response.status_code = status.HTTP_202_ACCEPTED
     return JobView.of(record)
+
+
+async def predict(
+    request: Request,
+    response: Response,
+    jobs: JobService,
+    config: Settings,
+    owner: str,
+    timeout: float | None,
+    idempotency_key: str | None,
+    shape: bodies.Shape = bodies.NATIVE,
+) -> Response:
+    """The synchronous predict of `/v1/predict` and of the design's `/predict` and `/predict/batch`,
+    which differ only in the `shape` of their JSON bodies: submit on the model's priority lane and
+    wait up to `timeout` (capped); 202 with the job's Location when the wait runs out."""
+    wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
+    await jobs.admission.admit(owner)  # before any of the body is read
+    job = await bodies.forecast(request, config, shape)
+    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
+    if record.status is not JobStatus.SUCCEEDED:
+        response.status_code = status.HTTP_202_ACCEPTED
+        location(response, record)
+    return await answer(jobs, record, request, response)
 
 
 def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
@@ -126,7 +162,7 @@ def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
         get_job,
         methods=["GET"],
         response_model=JobView,
-        responses=documented("unauthorized", "unknown-job", "redis-unavailable"),
+        responses=documented("unauthorized", "missing-scope", "unknown-job", "redis-unavailable"),
         summary=f"{article} {noun}'s status and results; with `wait`, answer as soon as it finishes",
     )
     router.add_api_route(
@@ -136,7 +172,7 @@ def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/event-stream": {"example": STREAM_EXAMPLE}}, "description": "Server-Sent Events."},
-            **documented("unauthorized", "unknown-job", "redis-unavailable"),
+            **documented("unauthorized", "missing-scope", "unknown-job", "redis-unavailable"),
         },
         summary=f"A Server-Sent Events stream of the {noun}'s changes, ending with its result",
     )
@@ -147,7 +183,7 @@ def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
         response_model=JobView,
         responses={
             202: {"model": JobView, "description": "Running: it stops at its next batch."},
-            **documented("unauthorized", "unknown-job", "job-finished", "redis-unavailable"),
+            **documented("unauthorized", "missing-scope", "unknown-job", "job-finished", "redis-unavailable"),
         },
         summary=f"Cancel {article.lower()} {noun}",
     )

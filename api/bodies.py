@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar, cast, overload
 
@@ -37,6 +38,7 @@ from shared.schemas import ForecastParameters, ForecastRequest, SeriesInput, Val
 from shared.series import SeriesSet
 from shared.settings import Settings
 
+from api import auth
 from api.problems import Problem, validation_problem
 
 JSON = "application/json"
@@ -64,7 +66,32 @@ class _Forecast(Struct, Generic[T], forbid_unknown_fields=True):
     callback_url: Annotated[str, Meta(max_length=2048)] | None = None
 
 
+class _Design(Struct, Generic[T], forbid_unknown_fields=True):
+    """The body of `/predict` (`input`, one series) and `/predict/batch` (`requests`); both also
+    take the native `inputs`. Which names a route takes is its `Shape`."""
+
+    model: str
+    parameters: T
+    input: _Series[T] | None = None
+    requests: list[_Series[T]] | None = None
+    inputs: list[_Series[T]] | None = None
+    callback_url: Annotated[str, Meta(max_length=2048)] | None = None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Where a forecast body holds its series: the names it may use, and whether it holds exactly one."""
+
+    names: tuple[str, ...]
+    single: bool = False
+
+
+NATIVE = Shape(("inputs",))
+ONE = Shape(("input", "inputs"), single=True)
+BATCH = Shape(("requests", "inputs"))
+
 _STRUCTURE = msgspec.json.Decoder(_Forecast[Raw])
+_DESIGN = msgspec.json.Decoder(_Design[Raw])
 _NUMBERS = msgspec.json.Decoder(list[float | None])
 _ROWS = msgspec.json.Decoder(list[list[float | None]])
 _LABELS = msgspec.json.Decoder(list[str | None])
@@ -84,9 +111,11 @@ class ForecastJob(Generic[P]):
     callback_url: str | None = None
     # Per series: the target came as a list of variates (its answer then holds one list per variate).
     nested: list[bool] | None = None
+    # What the body called its series (`input` for /predict's one series), for error messages.
+    list_name: str = "inputs"
 
     def field(self, i: int) -> str:
-        return f"inputs[{i}]"
+        return self.list_name if self.list_name == "input" else f"{self.list_name}[{i}]"
 
 
 async def read(request: Request, max_bytes: int, timeout_s: float) -> bytes:
@@ -122,39 +151,79 @@ def media_type(request: Request) -> str:
 # -- JSON ---------------------------------------------------------------------------------
 
 
-def forecast_json(body: bytes, settings: Settings, schema: type[BaseModel] = ForecastParameters) -> ForecastJob:
-    """Parse a JSON forecast request (see the module docstring), its parameters by `schema`."""
+def forecast_json(
+    body: bytes,
+    settings: Settings,
+    shape: Shape = NATIVE,
+    permit: Callable[[str], None] | None = None,
+    schema: type[BaseModel] = ForecastParameters,
+) -> ForecastJob:
+    """Parse a JSON forecast request (see the module docstring), its parameters by `schema`.
+    `permit(model)` runs once the structure is read, before any number is parsed (it raises to
+    refuse the model)."""
     try:
-        request = _STRUCTURE.decode(body)
+        decoded = _STRUCTURE.decode(body) if shape is NATIVE else _DESIGN.decode(body)
     except msgspec.ValidationError as exc:
         raise _msgspec_problem(exc) from None
     except msgspec.DecodeError:
-        return _forecast_literals(body, settings, schema)
-    _check_counts(request.inputs, settings)
+        return _forecast_literals(body, settings, shape, permit, schema)
+    request, name = _native(decoded, shape)
+    if permit:
+        permit(request.model)
+    _check_counts(request.inputs, settings, name)
     for i, series in enumerate(request.inputs):
-        _check_points(series.target, f"inputs[{i}].target", settings)
-    return _assemble(request, settings, _decode_raw, schema)
+        _check_points(series.target, f"{_at(name, i)}.target", settings)
+    return _assemble(request, settings, _decode_raw, schema, name)
 
 
-def _forecast_literals(body: bytes, settings: Settings, schema: type[BaseModel]) -> ForecastJob:
+def _forecast_literals(
+    body: bytes, settings: Settings, shape: Shape, permit: Callable[[str], None] | None, schema: type[BaseModel]
+) -> ForecastJob:
     """Bodies msgspec refuses: malformed JSON (400), or JSON with NaN/Infinity literals."""
     try:
         tree = pydantic_core.from_json(body, allow_inf_nan=True)
     except ValueError:
         raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
     try:
-        request = msgspec.convert(tree, _Forecast[Any])
+        converted: _Forecast | _Design = (
+            msgspec.convert(tree, _Forecast[Any]) if shape is NATIVE else msgspec.convert(tree, _Design[Any])
+        )
     except msgspec.ValidationError as exc:
         raise _msgspec_problem(exc) from None
-    _check_counts(request.inputs, settings)
-    return _assemble(request, settings, _convert_tree, schema)
+    request, name = _native(converted, shape)
+    if permit:
+        permit(request.model)
+    _check_counts(request.inputs, settings, name)
+    return _assemble(request, settings, _convert_tree, schema, name)
 
 
-def _check_counts(inputs: list, settings: Settings) -> None:
+def _native(request: _Forecast | _Design, shape: Shape) -> tuple[_Forecast, str]:
+    """A design-shaped body as the native one, and the name its series came under."""
+    if isinstance(request, _Forecast):
+        return request, "inputs"
+    given = [name for name in ("input", "requests", "inputs") if getattr(request, name) is not None]
+    if not given or given[0] not in shape.names:
+        field = given[0] if given else shape.names[0]
+        raise _invalid(field, f"this route takes its series as `{'` or `'.join(shape.names)}`")
+    if len(given) > 1:
+        raise _invalid(given[1], f"give the series once, as `{given[0]}`")
+    name = given[0]
+    inputs: list[_Series] = [request.input] if request.input is not None else getattr(request, name)
+    if shape.single and len(inputs) != 1:
+        raise _invalid(name, f"this route takes one series, not {len(inputs)}; POST /predict/batch takes several")
+    return _Forecast(request.model, inputs, request.parameters, request.callback_url), name
+
+
+def _at(name: str, i: int) -> str:
+    """Where series i sits in the body: `inputs[i]`, `requests[i]`, or `input` (the one series)."""
+    return name if name == "input" else f"{name}[{i}]"
+
+
+def _check_counts(inputs: list, settings: Settings, name: str = "inputs") -> None:
     if not inputs:
-        raise _invalid("inputs", "must hold at least one series")
+        raise _invalid(name, "must hold at least one series")
     if len(inputs) > settings.max_series:
-        raise _over("inputs", f"{len(inputs)} series; at most {settings.max_series} per request")
+        raise _over(name, f"{len(inputs)} series; at most {settings.max_series} per request")
 
 
 def _check_points(raw: Raw, field: str, settings: Settings) -> None:
@@ -208,11 +277,13 @@ def _covariate(raw: Any, field: str) -> np.ndarray | list:
             raise _msgspec_problem(exc, field) from None
 
 
-def _assemble(request: _Forecast, settings: Settings, decode, schema: type[BaseModel]) -> ForecastJob:
+def _assemble(
+    request: _Forecast, settings: Settings, decode, schema: type[BaseModel], name: str = "inputs"
+) -> ForecastJob:
     rows: list[np.ndarray] = []
     variates, nested_flags, covariates = [], [], []
     for i, series in enumerate(request.inputs):
-        at = f"inputs[{i}].target"
+        at = f"{_at(name, i)}.target"
         values, nested = decode(series.target, at)
         if nested:
             if not values or len({len(v) for v in values}) != 1 or not values[0]:
@@ -227,7 +298,7 @@ def _assemble(request: _Forecast, settings: Settings, decode, schema: type[BaseM
             named = getattr(series, group)
             if named:
                 cov[group.split("_")[0]] = {
-                    name: _covariate(value, f"inputs[{i}].{group}.{name}") for name, value in named.items()
+                    key: _covariate(value, f"{_at(name, i)}.{group}.{key}") for key, value in named.items()
                 }
         covariates.append(cov or None)
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
@@ -245,6 +316,7 @@ def _assemble(request: _Forecast, settings: Settings, decode, schema: type[BaseM
         series=series_set,
         callback_url=request.callback_url,
         nested=nested_flags if any(nested_flags) else None,
+        list_name=name,
     )
 
 
@@ -490,17 +562,30 @@ def install(app) -> None:
     app.openapi = openapi
 
 
-async def forecast(request: Request, settings: Settings, schema: type[BaseModel] = ForecastParameters) -> ForecastJob:
-    """Read and parse a forecast body (parameters by `schema`) of any accepted media type. Large JSON
-    is parsed on a thread: its per-series steps let the event loop run between them."""
+async def forecast(
+    request: Request, settings: Settings, shape: Shape = NATIVE, schema: type[BaseModel] = ForecastParameters
+) -> ForecastJob:
+    """Read and parse a forecast body (parameters by `schema`) of any accepted media type, refusing
+    a model the caller's key may not use as soon as the model is known: before reading an Arrow or
+    Parquet body (its model is in the query string), before parsing any number of a JSON one.
+    Large JSON is parsed on a thread: its per-series steps let the event loop run between them."""
     kind = media_type(request)
     limit = settings.max_columnar_body_bytes if kind in COLUMNAR else settings.max_body_bytes
+
+    def permit(model: str) -> None:
+        auth.permit_model(request, model)
+
+    if kind in COLUMNAR and "model" in request.query_params:
+        permit(request.query_params["model"])
     body = await read(request, limit, settings.body_timeout_s)
     if kind in COLUMNAR:
-        return forecast_columnar(body, kind, dict(request.query_params), settings, schema)
+        job = forecast_columnar(body, kind, dict(request.query_params), settings, schema)
+        if shape.single and len(job.series) != 1:
+            raise _invalid("item_id", f"this route takes one series, not {len(job.series)}")
+        return job
     if len(body) < 1 << 20:
-        return forecast_json(body, settings, schema)
-    return await asyncio.to_thread(forecast_json, body, settings, schema)
+        return forecast_json(body, settings, shape, permit, schema)
+    return await asyncio.to_thread(forecast_json, body, settings, shape, permit, schema)
 
 
 Model = TypeVar("Model", bound=BaseModel)

@@ -15,13 +15,13 @@ from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
 from shared.store import AsyncJobStore
 
-from api import bodies, problems, security
+from api import audit, bodies, problems, security
 from api.auth import LEGACY, KeyRing
 from api.callbacks import Dispatcher
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
-from api.routes import anomalies, backtests, callbacks, compat, finetunes, forecasts, health, models
+from api.routes import anomalies, backtests, callbacks, compat, finetunes, forecasts, health, models, predict
 from api.service import JobService
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.service.sender.close()
             await events.stop()
             celery.close()
+            if app.state.audit:
+                app.state.audit.close()
             for c, pool in zip((client, raw), pools, strict=True):
                 await c.aclose()
                 await pool.disconnect()
@@ -90,10 +92,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_body_bytes, max_columnar_bytes=settings.max_columnar_body_bytes
     )
+    app.state.audit = audit.install(app, settings.audit_log)  # inside SecurityHeaders: it sets the request id
     security.install(app, settings.cors_origin_list())
     app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
     for router in (
         forecasts.router,
+        predict.router,
         backtests.router,
         anomalies.router,
         finetunes.router,

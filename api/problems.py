@@ -58,6 +58,7 @@ class Problem(Exception):
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -171,6 +172,8 @@ class ProblemDetails(BaseModel):
 EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
     "malformed-json": (400, "the request body is not valid JSON", {}),
     "unauthorized": (401, "missing API key: send it as `X-API-Key: KEY` or `Authorization: Bearer KEY`", {}),
+    "missing-scope": (403, "scope 'forecast' required; this key has read", {"scope": "forecast"}),
+    "model-not-allowed": (403, "model 'amazon/chronos-bolt-base' not allowed for this key", {"field": "model"}),
     "unknown-model": (404, "unknown model 'amazon/chronos-t5-huge'; GET /v1/models lists them", {"field": "model"}),
     "unknown-job": (404, "no job '3f2a…' (never accepted, or its result expired)", {}),
     "not-sync-eligible": (
@@ -245,9 +248,10 @@ BODY_ERRORS = ("malformed-json", "body-too-large", "body-timeout", "validation-e
 # The errors of routes that also take Arrow or Parquet bodies.
 COLUMNAR_ERRORS = ("unsupported-media-type", "malformed-body")
 # What a job submission can be refused with.
-SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
-                 "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
-                 "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
+SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "missing-scope", "model-not-allowed",
+                 "unknown-model", "limit-exceeded", "not-sample-based", "unsupported-input", "broker-unavailable",
+                 "redis-unavailable", "rate-limited", "too-many-in-flight", "queue-full", "idempotency-key-reused",
+                 "callback-not-allowed")  # fmt: skip
 
 
 def documented(*codes: str) -> dict[int | str, dict[str, Any]]:

@@ -96,8 +96,7 @@ def attach(record: JobRecord, outputs: list[bytes], items: list | None) -> JobRe
 
 def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list | None = None) -> bytes:
     """The job as `JobView` JSON, its results spliced in as arrays (written by orjson in C)."""
-    view = JobView.of(record).model_dump(mode="json", exclude={"anomalies", "predictions", "backtest"})
-    view["anomalies"] = view["predictions"] = view["backtest"] = None
+    view = _metadata(record)
     if outputs is not None:
         if record.kind is JobKind.BACKTEST:
             view["backtest"] = backtest(record, outputs)
@@ -106,6 +105,19 @@ def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list 
         else:
             view["predictions"] = predictions(record, outputs, items)
     return orjson.dumps(view, option=_OPTIONS)
+
+
+def job_metadata(record: JobRecord) -> bytes:
+    """The job without predictions or backtest, and with its owner: what an `admin` key is shown of
+    another owner's job (its series were never in the record, so nothing of them is either)."""
+    return orjson.dumps({**_metadata(record), "owner": record.owner})
+
+
+def _metadata(record: JobRecord) -> dict:
+    """The job's view without its results (the forecasts, scores or flags, all derived from series values)."""
+    view = JobView.of(record).model_dump(mode="json", exclude={"anomalies", "predictions", "backtest"})
+    view["anomalies"] = view["predictions"] = view["backtest"] = None
+    return view
 
 
 # Series per piece of a streamed answer.

@@ -69,7 +69,7 @@ class JobService:
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         """
         spec, finetuned = await self.fleet.resolve(job.model, owner)
-        limits.check(job.series, job.parameters, spec, self.settings)
+        limits.check(job.series, job.parameters, spec, self.settings, job.field)
         if lane is Lane.SYNC:
             self.fleet.check_sync(spec)
         if waited or lane is Lane.SYNC:
@@ -319,7 +319,7 @@ class JobService:
         one round trip for an answer) or later (`results`), and never given to another owner."""
         record = await self.store.get(job_id, with_results)
         if record is None or record.owner != owner:
-            raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
+            raise _unknown_job(job_id)
         return record
 
     async def wait(self, job_id: str, timeout_s: float, owner: str) -> JobRecord:
@@ -362,8 +362,18 @@ class JobService:
                 except TimeoutError:
                     pass
 
-    async def cancel(self, job_id: str, owner: str) -> tuple[JobRecord, bool]:
-        """Cancel a job that has not finished; returns its record and whether it stopped already."""
+    async def inspect(self, job_id: str) -> JobRecord:
+        """Any owner's job, without its results (an `admin` key's view); 404 when there is none."""
+        record = await self.store.get(job_id)
+        if record is None:
+            raise _unknown_job(job_id)
+        return record
+
+    async def cancel(self, job_id: str, owner: str, any_owner: bool = False) -> tuple[JobRecord, bool]:
+        """Cancel a job that has not finished (`any_owner`: whoever owns it, for an `admin` key);
+        returns its record and whether it stopped already."""
+        if any_owner and (found := await self.store.get(job_id)) is not None:
+            owner = found.owner  # the cancel script updates the owner's in-flight set
         outcome = await self.store.cancel(job_id, owner)
         if outcome not in ("cancelled", "cancelling", "missing"):
             raise Problem(409, "job-finished", f"job {job_id} already {outcome}; nothing to cancel", status_now=outcome)
@@ -374,6 +384,10 @@ class JobService:
             return bool(await asyncio.wait_for(self.store.client.ping(), 1.0))
         except Exception:
             return False
+
+
+def _unknown_job(job_id: str) -> Problem:
+    return Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
 
 
 def _digest(text: str) -> str:

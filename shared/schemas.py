@@ -146,6 +146,53 @@ class ForecastRequest(BaseModel):
     callback_url: CallbackUrl = None
 
 
+class _DesignRequest(BaseModel):
+    """What the bodies of `/predict` and `/predict/batch` share with `ForecastRequest`'s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Catalog id (amazon/chronos-bolt-small) or slug (chronos-bolt-small).")
+    parameters: ForecastParameters
+    callback_url: CallbackUrl = None
+
+
+class PredictRequest(_DesignRequest):
+    """`POST /predict`: one series. The native `inputs` list is also taken, holding one series."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "input": {"item_id": "a", "target": [1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0, 2.0]},
+                    "parameters": {"prediction_length": 4, "quantile_levels": [0.1, 0.5, 0.9]},
+                }
+            ]
+        },
+    )
+
+    input: SeriesInput
+
+
+class BatchPredictRequest(_DesignRequest):
+    """`POST /predict/batch`: many series as `requests` (the native name, `inputs`, is also taken)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "amazon/chronos-bolt-tiny",
+                    "requests": [{"item_id": "a", "target": [1.0, 2.0, 3.0, 2.0, 1.0]},
+                                 {"item_id": "b", "target": [5.0, 4.0, 6.0, 5.0]}],
+                    "parameters": {"prediction_length": 4},
+                }
+            ]
+        },
+    )  # fmt: skip
+
+    requests: list[SeriesInput] = Field(min_length=1)
+
+
 class Origins(BaseModel):
     """Forecast origins: an origin is how many points of the series are known when forecasting."""
 

@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     sync_timeout_max_s: float = Field(60.0, gt=0)
     wait_max_s: float = Field(60.0, gt=0)
 
-    # Access. Keys come from API_KEYS (comma-separated) and/or API_KEYS_FILE (one per line, `#` comments).
+    # Access. Keys come from API_KEYS (comma-separated) and/or API_KEYS_FILE (one per line, `#` comments,
+    # each line `KEY` or `KEY models=PATTERN,... scopes=SCOPE,...`: api/auth.py).
     # With neither, the API refuses to start unless AUTH_DISABLED=true says so explicitly.
     api_keys: str | None = None
     api_keys_file: str | None = None
@@ -94,6 +95,10 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(5, ge=1)
     callback_backoff_s: float = Field(2.0, gt=0)
     callback_timeout_s: float = Field(5.0, gt=0)
+
+    # The audit log (api/audit.py), one JSON line per request: `-` writes it to stdout, a path
+    # appends it to that file (several API processes may share one), `off` writes none.
+    audit_log: str = "-"
 
     # Browser origins allowed to call the API (comma-separated); none by default, so no CORS headers.
     cors_origins: str | None = None

@@ -40,7 +40,8 @@ def test_every_request_body_has_an_example(openapi):
         if "requestBody" in op
     ]
 
-    assert len(bodies) == 10  # native submit, predict, backtest and anomalies, three compat routes twice
+    assert len(bodies) == 13  # native submit, predict, backtest, anomalies, finetunes, /predict, /predict/batch;
+    # three compat routes twice
     for name, media in bodies:
         assert media.get("examples") or resolve(openapi, media["schema"]).get("examples"), name
 

@@ -43,7 +43,7 @@ async def submit_anomalies(
     Parquet file in long format, with `model` and the parameters in the query string.
     `X-Workers-Online` counts the model's live workers: with 0 the job is queued until one starts."""
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
-    job = await bodies.forecast(request, jobs.settings, AnomalyParameters)
+    job = await bodies.forecast(request, jobs.settings, schema=AnomalyParameters)
     record, replayed = await jobs.submit_anomalies(job, owner, idempotency_key, admitted=True)
     await accepted(response, models, record, replayed)
     return await answer(jobs, record, request, response)

@@ -13,7 +13,7 @@ from shared.schemas import BacktestRequest, JobView
 
 from api import bodies
 from api.answers import accepted, add_job_routes, answer
-from api.auth import Caller
+from api.auth import Caller, permit_model
 from api.deps import IdempotencyKey, Jobs, Models
 from api.problems import SUBMIT_ERRORS, documented
 
@@ -44,10 +44,12 @@ async def submit_backtest(
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     kind = bodies.media_type(request)
     if kind in bodies.COLUMNAR:
+        permit_model(request, request.query_params.get("model", ""))  # in the query: before the body is read
         raw = await bodies.read(request, jobs.settings.max_columnar_body_bytes, jobs.settings.body_timeout_s)
         body = bodies.backtest_columnar(raw, kind, dict(request.query_params), jobs.settings)
     else:
         body = await bodies.model_body(request, jobs.settings, BacktestRequest)
+        permit_model(request, body.model)
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key, admitted=True)
     await accepted(response, models, record, replayed)
     return await answer(jobs, record, request, response)

@@ -21,7 +21,9 @@ class CallbackSecret(BaseModel):
 
 
 @router.get(
-    "/callbacks/secret", response_model=CallbackSecret, responses=documented("unauthorized", "redis-unavailable")
+    "/callbacks/secret",
+    response_model=CallbackSecret,
+    responses=documented("unauthorized", "missing-scope", "redis-unavailable"),
 )
 async def callback_secret(jobs: Jobs, config: Config, owner: Caller) -> CallbackSecret:
     """How to check that a callback came from this service: verify its signature with this secret

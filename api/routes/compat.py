@@ -17,7 +17,7 @@ from shared.schemas import ForecastRequest
 from shared.store import JobStatus, Lane
 
 from api import bodies, compat
-from api.auth import LegacyCaller
+from api.auth import LegacyCaller, permit_model
 from api.deps import Config, Jobs, Models
 from api.problems import BODY_ERRORS, Problem, documented
 from api.service import JobService
@@ -50,9 +50,9 @@ def build(
 
     # Under /models/{slug}, an unknown slug is a 404 on every route.
     url_errors = ("unknown-model",) if "{slug}" in prefix else ()
-    run_errors = (*BODY_ERRORS, *url_errors, "unauthorized", "limit-exceeded", "unsupported-input", "no-worker",
-                  "broker-unavailable", "redis-unavailable", "forecast-failed", "job-cancelled", "forecast-timeout",
-                  "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
+    run_errors = (*BODY_ERRORS, *url_errors, "unauthorized", "missing-scope", "model-not-allowed", "limit-exceeded",
+                  "unsupported-input", "no-worker", "broker-unavailable", "redis-unavailable", "forecast-failed",
+                  "job-cancelled", "forecast-timeout", "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
 
     @router.get("/health", response_model=compat.HealthResponse, responses=documented(*url_errors))
     async def health(spec: Model, models: Models) -> compat.HealthResponse:
@@ -65,7 +65,7 @@ def build(
     @router.post(
         "/forecast/v1/chronos/initialization",
         response_model=compat.InitializationResponse,
-        responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "other-model", "no-worker"),
+        responses=documented(*BODY_ERRORS, *url_errors, "unauthorized", "missing-scope", "other-model", "no-worker"),
         openapi_extra=bodies.documented_body(compat.InitializationRequest, required=False),
     )
     async def initialization(
@@ -89,7 +89,7 @@ def build(
     @router.get(
         "/forecast/v1/chronos/status",
         response_model=compat.StatusResponse,
-        responses=documented(*url_errors, "unauthorized"),
+        responses=documented(*url_errors, "unauthorized", "missing-scope"),
     )
     async def chronos_status(spec: Model, models: Models, _: LegacyCaller) -> compat.StatusResponse:
         """ready while a worker serves the model; uninitialized while none does."""
@@ -106,6 +106,7 @@ def build(
         request: Request, spec: Model, jobs: Jobs, owner: LegacyCaller, response: Response
     ) -> compat.InferenceResponse:
         """One forecast: median, mean, deciles, and sample paths (T5; empty for Bolt)."""
+        permit_model(request, spec.id)
         body = await bodies.model_body(request, jobs.settings, compat.InferenceRequest)
         record = await _run(jobs, compat.inference_request(spec, body), owner, response)
         return compat.inference_response(record, body)
@@ -131,6 +132,7 @@ def build(
             spec = jobs.fleet.model(body.model)
         else:
             raise Problem(422, "validation-error", "model: required on this route", field="model")
+        permit_model(request, spec.id)
         window = body.recent_data[-body.context_period_size :] if body.context_period_size else body.recent_data
         if all(x is None or math.isnan(x) for x in window):  # a valid body whose window holds nothing to forecast
             raise Problem(

@@ -44,7 +44,7 @@ async def submit_finetune(
     only. The series may also come as an Arrow stream or Parquet file in long format, with `model`
     and the parameters in the query string. `X-Workers-Online` counts the model's inference workers."""
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
-    job = await bodies.forecast(request, jobs.settings, FinetuneParameters)
+    job = await bodies.forecast(request, jobs.settings, schema=FinetuneParameters)
     record, replayed = await jobs.submit_finetune(job, owner, idempotency_key, admitted=True)
     await accepted(response, models, record, replayed)
     return await answer(jobs, record, request, response)

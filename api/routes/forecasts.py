@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 
 from shared.schemas import ForecastRequest, JobView
-from shared.store import JobStatus, Lane
+from shared.store import Lane
 
-from api import bodies
-from api.answers import accepted, add_job_routes, answer, location, preferred_wait
+from api import answers, bodies
+from api.answers import accepted, add_job_routes, answer, preferred_wait
 from api.auth import Caller
 from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
@@ -87,11 +87,4 @@ async def predict(
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
-    wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
-    await jobs.admission.admit(owner)  # before any of the body is read
-    job = await bodies.forecast(request, config)
-    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
-    if record.status is not JobStatus.SUCCEEDED:
-        response.status_code = status.HTTP_202_ACCEPTED
-        location(response, record)
-    return await answer(jobs, record, request, response)
+    return await answers.predict(request, response, jobs, config, owner, timeout, idempotency_key)

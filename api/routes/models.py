@@ -14,7 +14,11 @@ from api.problems import Problem, documented
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)])
 
 
-@router.get("/models", response_model=list[ModelView], responses=documented("unauthorized", "redis-unavailable"))
+@router.get(
+    "/models",
+    response_model=list[ModelView],
+    responses=documented("unauthorized", "missing-scope", "redis-unavailable"),
+)
 async def list_models(models: Models, owner: Caller) -> list[ModelView]:
     """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind; then
     the caller's fine-tuned models (`base_model`, `finetune`), served by their base model's workers."""
@@ -24,7 +28,7 @@ async def list_models(models: Models, owner: Caller) -> list[ModelView]:
 @router.get(
     "/models/{model_id:path}",
     response_model=ModelView,
-    responses=documented("unauthorized", "unknown-model", "redis-unavailable"),
+    responses=documented("unauthorized", "missing-scope", "unknown-model", "redis-unavailable"),
 )
 async def get_model(model_id: str, models: Models, owner: Caller) -> ModelView:
     """One model, by id (`amazon/chronos-bolt-tiny`) or slug (`chronos-bolt-tiny`), or one of the
