@@ -5,7 +5,9 @@
 
 Environment: CHRONOS_MODELS (comma-separated ids or slugs, or `all`: a worker for every catalog
 model; the evaluation strategies use chronos-t5-tiny, chronos-t5-mini, chronos-t5-base and
-chronos-bolt-mini), API_PORT (8000), FLOWER_PORT (5555),
+chronos-bolt-mini), CHRONOS_TRAIN_MODELS (comma-separated: a training worker for each, which runs
+its fine-tuning jobs; default none; amazon/chronos-2 can be fine-tuned), MODEL_STORE
+(.cache/finetuned: where fine-tuned models are kept), API_PORT (8000), FLOWER_PORT (5555),
 REDIS_PORT (6379, for the Redis it starts), WORKER_METRICS_PORT (9101: the first worker's
 Prometheus port, the next ones count up; 0 for none), REDIS_URL (use that Redis, start none),
 WEIGHTS (any: real from the Hugging Face cache when present, else synthetic),
@@ -28,9 +30,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
-from shared import catalog
+from shared import catalog, families
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
@@ -42,8 +45,8 @@ WORKER_ENTRY = "python -m workers"
 FLOWER_ENTRY = "celery -A cli.flower flower"
 
 
-def models_from_env() -> list[catalog.ModelSpec]:
-    wanted = os.environ.get("CHRONOS_MODELS", DEFAULT_MODELS)
+def models_from_env(variable: str = "CHRONOS_MODELS", default: str = DEFAULT_MODELS) -> list[catalog.ModelSpec]:
+    wanted = os.environ.get(variable, default)
     if wanted.strip().lower() == "all":
         return list(catalog.CATALOG)
     names = [n.strip() for n in wanted.split(",") if n.strip()]
@@ -52,16 +55,31 @@ def models_from_env() -> list[catalog.ModelSpec]:
         spec = catalog.find(name)
         if spec is None:
             known = ", ".join(m.id for m in catalog.CATALOG)
-            sys.exit(f"CHRONOS_MODELS: {name!r} is not a catalog model; choose from {known}")
+            sys.exit(f"{variable}: {name!r} is not a catalog model; choose from {known}")
         specs.append(spec)
     return specs
 
 
+def trained_from_env() -> list[catalog.ModelSpec]:
+    """The models CHRONOS_TRAIN_MODELS names: a training worker each (none by default)."""
+    specs = models_from_env("CHRONOS_TRAIN_MODELS", "")
+    for spec in specs:
+        if not families.of(spec).fine_tunable:
+            sys.exit(f"CHRONOS_TRAIN_MODELS: {spec.id} cannot be fine-tuned; amazon/chronos-2 can")
+    return specs
+
+
 def procfile(
-    specs: list[catalog.ModelSpec], api_port: int, flower_port: int, redis_port: int | None, metrics_base: int
+    specs: list[catalog.ModelSpec],
+    api_port: int,
+    flower_port: int,
+    redis_port: int | None,
+    metrics_base: int,
+    trained: Sequence[catalog.ModelSpec] = (),
 ) -> str:
-    """One line per process: Redis (unless external), the API, a worker per model, Flower, the announcer.
-    Each runs under `cli.supervise`, which starts it again if it dies (honcho alone stops them all)."""
+    """One line per process: Redis (unless external), the API, a worker per model, a training worker
+    per `trained` model, Flower, the announcer. Each runs under `cli.supervise`, which starts it
+    again if it dies (honcho alone stops them all)."""
     commands = {}
     if redis_port is not None:
         data = RUN_DIR / "redis"
@@ -73,6 +91,8 @@ def procfile(
     for i, spec in enumerate(specs):
         metrics = f" METRICS_PORT={metrics_base + i}" if metrics_base else ""
         commands[f"worker-{spec.slug}"] = f"env CHRONOS_MODEL={spec.id}{metrics} {WORKER_ENTRY}"
+    for spec in trained:
+        commands[f"trainer-{spec.slug}"] = f"env CHRONOS_MODEL={spec.id} {WORKER_ENTRY} --train"
     commands["flower"] = f"{FLOWER_ENTRY} --address=127.0.0.1 --port={flower_port}"
     lines = [f"{name}: python -m cli.supervise {name} -- {command}" for name, command in commands.items()]
     lines.append("ready: python -m cli.stack announce")
@@ -80,7 +100,7 @@ def procfile(
 
 
 def run() -> None:
-    specs = models_from_env()
+    specs, trained = models_from_env(), trained_from_env()
     api_port = int(os.environ.get("API_PORT", 8000))
     flower_port = int(os.environ.get("FLOWER_PORT", 5555))
     metrics_base = int(os.environ.get("WORKER_METRICS_PORT", 9101))
@@ -103,7 +123,7 @@ def run() -> None:
     if not any(env.get(name) for name in ("API_KEYS", "API_KEYS_FILE", "AUTH_DISABLED")):
         env["API_KEYS"] = _dev_key()
     path = RUN_DIR / "Procfile"
-    path.write_text(procfile(specs, api_port, flower_port, redis_port, metrics_base))
+    path.write_text(procfile(specs, api_port, flower_port, redis_port, metrics_base, trained))
     env.update(
         API_PORT=str(api_port),
         FLOWER_PORT=str(flower_port),
@@ -111,6 +131,7 @@ def run() -> None:
         CHRONOS_MODELS=",".join(s.id for s in specs),
         WEIGHTS=env.get("WEIGHTS", "any"),
         SYNTHETIC_DIR=env.get("SYNTHETIC_DIR", str(ROOT / ".cache" / "synthetic")),
+        MODEL_STORE=env.get("MODEL_STORE", str(ROOT / ".cache" / "finetuned")),
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
         # The venv's python, uvicorn and celery come first, as in the images.

@@ -131,7 +131,8 @@ class Worker:
 def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, logdir: Path, **env) -> Worker:
     spec = catalog.get(model)
     client = redis_server.client()
-    before = set(client.hkeys(keys.workers(spec)))
+    registry = keys.workers(spec, train=env.get("TRAIN") == "true")  # a training worker has its own list
+    before = set(client.hkeys(registry))
     log = logdir / f"worker-{spec.slug}-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers"],
@@ -152,7 +153,7 @@ def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, log
     )
     worker = Worker(model, proc, log, int(env.get("METRICS_PORT", 0)))
     deadline = time.monotonic() + 120
-    while not (set(client.hkeys(keys.workers(spec))) - before):
+    while not (set(client.hkeys(registry)) - before):
         if proc.poll() is not None or time.monotonic() > deadline:
             worker.stop()
             pytest.fail(f"worker for {model} did not come up:\n{worker.tail()}")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cli import stack
-from shared import catalog
+from shared import catalog, families
 
 from conftest import ROOT
 
@@ -64,6 +64,22 @@ def test_plain_up_starts_the_default_set_and_profiles_start_the_rest(compose):
     assert default == {"redis", "api", "flower"} | default_workers
     all_profile = {name for name, s in workers_of(compose).items() if "all" in s.get("profiles", [])}
     assert all_profile | default_workers == {f"worker-{m.slug}" for m in SERVED}
+
+
+def test_training_workers_run_the_tunable_models_and_share_the_model_store(compose):
+    trainers = {name: s for name, s in compose["services"].items() if name.startswith("trainer-")}
+    assert trainers, "no training worker service"
+    for name, service in trainers.items():
+        spec = catalog.get(env_of(service)["CHRONOS_MODEL"])
+        assert name == f"trainer-{spec.slug}" and families.of(spec).fine_tunable
+        assert service["command"] == ["python", "-m", "workers", "--train"] and service["profiles"] == ["train"]
+        assert " ".join(service["command"]) in stack.procfile([], 8000, 5555, None, 0, [spec])
+        serving = compose["services"][f"worker-{spec.slug}"]
+        # The trainer writes, the base model's workers load, the API deletes: one volume, one path.
+        for other in (serving, compose["services"]["api"]):
+            assert "model-store:/models" in other["volumes"] and env_of(other)["MODEL_STORE"] == "/models"
+        assert "model-store:/models" in service["volumes"] and env_of(service)["MODEL_STORE"] == "/models"
+    assert "model-store" in compose["volumes"]
 
 
 def test_gpu_worker_reserves_a_gpu_and_runs_on_cuda(compose):
