@@ -58,9 +58,10 @@ class Stack:
 
     def __init__(
         self, models: list[str], worker_env: dict[str, str] | None = None, workers_per_model: int = 1, aof: bool = False,
-        api_env: dict[str, str] | None = None,
+        api_env: dict[str, str] | None = None, trainers: list[str] = (),  # type: ignore[assignment]
     ):  # fmt: skip
         self.specs = [catalog.get(m) for m in models]
+        self.trained = [catalog.get(m) for m in trainers]
         self.worker_env, self.api_env = worker_env or {}, api_env or {}
         self.workers_per_model, self.aof = workers_per_model, aof
         self.procs: dict[str, subprocess.Popen] = {}
@@ -80,15 +81,20 @@ class Stack:
         self.env = {"REDIS_URL": self.redis_url, "WEIGHTS": "synthetic", "SYNTHETIC_DIR": str(SYNTHETIC),
                     "HEARTBEAT_S": "1", "AUTH_DISABLED": "true", "RATE_LIMIT_PER_S": "0",
                     # Benchmarks measure the model path: repeated bodies must not be answered from the cache.
-                    "CACHE_TTL_S": "0"}  # fmt: skip
+                    "CACHE_TTL_S": "0", "MODEL_STORE": str(tmp / "models")}  # fmt: skip
         self.metrics_ports: dict[str, tuple[str, int]] = {}  # worker name -> (model, metrics port)
         for spec in self.specs:
             for i in range(self.workers_per_model):
                 self.start_worker(spec.id, f"worker-{spec.slug}" + (f"-{i}" if i else ""))
+        for spec in self.trained:
+            env = {**self.env, "CHRONOS_MODEL": spec.id, **self.worker_env}
+            self._spawn([sys.executable, "-m", "workers", "--train"], env, f"trainer-{spec.slug}")
         api = ["api", "--port", str(api_port), "--log-level", "warning"]
         self._spawn([sys.executable, "-m", *api], {**self.env, **self.api_env}, "api")
         for spec in self.specs:
             wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec)) > 0, f"the {spec.slug} worker")
+        for spec in self.trained:
+            wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec, train=True)) > 0, f"the {spec.slug} trainer")
         self.base = f"http://127.0.0.1:{api_port}"
         wait_until(lambda: _ok(f"{self.base}/readyz"), "the API")
         return self

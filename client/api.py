@@ -252,8 +252,22 @@ class Client(_Base):
         call = _series_call("/v1/anomalies", model, series, {"level": level, **parameters})
         return JobView.model_validate(self._send(call).json())
 
+    def submit_finetune(
+        self, model: str, series: Sequence[Series], prediction_length: int, *, num_steps: int = 100, **parameters
+    ) -> JobView:
+        """Queue a fine-tuning job of `model` (amazon/chronos-2) on these series. `parameters`:
+        context_length, finetune_mode ("lora" or "full"), learning_rate, batch_size, validation.
+        `wait(job.id).finetuned_model` names the new model, which `submit`, `predict` and
+        `submit_backtest` then take as `model` (for this API key only)."""
+        params = {"prediction_length": prediction_length, "num_steps": num_steps, **parameters}
+        return JobView.model_validate(self._send(_series_call("/v1/finetunes", model, series, params)).json())
+
+    def delete_model(self, model: str) -> None:
+        """Delete one of this key's fine-tuned models."""
+        self._send(_Call("DELETE", f"/v1/models/{model}"))
+
     def get(self, job_id: str) -> JobView:
-        """Any job (forecast, backtest or anomaly job) as it stands, with its `progress`."""
+        """Any job (forecast, backtest, anomaly or fine-tuning job) as it stands, with its `progress`."""
         return JobView.model_validate(self._send(_Call("GET", f"/v1/forecasts/{job_id}")).json())
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobView:
@@ -349,6 +363,15 @@ class AsyncClient(_Base):
     ) -> JobView:
         call = _series_call("/v1/anomalies", model, series, {"level": level, **parameters})
         return JobView.model_validate((await self._send(call)).json())
+
+    async def submit_finetune(
+        self, model: str, series: Sequence[Series], prediction_length: int, *, num_steps: int = 100, **parameters
+    ) -> JobView:
+        params = {"prediction_length": prediction_length, "num_steps": num_steps, **parameters}
+        return JobView.model_validate((await self._send(_series_call("/v1/finetunes", model, series, params))).json())
+
+    async def delete_model(self, model: str) -> None:
+        await self._send(_Call("DELETE", f"/v1/models/{model}"))
 
     async def get(self, job_id: str) -> JobView:
         return JobView.model_validate((await self._send(_Call("GET", f"/v1/forecasts/{job_id}"))).json())
