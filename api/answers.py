@@ -5,10 +5,12 @@ synchronous predict that `/v1/predict` and the design's `/predict` routes share.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from shared.schemas import JobView
 from shared.settings import Settings
@@ -16,8 +18,8 @@ from shared.store import JobKind, JobRecord, JobStatus, Lane
 
 from api import bodies, render
 from api.auth import Caller, is_admin
-from api.deps import Config, Jobs, Models
-from api.problems import Problem, documented
+from api.deps import Config, IdempotencyKey, Jobs, Models
+from api.problems import SUBMIT_ERRORS, Problem, documented
 from api.service import JobService
 
 # Answers with more series than this are streamed, rendered piece by piece off the event loop.
@@ -151,6 +153,45 @@ async def predict(
         response.status_code = status.HTTP_202_ACCEPTED
         location(response, record)
     return await answer(jobs, record, request, response)
+
+
+def add_series_job_route(
+    router: APIRouter,
+    collection: str,
+    body: type[BaseModel],
+    parameters: type[BaseModel],
+    submit_job: Callable[..., Awaitable[tuple[JobRecord, bool]]],
+    description: str,
+) -> None:
+    """`POST /{collection}`: a job whose body is series and `parameters` (as a forecast's, by the
+    `parameters` model: an anomaly job, a fine-tuning job), submitted by the `JobService` method
+    `submit_job`. The key is checked and its rate token taken before any of the body is read."""
+
+    async def submit(
+        request: Request,
+        response: Response,
+        jobs: Jobs,
+        models: Models,
+        owner: Caller,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        await jobs.admission.admit(owner)
+        job = await bodies.forecast(request, jobs.settings, schema=parameters)
+        record, replayed = await submit_job(jobs, job, owner, idempotency_key, admitted=True)
+        await accepted(response, models, record, replayed)
+        return await answer(jobs, record, request, response)
+
+    router.add_api_route(
+        f"/{collection}",
+        submit,
+        methods=["POST"],
+        name=f"submit_{collection}",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=JobView,
+        responses=documented(*SUBMIT_ERRORS),
+        openapi_extra=bodies.documented_body(body, columnar=True),
+        description=description,
+    )
 
 
 def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:

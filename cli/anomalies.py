@@ -4,30 +4,17 @@ and the flagged points marked. Reads the files `chronos-queue forecast` reads (c
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
-from cli.forecast import Series
+from cli.forecast import Series, figure, follow, save
 from client import Client
 
 
 def run(client: Client, series: list[Series], model: str, *, progress: bool, **parameters):
     """Submit the series as one anomaly job and follow it with a progress bar of the forecasts
     done; returns the finished job."""
-    from tqdm import tqdm
-
     job = client.submit_anomalies(model, [{"target": s.values, "item_id": s.item_id} for s in series], **parameters)
-    total = job.progress.total if job.progress else None
-    with tqdm(total=total, unit="forecast", disable=not progress, file=sys.stderr) as bar:
-        while job.status.value in ("queued", "running"):
-            time.sleep(0.5)
-            job = client.get(job.id)
-            if job.progress:
-                bar.update(job.progress.done - bar.n)
-    if job.status.value != "succeeded" or job.anomalies is None:
-        raise RuntimeError(f"anomaly job {job.id} {job.status.value}: {job.error or ''}".strip())
-    return job
+    return follow(client, job, "forecast", progress)
 
 
 def rows(series: list[Series], anomalies: list[dict]) -> list[dict]:
@@ -48,16 +35,9 @@ def rows(series: list[Series], anomalies: list[dict]) -> list[dict]:
 def plot(series: list[Series], anomalies: list[dict], path: Path, title: str, max_series: int = 12) -> int:
     """Each series (up to `max_series`) with the interval and median over its scored points and its
     flagged points marked in red; returns how many were drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = list(zip(series, anomalies, strict=True))[:max_series]
-    cols = min(2, len(shown))
-    rows_n = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(7 * cols, 3 * rows_n), squeeze=False)
-    for ax, (s, found) in zip(axes.flat, shown, strict=False):
+    fig, axes = figure(len(shown), columns=2, width=7)
+    for ax, (s, found) in zip(axes, shown, strict=False):
         values = [float("nan") if v is None else v for v in s.values]
         ax.plot(range(len(values)), values, color="black", lw=1, label="series")
         scored = range(found["start"], found["start"] + len(found["score"]))
@@ -66,11 +46,5 @@ def plot(series: list[Series], anomalies: list[dict], path: Path, title: str, ma
         flagged = [t for t, flag in zip(scored, found["anomaly"], strict=True) if flag]
         ax.scatter(flagged, [values[t] for t in flagged], color="red", s=18, zorder=3, label="anomaly")
         ax.set_title(f"{s.item_id}: {len(flagged)} of {len(scored)} points flagged", fontsize=9)
-    for ax in list(axes.flat)[len(shown) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, axes, len(shown), title, path)
     return len(shown)

@@ -134,21 +134,27 @@ def backtest(
     client: Client, series: Series, model: str, first: int, last: int, horizon: int, *, progress: bool, **options
 ):
     """Run one backtest job, with a progress bar of the origins done; returns the finished job."""
+    job = client.submit_backtest(model, {"item_id": series.item_id, "target": series.values}, first, last, horizon,
+                                 **options)  # fmt: skip
+    return follow(client, job, "origin", progress)
+
+
+def follow(client: Client, job, unit: str, progress: bool):
+    """Poll a job to its end with a progress bar (`unit`s done of its total); the succeeded job,
+    else RuntimeError naming how it ended."""
     import time
 
     from tqdm import tqdm
 
-    job = client.submit_backtest(model, {"item_id": series.item_id, "target": series.values}, first, last, horizon,
-                                 **options)  # fmt: skip
     total = job.progress.total if job.progress else None
-    with tqdm(total=total, unit="origin", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=total, unit=unit, disable=not progress, file=sys.stderr) as bar:
         while job.status.value in ("queued", "running"):
             time.sleep(0.5)
             job = client.get(job.id)
             if job.progress:
                 bar.update(job.progress.done - bar.n)
     if job.status.value != "succeeded":
-        raise RuntimeError(f"backtest {job.id} {job.status.value}: {job.error or ''}".strip())
+        raise RuntimeError(f"{job.kind.value} job {job.id} {job.status.value}: {job.error or ''}".strip())
     return job
 
 
@@ -210,16 +216,9 @@ def plot(
     series: list[Series], predictions: list[dict], horizon: int, path: Path, title: str, max_series: int = 12
 ) -> int:
     """History, median and the 10-90% band of up to `max_series` series; returns how many were drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = list(zip(series, predictions, strict=True))[:max_series]
-    cols = min(3, len(shown))
-    rows_n = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3 * rows_n), squeeze=False)
-    for ax, (s, forecast) in zip(axes.flat, shown, strict=False):
+    fig, axes = figure(len(shown), columns=3, width=5)
+    for ax, (s, forecast) in zip(axes, shown, strict=False):
         history = s.values[-max(4 * horizon, 64) :]
         t0 = len(history)
         ax.plot(range(t0), [float("nan") if v is None else v for v in history], color="black", lw=1, label="history")
@@ -227,11 +226,31 @@ def plot(
         ax.fill_between(steps, forecast["0.1"], forecast["0.9"], alpha=0.3, color="tab:blue", label="10-90%")
         ax.plot(steps, forecast["0.5"], color="tab:blue", lw=1.5, label="median")
         ax.set_title(s.item_id, fontsize=9)
-    for ax in list(axes.flat)[len(shown) :]:
+    save(fig, axes, len(shown), title, path)
+    return len(shown)
+
+
+def figure(n: int, columns: int, width: float):
+    """A figure of `n` panels in rows of `columns` (each `width` x 3 inches), and its axes in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3 * rows), squeeze=False)
+    return fig, list(axes.flat)
+
+
+def save(fig, axes: list, used: int, title: str, path: Path) -> None:
+    """Blank the unused panels, add the legend and title, write the PNG."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes[used:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8, loc="upper left")
+    axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return len(shown)

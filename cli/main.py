@@ -133,14 +133,13 @@ def _forecast(args: argparse.Namespace) -> int:
 
     try:
         quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
-        if args.plot:
-            quantiles = sorted({*quantiles, *forecast.PLOT_QUANTILES})
-        series = forecast.read(args.input, args.id_column, args.time_column, args.value_column)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"error: --quantiles: {exc}", file=sys.stderr)
         return 2
+    if args.plot:
+        quantiles = sorted({*quantiles, *forecast.PLOT_QUANTILES})
+    series = _series(args)
     if not series:
-        print(f"error: no series in {args.input}", file=sys.stderr)
         return 2
     try:
         with Client(args.url, api_key=args.api_key) as client:
@@ -199,13 +198,8 @@ def _anomalies(args: argparse.Namespace) -> int:
     from cli import anomalies, forecast
     from client import ChronosQueueError, Client
 
-    try:
-        series = forecast.read(args.input, args.id_column, args.time_column, args.value_column)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
-        return 2
+    series = _series(args)
     if not series:
-        print(f"error: no series in {args.input}", file=sys.stderr)
         return 2
     try:
         with Client(args.url, api_key=args.api_key) as client:
@@ -227,6 +221,20 @@ def _anomalies(args: argparse.Namespace) -> int:
         drawn = anomalies.plot(series, job.anomalies, args.plot, title)
         print(f"plot of {drawn} of {len(series)} series: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _series(args: argparse.Namespace) -> list:
+    """The series of the input file; none (said why on stderr) when it cannot be read or holds none."""
+    from cli import forecast
+
+    try:
+        series = forecast.read(args.input, args.id_column, args.time_column, args.value_column)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+        return []
+    if not series:
+        print(f"error: no series in {args.input}", file=sys.stderr)
+    return series
 
 
 def _failed(exc: Exception) -> int:

@@ -250,7 +250,7 @@ class AnomalyParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     level: float = Field(
-        0.8, gt=0, lt=1,
+        0.8, ge=0.01, le=0.998,
         description="Width of the central interval, e.g. 0.99 for quantiles 0.005 and 0.995. Bolt models "
         "output quantiles 0.1-0.9 (level at most 0.8), Chronos-2 0.01-0.99 (at most 0.98); T5 models "
         "take any level (quantiles of `num_samples` sample paths: tails need more samples).",
