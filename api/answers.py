@@ -46,12 +46,18 @@ def location(response: Response, record: JobRecord) -> None:
     response.headers["Location"] = f"/v1/{base}/{record.id}"
 
 
+def served_by(response: Response, record: JobRecord) -> None:
+    """`Served-By`: the model that runs the job, which a fallback or an A/B split may have changed."""
+    response.headers["Served-By"] = record.model
+
+
 async def accepted(response: Response, models: Models, record: JobRecord, replayed: bool) -> None:
     """202 with the job's Location; `Idempotent-Replayed` for an earlier job; `X-Workers-Online: N`
     (0 says the job waits until a worker of its model starts)."""
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     location(response, record)
+    served_by(response, record)
     response.status_code = status.HTTP_202_ACCEPTED
     response.headers["X-Workers-Online"] = str(await models.workers_online(record.model))
 

@@ -8,15 +8,17 @@ import asyncio
 from shared import catalog, families
 from shared.schemas import ModelView, WorkerView
 from shared.settings import Settings
-from shared.store import AsyncJobStore, keys
+from shared.store import AsyncJobStore, CircuitState, keys
 
+from api import breaker
 from api.problems import Problem
 
 
 class Fleet:
     def __init__(self, settings: Settings, store: AsyncJobStore):
         self.settings, self.store = settings, store
-        self._heartbeats: dict[str, tuple[list[dict], float]] = {}  # model id -> (live workers, good until)
+        # model id -> (live workers, circuit, good until)
+        self._health: dict[str, tuple[list[dict], CircuitState, float]] = {}
 
     def model(self, name: str) -> catalog.ModelSpec:
         spec = catalog.find(name)
@@ -47,20 +49,26 @@ class Fleet:
                     workers_online=len(workers),
                     weights=kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None),
                     workers=sorted(workers, key=lambda w: w.name),
+                    circuit=breaker.state(state.circuit, self.settings.breaker_cooloff_s),
                 )
             )
         return views
 
-    async def live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
-        """The heartbeats of the model's live workers, read from Redis at most once a second per model:
-        every accepted job (cache, `X-Workers-Online`) and every sync call asks."""
+    async def health(self, spec: catalog.ModelSpec) -> tuple[list[dict], CircuitState]:
+        """The heartbeats of the model's live workers and its circuit (api/breaker.py), read from Redis
+        together at most once a second per model: every accepted job (cache, `X-Workers-Online`) and
+        every sync call asks."""
         loop = asyncio.get_running_loop()
-        known = self._heartbeats.get(spec.id)
-        if known is not None and known[1] > loop.time():
-            return known[0]
-        live = list((await self.store.live_workers(spec)).values())
-        self._heartbeats[spec.id] = (live, loop.time() + min(1.0, self.settings.heartbeat_s))
-        return live
+        known = self._health.get(spec.id)
+        if known is not None and known[2] > loop.time():
+            return known[0], known[1]
+        live, circuit = await self.store.health(spec)
+        self._health[spec.id] = (live, circuit, loop.time() + min(1.0, self.settings.heartbeat_s))
+        return live, circuit
+
+    async def live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
+        """The heartbeats of the model's live workers (see `health`)."""
+        return (await self.health(spec))[0]
 
     async def revision(self, spec: catalog.ModelSpec) -> str | None:
         """The weights revision every live worker of `spec` serves (None when none or several)."""
@@ -79,12 +87,7 @@ class Fleet:
             if await self.live_workers(spec):
                 return
             if loop.time() >= deadline:
-                raise Problem(
-                    503,
-                    "no-worker",
-                    f"no worker is serving {spec.id} right now; POST /v1/forecasts queues the job until one starts",
-                    headers={"Retry-After": "5"},
-                )
+                raise no_worker(spec)
             await asyncio.sleep(0.5)
 
     def check_sync(self, spec: catalog.ModelSpec) -> None:
@@ -96,3 +99,14 @@ class Fleet:
                 field="model",
                 async_endpoint="/v1/forecasts",
             )
+
+
+def no_worker(spec: catalog.ModelSpec, revision: str | None = None) -> Problem:
+    """503 `no-worker`: no live worker serves the model (at that weights revision, when pinned)."""
+    at = f" at weights revision {revision}" if revision else ""
+    return Problem(
+        503,
+        "no-worker",
+        f"no worker is serving {spec.id}{at} right now; POST /v1/forecasts queues the job until one starts",
+        headers={"Retry-After": "5"},
+    )

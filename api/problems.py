@@ -232,6 +232,12 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts",
         {},
     ),
+    "model-unavailable": (
+        503,
+        "too many of amazon/chronos-bolt-tiny's recent jobs failed; its circuit is open, calls are refused for up "
+        "to 30s (POST /v1/forecasts still queues jobs)",
+        {},
+    ),
     "broker-unavailable": (503, "could not enqueue the job; retry", {}),
     "redis-unavailable": (503, "the job store (Redis) is not reachable; retry", {}),
     "forecast-timeout": (

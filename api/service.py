@@ -20,7 +20,7 @@ from shared.schemas import BacktestRequest, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
-from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane
+from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, keys
 
 from api import callbacks, limits, render
 from api.admission import Admission
@@ -29,6 +29,7 @@ from api.events import JobEvents
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
+from api.routing import Router
 from api.sender import SHARED_MAX_SERIES, Sender
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class JobService:
         self.settings, self.store, self.celery = settings, store, celery
         self.events, self.metrics = events, metrics
         self.fleet = Fleet(settings, store)
+        self.router = Router(settings, self.fleet, store, metrics)
         self.admission = Admission(settings, store)
         self.sender = Sender(celery, settings.send_window_ms / 1000, settings.send_max_jobs)
 
@@ -68,17 +70,14 @@ class JobService:
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         """
-        spec = self.fleet.model(job.model)
-        limits.check(job.series, job.parameters, spec, self.settings)
-        if lane is Lane.SYNC:
-            self.fleet.check_sync(spec)
-        if waited or lane is Lane.SYNC:
-            await self.fleet.serving(spec)
+        spec = await self.router.choose(job, lane, waited)  # the model asked for, or a fallback or A/B arm
         callbacks.check_url(job.callback_url, self.settings)
         request = {"parameters": job.parameters.model_dump(mode="json")}
+        requested = self.fleet.model(job.model).id
         return await self._enqueue(
             spec, lane, owner, idempotency_key, request, job.series, job.nested,
             job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted, job_id=job_id,
+            requested=requested if requested != spec.id else None,
         )  # fmt: skip
 
     async def submit_backtest(
@@ -111,6 +110,7 @@ class JobService:
         n_series: int | None = None,
         admitted: bool = False,
         job_id: str | None = None,
+        requested: str | None = None,
     ) -> tuple[JobRecord, bool]:
         if not admitted:
             await self.admission.admit(owner)
@@ -120,7 +120,7 @@ class JobService:
         record = JobRecord(
             id=job_id or uuid.uuid4().hex, model=spec.id, status=JobStatus.QUEUED, lane=lane,
             n_series=len(series) if n_series is None else n_series, prediction_length=prediction_length,
-            created_at=now, owner=owner, kind=kind, request=request,
+            created_at=now, owner=owner, requested=requested, kind=kind, request=request,
             # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
             # another one sent the same series.
             identity=identity if self.settings.cache_scope == "global" else f"{owner}:{identity}",
@@ -167,7 +167,8 @@ class JobService:
 
         try:
             small = kind is JobKind.FORECAST and record.n_series <= SHARED_MAX_SERIES
-            await self.sender.send(spec, lane, record.id, small)
+            pinned = request.get("parameters", {}).get("weights_revision")
+            await self.sender.send(spec, lane, record.id, small, keys.revision_queue(spec, pinned) if pinned else None)
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", record.id, exc)
             error = f"could not be enqueued ({type(exc).__name__}); its request was answered 503"

@@ -100,6 +100,22 @@ class ForecastParameters(BaseModel):
     return_samples: bool = Field(
         False, description="Also return the sample paths as `samples` (T5 models only: Bolt outputs quantiles)."
     )
+    allow_fallback: bool = Field(
+        False,
+        description="An async job may be sent down the model's fallback chain (FALLBACKS) when the model has no live "
+        "worker or its circuit is open; sync calls always are.",
+    )
+    weights_revision: str | None = Field(
+        None, max_length=128,
+        description="Only a worker serving this weights revision (GET /v1/models/{id}/versions) runs the job; 503 "
+        "`no-worker` when none is live.",
+    )  # fmt: skip
+    ensemble_members: bool = Field(
+        False, description="Ensembles only: also return each member model's own forecast, as `members`."
+    )
+    ensemble_partial: bool = Field(
+        False, description="Ensembles only: a failed member is left out of the combination instead of failing it."
+    )
 
     def sampling(self) -> dict[str, float | int]:
         """The sampling options that were set (they apply to sample-based models only)."""
@@ -216,7 +232,8 @@ class JobView(BaseModel):
             "examples": [
                 {
                     "id": "5d0c7a0e6b6f4f0f9a1f3c2b8e7d6a51", "status": "succeeded",
-                    "model": "amazon/chronos-bolt-tiny", "lane": "sync", "n_series": 1, "prediction_length": 3,
+                    "model": "amazon/chronos-bolt-tiny", "served_by": "amazon/chronos-bolt-tiny", "lane": "sync",
+                    "n_series": 1, "prediction_length": 3,
                     "created_at": 1763900000.012, "started_at": 1763900000.018, "finished_at": 1763900000.034,
                     "attempts": 1, "weights": "real", "error": None, "cancel_requested": False,
                     "timings": {"queued_s": 0.006, "inference_s": 0.015, "total_s": 0.022},
@@ -230,7 +247,10 @@ class JobView(BaseModel):
     id: str
     kind: JobKind = JobKind.FORECAST
     status: JobStatus
-    model: str
+    model: str = Field(description="The model asked for.")
+    served_by: str = Field(
+        description="The model that ran the job: `model`, or another one (a fallback, an A/B candidate)."
+    )
     lane: Lane
     n_series: int
     prediction_length: int
@@ -260,7 +280,8 @@ class JobView(BaseModel):
             id=record.id,
             kind=record.kind,
             status=record.status,
-            model=record.model,
+            model=record.requested or record.model,
+            served_by=record.model,
             lane=record.lane,
             n_series=record.n_series,
             prediction_length=record.prediction_length,
@@ -315,3 +336,6 @@ class ModelView(BaseModel):
     workers_online: int
     weights: str | None = Field(description="'real', 'synthetic', 'mixed', or null when no worker is online.")
     workers: list[WorkerView]
+    circuit: str = Field(
+        "closed", description="The model's circuit breaker: closed, open (sync calls refused) or half_open (probing)."
+    )

@@ -124,11 +124,19 @@ def _settle(
     return JobStatus.SUCCEEDED
 
 
-def _work(store: JobStore, record: JobRecord, spec: ModelSpec) -> tuple[Work, BacktestRequest | None]:
+class WrongRevision(ValueError):
+    """A job pinned to weights this worker does not serve."""
+
+
+def _work(store: JobStore, record: JobRecord, spec: ModelSpec, revision: str) -> tuple[Work, BacktestRequest | None]:
     """What the batcher runs for a job (and a backtest's request, to score it by)."""
     if record.kind is JobKind.BACKTEST:
         return _backtest_work(store, record.id, spec, record.request, record.lane)
     params = ForecastParameters.model_validate(record.request["parameters"])
+    if params.weights_revision and params.weights_revision != revision:
+        # Pinned jobs travel on their revision's queue, which only its workers consume; a message
+        # that strays (sent again by hand, a worker restarted on other weights) must still not run here.
+        raise WrongRevision(f"the job pins weights revision {params.weights_revision}; this worker serves {revision}")
     key = families.of(spec).group_key(params, record.id)
     # A job that was in the pass of a worker that died may be what killed it: it runs alone from now
     # on, so no other job shares its next passes (and its fate).
@@ -170,7 +178,7 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         metrics.QUEUE_WAIT.labels(spec.id, record.lane.value).observe(max(0.0, time.time() - record.created_at))
         fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
         try:
-            work, backtest_request = _work(store, record, spec)
+            work, backtest_request = _work(store, record, spec, batcher.runtime.weights.revision)
         except Exception as exc:  # a job this worker cannot read fails, not the worker
             claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
         else:

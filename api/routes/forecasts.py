@@ -10,7 +10,7 @@ from shared.schemas import ForecastRequest, JobView
 from shared.store import JobStatus, Lane
 
 from api import bodies
-from api.answers import accepted, add_job_routes, answer, location, preferred_wait
+from api.answers import accepted, add_job_routes, answer, location, preferred_wait, served_by
 from api.auth import Caller
 from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
@@ -70,7 +70,9 @@ add_job_routes(router, "forecasts", "forecast job")
     response_model=JobView,
     responses={
         202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
-        **documented(*SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker"),
+        **documented(
+            *SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker", "model-unavailable"
+        ),
     },
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
@@ -91,6 +93,7 @@ async def predict(
     await jobs.admission.admit(owner)  # before any of the body is read
     job = await bodies.forecast(request, config)
     record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
+    served_by(response, record)
     if record.status is not JobStatus.SUCCEEDED:
         response.status_code = status.HTTP_202_ACCEPTED
         location(response, record)

@@ -94,6 +94,21 @@ def workers(spec: ModelSpec) -> str:
     return f"{PREFIX}:workers:{spec.slug}"
 
 
+def circuit(spec: ModelSpec) -> str:
+    """Hash of a model's circuit breaker while it is not closed (state, opened_at, probes); absent: closed."""
+    return f"{PREFIX}:circuit:{spec.slug}"
+
+
+def outcomes(spec: ModelSpec, bucket: int) -> str:
+    """Hash counting a model's jobs that ended `ok` or `failed` in one time bucket (the breaker's window)."""
+    return f"{PREFIX}:outcomes:{spec.slug}:{bucket}"
+
+
+def revisions(spec: ModelSpec) -> str:
+    """Hash of the weights revisions a model's workers served: '<revision>:first' / '<revision>:last' -> time."""
+    return f"{PREFIX}:revisions:{spec.slug}"
+
+
 def queue(spec: ModelSpec) -> str:
     """The model's bulk queue, named by its slug (also the Redis list Celery keeps it in)."""
     return spec.slug
@@ -109,6 +124,15 @@ def lane_queue(spec: ModelSpec, lane: Lane) -> str:
     return sync_queue(spec) if lane is Lane.SYNC else queue(spec)
 
 
-def worker_queues(spec: ModelSpec) -> tuple[str, str]:
-    """A worker's queues in the order it must poll them: sync lane first."""
-    return (sync_queue(spec), queue(spec))
+def revision_queue(spec: ModelSpec, revision: str) -> str:
+    """The queue of jobs pinned to one weights revision (both lanes): only workers serving it consume it.
+    A hub commit is shortened to 12 hex digits, as git does."""
+    short = revision[: len("hub-") + 12] if revision.startswith("hub-") else revision
+    return f"{spec.slug}.rev-{short}"
+
+
+def worker_queues(spec: ModelSpec, revision: str | None = None) -> tuple[str, ...]:
+    """A worker's queues in the order it must poll them: sync lane first, then the jobs pinned to its revision."""
+    if revision is None:
+        return (sync_queue(spec), queue(spec))
+    return (sync_queue(spec), revision_queue(spec, revision), queue(spec))

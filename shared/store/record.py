@@ -46,13 +46,15 @@ class JobRecord:
     needs besides the series, such as the forecast parameters)."""
 
     id: str
-    model: str
+    model: str  # the model that runs it
     status: JobStatus
     lane: Lane
     n_series: int
     prediction_length: int
     created_at: float
     owner: str = ""
+    # The model asked for, when another one runs the job (a fallback or an A/B candidate: api/routing.py).
+    requested: str | None = None
     kind: JobKind = JobKind.FORECAST
     attempts: int = 0
     request: dict = field(default_factory=dict, repr=False)
