@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 from shared import catalog, families
-from shared.schemas import ModelView, WorkerView
+from shared.schemas import ModelView, VersionView, WorkerView
 from shared.settings import Settings
 from shared.store import AsyncJobStore, CircuitState, keys
 
@@ -53,6 +54,16 @@ class Fleet:
                 )
             )
         return views
+
+    async def versions(self, spec: catalog.ModelSpec) -> list[VersionView]:
+        """The weights revisions the model's workers serve or served, oldest first (one round trip)."""
+        history, live = await self.store.revisions(spec)
+        serving = Counter(info.get("revision") for info in live)
+        return [
+            VersionView(revision=revision, kind=_kind(revision), active=serving[revision] > 0,
+                        workers=serving[revision], first_seen=first, last_seen=last)
+            for revision, (first, last) in sorted(history.items(), key=lambda entry: entry[1])
+        ]  # fmt: skip
 
     async def health(self, spec: catalog.ModelSpec) -> tuple[list[dict], CircuitState]:
         """The heartbeats of the model's live workers and its circuit (api/breaker.py), read from Redis
@@ -110,3 +121,11 @@ def no_worker(spec: catalog.ModelSpec, revision: str | None = None) -> Problem:
         f"no worker is serving {spec.id}{at} right now; POST /v1/forecasts queues the job until one starts",
         headers={"Retry-After": "5"},
     )
+
+
+def _kind(revision: str) -> str:
+    """Where a revision comes from, by the prefix workers/weights.py gives it."""
+    for prefix, kind in (("hub-", "hub"), ("synthetic-seed-", "synthetic"), ("sha256-", "digest")):
+        if revision.startswith(prefix):
+            return kind
+    return "unknown"

@@ -187,6 +187,11 @@ class Router:
         assert refusal is not None
         raise refusal
 
+    async def pinned(self, spec: ModelSpec, revision: str | None) -> None:
+        """503 `no-worker` unless a live worker serves `revision` (when one is pinned)."""
+        if revision and not any(info.get("revision") == revision for info in await self.fleet.live_workers(spec)):
+            raise no_worker(spec, revision)
+
     async def _serves(self, spec: ModelSpec, requested: ModelSpec, job: ForecastJob, lane: Lane, routed: bool) -> None:
         """Return when `spec` can take the job now, else raise why not. A `routed` job needs a live
         worker and a circuit that lets it through; a pinned one, a live worker at its revision."""
@@ -196,9 +201,7 @@ class Router:
             limits.check(job.series, job.parameters, spec, self.settings)
         live, circuit = await self.fleet.health(spec)
         pinned = job.parameters.weights_revision
-        if pinned:
-            live = [info for info in live if info.get("revision") == pinned]
-        if not live:
+        if not any(not pinned or info.get("revision") == pinned for info in live):
             raise no_worker(spec, pinned)
         if routed and not await breaker.passes(self.store, spec, circuit):
             raise breaker.unavailable(spec, circuit, self.settings)

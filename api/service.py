@@ -87,6 +87,7 @@ class JobService:
         spec = self.fleet.model(request.model)
         series = series_from_inputs([request.series])
         limits.check_backtest(request, series, spec, self.settings)
+        await self.router.pinned(spec, request.parameters.weights_revision)
         callbacks.check_url(request.callback_url, self.settings)
         stored = request.model_dump(mode="json", exclude={"model", "callback_url", "series"})
         n_origins = len(request.origins.values())

@@ -339,3 +339,15 @@ class ModelView(BaseModel):
     circuit: str = Field(
         "closed", description="The model's circuit breaker: closed, open (sync calls refused) or half_open (probing)."
     )
+
+
+class VersionView(BaseModel):
+    """One weights revision a model's workers serve or served (GET /v1/models/{id}/versions)."""
+
+    revision: str = Field(description="What `parameters.weights_revision` pins: hub-<commit>, synthetic-seed-<n>, "
+                          "or sha256-<digest of the checkpoint files>.")  # fmt: skip
+    kind: str = Field(description="hub (a Hugging Face commit), synthetic (a seed), or digest (local files).")
+    active: bool = Field(description="Served by a live worker now.")
+    workers: int = Field(description="Live workers serving it.")
+    first_seen: float = Field(description="When a worker first reported it (Unix time).")
+    last_seen: float = Field(description="When a worker last reported it.")

@@ -130,13 +130,14 @@ class WrongRevision(ValueError):
 
 def _work(store: JobStore, record: JobRecord, spec: ModelSpec, revision: str) -> tuple[Work, BacktestRequest | None]:
     """What the batcher runs for a job (and a backtest's request, to score it by)."""
+    pinned = record.request.get("parameters", {}).get("weights_revision")
+    if pinned and pinned != revision:
+        # Pinned jobs travel on their revision's queue, which only its workers consume; a message
+        # that strays (sent again by hand, a worker restarted on other weights) must still not run here.
+        raise WrongRevision(f"the job pins weights revision {pinned}; this worker serves {revision}")
     if record.kind is JobKind.BACKTEST:
         return _backtest_work(store, record.id, spec, record.request, record.lane)
     params = ForecastParameters.model_validate(record.request["parameters"])
-    if params.weights_revision and params.weights_revision != revision:
-        # Pinned jobs travel on their revision's queue, which only its workers consume; a message
-        # that strays (sent again by hand, a worker restarted on other weights) must still not run here.
-        raise WrongRevision(f"the job pins weights revision {params.weights_revision}; this worker serves {revision}")
     key = families.of(spec).group_key(params, record.id)
     # A job that was in the pass of a worker that died may be what killed it: it runs alone from now
     # on, so no other job shares its next passes (and its fate).

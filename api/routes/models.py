@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from shared.schemas import ModelView
+from shared.schemas import ModelView, VersionView
 
 from api.auth import caller
 from api.deps import Models
@@ -17,6 +17,18 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)]
 async def list_models(models: Models) -> list[ModelView]:
     """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind."""
     return await models.models()
+
+
+@router.get(
+    "/models/{model_id:path}/versions",
+    response_model=list[VersionView],
+    responses=documented("unauthorized", "unknown-model", "redis-unavailable"),
+)
+async def model_versions(model_id: str, models: Models) -> list[VersionView]:
+    """The weights revisions the model's workers serve or served, oldest first: which are active (a
+    live worker serves them), on how many workers, and since when. `parameters.weights_revision`
+    pins a request to one."""
+    return await models.versions(models.model(model_id))
 
 
 @router.get(

@@ -261,14 +261,16 @@ class _Core:
         return list(live(beats, self.settings.heartbeat_s).values()), _circuit(circuit)
 
     @operation
-    def revisions(self, spec: ModelSpec) -> Op[dict[str, tuple[float, float]]]:
-        """The weights revisions the model's workers served: revision -> (first seen, last seen)."""
-        found = (yield [Cmd("hgetall", (keys.revisions(spec),))])[0]
+    def revisions(self, spec: ModelSpec) -> Op[tuple[dict[str, tuple[float, float]], list[dict]]]:
+        """The weights revisions the model's workers served, revision -> (first seen, last seen), and
+        the heartbeats of its live workers, in one round trip."""
+        found, beats = yield [Cmd("hgetall", (keys.revisions(spec),)), Cmd("hgetall", (keys.workers(spec),))]
         seen: dict[str, list[float]] = {}
         for field, value in found.items():
             revision, _, which = _text(field).rpartition(":")
             seen.setdefault(revision, [0.0, 0.0])[which == "last"] = float(value)
-        return {revision: (first, last) for revision, (first, last) in seen.items()}
+        history = {revision: (first, last) for revision, (first, last) in seen.items()}
+        return history, list(live(beats, self.settings.heartbeat_s).values())
 
     @operation
     def heartbeat(self, spec: ModelSpec, name: str, info: dict) -> Op[None]:
