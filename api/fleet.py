@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from shared import catalog, families
 from shared.schemas import ModelView, VersionView, WorkerView
@@ -14,10 +16,14 @@ from shared.store import AsyncJobStore, CircuitState, keys
 from api import breaker
 from api.problems import Problem
 
+if TYPE_CHECKING:  # api/routing.py reads the fleet, so it is imported only to type ensembles
+    from api.routing import Ensemble
+
 
 class Fleet:
-    def __init__(self, settings: Settings, store: AsyncJobStore):
+    def __init__(self, settings: Settings, store: AsyncJobStore, ensembles: Mapping[str, Ensemble] | None = None):
         self.settings, self.store = settings, store
+        self.ensembles = ensembles or {}
         # model id -> (live workers, circuit, good until)
         self._health: dict[str, tuple[list[dict], CircuitState, float]] = {}
 
@@ -27,8 +33,11 @@ class Fleet:
             raise Problem(404, "unknown-model", f"unknown model {name!r}; GET /v1/models lists them", field="model")
         return spec
 
-    async def models(self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG) -> list[ModelView]:
-        """Catalog entries with live queue depths and the workers heard from recently (one round trip)."""
+    async def models(
+        self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG, ensembles: bool = False
+    ) -> list[ModelView]:
+        """Catalog entries with live queue depths and the workers heard from recently (one round trip);
+        with `ensembles`, the configured ensembles after them."""
         views = []
         for spec, state in zip(specs, await self.store.models(specs), strict=True):
             workers = [WorkerView(**{k: info[k] for k in WorkerView.model_fields if k in info}) for info in state.live]
@@ -53,6 +62,12 @@ class Fleet:
                     circuit=breaker.state(state.circuit, self.settings.breaker_cooloff_s),
                 )
             )
+        if ensembles:
+            by_id = {view.id: view for view in views}
+            views += [
+                _ensemble_view(ensemble, [by_id[m.id] for m in ensemble.members])
+                for ensemble in self.ensembles.values()
+            ]
         return views
 
     async def versions(self, spec: catalog.ModelSpec) -> list[VersionView]:
@@ -129,3 +144,20 @@ def _kind(revision: str) -> str:
         if revision.startswith(prefix):
             return kind
     return "unknown"
+
+
+def _ensemble_view(ensemble: Ensemble, members: list[ModelView]) -> ModelView:
+    """An ensemble as a catalog entry: it runs when all its members do, as far as the least of them reaches."""
+    circuits = {member.circuit for member in members}
+    weights = {member.weights for member in members}
+    return ModelView(
+        id=ensemble.name, slug=ensemble.name, family="ensemble", queue="", sync_queue="",
+        context_length=min(m.context_length for m in members),
+        prediction_length=min(m.prediction_length for m in members),
+        sample_based=False, native_quantiles=None, sync_eligible=True,
+        queue_depth=sum(m.queue_depth for m in members), sync_queue_depth=sum(m.sync_queue_depth for m in members),
+        workers_online=min(m.workers_online for m in members),
+        weights=weights.pop() if len(weights) == 1 else "mixed", workers=[],
+        circuit=next((c for c in (breaker.OPEN, breaker.HALF_OPEN) if c in circuits), breaker.CLOSED),
+        members=[m.id for m in members], combine=ensemble.combine,
+    )  # fmt: skip

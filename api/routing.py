@@ -140,9 +140,8 @@ def arm(arms: tuple[tuple[ModelSpec, float], ...], point: float) -> ModelSpec:
 
 
 class Router:
-    def __init__(self, settings: Settings, fleet: Fleet, store: AsyncJobStore, metrics: ApiMetrics):
-        self.settings, self.fleet, self.store, self.metrics = settings, fleet, store, metrics
-        self.routes = Routes.from_settings(settings)
+    def __init__(self, settings: Settings, fleet: Fleet, store: AsyncJobStore, metrics: ApiMetrics, routes: Routes):
+        self.settings, self.fleet, self.store, self.metrics, self.routes = settings, fleet, store, metrics, routes
 
     def ensemble(self, name: str) -> Ensemble | None:
         return self.routes.ensembles.get(name)
@@ -156,6 +155,10 @@ class Router:
         only with `allow_fallback` (and is queued on its model when none has), else it is queued
         on its model (or A/B arm) until a worker takes it.
         """
+        if job.model in self.routes.ensembles:
+            raise Problem(
+                409, "ensemble-sync-only", f"{job.model}: ensembles are served by POST /v1/predict only", field="model"
+            )
         requested = self.fleet.model(job.model)
         limits.check(job.series, job.parameters, requested, self.settings)
         if lane is Lane.SYNC:

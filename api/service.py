@@ -29,7 +29,7 @@ from api.events import JobEvents
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
-from api.routing import Router
+from api.routing import Router, Routes
 from api.sender import SHARED_MAX_SERIES, Sender
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ class JobService:
     ):
         self.settings, self.store, self.celery = settings, store, celery
         self.events, self.metrics = events, metrics
-        self.fleet = Fleet(settings, store)
-        self.router = Router(settings, self.fleet, store, metrics)
+        routes = Routes.from_settings(settings)  # FALLBACKS, AB_SPLITS, ENSEMBLES, parsed once
+        self.fleet = Fleet(settings, store, routes.ensembles)
+        self.router = Router(settings, self.fleet, store, metrics, routes)
         self.admission = Admission(settings, store)
         self.sender = Sender(celery, settings.send_window_ms / 1000, settings.send_max_jobs)
 

@@ -339,6 +339,10 @@ class ModelView(BaseModel):
     circuit: str = Field(
         "closed", description="The model's circuit breaker: closed, open (sync calls refused) or half_open (probing)."
     )
+    members: list[str] | None = Field(
+        None, description="An ensemble (family `ensemble`, POST /v1/predict only): its member models."
+    )
+    combine: str | None = Field(None, description="An ensemble: how its members' quantiles combine (median, mean).")
 
 
 class VersionView(BaseModel):

@@ -9,13 +9,17 @@ from fastapi import APIRouter, Query, Request, Response, status
 from shared.schemas import ForecastRequest, JobView
 from shared.store import JobStatus, Lane
 
-from api import bodies
+from api import bodies, ensembles
 from api.answers import accepted, add_job_routes, answer, location, preferred_wait, served_by
 from api.auth import Caller
 from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
+
+# What a synchronous predict can answer besides a submission's refusals.
+SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker", "model-unavailable",
+               "forecast-timeout")  # fmt: skip
 
 
 @router.post(
@@ -24,7 +28,7 @@ router = APIRouter(prefix="/v1", tags=["forecasts"])
     response_model=JobView,
     responses={
         200: {"model": JobView, "description": "With `Prefer: wait`: the job ended within the wait."},
-        **documented(*SUBMIT_ERRORS),
+        **documented(*SUBMIT_ERRORS, "ensemble-sync-only"),
     },
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
@@ -70,9 +74,7 @@ add_job_routes(router, "forecasts", "forecast job")
     response_model=JobView,
     responses={
         202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
-        **documented(
-            *SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker", "model-unavailable"
-        ),
+        **documented(*SUBMIT_ERRORS, *SYNC_ERRORS),
     },
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
@@ -85,13 +87,17 @@ async def predict(
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Forecast in one round trip on a sync-eligible model, through its priority lane.
+    """Forecast in one round trip on a sync-eligible model, through its priority lane; or on an
+    ensemble (ENSEMBLES), whose members' forecasts are combined.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
     await jobs.admission.admit(owner)  # before any of the body is read
     job = await bodies.forecast(request, config)
+    ensemble = jobs.router.ensemble(job.model)
+    if ensemble is not None:  # a virtual model: a job per member, combined (api/ensembles.py)
+        return await ensembles.predict(jobs, ensemble, job, owner, wait, request)
     record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
     served_by(response, record)
     if record.status is not JobStatus.SUCCEEDED:

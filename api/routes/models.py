@@ -15,8 +15,9 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)]
 
 @router.get("/models", response_model=list[ModelView], responses=documented("unauthorized", "redis-unavailable"))
 async def list_models(models: Models) -> list[ModelView]:
-    """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind."""
-    return await models.models()
+    """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind, circuit;
+    then the configured ensembles (family `ensemble`, with their members)."""
+    return await models.models(ensembles=True)
 
 
 @router.get(
