@@ -102,7 +102,10 @@ class Fleet:
         return revisions.pop() if len(revisions) == 1 else None
 
     async def workers_online(self, name: str) -> int:
-        """How many workers of the model are live (an async job is accepted with none: one may start later)."""
+        """How many workers of the model are live (an async job is accepted with none: one may start
+        later); of an ensemble, its least-served member's."""
+        if name in self.ensembles:
+            return min([await self.workers_online(member.id) for member in self.ensembles[name].members])
         return len(await self.live_workers(self.model(name)))
 
     async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> None:

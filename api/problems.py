@@ -232,9 +232,6 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts",
         {},
     ),
-    "ensemble-sync-only": (
-        409, "ens-bolt: ensembles are served by POST /v1/predict only", {"field": "model"}
-    ),
     "model-unavailable": (
         503,
         "too many of amazon/chronos-bolt-tiny's recent jobs failed; its circuit is open, calls are refused for up "

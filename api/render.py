@@ -75,7 +75,8 @@ def attach(record: JobRecord, outputs: list[bytes], items: list | None) -> JobRe
 
 def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list | None = None) -> bytes:
     """The job as `JobView` JSON, its results spliced in as arrays (written by orjson in C)."""
-    view = JobView.of(record).model_dump(mode="json", exclude={"predictions", "backtest"})
+    view = JobView.of(record).model_dump(mode="json", exclude={"members", "predictions", "backtest"})
+    view["members"] = record.members  # an ensemble's, with their predictions as arrays
     view["predictions"] = view["backtest"] = None
     if outputs is not None:
         if record.kind is JobKind.BACKTEST:

@@ -155,10 +155,6 @@ class Router:
         only with `allow_fallback` (and is queued on its model when none has), else it is queued
         on its model (or A/B arm) until a worker takes it.
         """
-        if job.model in self.routes.ensembles:
-            raise Problem(
-                409, "ensemble-sync-only", f"{job.model}: ensembles are served by POST /v1/predict only", field="model"
-            )
         requested = self.fleet.model(job.model)
         limits.check(job.series, job.parameters, requested, self.settings)
         if lane is Lane.SYNC:

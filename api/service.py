@@ -22,7 +22,7 @@ from shared.series import identity as series_identity
 from shared.settings import Settings
 from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, keys
 
-from api import callbacks, limits, render
+from api import callbacks, ensembles, limits, render
 from api.admission import Admission
 from api.bodies import ForecastJob, forecast_job, series_from_inputs
 from api.events import JobEvents
@@ -128,7 +128,9 @@ class JobService:
             identity=identity if self.settings.cache_scope == "global" else f"{owner}:{identity}",
             callback_url=callback_url, callback_status="pending" if callback_url else None,
         )  # fmt: skip
-        digest = _digest(f"{lane.value}\0{spec.id}\0{identity}")
+        # Of the model asked for: a retry with the same Idempotency-Key replays its job even when a
+        # fallback served it, and identical requests share one job whichever model serves it.
+        digest = _digest(f"{lane.value}\0{requested or spec.id}\0{identity}")
         idempotency = (_digest(idempotency_key), f"{record.id} {digest}") if idempotency_key else None
         items = _items(series, nested)
         hit = await self._cached(spec, request, record.identity)
@@ -251,12 +253,7 @@ class JobService:
         """
         job = request if isinstance(request, ForecastJob) else forecast_job(request)
         record, _ = await self.submit_and_wait(job, lane, owner, timeout_s, idempotency_key, True, admitted)
-        if record.status is JobStatus.FAILED:
-            raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
-        if record.terminal and record.status is not JobStatus.SUCCEEDED:
-            raise Problem(
-                409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id
-            )
+        unless_succeeded(record)
         return await self.with_predictions(record) if with_results else record
 
     async def submit_and_wait(
@@ -285,6 +282,8 @@ class JobService:
         record = await self.store.get(job_id, with_results)
         if record is None or record.owner != owner:
             raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
+        if record.ensemble is not None:  # its state is its members'
+            return await ensembles.settle(self, record)
         return record
 
     async def wait(self, job_id: str, timeout_s: float, owner: str) -> JobRecord:
@@ -339,6 +338,15 @@ class JobService:
             return bool(await asyncio.wait_for(self.store.client.ping(), 1.0))
         except Exception:
             return False
+
+
+def unless_succeeded(record: JobRecord) -> None:
+    """A waited-on job that failed or was cancelled is a problem answer carrying its id (a job still
+    running, or succeeded, is not)."""
+    if record.status is JobStatus.FAILED:
+        raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
+    if record.terminal and record.status is not JobStatus.SUCCEEDED:
+        raise Problem(409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id)
 
 
 def _digest(text: str) -> str:

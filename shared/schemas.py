@@ -265,6 +265,11 @@ class JobView(BaseModel):
     callback: CallbackView | None = None
     timings: Timings
     progress: Progress | None = Field(None, description="Series forecast so far (origins, for a backtest).")
+    members: list[dict[str, Any]] | None = Field(
+        None,
+        description="An ensemble's job with `ensemble_members`: each member's model, served_by, job_id and, once "
+        "it succeeded, predictions.",
+    )
     predictions: list[dict[str, Any]] | None = Field(
         None, description="One entry per input series: item_id, mean, and one key per requested quantile level."
     )

@@ -1,5 +1,5 @@
-"""Ensembles (ENSEMBLES, api/ensembles.py): a sync call fans out one job per member on real workers,
-and the answer combines the members' quantiles."""
+"""Ensembles (ENSEMBLES, api/ensembles.py): a request fans out one job per member on real workers, and
+the answer combines the members' quantiles; sync on /v1/predict, async on /v1/forecasts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from shared import catalog
 
-from conftest import API_KEY, BOLT, forecast_body, settings_for, start_worker
+from conftest import API_KEY, BOLT, forecast_body, settings_for, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def test_an_ensemble_answers_the_combination_of_its_members_direct_answers_per_q
 def test_members_are_listed_only_when_asked_for(api):
     answer = api.post("/v1/predict", json=body("ens-median"))
 
-    assert answer.status_code == 200 and "members" not in answer.json()
+    assert answer.status_code == 200 and answer.json()["members"] is None
 
 
 def test_a_member_that_cannot_run_fails_the_ensemble_unless_partial_answers_are_allowed(api):
@@ -81,15 +81,50 @@ def test_a_member_that_cannot_run_fails_the_ensemble_unless_partial_answers_are_
 
     assert strict.status_code == 503 and strict.json()["code"] == "no-worker" and UNSERVED in strict.json()["detail"]
     assert partial.status_code == 200
-    assert [m["model"] for m in partial.json()["members"]] == [BOLT]
+    assert [(m["model"], m["status"]) for m in partial.json()["members"]] == [(BOLT, "succeeded"), (UNSERVED, "refused")]
     assert partial.json()["predictions"][1]["0.9"] == pytest.approx(alone[1]["0.9"], rel=1e-5, abs=1e-6)
 
 
-def test_ensembles_are_listed_with_their_members_and_refused_on_the_async_route(api):
+def test_ensembles_are_listed_with_their_members(api):
     listed = {view["id"]: view for view in api.get("/v1/models").json()}
-    queued = api.post("/v1/forecasts", json=body("ens-median"))
 
     assert listed["ens-median"]["family"] == "ensemble" and listed["ens-median"]["members"] == [BOLT, MINI]
     assert listed["ens-median"]["combine"] == "median" and listed["ens-median"]["workers_online"] == 1
     assert listed["ens-broken"]["workers_online"] == 0
-    assert queued.status_code == 409 and queued.json()["code"] == "ensemble-sync-only"
+
+
+def test_an_async_ensemble_job_reads_as_the_combination_once_its_members_end(api):
+    accepted = api.post("/v1/forecasts", json=body("ens-mean", ensemble_members=True))
+    done = wait_for(api, accepted.json()["id"])
+    tiny, mini = direct(api, BOLT), direct(api, MINI)
+
+    assert accepted.status_code == 202 and accepted.headers["served-by"] == "ens-mean"
+    assert accepted.headers["location"] == f"/v1/forecasts/{accepted.json()['id']}"
+    assert done["status"] == "succeeded" and done["model"] == done["served_by"] == "ens-mean"
+    expected = np.mean(np.array([tiny[1]["0.1"], mini[1]["0.1"]], dtype=np.float32), axis=0)
+    assert done["predictions"][1]["0.1"] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+    assert [(m["model"], m["status"]) for m in done["members"]] == [(BOLT, "succeeded"), (MINI, "succeeded")]
+
+
+def test_a_cancelled_member_fails_an_async_ensemble_unless_partial_answers_are_allowed(api):
+    strict = api.post("/v1/forecasts", json=body("ens-broken", ensemble_members=True)).json()
+    partial = api.post("/v1/forecasts", json=body("ens-broken", ensemble_members=True, ensemble_partial=True)).json()
+    for job in (strict, partial):  # the chronos-bolt-small member waits for a worker that never comes
+        (stuck,) = [m["job_id"] for m in job["members"] if m["model"] == UNSERVED]
+        api.delete(f"/v1/forecasts/{stuck}")
+
+    failed, answered = wait_for(api, strict["id"]), wait_for(api, partial["id"])
+
+    assert failed["status"] == "failed" and f"{UNSERVED} (job" in failed["error"] and "cancelled" in failed["error"]
+    assert answered["status"] == "succeeded"
+    assert answered["predictions"][0]["0.5"] == pytest.approx(direct(api, BOLT)[0]["0.5"], rel=1e-5, abs=1e-6)
+
+
+def test_cancelling_an_ensemble_job_cancels_its_members(api, redis_server):
+    job = api.post("/v1/forecasts", json=body("ens-broken", ensemble_members=True)).json()
+    (stuck,) = [m["job_id"] for m in job["members"] if m["model"] == UNSERVED]
+
+    cancelled = api.delete(f"/v1/forecasts/{job['id']}")
+
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert redis_server.client().hget(f"cq:job:{stuck}", "status") == "cancelled"

@@ -14,12 +14,12 @@ from api.answers import accepted, add_job_routes, answer, location, preferred_wa
 from api.auth import Caller
 from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
+from api.service import unless_succeeded
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
 
 # What a synchronous predict can answer besides a submission's refusals.
-SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker", "model-unavailable",
-               "forecast-timeout")  # fmt: skip
+SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker", "model-unavailable")
 
 
 @router.post(
@@ -28,7 +28,7 @@ SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed", "no-work
     response_model=JobView,
     responses={
         200: {"model": JobView, "description": "With `Prefer: wait`: the job ended within the wait."},
-        **documented(*SUBMIT_ERRORS, "ensemble-sync-only"),
+        **documented(*SUBMIT_ERRORS),
     },
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
@@ -54,7 +54,12 @@ async def submit_forecast(
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
     wait = preferred_wait(prefer, config.wait_max_s)
-    if wait:
+    ensemble = jobs.router.ensemble(job.model)
+    if ensemble is not None:  # a virtual model: a job per member, combined when read (api/ensembles.py)
+        record, replayed = await ensembles.submit(jobs, ensemble, job, Lane.ASYNC, owner), False
+        if wait:
+            record = await jobs.wait(record.id, wait, owner)
+    elif wait:
         record, replayed = await jobs.submit_and_wait(job, Lane.ASYNC, owner, wait, idempotency_key, admitted=True)
     else:
         record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
@@ -97,8 +102,10 @@ async def predict(
     job = await bodies.forecast(request, config)
     ensemble = jobs.router.ensemble(job.model)
     if ensemble is not None:  # a virtual model: a job per member, combined (api/ensembles.py)
-        return await ensembles.predict(jobs, ensemble, job, owner, wait, request)
-    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
+        record = await ensembles.predict(jobs, ensemble, job, owner, wait)
+        unless_succeeded(record)
+    else:
+        record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
     served_by(response, record)
     if record.status is not JobStatus.SUCCEEDED:
         response.status_code = status.HTTP_202_ACCEPTED

@@ -78,6 +78,11 @@ class JobRecord:
     # A backtest's scores (stored); a forecast's predictions are loaded from its output list on
     # demand (`api.render.attach`) and never stored in the hash.
     backtest: dict | None = field(default=None, repr=False)
+    # An ensemble's job (api/ensembles.py): its members' job ids and how they combine. Its state is
+    # not stored but read from its members' each time it is read.
+    ensemble: dict | None = field(default=None, repr=False)
+    # A settled ensemble's members as the answer shows them, when asked for (never stored).
+    members: list[dict] | None = field(default=None, repr=False, compare=False, metadata={"stored": False})
     predictions: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})
     # A succeeded job's output elements and items, when they were read with the record (`get`).
     results: tuple[list[bytes], bytes | None] | None = field(

@@ -169,6 +169,13 @@ class _Core:
         return _text((yield step)[-1])
 
     @operation
+    def create_ensemble(self, record: JobRecord) -> Op[None]:
+        """Record an ensemble's job (api/ensembles.py): its members are jobs of their own, so it is in
+        no queue, no in-flight set, and never claimed; it lives as long as a job's record."""
+        key = keys.job(record.id)
+        yield Atomic([Cmd("hset", (key,), {"mapping": record.to_hash()}), Cmd("expire", (key, self.record_ttl_s))])
+
+    @operation
     def fail_unsent(self, spec: ModelSpec, record: JobRecord, error: str, idempotency: str | None = None) -> Op[bool]:
         """End a queued job whose message could not be sent (lua/unsent.lua): failed, with `error`."""
         reply = yield [run_script(
