@@ -249,10 +249,12 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
 BODY_ERRORS = ("malformed-json", "body-too-large", "body-timeout", "validation-error")
 # The errors of routes that also take Arrow or Parquet bodies.
 COLUMNAR_ERRORS = ("unsupported-media-type", "malformed-body")
-# What a job submission can be refused with.
+# What a job submission can be refused with (`no-worker`, `model-unavailable`: on any route when
+# the job pins a weights revision no live worker serves, or goes down a fallback chain).
 SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "unknown-model", "limit-exceeded", "not-sample-based",
                  "unsupported-input", "broker-unavailable", "redis-unavailable", "rate-limited",
-                 "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed")  # fmt: skip
+                 "too-many-in-flight", "queue-full", "idempotency-key-reused", "callback-not-allowed", "no-worker",
+                 "model-unavailable")  # fmt: skip
 
 
 def documented(*codes: str) -> dict[int | str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from api.service import unless_succeeded
 router = APIRouter(prefix="/v1", tags=["forecasts"])
 
 # What a synchronous predict can answer besides a submission's refusals.
-SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker", "model-unavailable")
+SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed")
 
 
 @router.post(
