@@ -88,17 +88,22 @@ async def predict(jobs: JobService, ensemble: Ensemble, job: ForecastJob, owner:
     deadline = loop.time() + wait_s
     record = await submit(jobs, ensemble, job, Lane.SYNC, owner)
     assert record.ensemble is not None
+    if record.terminal:
+        return record
     with contextlib.ExitStack() as stack:
         wakeups = [stack.enter_context(jobs.events.watch(member)) for member in record.ensemble["members"]]
-        while not record.terminal and (remaining := deadline - loop.time()) > 0:
+        while True:
+            for wakeup in wakeups:
+                wakeup.clear()
+            # Read once watched: a member that ended before its wake-up was watched is seen here.
+            record = await jobs.require(record.id, owner)
+            remaining = deadline - loop.time()
+            if record.terminal or remaining <= 0:
+                return record
             waiters = [asyncio.ensure_future(wakeup.wait()) for wakeup in wakeups]
             await asyncio.wait(waiters, timeout=min(remaining, _RECHECK_S), return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
-            for wakeup in wakeups:
-                wakeup.clear()
-            record = await jobs.require(record.id, owner)
-    return record
 
 
 async def settle(jobs: JobService, record: JobRecord, members: list[JobRecord] | None = None) -> JobRecord:
