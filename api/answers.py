@@ -16,11 +16,11 @@ from shared.schemas import JobView
 from shared.settings import Settings
 from shared.store import JobKind, JobRecord, JobStatus, Lane
 
-from api import bodies, render
+from api import bodies, ensembles, render
 from api.auth import Caller, is_admin
 from api.deps import Config, IdempotencyKey, Jobs, Models
 from api.problems import SUBMIT_ERRORS, Problem, documented
-from api.service import JobService
+from api.service import JobService, unless_succeeded
 
 # Answers with more series than this are streamed, rendered piece by piece off the event loop.
 STREAM_FROM = 2_000
@@ -49,12 +49,18 @@ def location(response: Response, record: JobRecord) -> None:
     response.headers["Location"] = f"/v1/{record.kind.collection}/{record.id}"
 
 
+def served_by(response: Response, record: JobRecord) -> None:
+    """`Served-By`: the model that runs the job, which a fallback or an A/B split may have changed."""
+    response.headers["Served-By"] = record.model
+
+
 async def accepted(response: Response, models: Models, record: JobRecord, replayed: bool) -> None:
     """202 with the job's Location; `Idempotent-Replayed` for an earlier job; `X-Workers-Online: N`
     (0 says the job waits until a worker of its model starts)."""
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     location(response, record)
+    served_by(response, record)
     response.status_code = status.HTTP_202_ACCEPTED
     response.headers["X-Workers-Online"] = str(await models.workers_online(record.model))
 
@@ -148,7 +154,13 @@ async def predict(
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
     await jobs.admission.admit(owner)  # before any of the body is read
     job = await bodies.forecast(request, config, shape)
-    record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
+    ensemble = jobs.router.ensemble(job.model)
+    if ensemble is not None:  # a virtual model: a job per member, combined (api/ensembles.py)
+        record = await ensembles.predict(jobs, ensemble, job, owner, wait)
+        unless_succeeded(record)
+    else:
+        record = await jobs.run(job, Lane.SYNC, owner, wait, idempotency_key, with_results=False, admitted=True)
+    served_by(response, record)
     if record.status is not JobStatus.SUCCEEDED:
         response.status_code = status.HTTP_202_ACCEPTED
         location(response, record)

@@ -4,19 +4,28 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from shared import catalog, families, model_store
-from shared.schemas import ModelView, WorkerView
+from shared.schemas import ModelView, VersionView, WorkerView
 from shared.settings import Settings
-from shared.store import AsyncJobStore, keys
+from shared.store import AsyncJobStore, CircuitState, keys
 
+from api import breaker
 from api.problems import Problem
+
+if TYPE_CHECKING:  # api/routing.py reads the fleet, so it is imported only to type ensembles
+    from api.routing import Ensemble
 
 
 class Fleet:
-    def __init__(self, settings: Settings, store: AsyncJobStore):
+    def __init__(self, settings: Settings, store: AsyncJobStore, ensembles: Mapping[str, Ensemble] | None = None):
         self.settings, self.store = settings, store
-        self._heartbeats: dict[str, tuple[list[dict], float]] = {}  # model id -> (live workers, good until)
+        self.ensembles = ensembles or {}
+        # model id -> (live workers, circuit, good until)
+        self._health: dict[str, tuple[list[dict], CircuitState, float]] = {}
 
     def model(self, name: str) -> catalog.ModelSpec:
         spec = catalog.find(name)
@@ -59,8 +68,11 @@ class Fleet:
             for m in manifests
         ]  # fmt: skip
 
-    async def models(self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG) -> list[ModelView]:
-        """Catalog entries with live queue depths and the workers heard from recently (one round trip)."""
+    async def models(
+        self, specs: tuple[catalog.ModelSpec, ...] = catalog.CATALOG, ensembles: bool = False
+    ) -> list[ModelView]:
+        """Catalog entries with live queue depths and the workers heard from recently (one round trip);
+        with `ensembles`, the configured ensembles after them."""
         views = []
         for spec, state in zip(specs, await self.store.models(specs), strict=True):
             workers = [WorkerView(**{k: info[k] for k in WorkerView.model_fields if k in info}) for info in state.live]
@@ -82,20 +94,42 @@ class Fleet:
                     workers_online=len(workers),
                     weights=kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None),
                     workers=sorted(workers, key=lambda w: w.name),
+                    circuit=breaker.state(state.circuit, self.settings.breaker_cooloff_s),
                 )
             )
+        if ensembles:
+            by_id = {view.id: view for view in views}
+            views += [
+                _ensemble_view(ensemble, [by_id[m.id] for m in ensemble.members])
+                for ensemble in self.ensembles.values()
+            ]
         return views
 
-    async def live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
-        """The heartbeats of the model's live workers, read from Redis at most once a second per model:
-        every accepted job (cache, `X-Workers-Online`) and every sync call asks."""
+    async def versions(self, spec: catalog.ModelSpec) -> list[VersionView]:
+        """The weights revisions the model's workers serve or served, oldest first (one round trip)."""
+        history, live = await self.store.revisions(spec)
+        serving = Counter(info.get("revision") for info in live)
+        return [
+            VersionView(revision=revision, kind=_kind(revision), active=serving[revision] > 0,
+                        workers=serving[revision], first_seen=first, last_seen=last)
+            for revision, (first, last) in sorted(history.items(), key=lambda entry: entry[1])
+        ]  # fmt: skip
+
+    async def health(self, spec: catalog.ModelSpec) -> tuple[list[dict], CircuitState]:
+        """The heartbeats of the model's live workers and its circuit (api/breaker.py), read from Redis
+        together at most once a second per model: every accepted job (cache, `X-Workers-Online`) and
+        every sync call asks."""
         loop = asyncio.get_running_loop()
-        known = self._heartbeats.get(spec.id)
-        if known is not None and known[1] > loop.time():
-            return known[0]
-        live = list((await self.store.live_workers(spec)).values())
-        self._heartbeats[spec.id] = (live, loop.time() + min(1.0, self.settings.heartbeat_s))
-        return live
+        known = self._health.get(spec.id)
+        if known is not None and known[2] > loop.time():
+            return known[0], known[1]
+        live, circuit = await self.store.health(spec)
+        self._health[spec.id] = (live, circuit, loop.time() + min(1.0, self.settings.heartbeat_s))
+        return live, circuit
+
+    async def live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
+        """The heartbeats of the model's live workers (see `health`)."""
+        return (await self.health(spec))[0]
 
     async def revision(self, spec: catalog.ModelSpec) -> str | None:
         """The weights revision every live worker of `spec` serves (None when none or several)."""
@@ -103,7 +137,10 @@ class Fleet:
         return revisions.pop() if len(revisions) == 1 else None
 
     async def workers_online(self, name: str) -> int:
-        """How many workers of the model are live (an async job is accepted with none: one may start later)."""
+        """How many workers of the model are live (an async job is accepted with none: one may start
+        later); of an ensemble, its least-served member's."""
+        if name in self.ensembles:
+            return min([await self.workers_online(member.id) for member in self.ensembles[name].members])
         return len(await self.live_workers(self.model(name)))
 
     async def serving(self, spec: catalog.ModelSpec, wait_s: float = 0) -> None:
@@ -114,12 +151,7 @@ class Fleet:
             if await self.live_workers(spec):
                 return
             if loop.time() >= deadline:
-                raise Problem(
-                    503,
-                    "no-worker",
-                    f"no worker is serving {spec.id} right now; POST /v1/forecasts queues the job until one starts",
-                    headers={"Retry-After": "5"},
-                )
+                raise no_worker(spec)
             await asyncio.sleep(0.5)
 
     def check_sync(self, spec: catalog.ModelSpec) -> None:
@@ -135,3 +167,39 @@ class Fleet:
 
 def _unknown(name: str) -> Problem:
     return Problem(404, "unknown-model", f"unknown model {name!r}; GET /v1/models lists them", field="model")
+
+
+def no_worker(spec: catalog.ModelSpec, revision: str | None = None) -> Problem:
+    """503 `no-worker`: no live worker serves the model (at that weights revision, when pinned)."""
+    at = f" at weights revision {revision}" if revision else ""
+    return Problem(
+        503,
+        "no-worker",
+        f"no worker is serving {spec.id}{at} right now; POST /v1/forecasts queues the job until one starts",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _kind(revision: str) -> str:
+    """Where a revision comes from, by the prefix workers/weights.py gives it."""
+    for prefix, kind in (("hub-", "hub"), ("synthetic-seed-", "synthetic"), ("sha256-", "digest")):
+        if revision.startswith(prefix):
+            return kind
+    return "unknown"
+
+
+def _ensemble_view(ensemble: Ensemble, members: list[ModelView]) -> ModelView:
+    """An ensemble as a catalog entry: it runs when all its members do, as far as the least of them reaches."""
+    circuits = {member.circuit for member in members}
+    weights = {member.weights for member in members}
+    return ModelView(
+        id=ensemble.name, slug=ensemble.name, family="ensemble", queue="", sync_queue="",
+        context_length=min(m.context_length for m in members),
+        prediction_length=min(m.prediction_length for m in members),
+        sample_based=False, native_quantiles=None, sync_eligible=True,
+        queue_depth=sum(m.queue_depth for m in members), sync_queue_depth=sum(m.sync_queue_depth for m in members),
+        workers_online=min(m.workers_online for m in members),
+        weights=weights.pop() if len(weights) == 1 else "mixed", workers=[],
+        circuit=next((c for c in (breaker.OPEN, breaker.HALF_OPEN) if c in circuits), breaker.CLOSED),
+        members=[m.id for m in members], combine=ensemble.combine,
+    )  # fmt: skip

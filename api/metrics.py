@@ -15,6 +15,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.schemas import ModelView
 
+from api.breaker import CIRCUIT_STATES
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -42,6 +44,15 @@ class ApiMetrics:
             "chronos_queue_queue_depth", "Messages waiting in a model's queue.", ["model", "lane"],
             registry=own, multiprocess_mode="mostrecent",
         )  # fmt: skip
+        self.ab_requests = Counter(
+            "chronos_queue_ab_requests_total",
+            "Requests for a model with an A/B split (AB_SPLITS), by model asked for and arm picked.",
+            ["model", "arm"], registry=own,
+        )  # fmt: skip
+        self.circuit = Gauge(
+            "chronos_queue_circuit_state", "A model's circuit breaker: 1 for the state it is in, else 0.",
+            ["model", "state"], registry=own, multiprocess_mode="mostrecent",
+        )  # fmt: skip
         self.workers_online = Gauge(
             "chronos_queue_workers_online", "Worker processes heard from recently, by model.", ["model"],
             registry=own, multiprocess_mode="mostrecent",
@@ -52,6 +63,8 @@ class ApiMetrics:
             self.queue_depth.labels(view.id, "async").set(view.queue_depth)
             self.queue_depth.labels(view.id, "sync").set(view.sync_queue_depth)
             self.workers_online.labels(view.id).set(view.workers_online)
+            for state in CIRCUIT_STATES:
+                self.circuit.labels(view.id, state).set(float(view.circuit == state))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

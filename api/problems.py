@@ -236,6 +236,12 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
         "no worker is serving amazon/chronos-bolt-tiny right now; POST /v1/forecasts queues the job until one starts",
         {},
     ),
+    "model-unavailable": (
+        503,
+        "too many of amazon/chronos-bolt-tiny's recent jobs failed; its circuit is open, calls are refused for up "
+        "to 30s (POST /v1/forecasts still queues jobs)",
+        {},
+    ),
     "broker-unavailable": (503, "could not enqueue the job; retry", {}),
     "redis-unavailable": (503, "the job store (Redis) is not reachable; retry", {}),
     "forecast-timeout": (
@@ -247,11 +253,12 @@ EXAMPLES: dict[str, tuple[int, str, dict[str, Any]]] = {
 BODY_ERRORS = ("malformed-json", "body-too-large", "body-timeout", "validation-error")
 # The errors of routes that also take Arrow or Parquet bodies.
 COLUMNAR_ERRORS = ("unsupported-media-type", "malformed-body")
-# What a job submission can be refused with.
+# What a job submission can be refused with (`no-worker`, `model-unavailable`: on any route when
+# the job pins a weights revision no live worker serves, or goes down a fallback chain).
 SUBMIT_ERRORS = (*BODY_ERRORS, *COLUMNAR_ERRORS, "unauthorized", "missing-scope", "model-not-allowed",
                  "unknown-model", "limit-exceeded", "not-sample-based", "unsupported-input", "broker-unavailable",
                  "redis-unavailable", "rate-limited", "too-many-in-flight", "queue-full", "idempotency-key-reused",
-                 "callback-not-allowed")  # fmt: skip
+                 "callback-not-allowed", "no-worker", "model-unavailable")  # fmt: skip
 
 
 def documented(*codes: str) -> dict[int | str, dict[str, Any]]:

@@ -97,6 +97,7 @@ def attach(record: JobRecord, outputs: list[bytes], items: list | None) -> JobRe
 def job_json(record: JobRecord, outputs: list[bytes] | None = None, items: list | None = None) -> bytes:
     """The job as `JobView` JSON, its results spliced in as arrays (written by orjson in C)."""
     view = _metadata(record)
+    view["members"] = record.members  # an ensemble's, with their predictions as arrays
     if outputs is not None:
         if record.kind is JobKind.BACKTEST:
             view["backtest"] = backtest(record, outputs)
@@ -115,8 +116,8 @@ def job_metadata(record: JobRecord) -> bytes:
 
 def _metadata(record: JobRecord) -> dict:
     """The job's view without its results (the forecasts, scores or flags, all derived from series values)."""
-    view = JobView.of(record).model_dump(mode="json", exclude={"anomalies", "predictions", "backtest"})
-    view["anomalies"] = view["predictions"] = view["backtest"] = None
+    view = JobView.of(record).model_dump(mode="json", exclude={"anomalies", "members", "predictions", "backtest"})
+    view["anomalies"] = view["members"] = view["predictions"] = view["backtest"] = None
     return view
 
 

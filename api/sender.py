@@ -46,11 +46,14 @@ class Sender:
         self._open: dict[str, _Open] = {}  # model id -> the message being filled
         self._sending: set[asyncio.Task] = set()
 
-    async def send(self, spec: ModelSpec, lane: Lane, job_id: str, small: bool = True) -> None:
+    async def send(
+        self, spec: ModelSpec, lane: Lane, job_id: str, small: bool = True, queue: str | None = None
+    ) -> None:
         """Return once the job's message is on its queue (raises what sending raised). `small`: a
-        forecast of at most SHARED_MAX_SERIES series, which may share a message."""
-        if lane is Lane.SYNC or not small or not self.window_s or self.max_jobs == 1:
-            await asyncio.to_thread(send_jobs, self.celery, spec, lane, [job_id])
+        forecast of at most SHARED_MAX_SERIES series, which may share a message; `queue`: another
+        queue than the lane's (a pinned weights revision's), sent at once."""
+        if lane is Lane.SYNC or not small or not self.window_s or self.max_jobs == 1 or queue:
+            await asyncio.to_thread(send_jobs, self.celery, spec, lane, [job_id], queue)
             return
         message = self._open.get(spec.id)
         if message is None:

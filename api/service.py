@@ -20,15 +20,16 @@ from shared.schemas import AnomalyParameters, BacktestRequest, FinetuneParameter
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
-from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane
+from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, keys
 
-from api import callbacks, limits, render
+from api import callbacks, ensembles, limits, render
 from api.admission import Admission
 from api.bodies import ForecastJob, forecast_job, series_from_inputs
 from api.events import JobEvents
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
+from api.routing import Router, Routes
 from api.sender import SHARED_MAX_SERIES, Sender
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ class JobService:
     ):
         self.settings, self.store, self.celery = settings, store, celery
         self.events, self.metrics = events, metrics
-        self.fleet = Fleet(settings, store)
+        routes = Routes.from_settings(settings)  # FALLBACKS, AB_SPLITS, ENSEMBLES, parsed once
+        self.fleet = Fleet(settings, store, routes.ensembles)
+        self.router = Router(settings, self.fleet, store, metrics, routes)
         self.admission = Admission(settings, store)
         self.sender = Sender(celery, settings.send_window_ms / 1000, settings.send_max_jobs)
 
@@ -69,16 +72,24 @@ class JobService:
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         """
         spec, finetuned = await self.fleet.resolve(job.model, owner)
-        limits.check(job.series, job.parameters, spec, self.settings, job.field)
-        if lane is Lane.SYNC:
-            self.fleet.check_sync(spec)
-        if waited or lane is Lane.SYNC:
-            await self.fleet.serving(spec)
+        if finetuned:
+            # A fine-tuned model is its owner's: no chain, split or ensemble names it; its base
+            # model's workers serve it.
+            limits.check(job.series, job.parameters, spec, self.settings, job.field)
+            if lane is Lane.SYNC:
+                self.fleet.check_sync(spec)
+            if waited or lane is Lane.SYNC:
+                await self.fleet.serving(spec)
+            requested = spec.id
+        else:
+            spec = await self.router.choose(job, lane, waited)  # the model asked for, or a fallback or A/B arm
+            requested = self.fleet.model(job.model).id
         callbacks.check_url(job.callback_url, self.settings)
         request = {"parameters": job.parameters.model_dump(mode="json"), **_variant(finetuned)}
         return await self._enqueue(
             spec, lane, owner, idempotency_key, request, job.series, job.nested,
             job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted, job_id=job_id,
+            requested=requested if requested != spec.id else None,
         )  # fmt: skip
 
     async def submit_backtest(
@@ -88,6 +99,7 @@ class JobService:
         spec, finetuned = await self.fleet.resolve(request.model, owner)
         series = series_from_inputs([request.series])
         limits.check_backtest(request, series, spec, self.settings)
+        await self.router.pinned(spec, request.parameters.weights_revision)
         callbacks.check_url(request.callback_url, self.settings)
         stored = {**request.model_dump(mode="json", exclude={"model", "callback_url", "series"}), **_variant(finetuned)}
         n_origins = len(request.origins.values())
@@ -147,6 +159,7 @@ class JobService:
         n_series: int | None = None,
         admitted: bool = False,
         job_id: str | None = None,
+        requested: str | None = None,
     ) -> tuple[JobRecord, bool]:
         if not admitted:
             await self.admission.admit(owner)
@@ -156,13 +169,15 @@ class JobService:
         record = JobRecord(
             id=job_id or uuid.uuid4().hex, model=spec.id, status=JobStatus.QUEUED, lane=lane,
             n_series=len(series) if n_series is None else n_series, prediction_length=prediction_length,
-            created_at=now, owner=owner, kind=kind, request=request,
+            created_at=now, owner=owner, requested=requested, kind=kind, request=request,
             # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
             # another one sent the same series.
             identity=identity if self.settings.cache_scope == "global" else f"{owner}:{identity}",
             callback_url=callback_url, callback_status="pending" if callback_url else None,
         )  # fmt: skip
-        digest = _digest(f"{lane.value}\0{spec.id}\0{identity}")
+        # Of the model asked for: a retry with the same Idempotency-Key replays its job even when a
+        # fallback served it, and identical requests share one job whichever model serves it.
+        digest = _digest(f"{lane.value}\0{requested or spec.id}\0{identity}")
         idempotency = (_digest(idempotency_key), f"{record.id} {digest}") if idempotency_key else None
         items = _items(series, nested)
         # A fine-tuning run is never shared: each makes a model of its own.
@@ -205,7 +220,8 @@ class JobService:
 
         try:
             small = kind is JobKind.FORECAST and record.n_series <= SHARED_MAX_SERIES
-            await self.sender.send(spec, lane, record.id, small)
+            pinned = request.get("parameters", {}).get("weights_revision")
+            await self.sender.send(spec, lane, record.id, small, keys.revision_queue(spec, pinned) if pinned else None)
         except Exception as exc:
             log.error("enqueue of job %s failed: %s", record.id, exc)
             error = f"could not be enqueued ({type(exc).__name__}); its request was answered 503"
@@ -286,12 +302,7 @@ class JobService:
         """
         job = request if isinstance(request, ForecastJob) else forecast_job(request)
         record, _ = await self.submit_and_wait(job, lane, owner, timeout_s, idempotency_key, True, admitted)
-        if record.status is JobStatus.FAILED:
-            raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
-        if record.terminal and record.status is not JobStatus.SUCCEEDED:
-            raise Problem(
-                409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id
-            )
+        unless_succeeded(record)
         return await self.with_predictions(record) if with_results else record
 
     async def submit_and_wait(
@@ -320,6 +331,8 @@ class JobService:
         record = await self.store.get(job_id, with_results)
         if record is None or record.owner != owner:
             raise _unknown_job(job_id)
+        if record.ensemble is not None:  # its state is its members'
+            return await ensembles.settle(self, record)
         return record
 
     async def wait(self, job_id: str, timeout_s: float, owner: str) -> JobRecord:
@@ -388,6 +401,15 @@ class JobService:
 
 def _unknown_job(job_id: str) -> Problem:
     return Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or its result expired)")
+
+
+def unless_succeeded(record: JobRecord) -> None:
+    """A waited-on job that failed or was cancelled is a problem answer carrying its id (a job still
+    running, or succeeded, is not)."""
+    if record.status is JobStatus.FAILED:
+        raise Problem(500, "forecast-failed", record.error or "the forecast failed", job_id=record.id)
+    if record.terminal and record.status is not JobStatus.SUCCEEDED:
+        raise Problem(409, f"job-{record.status.value}", f"job {record.id} was {record.status.value}", job_id=record.id)
 
 
 def _digest(text: str) -> str:

@@ -19,25 +19,29 @@ from shared.store import Lane, keys
 _DIRECT = Exchange("", type="direct")
 
 
-def _queues(names: tuple[str, ...]) -> list[Queue]:
-    return [Queue(name, _DIRECT, routing_key=name) for name in names]
+def queues_for(spec: catalog.ModelSpec, revision: str | None = None, train: bool = False) -> list[Queue]:
+    """A worker's queues, sync lane first (the order it polls them in); with `revision`, also the
+    queue of the jobs pinned to that weights revision; with `train`, its fine-tuning queue alone."""
+    return [_queue(name) for name in keys.worker_queues(spec, revision, train)]
 
 
-def queues_for(spec: catalog.ModelSpec, train: bool = False) -> list[Queue]:
-    """A worker's queues, sync lane first (the order it polls them in); a training worker's one."""
-    return _queues(keys.worker_queues(spec, train))
+def _queue(name: str) -> Queue:
+    return Queue(name, _DIRECT, routing_key=name)
 
 
-def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None, train: bool = False) -> Celery:
+def make_celery(
+    settings: Settings, serve: catalog.ModelSpec | None = None, revision: str | None = None, train: bool = False
+) -> Celery:
     """A Celery app on the settings' Redis with the reliability defaults of docs/architecture.md, crash safety.
 
     A sender knows every model's queues; a worker (`serve=spec`) knows, and so consumes, only its
-    model's (with `train`, only its model's fine-tuning queue).
+    model's, and those of the jobs pinned to its weights `revision` (with `train`: only its model's
+    fine-tuning queue).
     """
-    queues = queues_for(serve, train) if serve else [q for s in catalog.CATALOG for q in _queues(keys.model_queues(s))]
+    every = [_queue(name) for spec in catalog.CATALOG for name in keys.model_queues(spec)]
     app = Celery("chronos_queue", broker=settings.redis_url)
     app.conf.update(
-        task_queues=queues,
+        task_queues=queues_for(serve, revision, train) if serve else every,
         task_create_missing_queues=False,
         # Results live in our own job records, not in Celery's result backend.
         task_ignore_result=True,
@@ -66,8 +70,9 @@ def make_celery(settings: Settings, serve: catalog.ModelSpec | None = None, trai
     return app
 
 
-def send_jobs(app: Celery, spec: catalog.ModelSpec, lane: Lane, job_ids: list[str]) -> None:
-    """Send one message for these jobs to their model's queue for `lane`. A message carries only ids:
+def send_jobs(app: Celery, spec: catalog.ModelSpec, lane: Lane, job_ids: list[str], queue: str | None = None) -> None:
+    """Send one message for these jobs to their model's queue for `lane` (or to `queue`, a pinned
+    revision's, which senders do not declare). A message carries only ids:
     one job's id is also its task id; several jobs (api/sender.py) go as a list under a task id of
     their own. The series wait in the job store. The reaper reads the ids back with `job_ids`."""
     single = len(job_ids) == 1
@@ -75,7 +80,7 @@ def send_jobs(app: Celery, spec: catalog.ModelSpec, lane: Lane, job_ids: list[st
         keys.FORECAST_TASK,
         args=[job_ids[0] if single else job_ids],
         task_id=job_ids[0] if single else uuid.uuid4().hex,
-        queue=keys.lane_queue(spec, lane),
+        queue=_queue(queue) if queue else keys.lane_queue(spec, lane),  # type: ignore[arg-type]  # Celery takes a Queue too
     )
 
 

@@ -106,6 +106,22 @@ class ForecastParameters(BaseModel):
         "each other (related series inform each other's forecasts). The series of one request only: they never "
         "share a group with another request's. At most CROSS_LEARNING_MAX_SERIES series, one input schema.",
     )
+    allow_fallback: bool = Field(
+        False,
+        description="An async job may be sent down the model's fallback chain (FALLBACKS) when the model has no live "
+        "worker or its circuit is open; sync calls always are.",
+    )
+    weights_revision: str | None = Field(
+        None, max_length=128,
+        description="Only a worker serving this weights revision (GET /v1/models/{id}/versions) runs the job; 503 "
+        "`no-worker` when none is live.",
+    )  # fmt: skip
+    ensemble_members: bool = Field(
+        False, description="Ensembles only: also return each member model's own forecast, as `members`."
+    )
+    ensemble_partial: bool = Field(
+        False, description="Ensembles only: a failed member is left out of the combination instead of failing it."
+    )
 
     def sampling(self) -> dict[str, float | int]:
         """The sampling options that were set (they apply to sample-based models only)."""
@@ -398,7 +414,8 @@ class JobView(BaseModel):
             "examples": [
                 {
                     "id": "5d0c7a0e6b6f4f0f9a1f3c2b8e7d6a51", "status": "succeeded",
-                    "model": "amazon/chronos-bolt-tiny", "lane": "sync", "n_series": 1, "prediction_length": 3,
+                    "model": "amazon/chronos-bolt-tiny", "served_by": "amazon/chronos-bolt-tiny", "lane": "sync",
+                    "n_series": 1, "prediction_length": 3,
                     "created_at": 1763900000.012, "started_at": 1763900000.018, "finished_at": 1763900000.034,
                     "attempts": 1, "weights": "real", "error": None, "cancel_requested": False,
                     "timings": {"queued_s": 0.006, "inference_s": 0.015, "total_s": 0.022},
@@ -412,7 +429,10 @@ class JobView(BaseModel):
     id: str
     kind: JobKind = JobKind.FORECAST
     status: JobStatus
-    model: str
+    model: str = Field(description="The model asked for.")
+    served_by: str = Field(
+        description="The model that ran the job: `model`, or another one (a fallback, an A/B candidate)."
+    )
     lane: Lane
     n_series: int
     prediction_length: int
@@ -427,7 +447,7 @@ class JobView(BaseModel):
     callback: CallbackView | None = None
     timings: Timings
     progress: Progress | None = Field(
-        None, description="Series forecast so far (origins, for a backtest or an anomaly job)."
+        None, description="Series forecast so far (origins, for a backtest or an anomaly job; steps, for fine-tuning)."
     )
     finetune: dict[str, Any] | None = Field(
         None,
@@ -444,6 +464,11 @@ class JobView(BaseModel):
         "scored point) and equal-length lists `lower`, `upper`, `median`, `anomaly` (booleans) and `score` (how "
         "far outside the interval, in interval widths; 0 inside; null where the actual is missing).",
     )
+    members: list[dict[str, Any]] | None = Field(
+        None,
+        description="An ensemble's job with `ensemble_members`: each member's model, served_by, job_id and, once "
+        "it succeeded, predictions.",
+    )
     predictions: list[dict[str, Any]] | None = Field(
         None, description="One entry per input series: item_id, mean, and one key per requested quantile level."
     )
@@ -459,7 +484,9 @@ class JobView(BaseModel):
             id=record.id,
             kind=record.kind,
             status=record.status,
-            model=record.request.get("finetuned") or record.model,  # the fine-tuned model asked for
+            # A fine-tuned model is asked for by name and served by its base model's workers.
+            model=record.requested or record.request.get("finetuned") or record.model,
+            served_by=record.request.get("finetuned") or record.model,
             lane=record.lane,
             n_series=record.n_series,
             prediction_length=record.prediction_length,
@@ -525,3 +552,22 @@ class ModelView(BaseModel):
     finetune: dict[str, Any] | None = Field(
         None, description="A fine-tuned model: mode, created_at, base_revision and the validation metrics."
     )
+    circuit: str = Field(
+        "closed", description="The model's circuit breaker: closed, open (sync calls refused) or half_open (probing)."
+    )
+    members: list[str] | None = Field(
+        None, description="An ensemble (family `ensemble`, POST /v1/predict only): its member models."
+    )
+    combine: str | None = Field(None, description="An ensemble: how its members' quantiles combine (median, mean).")
+
+
+class VersionView(BaseModel):
+    """One weights revision a model's workers serve or served (GET /v1/models/{id}/versions)."""
+
+    revision: str = Field(description="What `parameters.weights_revision` pins: hub-<commit>, synthetic-seed-<n>, "
+                          "or sha256-<digest of the checkpoint files>.")  # fmt: skip
+    kind: str = Field(description="hub (a Hugging Face commit), synthetic (a seed), or digest (local files).")
+    active: bool = Field(description="Served by a live worker now.")
+    workers: int = Field(description="Live workers serving it.")
+    first_seen: float = Field(description="When a worker first reported it (Unix time).")
+    last_seen: float = Field(description="When a worker last reported it.")

@@ -79,6 +79,24 @@ class Settings(BaseSettings):
     sync_timeout_max_s: float = Field(60.0, gt=0)
     wait_max_s: float = Field(60.0, gt=0)
 
+    # Routing of requests between models (api/routing.py), parsed once at start. FALLBACKS: chains
+    # `a>b>c` (ids or slugs), several separated by ';' or ','; a sync call for a model with no live
+    # worker or an open circuit is served by the next model of its chain. AB_SPLITS:
+    # `requested=90,candidate=10` (shares in percent), several separated by ';'. ENSEMBLES:
+    # `name=median(a,b)` or `name=mean(a,b,c)`, several separated by ';'.
+    fallbacks: str | None = None
+    ab_splits: str | None = None
+    ensembles: str | None = None
+    # Circuit breaker per model (api/breaker.py): when at least BREAKER_MIN_JOBS jobs of a model ended
+    # within BREAKER_WINDOW_S and at least BREAKER_FAILURE_RATIO of them failed, its circuit opens:
+    # sync calls are refused (or fall back) for BREAKER_COOLOFF_S, then BREAKER_PROBES calls at a
+    # time go through, and the first success closes it (a failure opens it again).
+    breaker_window_s: float = Field(60.0, gt=0)
+    breaker_min_jobs: int = Field(20, ge=1)
+    breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
+    breaker_cooloff_s: float = Field(30.0, gt=0)
+    breaker_probes: int = Field(3, ge=1)
+
     # Access. Keys come from API_KEYS (comma-separated) and/or API_KEYS_FILE (one per line, `#` comments,
     # each line `KEY` or `KEY models=PATTERN,... scopes=SCOPE,...`: api/auth.py).
     # With neither, the API refuses to start unless AUTH_DISABLED=true says so explicitly.

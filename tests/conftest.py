@@ -104,8 +104,16 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return out
 
 
+# Tests that fail jobs on purpose must not open a model's circuit for the others (tests/test_breaker.py
+# sets its own thresholds).
+NO_BREAKER = 1_000_000
+
+
 def settings_for(redis_server: RedisServer, **overrides) -> Settings:
-    return Settings(_env_file=None, redis_url=redis_server.url, **{"api_keys": f"{API_KEY},{OTHER_KEY}", **overrides})
+    return Settings(
+        _env_file=None, redis_url=redis_server.url,
+        **{"api_keys": f"{API_KEY},{OTHER_KEY}", "breaker_min_jobs": NO_BREAKER, **overrides},
+    )  # fmt: skip
 
 
 @dataclass
@@ -145,6 +153,7 @@ def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, log
             "SYNTHETIC_DIR": str(synthetic_dir),
             "HEARTBEAT_S": "1",
             "PYTHONUNBUFFERED": "1",
+            "BREAKER_MIN_JOBS": str(NO_BREAKER),
             **env,
         },
         stdout=log.open("w"),

@@ -12,13 +12,17 @@ from shared.settings import get_settings
 
 def main(argv: list[str] | None = None) -> None:
     from workers.app import Worker
+    from workers.weights import WeightsNotFound
 
     settings = get_settings()
     if not settings.chronos_model:
         sys.exit("CHRONOS_MODEL is not set: a worker serves exactly one catalog model (e.g. amazon/chronos-bolt-tiny)")
     extra = sys.argv[1:] if argv is None else argv
     train = settings.train or "--train" in extra
-    worker = Worker(settings, catalog.get(settings.chronos_model), train=train)
+    try:
+        worker = Worker(settings, catalog.get(settings.chronos_model), train=train)
+    except WeightsNotFound as exc:  # resolved before Celery starts (the worker's revision names a queue)
+        sys.exit(str(exc))
     # A unique node name per process, so several workers of one model can share a host.
     args = [
         "worker",

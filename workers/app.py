@@ -2,8 +2,8 @@
 (a training worker, `--train`: only its fine-tuning queue, workers/training.py).
 
 `python -m workers` builds a `Worker` and starts Celery's threads pool with `slots()` jobs at
-once. When Celery initialises the process, the worker resolves its weights (building a
-synthetic checkpoint when told to, failing fast when there are none), loads the model once,
+once. Built, the worker resolves its weights (building a synthetic checkpoint when told to,
+failing fast when there are none); when Celery initialises the process, it loads the model once,
 warms it up, starts the batcher's model thread, and announces itself in Redis so `/v1/models`
 can count it. Each task thread then claims a job and feeds its series to the batcher
 (workers/batcher.py).
@@ -55,7 +55,10 @@ class Worker:
 
     def __init__(self, settings: Settings, spec: ModelSpec, train: bool = False):
         self.settings, self.spec, self.train = settings, spec, train
-        self.app: Celery = make_celery(settings, serve=spec, train=train)
+        # Resolved before Celery starts: a serving worker also consumes the queue of jobs pinned to its revision.
+        self.weights = resolve(spec, settings)
+        revision = None if train else self.weights.revision
+        self.app: Celery = make_celery(settings, serve=spec, revision=revision, train=train)
         # typing=False: Celery would check calls against the bound method's signature, `self` included.
         self.app.task(name=keys.FORECAST_TASK, typing=False)(self.forecast)
         self._loaded: Loaded | None = None
@@ -74,8 +77,7 @@ class Worker:
         return min(max(2 * limit, 8), 1024)
 
     def load(self, sender=None, **_) -> None:
-        settings, spec = self.settings, self.spec
-        weights = resolve(spec, settings)
+        settings, spec, weights = self.settings, self.spec, self.weights
         log.info("%s: %s weights from %s", spec.id, weights.kind, weights.source)
         if weights.kind == "synthetic":
             log.warning("*** %s serves SYNTHETIC weights: its forecasts are meaningless ***", spec.id)

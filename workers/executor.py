@@ -103,8 +103,17 @@ def _settle(
     return JobStatus.SUCCEEDED
 
 
-def _work(store: JobStore, record: JobRecord, spec: ModelSpec) -> tuple[Work, Score | None]:
+class WrongRevision(ValueError):
+    """A job pinned to weights this worker does not serve."""
+
+
+def _work(store: JobStore, record: JobRecord, spec: ModelSpec, revision: str) -> tuple[Work, Score | None]:
     """What the batcher runs for a job (and how its results are scored, for a kind that scores them)."""
+    pinned = record.request.get("parameters", {}).get("weights_revision")
+    if pinned and pinned != revision:
+        # Pinned jobs travel on their revision's queue, which only its workers consume; a message
+        # that strays (sent again by hand, a worker restarted on other weights) must still not run here.
+        raise WrongRevision(f"the job pins weights revision {pinned}; this worker serves {revision}")
     score = None
     if record.kind in _SCORED:
         elements = store.inputs(record.id)
@@ -160,7 +169,7 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         metrics.QUEUE_WAIT.labels(spec.id, record.lane.value).observe(max(0.0, time.time() - record.created_at))
         fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
         try:
-            work, score = _work(store, record, spec)
+            work, score = _work(store, record, spec, batcher.runtime.weights.revision)
         except Exception as exc:  # a job this worker cannot read fails, not the worker
             claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
         else:

@@ -42,7 +42,7 @@ def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     held = []
     for tag, raw in store.unacked().items():
         message, _exchange, routing_key = json.loads(raw)
-        if routing_key in queues:
+        if routing_key in queues or routing_key.startswith(keys.revision_queue(spec, "")):  # pinned jobs' queues
             held += [(tag, job_id) for job_id in job_ids(message)]
     if not held:
         return []
@@ -94,10 +94,10 @@ def resend_lost(app: Celery, store: JobStore, spec: ModelSpec, grace_s: float) -
     present = {job_id for raw in messages for job_id in job_ids(_message(json.loads(raw)))}
     resent = 0
     for job_id in stale:
-        status, lane = store.queued_state(spec, job_id)
+        status, lane, queue = store.queued_state(spec, job_id)
         if status is None or job_id in present:  # claimed, finished or expired meanwhile; or not lost
             continue
-        send_jobs(app, spec, lane, [job_id])
+        send_jobs(app, spec, lane, [job_id], queue)
         store.resent(spec, job_id)
         resent += 1
     if resent:

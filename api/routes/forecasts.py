@@ -9,13 +9,16 @@ from fastapi import APIRouter, Query, Request, Response, status
 from shared.schemas import ForecastRequest, JobView
 from shared.store import Lane
 
-from api import answers, bodies
+from api import answers, bodies, ensembles
 from api.answers import accepted, add_job_routes, answer, preferred_wait
 from api.auth import Caller
 from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
+
+# What a synchronous predict can answer besides a submission's refusals.
+SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed")
 
 
 @router.post(
@@ -50,7 +53,12 @@ async def submit_forecast(
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
     wait = preferred_wait(prefer, config.wait_max_s)
-    if wait:
+    ensemble = jobs.router.ensemble(job.model)
+    if ensemble is not None:  # a virtual model: a job per member, combined when read (api/ensembles.py)
+        record, replayed = await ensembles.submit(jobs, ensemble, job, Lane.ASYNC, owner), False
+        if wait:
+            record = await jobs.wait(record.id, wait, owner)
+    elif wait:
         record, replayed = await jobs.submit_and_wait(job, Lane.ASYNC, owner, wait, idempotency_key, admitted=True)
     else:
         record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
@@ -70,7 +78,7 @@ add_job_routes(router, "forecasts", "forecast job")
     response_model=JobView,
     responses={
         202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
-        **documented(*SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker"),
+        **documented(*SUBMIT_ERRORS, *SYNC_ERRORS),
     },
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
 )
@@ -83,7 +91,8 @@ async def predict(
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Forecast in one round trip on a sync-eligible model, through its priority lane.
+    """Forecast in one round trip on a sync-eligible model, through its priority lane; or on an
+    ensemble (ENSEMBLES), whose members' forecasts are combined.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response, status
 
 from shared import model_store
-from shared.schemas import ModelView
+from shared.schemas import ModelView, VersionView
 
 from api.auth import Caller, caller
 from api.deps import Config, Jobs, Models
@@ -20,9 +20,22 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)]
     responses=documented("unauthorized", "missing-scope", "redis-unavailable"),
 )
 async def list_models(models: Models, owner: Caller) -> list[ModelView]:
-    """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind; then
-    the caller's fine-tuned models (`base_model`, `finetune`), served by their base model's workers."""
-    return [*await models.models(), *await models.finetuned_views(await models.owned(owner))]
+    """Every catalog model: limits, sync eligibility, queue depth, workers online, weights kind, circuit;
+    then the configured ensembles (family `ensemble`, with their members), and the caller's
+    fine-tuned models (`base_model`, `finetune`), served by their base model's workers."""
+    return [*await models.models(ensembles=True), *await models.finetuned_views(await models.owned(owner))]
+
+
+@router.get(
+    "/models/{model_id:path}/versions",
+    response_model=list[VersionView],
+    responses=documented("unauthorized", "missing-scope", "unknown-model", "redis-unavailable"),
+)
+async def model_versions(model_id: str, models: Models) -> list[VersionView]:
+    """The weights revisions the model's workers serve or served, oldest first: which are active (a
+    live worker serves them), on how many workers, and since when. `parameters.weights_revision`
+    pins a request to one."""
+    return await models.versions(models.model(model_id))
 
 
 @router.get(

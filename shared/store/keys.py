@@ -98,6 +98,21 @@ def workers(spec: ModelSpec, train: bool = False) -> str:
 FINETUNED = f"{PREFIX}:finetuned"
 
 
+def circuit(spec: ModelSpec) -> str:
+    """Hash of a model's circuit breaker while it is not closed (state, opened_at, probes); absent: closed."""
+    return f"{PREFIX}:circuit:{spec.slug}"
+
+
+def outcomes(spec: ModelSpec, bucket: int) -> str:
+    """Hash counting a model's jobs that ended `ok` or `failed` in one time bucket (the breaker's window)."""
+    return f"{PREFIX}:outcomes:{spec.slug}:{bucket}"
+
+
+def revisions(spec: ModelSpec) -> str:
+    """Hash of the weights revisions a model's workers served: '<revision>:first' / '<revision>:last' -> time."""
+    return f"{PREFIX}:revisions:{spec.slug}"
+
+
 def queue(spec: ModelSpec) -> str:
     """The model's bulk queue, named by its slug (also the Redis list Celery keeps it in)."""
     return spec.slug
@@ -118,11 +133,23 @@ def lane_queue(spec: ModelSpec, lane: Lane) -> str:
     return {Lane.SYNC: sync_queue, Lane.ASYNC: queue, Lane.TRAIN: train_queue}[lane](spec)
 
 
-def worker_queues(spec: ModelSpec, train: bool = False) -> tuple[str, ...]:
-    """A worker's queues in the order it must poll them: sync lane first (a training worker: its one)."""
-    return (train_queue(spec),) if train else (sync_queue(spec), queue(spec))
+def revision_queue(spec: ModelSpec, revision: str) -> str:
+    """The queue of jobs pinned to one weights revision (both lanes): only workers serving it consume it.
+    A hub commit is shortened to 12 hex digits, as git does."""
+    short = revision[: len("hub-") + 12] if revision.startswith("hub-") else revision
+    return f"{spec.slug}.rev-{short}"
+
+
+def worker_queues(spec: ModelSpec, revision: str | None = None, train: bool = False) -> tuple[str, ...]:
+    """A worker's queues in the order it must poll them: sync lane first, then the jobs pinned to its
+    revision, then the bulk queue. A training worker's: its model's fine-tuning queue alone."""
+    if train:
+        return (train_queue(spec),)
+    if revision is None:
+        return (sync_queue(spec), queue(spec))
+    return (sync_queue(spec), revision_queue(spec, revision), queue(spec))
 
 
 def model_queues(spec: ModelSpec) -> tuple[str, ...]:
-    """Every queue of the model: where the reaper looks for its messages, whoever consumes them."""
-    return (*worker_queues(spec), *worker_queues(spec, train=True))
+    """The model's fixed queues, whoever consumes them (a pinned revision's queue comes and goes)."""
+    return (*worker_queues(spec), train_queue(spec))

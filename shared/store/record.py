@@ -57,13 +57,15 @@ class JobRecord:
     needs besides the series, such as the forecast parameters)."""
 
     id: str
-    model: str
+    model: str  # the model that runs it
     status: JobStatus
     lane: Lane
     n_series: int
     prediction_length: int
     created_at: float
     owner: str = ""
+    # The model asked for, when another one runs the job (a fallback or an A/B candidate: api/routing.py).
+    requested: str | None = None
     kind: JobKind = JobKind.FORECAST
     attempts: int = 0
     request: dict = field(default_factory=dict, repr=False)
@@ -90,6 +92,11 @@ class JobRecord:
     # A fine-tuning job's training record (stored): the loss per step, and once it succeeded the
     # fine-tuned model's id and the validation scores of the base and fine-tuned models.
     finetune: dict | None = field(default=None, repr=False)
+    # An ensemble's job (api/ensembles.py): its members' job ids and how they combine. Its state is
+    # not stored but read from its members' each time it is read.
+    ensemble: dict | None = field(default=None, repr=False)
+    # A settled ensemble's members as the answer shows them, when asked for (never stored).
+    members: list[dict] | None = field(default=None, repr=False, compare=False, metadata={"stored": False})
     predictions: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})
     # An anomaly job's per-series intervals and flags, likewise loaded from its output list.
     anomalies: list[dict] | None = field(default=None, repr=False, metadata={"stored": False})

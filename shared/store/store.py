@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -21,6 +22,7 @@ from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, ov
 import redis
 
 from shared.catalog import ModelSpec
+from shared.catalog import get as get_model
 from shared.settings import Settings
 from shared.store import keys, scripts
 from shared.store.record import JobRecord, JobStatus, Lane, encode
@@ -86,10 +88,19 @@ def live(heartbeats: dict, heartbeat_s: float, now: float | None = None) -> dict
     return {name: info for name, info in infos.items() if now - info["last_seen"] < 3 * heartbeat_s}
 
 
+class CircuitState(NamedTuple):
+    """A model's circuit breaker as stored: `state` None (closed), 'open' or 'half_open'; `since`:
+    when it opened, or when its current probes began."""
+
+    state: str | None = None
+    since: float = 0.0
+
+
 class ModelState(NamedTuple):
     depth: int
     sync_depth: int
     live: list[dict]
+    circuit: CircuitState
 
 
 class PassRead(NamedTuple):
@@ -156,6 +167,13 @@ class _Core:
              *_pairs(record)],
         ))  # fmt: skip
         return _text((yield step)[-1])
+
+    @operation
+    def create_ensemble(self, record: JobRecord) -> Op[None]:
+        """Record an ensemble's job (api/ensembles.py): its members are jobs of their own, so it is in
+        no queue, no in-flight set, and never claimed; it lives as long as a job's record."""
+        key = keys.job(record.id)
+        yield Atomic([Cmd("hset", (key,), {"mapping": record.to_hash()}), Cmd("expire", (key, self.record_ttl_s))])
 
     @operation
     def fail_unsent(self, spec: ModelSpec, record: JobRecord, error: str, idempotency: str | None = None) -> Op[bool]:
@@ -230,11 +248,11 @@ class _Core:
             cmd
             for spec in specs
             for cmd in (Cmd("llen", (keys.queue(spec),)), Cmd("llen", (keys.sync_queue(spec),)),
-                        Cmd("hgetall", (keys.workers(spec),)))
+                        Cmd("hgetall", (keys.workers(spec),)), _circuit_read(spec))
         ]  # fmt: skip
         return [
-            ModelState(depth, sync_depth, list(live(beats, self.settings.heartbeat_s).values()))
-            for depth, sync_depth, beats in zip(replies[::3], replies[1::3], replies[2::3], strict=True)
+            ModelState(depth, sync_depth, list(live(beats, self.settings.heartbeat_s).values()), _circuit(circuit))
+            for depth, sync_depth, beats, circuit in zip(*(replies[i::4] for i in range(4)), strict=True)
         ]
 
     @operation
@@ -246,11 +264,34 @@ class _Core:
         return {name: beat for beats in replies for name, beat in live(beats, self.settings.heartbeat_s).items()}
 
     @operation
+    def health(self, spec: ModelSpec) -> Op[tuple[list[dict], CircuitState]]:
+        """The model's live workers' heartbeats and its circuit, in one round trip (what routing a call needs)."""
+        beats, circuit = yield [Cmd("hgetall", (keys.workers(spec),)), _circuit_read(spec)]
+        return list(live(beats, self.settings.heartbeat_s).values()), _circuit(circuit)
+
+    @operation
+    def revisions(self, spec: ModelSpec) -> Op[tuple[dict[str, tuple[float, float]], list[dict]]]:
+        """The weights revisions the model's workers served, revision -> (first seen, last seen), and
+        the heartbeats of its live workers, in one round trip."""
+        found, beats = yield [Cmd("hgetall", (keys.revisions(spec),)), Cmd("hgetall", (keys.workers(spec),))]
+        seen: dict[str, list[float]] = {}
+        for field, value in found.items():
+            revision, _, which = _text(field).rpartition(":")
+            seen.setdefault(revision, [0.0, 0.0])[which == "last"] = float(value)
+        history = {revision: (first, last) for revision, (first, last) in seen.items()}
+        return history, list(live(beats, self.settings.heartbeat_s).values())
+
+    @operation
     def heartbeat(self, spec: ModelSpec, name: str, info: dict, train: bool = False) -> Op[None]:
         """List a worker under its model (entries age out when it stops: `live`)."""
-        key = keys.workers(spec, train)
-        yield Atomic([Cmd("hset", (key, name, json.dumps({**info, "last_seen": time.time()}))),
-                      Cmd("expire", (key, int(self.settings.heartbeat_s * 6) + 1))])  # fmt: skip
+        key, now = keys.workers(spec, train), time.time()
+        step = Atomic([Cmd("hset", (key, name, json.dumps({**info, "last_seen": now}))),
+                       Cmd("expire", (key, int(self.settings.heartbeat_s * 6) + 1))])  # fmt: skip
+        if info.get("revision"):  # the model's history of weights revisions (GET /v1/models/{id}/versions)
+            revision = info["revision"]
+            step += [Cmd("hsetnx", (keys.revisions(spec), f"{revision}:first", repr(now))),
+                     Cmd("hset", (keys.revisions(spec), f"{revision}:last", repr(now)))]  # fmt: skip
+        yield step
 
     @operation
     def sign_off(self, spec: ModelSpec, name: str, train: bool = False) -> Op[None]:
@@ -351,6 +392,7 @@ class _Core:
     def finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> Op[list[str]]:
         """Store the outcome (status and record fields) of each job; returns their final statuses (a
         pending cancel makes a success 'cancelled'; a job that is not running keeps what it has)."""
+        now, s = time.time(), self.settings
         replies = yield [
             run_script(
                 "finish",
@@ -361,19 +403,37 @@ class _Core:
                     keys.job_output(r.id),
                     keys.job_items(r.id),
                     keys.CALLBACKS,
+                    *self._breaker_keys(r.model, now),
                 ],
                 [
                     status.value,
-                    repr(time.time()),
-                    self.settings.result_ttl_s,
+                    repr(now),
+                    s.result_ttl_s,
                     keys.EVENTS_CHANNEL,
                     r.id,
+                    s.breaker_min_jobs,
+                    s.breaker_failure_ratio,
+                    math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
                     *(x for pair in encode(fields).items() for x in pair),
                 ],
             )
             for r, status, fields in outcomes
         ]
         return [_text(reply) for reply in replies]
+
+    def _breaker_keys(self, model: str, now: float) -> list[str]:
+        """A model's circuit and the outcome buckets of the breaker's window, the current one first."""
+        spec = get_model(model)
+        bucket = int(now // (self.settings.breaker_window_s / _BUCKETS))
+        return [keys.circuit(spec), *(keys.outcomes(spec, bucket - i) for i in range(_BUCKETS + 1))]
+
+    @operation
+    def probe(self, spec: ModelSpec) -> Op[bool]:
+        """Whether a call may go to a model whose circuit is not closed (lua/probe.lua)."""
+        s = self.settings
+        reply = yield [run_script("probe", [keys.circuit(spec)], [repr(time.time()), s.breaker_cooloff_s,
+                                                                  s.breaker_probes])]  # fmt: skip
+        return bool(reply[0])
 
     # -- messages lost with a worker (workers/reaper.py) ----------------------------------------
 
@@ -412,23 +472,29 @@ class _Core:
 
     @operation
     def waiting_messages(self, spec: ModelSpec, at_most: int) -> Op[list[str] | None]:
-        """Every message on the model's queues and in kombu's unacked hash; None when more than
-        `at_most` wait in the queues (reading them all would cost more than it is worth)."""
+        """Every message on the model's queues (those of its pinned revisions included) and in kombu's
+        unacked hash; None when more than `at_most` wait in the queues (reading them all would cost
+        more than it is worth)."""
         queues = keys.model_queues(spec)
-        if sum((yield [Cmd("llen", (q,)) for q in queues])) > at_most:
+        *lengths, revisions = yield [*(Cmd("llen", (q,)) for q in queues), Cmd("hkeys", (keys.revisions(spec),))]
+        if sum(lengths) > at_most:
             return None
-        replies = yield [*(Cmd("lrange", (q, 0, -1)) for q in queues), Cmd("hvals", (keys.KOMBU_UNACKED,))]
+        pinned = {keys.revision_queue(spec, _text(field).rpartition(":")[0]) for field in revisions}
+        replies = yield [*(Cmd("lrange", (q, 0, -1)) for q in (*queues, *sorted(pinned))),
+                         Cmd("hvals", (keys.KOMBU_UNACKED,))]  # fmt: skip
         return [_text(m) for messages in replies for m in messages]
 
     @operation
-    def queued_state(self, spec: ModelSpec, job_id: str) -> Op[tuple[JobStatus | None, Lane]]:
-        """A queued job's status and lane; a job claimed, ended or expired meanwhile leaves the queued set."""
-        (status, lane), has_input = yield [Cmd("hmget", (keys.job(job_id), "status", "lane")),
-                                           Cmd("exists", (keys.job_input(job_id),))]  # fmt: skip
+    def queued_state(self, spec: ModelSpec, job_id: str) -> Op[tuple[JobStatus | None, Lane, str | None]]:
+        """A queued job's status, lane and the queue its message goes to when it is not its lane's (a
+        pinned weights revision's); a job claimed, ended or expired meanwhile leaves the queued set."""
+        (status, lane, request), has_input = yield [Cmd("hmget", (keys.job(job_id), "status", "lane", "request")),
+                                                    Cmd("exists", (keys.job_input(job_id),))]  # fmt: skip
         if _text(status) != JobStatus.QUEUED or not has_input:
             yield [Cmd("zrem", (keys.queued(spec), job_id))]
-            return None, Lane.ASYNC
-        return JobStatus.QUEUED, Lane(_text(lane) or Lane.ASYNC)
+            return None, Lane.ASYNC, None
+        pinned = json.loads(request or "{}").get("parameters", {}).get("weights_revision")
+        return JobStatus.QUEUED, Lane(_text(lane) or Lane.ASYNC), keys.revision_queue(spec, pinned) if pinned else None
 
     @operation
     def resent(self, spec: ModelSpec, job_id: str) -> Op[None]:
@@ -637,6 +703,19 @@ def _raise_first(replies: list[Any]) -> list[Any]:
         if isinstance(reply, Exception):
             raise reply
     return replies
+
+
+# Buckets of the breaker's window: outcomes age out of it a sixth of the window at a time.
+_BUCKETS = 6
+
+
+def _circuit_read(spec: ModelSpec) -> Cmd:
+    return Cmd("hmget", (keys.circuit(spec), "state", "opened_at"))
+
+
+def _circuit(reply: list) -> CircuitState:
+    state, since = reply
+    return CircuitState(_text(state), float(since)) if state else CircuitState()
 
 
 def _pairs(record: JobRecord) -> list:
