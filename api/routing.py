@@ -156,7 +156,7 @@ class Router:
         on its model (or A/B arm) until a worker takes it.
         """
         requested = self.fleet.model(job.model)
-        limits.check(job.series, job.parameters, requested, self.settings)
+        limits.check(job.series, job.parameters, requested, self.settings, job.field)
         if lane is Lane.SYNC:
             self.fleet.check_sync(requested)
         candidates = [requested]
@@ -197,7 +197,7 @@ class Router:
         if spec is not requested:
             if lane is Lane.SYNC:
                 self.fleet.check_sync(spec)
-            limits.check(job.series, job.parameters, spec, self.settings)
+            limits.check(job.series, job.parameters, spec, self.settings, job.field)
         live, circuit = await self.fleet.health(spec)
         pinned = job.parameters.weights_revision
         if not any(not pinned or info.get("revision") == pinned for info in live):

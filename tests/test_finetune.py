@@ -158,6 +158,26 @@ def test_bad_finetunes_name_the_field_and_queue_nothing(api, redis_server, chang
     assert set(client.scan_iter("cq:job:*")) == before
 
 
+def test_the_client_fine_tunes_forecasts_with_the_result_and_deletes_it(live_api, server, trainer):
+    from client import Client, NotFound
+
+    data = [{"item_id": f"c{k}", "target": wave(60, k)} for k in range(4)]
+    with Client(live_api, api_key=API_KEY) as cq:
+        done = cq.wait(cq.submit_finetune(CHRONOS2, data, 4, num_steps=2, batch_size=4, context_length=32,
+                                          validation=False).id, timeout=300)  # fmt: skip
+        name = done.finetuned_model
+        served = cq.wait(cq.submit(name, [wave(48, 1)], 4).id, timeout=120)
+        listed = [m.id for m in cq.models()]
+        cq.delete_model(name)
+        with pytest.raises(NotFound):
+            cq.submit(name, [wave(48, 1)], 4)
+
+    assert done.status.value == "succeeded" and "metrics" not in done.finetune  # no validation asked for
+    assert served.status.value == "succeeded" and served.model == name and len(served.predictions[0]["0.5"]) == 4
+    assert name in listed
+
+
+# Last: it kills the module's training worker.
 def test_a_training_worker_killed_mid_run_is_replaced_and_the_job_ends(
     api, trainer, redis_server, synthetic_dir, store_dir, tmp_path_factory
 ):
@@ -180,22 +200,3 @@ def test_a_training_worker_killed_mid_run_is_replaced_and_the_job_ends(
     assert done["attempts"] == 2 and done["progress"] == {"done": 6, "total": 6}
     assert (model_store.path(store_dir, done["finetuned_model"]) / model_store.MANIFEST).exists()
     assert not list(store_dir.glob(".staging-*"))
-
-
-def test_the_client_fine_tunes_forecasts_with_the_result_and_deletes_it(live_api, server, trainer):
-    from client import Client, NotFound
-
-    data = [{"item_id": f"c{k}", "target": wave(60, k)} for k in range(4)]
-    with Client(live_api, api_key=API_KEY) as cq:
-        done = cq.wait(cq.submit_finetune(CHRONOS2, data, 4, num_steps=2, batch_size=4, context_length=32,
-                                          validation=False).id, timeout=300)  # fmt: skip
-        name = done.finetuned_model
-        served = cq.wait(cq.submit(name, [wave(48, 1)], 4).id, timeout=120)
-        listed = [m.id for m in cq.models()]
-        cq.delete_model(name)
-        with pytest.raises(NotFound):
-            cq.submit(name, [wave(48, 1)], 4)
-
-    assert done.status.value == "succeeded" and "metrics" not in done.finetune  # no validation asked for
-    assert served.status.value == "succeeded" and served.model == name and len(served.predictions[0]["0.5"]) == 4
-    assert name in listed
