@@ -200,3 +200,4 @@ def test_a_training_worker_killed_mid_run_is_replaced_and_the_job_ends(
     assert done["attempts"] == 2 and done["progress"] == {"done": 6, "total": 6}
     assert (model_store.path(store_dir, done["finetuned_model"]) / model_store.MANIFEST).exists()
     assert not list(store_dir.glob(".staging-*"))
+    assert api.delete(f"/v1/models/{done['finetuned_model']}").status_code == 204  # the session's Redis is shared
