@@ -50,6 +50,7 @@ bench: install
 	$(PY) bench/dataplane.py
 	$(PY) bench/chaos.py
 	$(PY) bench/backtest.py
+	$(PY) bench/finetune.py
 
 clean:
 	rm -rf $(VENV) .cache .run *.egg-info .mypy_cache .ruff_cache
