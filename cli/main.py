@@ -47,13 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     fc.add_argument("--plot", type=Path, help="PNG of history, median and 10-90%% band (first 12 series)")
     fc.add_argument("--freq", help="pandas frequency of the series (default: inferred from timestamps)")
-    fc.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
-    fc.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
     fc.add_argument("--series-per-job", type=int, default=256)
-    fc.add_argument("--id-column", default="item_id")
-    fc.add_argument("--time-column", default="timestamp")
-    fc.add_argument("--value-column", default="target")
-    fc.add_argument("--no-progress", action="store_true")
+    _service_options(fc)
 
     bt = commands.add_parser("backtest", help="backtest one series of a CSV or JSON file as one job, with scores")
     bt.add_argument("input", type=Path, help="as for `forecast`; the first series, or the one named by --item")
@@ -67,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--season", type=int, default=1, help="season of the naive forecast that scales MASE")
     bt.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated levels (the median is always added)")
     bt.add_argument("--out", type=Path, help="per-origin forecasts as CSV (one row per origin and step)")
-    bt.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
-    bt.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
-    bt.add_argument("--id-column", default="item_id")
-    bt.add_argument("--time-column", default="timestamp")
-    bt.add_argument("--value-column", default="target")
-    bt.add_argument("--no-progress", action="store_true")
+    _service_options(bt)
 
     an = commands.add_parser("anomalies", help="flag the points of the series of a file that fall outside "
                              "the model's forecast interval, as one job")  # fmt: skip
@@ -85,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("--num-samples", type=int, help="sample paths (T5 models)")
     an.add_argument("--out", type=Path, help="one row per scored point as CSV (default: stdout)")
     an.add_argument("--plot", type=Path, help="PNG of each series (first 12) with its interval and flagged points")
-    an.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
-    an.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
-    an.add_argument("--id-column", default="item_id")
-    an.add_argument("--time-column", default="timestamp")
-    an.add_argument("--value-column", default="target")
-    an.add_argument("--no-progress", action="store_true")
+    _service_options(an)
 
     args, rest = parser.parse_known_args(argv)
     if args.command in ("forecast", "backtest", "anomalies"):
@@ -235,6 +220,17 @@ def _series(args: argparse.Namespace) -> list:
     if not series:
         print(f"error: no series in {args.input}", file=sys.stderr)
     return series
+
+
+def _service_options(command: argparse.ArgumentParser) -> None:
+    """What every command that sends a file's series to the service takes: where the service is, and
+    how to read the file."""
+    command.add_argument("--url", default=os.environ.get("CHRONOS_QUEUE_URL", "http://127.0.0.1:8000"))
+    command.add_argument("--api-key", default=os.environ.get("CHRONOS_QUEUE_API_KEY"), help="or CHRONOS_QUEUE_API_KEY")
+    command.add_argument("--id-column", default="item_id")
+    command.add_argument("--time-column", default="timestamp")
+    command.add_argument("--value-column", default="target")
+    command.add_argument("--no-progress", action="store_true")
 
 
 def _failed(exc: Exception) -> int:
