@@ -105,6 +105,14 @@ def test_a_lora_finetune_reports_each_step_and_serves_its_owner_only(api, server
     tuned, base, tuned_again, base_again = (forecast(api, m) for m in (name, CHRONOS2, name, CHRONOS2))
     assert tuned == tuned_again and base == base_again
     assert tuned != pytest.approx(base, rel=1e-4)
+    # Backtests (and anomaly jobs) take it as well: the same variant runs each window.
+    backtest = api.post("/v1/backtests", json={"model": name, "series": {"target": wave(60, 1)},
+                                               "origins": {"first": 48, "last": 48}, "context_length": 48,
+                                               "parameters": {"prediction_length": 4, "quantile_levels": [0.5]}})  # fmt: skip
+    assert backtest.status_code == 202, backtest.text
+    scored = wait_for(api, backtest.json()["id"], timeout=120)
+    assert scored["status"] == "succeeded" and scored["model"] == name
+    assert scored["backtest"]["forecasts"][0]["0.5"] == pytest.approx(tuned, rel=1e-5)  # the same 48 points
 
     assert api.delete(f"/v1/models/{name}", headers=other).status_code == 404
     assert api.delete(f"/v1/models/{name}").status_code == 204
