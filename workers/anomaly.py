@@ -21,7 +21,7 @@ import numpy as np
 from shared import families
 from shared.catalog import ModelSpec
 from shared.schemas import AnomalyParameters
-from shared.series import Decoded, decode
+from shared.series import ANOMALY_ROWS, Decoded, decode
 from shared.store import JobRecord
 
 from workers.batcher import Work
@@ -83,5 +83,6 @@ def score(
         with np.errstate(invalid="ignore"):  # a missing actual (NaN) scores NaN
             outside = np.maximum(actual - upper, lower - actual)
             scores = np.where(np.isnan(actual), np.nan, np.maximum(outside, 0.0) / width)
-        out.append(np.stack([lower, upper, median, scores]).astype(np.float32))
+        rows_of = {"lower": lower, "upper": upper, "median": median, "score": scores}
+        out.append(np.stack([rows_of[name] for name in ANOMALY_ROWS]).astype(np.float32))  # the layout render reads
     return out
