@@ -169,9 +169,11 @@ class Settings(BaseSettings):
     lost_message_grace_s: float = Field(30.0, gt=0)
     # A job is delivered at most this many times: each redelivery means its worker died running it.
     max_deliveries: int = Field(3, ge=1)
-    # Celery task events (task received / started / succeeded), which Flower's task view shows. They cost
-    # three messages through Redis per job: at thousands of jobs a second, turn them off.
-    task_events: bool = True
+    # Celery task events (task received / started / succeeded), which only Flower's task list shows.
+    # They cost three messages through Redis per Celery message, about a fifth of a worker's CPU
+    # outside the model under a flood (bench/README.md), so they are off unless asked for. Flower's
+    # queues and workers need none: workers still send their heartbeats.
+    task_events: bool = False
     # Prometheus endpoint of a worker (0 = none). Each worker on one host needs its own port.
     metrics_port: int = Field(0, ge=0, le=65535)
 
