@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -58,6 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dispatcher = Dispatcher(store, settings) if settings.callback_prefixes() else None
         if dispatcher:
             dispatcher.start()
+        # What start-up built (FastAPI's routes and models, Celery, pydantic) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks 100 000 objects
+        # (about 50 ms with every request stalled) but only what requests allocate.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

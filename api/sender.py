@@ -1,13 +1,21 @@
 """Sending jobs' messages to their model's queue: async jobs that arrive together share one.
 
 A flood of one-series jobs costs a worker one Celery delivery (fetch, unacked bookkeeping, ack,
-task events) per message, and a message per job caps the flood well below what the model does.
-So each API process holds the async jobs of a model for up to SEND_WINDOW_MS, or until
-SEND_MAX_JOBS are waiting, and sends their ids as one message; the worker claims, runs and
-finishes them together (workers/executor.py). Each job keeps its own id, record, cancel and
-result. A request is answered only once its message is sent: if the send fails, every job of
-the message is answered 503 and ended `failed` (api/service.py), so nothing accepted is ever
-without a message.
+a task thread's claim and finish round trips) per message, and a message per job caps the flood
+well below what the model does. So each API process holds the async jobs of a model for a short
+window, or until SEND_MAX_JOBS are waiting, and sends their ids as one message; the worker claims,
+runs and finishes them together (workers/executor.py).
+
+How long a message stays open depends on how busy the model is in this process. A job that comes
+alone (a client sending one job after another, a quiet hour) waits SEND_WINDOW_MS (2 ms). While
+jobs of the model keep arriving at least two per SEND_BUSY_WINDOW_MS (a smoothed gap between
+arrivals of half that window or less), a message stays open SEND_BUSY_WINDOW_MS (20 ms): under a
+flood, a job waits for the model's pass in progress anyway, and a message of 20 to 60 jobs costs a
+worker, the API and Redis far less per job than one of a few (bench/README.md).
+
+Each job keeps its own id, record, cancel and result. A request is answered only once its message
+is sent: if the send fails, every job of the message is answered 503 and ended `failed`
+(api/service.py), so nothing accepted is ever without a message.
 
 Only small forecasts are held (up to SHARED_MAX_SERIES series): a message's jobs are claimed by
 one worker, so a large job would take its neighbours along (and large work is better spread over
@@ -17,6 +25,7 @@ workers anyway). Sync jobs are never held: a /v1/predict is sent at once, on its
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 from celery import Celery
@@ -38,12 +47,32 @@ class _Open:
 
 # Jobs of more series than this go in a message of their own.
 SHARED_MAX_SERIES = 16
+# Weight of the newest gap between two arrivals in a model's smoothed gap.
+_SMOOTHING = 0.2
+
+
+@dataclass
+class _Arrivals:
+    """When a model's last small async job reached this process, and the smoothed gap between them.
+    A gap is counted as at most `longest`: after a quiet hour, a flood is recognised within a few
+    jobs, not after the hour has been averaged away."""
+
+    longest: float
+    last: float = -math.inf
+    gap: float = math.inf
+
+    def note(self, now: float) -> float:
+        gap, self.last = min(now - self.last, self.longest), now
+        self.gap = gap if math.isinf(self.gap) else self.gap + _SMOOTHING * (gap - self.gap)
+        return self.gap
 
 
 class Sender:
-    def __init__(self, celery: Celery, window_s: float, max_jobs: int):
+    def __init__(self, celery: Celery, window_s: float, max_jobs: int, busy_window_s: float = 0.0):
         self.celery, self.window_s, self.max_jobs = celery, window_s, max_jobs
+        self.busy_window_s = max(window_s, busy_window_s)
         self._open: dict[str, _Open] = {}  # model id -> the message being filled
+        self._arrivals: dict[str, _Arrivals] = {}  # model id -> its recent small async jobs
         self._sending: set[asyncio.Task] = set()
 
     async def send(
@@ -55,10 +84,14 @@ class Sender:
         if lane is Lane.SYNC or not small or not self.window_s or self.max_jobs == 1 or queue:
             await asyncio.to_thread(send_jobs, self.celery, spec, lane, [job_id], queue)
             return
+        loop = asyncio.get_running_loop()
+        arrivals = self._arrivals.get(spec.id) or self._arrivals.setdefault(spec.id, _Arrivals(2 * self.busy_window_s))
+        gap = arrivals.note(loop.time())
         message = self._open.get(spec.id)
         if message is None:
+            window = self.busy_window_s if 2 * gap <= self.busy_window_s else self.window_s
             message = self._open[spec.id] = _Open(spec)
-            message.timer = asyncio.get_running_loop().call_later(self.window_s, self._flush, spec.id)
+            message.timer = loop.call_later(window, self._flush, spec.id)
         message.job_ids.append(job_id)
         if len(message.job_ids) >= self.max_jobs:
             self._flush(spec.id)

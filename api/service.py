@@ -53,7 +53,9 @@ class JobService:
         self.fleet = Fleet(settings, store, routes.ensembles)
         self.router = Router(settings, self.fleet, store, metrics, routes)
         self.admission = Admission(settings, store)
-        self.sender = Sender(celery, settings.send_window_ms / 1000, settings.send_max_jobs)
+        self.sender = Sender(
+            celery, settings.send_window_ms / 1000, settings.send_max_jobs, settings.send_busy_window_ms / 1000
+        )
 
     async def submit(
         self,

@@ -1,0 +1,59 @@
+"""How long the API holds a model's small async jobs before their shared message is sent
+(api/sender.py): the short window for a job that comes alone, the busy window under a stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from api import sender
+from api.sender import Sender, _Arrivals
+from shared import catalog
+from shared.store import Lane
+
+BOLT = catalog.get("amazon/chronos-bolt-tiny")
+
+
+def busy(arrivals: _Arrivals, window: float, times: list[float]) -> list[bool]:
+    """For each arrival time, whether a message opened then would take the busy window."""
+    return [2 * arrivals.note(t) <= window for t in times]
+
+
+def test_jobs_one_after_another_never_count_as_busy():
+    # A client sending its next job once the last has come back: 300 ms apart, busy window 20 ms.
+    assert busy(_Arrivals(0.04), 0.02, [0.3 * i for i in range(50)]) == [False] * 50
+
+
+def test_a_flood_after_a_quiet_hour_is_recognised_within_a_few_jobs():
+    arrivals = _Arrivals(0.04)
+    busy(arrivals, 0.02, [0.0, 3600.0])  # one job an hour ago, one now
+    flood = busy(arrivals, 0.02, [3600 + 0.001 * i for i in range(1, 40)])
+    assert not flood[0] and flood.index(True) <= 10 and all(flood[flood.index(True) :])
+
+
+def test_a_lone_job_waits_the_short_window_and_jobs_of_a_stream_the_busy_one(monkeypatch):
+    sent: list[list[str]] = []
+    monkeypatch.setattr(sender, "send_jobs", lambda celery, spec, lane, ids, queue=None: sent.append(list(ids)))
+
+    async def scenario() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        s = Sender(None, window_s=0.002, max_jobs=64, busy_window_s=5.0)  # type: ignore[arg-type]
+        lone = asyncio.create_task(s.send(BOLT, Lane.ASYNC, "lone"))
+        await asyncio.sleep(0)
+        lone_window = s._open[BOLT.id].timer.when() - loop.time()
+        await lone
+        # A stream: jobs a few microseconds apart. They fill the message open now, and the next
+        # message opened for them stays open the busy window.
+        stream = [asyncio.create_task(s.send(BOLT, Lane.ASYNC, f"job-{i}")) for i in range(10)]
+        await asyncio.sleep(0)
+        await s.close()  # sends what is held
+        await asyncio.gather(*stream)
+        more = asyncio.create_task(s.send(BOLT, Lane.ASYNC, "next"))
+        await asyncio.sleep(0)
+        busy_window = s._open[BOLT.id].timer.when() - loop.time()
+        await s.close()
+        await more
+        return lone_window, busy_window
+
+    lone_window, busy_window = asyncio.run(scenario())
+    assert lone_window <= 0.002 and busy_window > 4.0
+    assert sent == [["lone"], [f"job-{i}" for i in range(10)], ["next"]]
