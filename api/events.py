@@ -56,8 +56,9 @@ class JobEvents:
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
                 async for message in pubsub.listen():
-                    for event in self._waiters.get(message["data"], ()):
-                        event.set()
+                    for job_id in message["data"].split():  # one id, or the jobs a worker finished together
+                        for event in self._waiters.get(job_id, ()):
+                            event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: waiters fall back to polling until we are back

@@ -78,6 +78,38 @@ def test_terminal_state_is_announced_on_the_events_channel(client, store):
     assert message is not None and message["data"] == job_id
 
 
+def test_jobs_finished_together_are_announced_in_one_message_that_wakes_each_waiter(client, store, redis_server):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from api.events import JobEvents
+
+    ids = [queued_job(client) for _ in range(3)]
+    for job_id in ids:
+        start(store, job_id)
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.EVENTS_CHANNEL)
+
+    async def waiters_woken() -> list[bool]:
+        api_client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        events = JobEvents(api_client)
+        events.start()
+        with events.watch(ids[0]) as first, events.watch(ids[2]) as last, events.watch("other") as other:
+            await asyncio.sleep(0.3)  # the listener has subscribed
+            assert store.finish([(r, JobStatus.SUCCEEDED, {}) for r in running]) == ["succeeded"] * 3
+            await asyncio.wait_for(asyncio.gather(first.wait(), last.wait()), 5)
+            woken = [first.is_set(), last.is_set(), other.is_set()]
+        await events.stop()
+        await api_client.aclose()
+        return woken
+
+    assert asyncio.run(waiters_woken()) == [True, True, False]
+    messages = [pubsub.get_message(timeout=1) for _ in range(2)]
+    assert [m["data"] for m in messages if m] == [" ".join(ids)]  # one message, not one per job
+
+
 def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, store):
     job_id = queued_job(client)
     start(store, job_id)

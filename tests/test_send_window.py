@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from api import sender
-from api.sender import Sender, _Arrivals
 from shared import catalog
 from shared.store import Lane
+
+from api import sender
+from api.sender import Sender, _Arrivals
 
 BOLT = catalog.get("amazon/chronos-bolt-tiny")
 

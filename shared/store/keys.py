@@ -7,8 +7,9 @@ from shared.store.record import Lane
 
 PREFIX = "cq"
 
-# Workers publish a job id here when the job reaches a terminal state or makes progress; API
-# processes keep one subscription each and wake the requests waiting on that id.
+# Workers publish a job id here when the job reaches a terminal state or makes progress (the ids of
+# the jobs a worker finishes together go as one message, separated by spaces); API processes keep
+# one subscription each and wake the requests waiting on those ids.
 EVENTS_CHANNEL = f"{PREFIX}:events"
 
 FORECAST_TASK = "chronos_queue.forecast"

@@ -391,9 +391,14 @@ class _Core:
     @operation
     def finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> Op[list[str]]:
         """Store the outcome (status and record fields) of each job; returns their final statuses (a
-        pending cancel makes a success 'cancelled'; a job that is not running keeps what it has)."""
+        pending cancel makes a success 'cancelled'; a job that is not running keeps what it has).
+
+        The jobs are announced together, their ids in one message after every script has run: an
+        API process parses one message per wave of jobs, not one per job. Should the message be lost
+        (the connection drops between the scripts and it), waiters find the jobs ended at their next
+        re-read (api/events.py): a wake-up can be late, never wrong."""
         now, s = time.time(), self.settings
-        replies = yield [
+        *replies, _announced = yield [
             run_script(
                 "finish",
                 [
@@ -409,7 +414,7 @@ class _Core:
                     status.value,
                     repr(now),
                     s.result_ttl_s,
-                    keys.EVENTS_CHANNEL,
+                    "",  # no announcement of its own: see below
                     r.id,
                     s.breaker_min_jobs,
                     s.breaker_failure_ratio,
@@ -418,7 +423,7 @@ class _Core:
                 ],
             )
             for r, status, fields in outcomes
-        ]
+        ] + [Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(r.id for r, _, _ in outcomes)))]
         return [_text(reply) for reply in replies]
 
     def _breaker_keys(self, model: str, now: float) -> list[str]:
