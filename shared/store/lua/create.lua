@@ -47,7 +47,7 @@ if cap > 0 then
 end
 if KEYS[8] ~= '' then redis.call('SET', KEYS[8], id, 'EX', ARGV[1]) end
 if KEYS[7] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[1]) end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))  -- every field in one call: each call out of Lua has a cost
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], created, id)
 redis.call('EXPIRE', KEYS[2], ARGV[1])

@@ -18,7 +18,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
   return 'miss'
 end
 if KEYS[7] then redis.call('SET', KEYS[7], ARGV[2], 'EX', ARGV[1]) end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('COPY', KEYS[4], KEYS[5], 'REPLACE')
 redis.call('EXPIRE', KEYS[5], ARGV[1])
 ended(KEYS[1], KEYS[2], KEYS[3], ARGV[5], 'succeeded', ARGV[3], ARGV[1], ARGV[4])

@@ -11,7 +11,7 @@ if s ~= 'running' then return s or 'missing' end
 local final = ARGV[1]
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then final = 'cancelled' end
 if final ~= 'cancelled' then
-  for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  if #ARGV >= 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
 end
 if final == 'succeeded' then
   redis.call('EXPIRE', KEYS[4], ARGV[3])
