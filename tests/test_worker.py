@@ -99,6 +99,29 @@ def test_a_job_larger_than_the_model_batch_is_split_and_keeps_series_order(redis
     assert rec.predictions[-1]["0.5"] == pytest.approx(single.predictions[0]["0.5"], rel=1e-5)
 
 
+def test_a_forecast_ends_with_its_last_results_in_the_pass_round_trip_not_from_its_task_thread(
+    redis_server, batcher, monkeypatch
+):
+    trips = []
+    complete_pass = batcher.io.store.complete_pass
+
+    def counted(*args):
+        trips.append(args)
+        return complete_pass(*args)
+
+    monkeypatch.setattr(batcher.io.store, "complete_pass", counted)
+    monkeypatch.setattr(JobStore, "finish", lambda store, outcomes: pytest.fail(f"the task thread finished {outcomes}"))
+    body = forecast_body(BOLT, n_series=2, length=30, horizon=3)
+    body["inputs"][0]["item_id"] = uuid.uuid4().hex  # not a cache hit of another test's job
+
+    rec = run_job(redis_server, batcher, body)
+
+    assert rec.status is JobStatus.SUCCEEDED and rec.progress_done == 2 and rec.inference_s > 0
+    assert len(rec.predictions) == 2 and rec.weights == "synthetic"
+    ((appended, _kept, outcomes),) = trips  # its results, its cache entry (tests/test_cache.py) and its end
+    assert [job_id for job_id, _, _ in appended] == [rec.id] and [r.id for r, _, _ in outcomes] == [rec.id]
+
+
 def test_series_longer_than_the_context_are_cut_to_the_context_window(runtime):
     context = runtime.spec.context_length
     tail = [float(i % 17) for i in range(context)]

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,6 +61,11 @@ class Work:
     keep: bool = False
     stored: bool = True
     variant: str | None = None  # the fine-tuned model of the worker's base model the job asked for
+    # How the job's record is finished together with its last pass's results, on the I/O thread (set
+    # by workers/executor.py for a job that needs nothing more once its series are forecast), and the
+    # status that left it; None: the job's task thread finishes it.
+    closing: Any = None
+    final: str | None = None
     kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
     waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
@@ -89,8 +94,9 @@ class PassIO(Protocol):
         """Mark the batch's jobs as in a forward pass (a worker's death now counts against them)."""
         ...
 
-    def write(self, results: list[tuple[Slice, list[np.ndarray]]]) -> None:
-        """Store each slice's results (float32 [variates, rows, horizon] per series), in order."""
+    def write(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
+        """Store each slice's results (float32 [variates, rows, horizon] per series), in order, and
+        finish the `completed` jobs that have a `closing` (setting their `final`)."""
         ...
 
 
@@ -269,7 +275,7 @@ class Batcher:
     def _store(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
         """Store a pass's results, then finish the jobs it completed (their results must be stored first)."""
         try:
-            self.io.write(results)
+            self.io.write(results, completed)
         except Exception as exc:
             log.exception("storing a pass's results failed")
             for (work, _, _), _ in results:

@@ -24,12 +24,22 @@ from workers.batcher import Batcher, Slice, Work
 log = logging.getLogger(__name__)
 
 
+class _Closing(NamedTuple):
+    """What finishing a plain forecast job with its last pass's results takes (`Work.closing`)."""
+
+    record: JobRecord
+    fields: dict  # the record fields stored with its outcome; the task thread logs them afterwards
+    digest: str | None  # its result cache entry (shared/cache.py), None when not cached
+
+
 class RedisPassIO:
     """A pass's series and results through the job store, each step one pipelined round trip: read
     the series of every job in the pass and their cancel flags; mark them `in_pass` right before the
-    model runs; append the results, clear the mark and record progress. The mark is how a
-    redelivery knows whether the job was in the pass that killed its worker (lua/start.lua). The
-    batcher reads and writes on its I/O thread while the model computes; only the mark waits for Redis."""
+    model runs; append the results, clear the mark and record progress, and finish the plain
+    forecasts the pass completed (cached and ended, in the same round trip: their task threads only
+    report). The mark is how a redelivery knows whether the job was in the pass that killed its
+    worker (lua/start.lua). The batcher reads and writes on its I/O thread while the model
+    computes; only the mark waits for Redis."""
 
     def __init__(self, store: JobStore):
         self.store = store
@@ -50,13 +60,26 @@ class RedisPassIO:
     def begin(self, batch: list[Slice]) -> None:
         self.store.mark_in_pass(work.job_id for work, _, _ in batch)
 
-    def write(self, results: list[tuple[Slice, list[np.ndarray]]]) -> None:
-        if results:
-            # The last pass's progress comes with the job's final state.
-            self.store.append_results([
-                (work.job_id, [a.tobytes() for a in arrays] if work.stored else [], end if end < work.n else None)
-                for (work, _, end), arrays in results
-            ])  # fmt: skip
+    def write(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
+        # The last pass's progress comes with the job's final state.
+        appended = [
+            (work.job_id, [a.tobytes() for a in arrays] if work.stored else [], end if end < work.n else None)
+            for (work, _, end), arrays in results
+        ]  # fmt: skip
+        closing = [work for work in completed if work.closing is not None]
+        if not closing:
+            if appended:
+                self.store.append_results(appended)
+            return
+        outcomes, kept = [], []
+        for work in closing:
+            record, fields, digest = work.closing
+            fields.update(inference_s=round(work.model_s, 6), progress_done=work.done)
+            outcomes.append((record, JobStatus.SUCCEEDED, fields))
+            if digest is not None:
+                kept.append((record.id, digest, fields))
+        for work, final in zip(closing, self.store.complete_pass(appended, kept, outcomes), strict=True):
+            work.final = final
 
 
 def _failed(job_id: str, fields: dict, error: str) -> JobStatus:
@@ -173,6 +196,8 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         except Exception as exc:  # a job this worker cannot read fails, not the worker
             claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
         else:
+            if score is None:  # nothing to do once forecast: finished with its last results (RedisPassIO)
+                work.closing = _Closing(record, fields, _digest(spec, batcher, settings, record))
             batcher.submit(work)
             claimed.append(_Claimed(record, fields, work, score))
     deadline = time.monotonic() + settings.max_job_s
@@ -190,8 +215,13 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         outcomes += [
             (job.record, _outcome(job, store, batcher, deadline, settings.max_job_s), job.fields) for job in ended
         ]
-        _remember(store, spec, batcher, settings, outcomes)
-        for (record, _, fields), job, final in zip(outcomes, wave, store.finish(outcomes), strict=True):
+        # Jobs the pass I/O thread finished are only reported here; the others end now.
+        closed = [job.work is not None and job.work.final is not None for job in wave]
+        left = [outcome for outcome, done in zip(outcomes, closed, strict=True) if not done]
+        _remember(store, spec, batcher, settings, left)
+        finals = iter(store.finish(left) if left else [])
+        for (record, _, fields), job, done in zip(outcomes, wave, closed, strict=True):
+            final = job.work.final if done and job.work and job.work.final else next(finals)
             n = job.work.n if job.work else 0
             log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
             metrics.JOBS.labels(spec.id, final).inc()
@@ -200,6 +230,16 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
                 metrics.SERIES.labels(spec.id).inc(n)
             statuses[record.id] = final
     return [statuses[job_id] for job_id in job_ids]
+
+
+def _digest(spec: ModelSpec, batcher: Batcher, settings: Settings, record: JobRecord) -> str | None:
+    """The result cache entry of a job's results, None when they are not cached (not deterministic,
+    no identity, the cache off)."""
+    if not settings.cache_ttl_s or not record.identity:
+        return None
+    if not families.of(spec).cacheable(record.request.get("parameters", {})):
+        return None
+    return cache.digest(spec, batcher.runtime.weights.revision, record.identity)
 
 
 def _remember(
@@ -211,13 +251,10 @@ def _remember(
 ) -> None:
     """Keep the results of deterministic succeeded jobs for identical requests (shared/cache.py): before
     they finish, so a client that sends the same request the moment it sees the result hits the cache."""
-    if not settings.cache_ttl_s:
-        return
-    family, revision = families.of(spec), batcher.runtime.weights.revision
     kept = [
-        (record.id, cache.digest(spec, revision, record.identity), fields)
+        (record.id, digest, fields)
         for record, status, fields in outcomes
-        if status == JobStatus.SUCCEEDED and record.identity and family.cacheable(record.request.get("parameters", {}))
+        if status == JobStatus.SUCCEEDED and (digest := _digest(spec, batcher, settings, record)) is not None
     ]
     if kept:
         try:  # best effort: a miss only costs a run

@@ -355,6 +355,22 @@ class _Core:
     def append_results(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> Op[None]:
         """For each (job id, result elements, series done or None): append the results, clear the
         in-pass mark, and record the progress of a job not yet done."""
+        yield self._append(results)
+
+    @operation
+    def complete_pass(
+        self,
+        results: Sequence[tuple[str, list[bytes], int | None]],
+        kept: Sequence[tuple[str, str, dict]],
+        outcomes: Sequence[tuple[JobRecord, JobStatus, dict]],
+    ) -> Op[list[str]]:
+        """`append_results`, then `remember` and `finish` for the jobs the pass completed, in one
+        round trip (a worker's pass I/O thread, workers/executor.py); returns the final statuses."""
+        before = self._append(results) + self._remember(kept)
+        replies = yield before + self._finish(outcomes)
+        return [_text(reply) for reply in replies[len(before) : len(before) + len(outcomes)]]
+
+    def _append(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> list[Cmd]:
         step = []
         for job_id, elements, done in results:
             if elements:  # none for work whose results are kept by the worker alone (anomaly windows)
@@ -365,7 +381,7 @@ class _Core:
             step.append(Cmd("hdel", (keys.job(job_id), "in_pass")))
             if done is not None:
                 step.append(run_script("progress", [keys.job(job_id)], [done, keys.EVENTS_CHANNEL, job_id]))
-        yield step
+        return step
 
     @operation
     def inputs(self, job_id: str) -> Op[list[bytes]]:
@@ -377,6 +393,9 @@ class _Core:
     def remember(self, results: Sequence[tuple[str, str, dict]]) -> Op[None]:
         """Keep each (job id, digest, fields) succeeded job's result in the cache under its digest
         (shared/cache.py), with the record fields a cache hit reuses."""
+        yield self._remember(results)
+
+    def _remember(self, results: Sequence[tuple[str, str, dict]]) -> list[Cmd]:
         ttl = self.settings.cache_ttl_s
         step = []
         for job_id, digest, fields in results:
@@ -386,7 +405,7 @@ class _Core:
                 Cmd("expire", (keys.cache_output(digest), ttl)),
                 Cmd("set", (keys.cache(digest), json.dumps(kept)), {"ex": ttl}),
             ]
-        yield step
+        return step
 
     @operation
     def finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> Op[list[str]]:
@@ -397,8 +416,17 @@ class _Core:
         API process parses one message per wave of jobs, not one per job. Should the message be lost
         (the connection drops between the scripts and it), waiters find the jobs ended at their next
         re-read (api/events.py): a wake-up can be late, never wrong."""
+        if not outcomes:
+            return []
+        replies = yield self._finish(outcomes)
+        return [_text(reply) for reply in replies[: len(outcomes)]]
+
+    def _finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> list[Cmd]:
+        """The finish scripts of `outcomes`, then their one announcement (none without outcomes)."""
+        if not outcomes:
+            return []
         now, s = time.time(), self.settings
-        *replies, _announced = yield [
+        return [
             run_script(
                 "finish",
                 [
@@ -424,7 +452,6 @@ class _Core:
             )
             for r, status, fields in outcomes
         ] + [Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(r.id for r, _, _ in outcomes)))]
-        return [_text(reply) for reply in replies]
 
     def _breaker_keys(self, model: str, now: float) -> list[str]:
         """A model's circuit and the outcome buckets of the breaker's window, the current one first."""
