@@ -8,6 +8,8 @@ containers, the tests and the benchmarks).
   PROMETHEUS_MULTIPROC_DIR (a fresh directory unless given), and /metrics, whichever process
   answers it, adds them up (api/metrics.py).
 - Request headers under a deadline (api/protocol.py).
+- No uvicorn access log unless `--access-log` is given: the audit log (api/audit.py) writes one
+  line per request already, with more in it; a second line per request is CPU a flood pays for.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ def main() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chronos-queue-metrics-")
     from uvicorn.main import main as uvicorn
 
-    sys.argv = ["uvicorn", "--factory", "api.main:create_app", "--http", "api.protocol:HeaderDeadline", *sys.argv[1:]]
+    quiet = [] if "--access-log" in sys.argv else ["--no-access-log"]
+    sys.argv = ["uvicorn", "--factory", "api.main:create_app", "--http", "api.protocol:HeaderDeadline", *quiet,
+                *sys.argv[1:]]  # fmt: skip
     uvicorn()
 
 
