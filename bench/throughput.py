@@ -103,8 +103,17 @@ def flood(args) -> None:
         del raw
         sums = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         cpu: dict[str, dict[str, float]] = {}
-        timers = [threading.Timer(args.warmup + at, lambda label=label: cpu.update({label: _cpu(stack, args.model)}))
-                  for at, label in ((0, "start"), (args.seconds, "end"))]  # fmt: skip
+
+        def snapshot(label: str) -> None:
+            cpu[label] = _cpu(stack, args.model)
+            cpu[label]["messages"] = stack.worker_metric(args.model, "chronos_queue_worker_messages_total")
+            if label == "start":
+                stack.redis.config_resetstat()  # Redis's time per command, from here to the end
+            else:
+                commands.update(stack.redis.info("commandstats"))
+
+        commands: dict[str, dict] = {}
+        timers = [threading.Timer(args.warmup + at, snapshot, (label,)) for at, label in ((0, "start"), (args.seconds, "end"))]
         for timer in timers:
             timer.start()
         started = time.monotonic()
@@ -129,6 +138,11 @@ def flood(args) -> None:
                          ("load generator", None)):  # fmt: skip
         goal = f"(target <= {target})" if target else ""
         print(f"    {part:20}{1e6 * spent[part] / jobs:10.0f}  {goal}")
+    print(f"  jobs per queue message {jobs / max(1.0, spent['messages']):.1f}")
+    top = sorted(commands.items(), key=lambda kv: -kv[1]["usec"])[:6]  # scripts' own commands counted in them too
+    print("  Redis time in commands, µs per job: " + ", ".join(
+        f"{name.removeprefix('cmdstat_')} {stats['usec'] / jobs:.0f} ({stats['calls'] / jobs:.1f} calls)" for name, stats in top
+    ))  # fmt: skip
 
 
 def sync(args) -> None:

@@ -131,6 +131,7 @@ class Worker:
 
             return training.execute(job_ids, loaded.trainer, loaded.store, loaded.name)
         assert loaded.batcher is not None
+        metrics.MESSAGES.labels(self.spec.id).inc()
         return execute(job_ids, loaded.batcher, loaded.store, self.settings, loaded.name)
 
     def _sign_off(self) -> None:

@@ -20,6 +20,10 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 
 JOBS = Counter("chronos_queue_worker_jobs_total", "Jobs handled, by outcome.", ["model", "outcome"])
 SERIES = Counter("chronos_queue_worker_series_total", "Series forecast.", ["model"])
+# Jobs per message is what the API's shared messages (api/sender.py) buy a worker under a flood.
+MESSAGES = Counter(
+    "chronos_queue_worker_messages_total", "Queue messages handled (one job, or several small ones).", ["model"]
+)
 INFERENCE = Histogram(
     "chronos_queue_worker_inference_seconds", "Model time per job.", ["model"], buckets=_SECONDS
 )  # fmt: skip
