@@ -165,20 +165,30 @@ def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_
     assert level(b.kept[1], [0.1, 0.9], 0.9) == pytest.approx(level(alone, [0.1, 0.9], 0.9), rel=1e-5)
 
 
-def test_sync_work_goes_before_a_large_bulk_job_after_at_most_one_batch(runtime, io):
-    bulk = work(runtime, [series(k) for k in range(runtime.max_batch * 3)])
+def test_a_sync_pass_runs_beside_an_async_pass_in_progress_not_after_it(runtime, io, monkeypatch):
+    bulk_running, release = threading.Event(), threading.Event()
+    real = runtime.predict
+
+    def slow_bulk(inputs, *args, **kwargs):
+        if len(inputs) == 4:  # the bulk job's pass: held until the sync job is done
+            bulk_running.set()
+            release.wait(60)
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "predict", slow_bulk)
     batcher = Batcher(runtime, io)
+    batcher.start()
+    bulk = work(runtime, [series(k) for k in range(4)])
     batcher.submit(bulk)
-    first = batcher._take()
+    assert bulk_running.wait(60)
     sync = work(runtime, [series(99)], lane=Lane.SYNC)
+
     batcher.submit(sync)
 
-    second = batcher._take()
-    third = batcher._take()
-
-    assert [w for w, _, _ in first] == [bulk] and first[0][1:] == (0, runtime.max_batch)
-    assert [w for w, _, _ in second] == [sync]
-    assert third[0][0] is bulk and third[0][1:] == (runtime.max_batch, 2 * runtime.max_batch)
+    assert sync.finished.wait(60) and sync.error is None and len(sync.kept) == 1
+    assert not bulk.finished.is_set()  # its pass is still in progress
+    release.set()
+    assert bulk.finished.wait(60) and bulk.error is None and len(bulk.kept) == 4
 
 
 def test_incompatible_parameters_never_share_a_pass(runtime, io):
@@ -290,7 +300,7 @@ def test_after_sync_work_async_passes_stay_short_so_the_next_sync_call_waits_lit
     guarded.submit(backlog)
     before_sync = guarded._take()
     guarded.submit(Work("sync", 1, p, Lane.SYNC, runtime.family.group_key(p)))
-    sync_pass = guarded._take()
+    sync_pass = guarded._take(lane=Lane.SYNC)
 
     after_sync = guarded._take()
 

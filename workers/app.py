@@ -100,12 +100,14 @@ class Worker:
             runtime = ModelRuntime(spec, weights, settings)
             metrics.LOAD.labels(spec.id).set(runtime.load_s)
             metrics.serve(settings.metrics_port)
+            guard_s = settings.sync_guard_s
+            if guard_s is None:  # measured on a CPU only: there the guard cost the flood and gained nothing
+                guard_s = 0.0 if runtime.device == "cpu" else 10.0
             batcher = Batcher(
-                runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, settings.sync_guard_s,
-                settings.sync_guard_batch,
+                runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, guard_s, settings.sync_guard_batch
             )  # fmt: skip
             batcher.start()
-            metrics.watch_cpu(spec.id, batcher.thread)
+            metrics.watch_cpu(spec.id, batcher.threads)
             self._loaded = Loaded(batcher, None, store, name)
         # The model, torch and transformers leave some 400 000 long-lived objects that each full
         # collection would walk again: about 200 ms of CPU with the GIL held, the model thread and

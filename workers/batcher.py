@@ -1,20 +1,23 @@
-"""Dynamic batching across jobs: every job a worker holds feeds one model thread.
+"""Dynamic batching across jobs: every job a worker holds feeds one model, through two model threads.
 
 A worker runs Celery's threads pool with many slots (`WORKER_SLOTS`). Each task thread claims
-its job, hands the job's series to the `Batcher` as one `Work`, and waits; the batcher's single
-thread owns the model and runs one forward pass after another, each over series of as many
-jobs as fit (`max_batch`). Results are split back to their jobs, and each task thread stores
-its job's outcome and only then returns, so its message is acked after the result is stored.
+its job, hands the job's series to the `Batcher` as one `Work`, and waits; the batcher's model
+thread runs one forward pass after another, each over series of as many async jobs as fit
+(`max_batch`), and its sync thread does the same for sync-lane work, beside it. Results are split
+back to their jobs, and each job's outcome is stored before its task thread returns, so its
+message is acked after the result is stored.
 
 Which series share a forward pass:
 - Only compatible ones: jobs with the same `Work.key`, which the model family's adapter gives
   (`group_key` in shared/families.py). The pass runs the longest horizon and the union of
   quantile levels of its jobs, and each job gets its own slice; the key keeps apart whatever
   would make a slice differ from the job's result alone.
-- Sync-lane work goes first: while any is pending, a pass takes only sync-lane series, so a
-  /v1/predict waits for at most the pass in progress, never for a bulk backlog. And while sync
-  requests keep coming (within `sync_guard_s` of the last), passes of async work are kept short
-  (`sync_guard_batch`), so the pass in progress is a short one.
+- Sync-lane work has a model thread of its own: a /v1/predict waits for no async pass, only for
+  the sync pass in progress. A pass is stateless in torch, so the two threads run the one model
+  at once (a T5 pass that samples holds the runtime's random generator, workers/runtime.py). On
+  a CPU the two passes share the cores; on a GPU their kernels interleave on the device. And
+  while sync requests keep coming (within `sync_guard_s` of the last), passes of async work are
+  kept short (`sync_guard_batch`), so that a sync pass shares the device with a short one.
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
   room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 
@@ -115,18 +118,25 @@ class Batcher:
         self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
         self._cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-        # Reads of the next pass and writes of the last one run here, while the model computes.
+        self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
+        # Reads of the next async pass and writes of the last one run here, while the model computes.
         self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pass-io")
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The threads that run the model."""
+        return [self.thread, self.sync_thread]
+
     def start(self) -> None:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, work: Work) -> None:
         with self._cond:
             if work.lane is Lane.SYNC:
                 self._sync_seen = time.monotonic()
             self._pending[work.lane].append(work)
-            self._cond.notify()
+            self._cond.notify_all()  # each model thread waits for its own lane
 
     def abandon(self, work: Work) -> None:
         """Schedule none of the job's remaining series (its task gave up on it)."""
@@ -137,9 +147,9 @@ class Batcher:
     # -- the model thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        """Pass after pass. The series of the next pass are read while this one computes and its
-        results are stored after it, both on the I/O thread, so the model waits on no round trip
-        but the one that marks its jobs in a pass."""
+        """Async pass after pass. The series of the next pass are read while this one computes and
+        its results are stored after it, both on the I/O thread, so the model waits on no round
+        trip but the one that marks its jobs in a pass."""
         ahead: tuple[list[Slice], Future] | None = None
         while True:
             taken = ahead or self._next(block=True)
@@ -147,53 +157,50 @@ class Batcher:
             if taken is None:  # woken with nothing to do
                 continue
             batch, reading = taken
-            if batch[0][0].lane is Lane.ASYNC and self._pending[Lane.SYNC]:
-                self._put_back(batch)  # a sync request came while this was read: it goes first
-                continue
             ahead = self._next(block=False)
-            try:
-                self._execute(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
-            except Exception as exc:  # never let the model thread die: fail the batch's jobs instead
-                log.exception("batch failed outside the model")
-                for work, _, _ in batch:
-                    self._finish(work, error=f"{type(exc).__name__}: {exc}")
+            self._guarded(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
+
+    def _run_sync(self) -> None:
+        """Sync pass after sync pass, each read, run and stored on this thread: a sync pass waits
+        for no async pass's reads or writes either."""
+        while True:
+            self._guarded(self._take(block=True, lane=Lane.SYNC))
+
+    def _guarded(self, batch: list[Slice], reading: Future | None = None, store=None) -> None:
+        """`_execute`, but a failure outside the model fails the pass's jobs, never the model thread."""
+        try:
+            self._execute(batch, reading, store)
+        except Exception as exc:
+            log.exception("batch failed outside the model")
+            for work, _, _ in batch:
+                self._finish(work, error=f"{type(exc).__name__}: {exc}")
 
     def _next(self, block: bool) -> tuple[list[Slice], Future] | None:
-        """The next pass and the read of its series, started on the I/O thread (None if nothing waits)."""
-        batch = self._take(block)
+        """The next async pass and the read of its series, started on the I/O thread (None if nothing waits)."""
+        batch = self._take(block, lane=Lane.ASYNC)
         return (batch, self._io_thread.submit(self.io.read, batch)) if batch else None
 
-    def _put_back(self, batch: list[Slice]) -> None:
-        """Return a pass's slices to their jobs, as if never taken (each is its job's latest slice)."""
-        with self._cond:
-            for work, start, _ in reversed(batch):
-                work.scheduled = start
-                if not work.finished.is_set() and work not in self._pending[work.lane]:
-                    self._pending[work.lane].appendleft(work)
+    def _pending_series(self, lane: Lane) -> int:
+        return sum(w.unscheduled for w in self._pending[lane])
 
-    def _pending_series(self) -> int:
-        return sum(w.unscheduled for q in self._pending.values() for w in q)
-
-    def _take(self, block: bool = True) -> list[Slice]:
-        """The next forward pass: (work, first series, end) slices of compatible jobs, sync lane first.
+    def _take(self, block: bool = True, lane: Lane = Lane.ASYNC) -> list[Slice]:
+        """The next forward pass of `lane`: (work, first series, end) slices of compatible jobs.
 
         Fair across jobs: the pass serves the group of the job that has waited longest since it was
         last served, and shares its room max-min among that group's jobs (each gets what it needs
         or an equal share, whichever is less). So a one-series job waits for about one pass, however
         large the jobs before it are; a large job is taken a slice at a time, in order."""
         with self._cond:
-            if not block and not any(self._pending.values()):
-                return []
-            self._cond.wait_for(lambda: any(self._pending.values()))
-            lane = Lane.SYNC if self._pending[Lane.SYNC] else Lane.ASYNC
-            first = min(self._pending[lane], key=lambda w: w.waiting_since)
-            room = self._room(lane, first)
-            if self.wait_s and self._pending_series() < room:
-                self._cond.wait_for(lambda: self._pending_series() >= room, timeout=self.wait_s)
-                lane = Lane.SYNC if self._pending[Lane.SYNC] else lane
-                first = min(self._pending[lane], key=lambda w: w.waiting_since)
-                room = self._room(lane, first)
             queue = self._pending[lane]
+            if not block and not queue:
+                return []
+            self._cond.wait_for(lambda: bool(queue))
+            first = min(queue, key=lambda w: w.waiting_since)
+            room = self._room(lane, first)
+            if self.wait_s and self._pending_series(lane) < room:
+                self._cond.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
+                first = min(queue, key=lambda w: w.waiting_since)
+                room = self._room(lane, first)
             group = [w for w in queue if w.key == first.key]
             shares = dict.fromkeys(group, 0)
             for i, work in enumerate(sorted(group, key=lambda w: w.unscheduled)):  # water-filling

@@ -40,16 +40,16 @@ LOAD = Gauge("chronos_queue_worker_model_load_seconds", "Time to load the model.
 
 class CpuSplit:
     """`chronos_queue_worker_cpu_seconds_total{part}`: this process's CPU time, split into `model`
-    (the model thread, and the native threads torch runs its kernels on: every thread that is not a
+    (the model threads, and the native threads torch runs its kernels on: every thread that is not a
     Python thread) and `bookkeeping` (the rest: Celery, claiming, reading, slicing, storing). Read
     from /proc at scrape time. What a flood costs per job outside the model is bookkeeping / jobs."""
 
-    def __init__(self, model: str, model_thread: threading.Thread):
-        self.model, self.model_thread = model, model_thread
+    def __init__(self, model: str, model_threads: list[threading.Thread]):
+        self.model, self.model_threads = model, model_threads
 
     def collect(self):
         ticks = os.sysconf("SC_CLK_TCK")
-        python = {t.native_id for t in threading.enumerate()} - {self.model_thread.native_id}
+        python = {t.native_id for t in threading.enumerate()} - {t.native_id for t in self.model_threads}
         split = {"model": 0.0, "bookkeeping": 0.0}
         for task in Path("/proc/self/task").iterdir():
             try:
@@ -67,9 +67,9 @@ class CpuSplit:
         yield family
 
 
-def watch_cpu(model: str, model_thread: threading.Thread) -> None:
+def watch_cpu(model: str, model_threads: list[threading.Thread]) -> None:
     """Export this process's CPU split (`CpuSplit`) from now on."""
-    REGISTRY.register(CpuSplit(model, model_thread))
+    REGISTRY.register(CpuSplit(model, model_threads))
 
 
 def serve(port: int) -> None:

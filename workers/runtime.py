@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -63,6 +65,10 @@ class ModelRuntime:
         self.max_batch = settings.max_batch or spec.max_batch(self.device)
         self.model_store, self.finetuned_cache = settings.model_store, settings.finetuned_cache
         self._variants: OrderedDict[str, BaseChronosPipeline] = OrderedDict()  # fine-tuned, least recent first
+        # Two model threads call `predict` at once (workers/batcher.py): a pass that draws from torch's
+        # one random generator (T5 sampling, a seed) holds it, so a seeded pass draws what it would
+        # alone; and the fine-tuned models are loaded and evicted by one thread at a time.
+        self._random, self._loading = threading.Lock(), threading.Lock()
         # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
         warmup = [Decoded.of([float(i % 7) for i in range(64)])] * self.max_batch
         self.predict(warmup, 8, [0.5], sampling=self.family.warmup_sampling)
@@ -93,12 +99,12 @@ class ModelRuntime:
         `cross_learning` forecasts the inputs as one group (Chronos-2); `variant` names the
         fine-tuned model of this base model to run instead of the base model."""
         pipeline = self.pipeline if variant is None else self.finetuned(variant)
-        if seed is not None:
-            torch.manual_seed(seed)
         threads = 1 if self.threads > 1 and len(inputs) < SMALL_PASS else self.threads
         if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        with torch.inference_mode():
+            torch.set_num_threads(threads)  # the calling thread's own count (OpenMP's, MKL's)
+        with self._random if seed is not None or sampling else contextlib.nullcontext(), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
             return self.family.predict(
                 pipeline, inputs, prediction_length, quantile_levels, sampling, return_samples, cross_learning
             )
@@ -107,6 +113,10 @@ class ModelRuntime:
         """A fine-tuned model of this base model, loaded from the model store on first use and kept
         among the FINETUNED_CACHE most recently used. A LoRA adapter is merged into a copy of the
         base weights, so every loaded model is a plain pipeline (a full copy of the weights)."""
+        with self._loading:
+            return self._finetuned(name)
+
+    def _finetuned(self, name: str) -> BaseChronosPipeline:
         if name in self._variants:
             self._variants.move_to_end(name)
             return self._variants[name]
