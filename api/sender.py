@@ -54,16 +54,16 @@ _SMOOTHING = 0.2
 @dataclass
 class _Arrivals:
     """When a model's last small async job reached this process, and the smoothed gap between them.
-    A gap is counted as at most `longest`: after a quiet hour, a flood is recognised within a few
-    jobs, not after the hour has been averaged away."""
+    A gap of `longest` or more is a quiet spell: the average starts again from it, so the first
+    job after a flood goes alone, and a flood after a quiet hour is recognised within a few jobs."""
 
     longest: float
     last: float = -math.inf
     gap: float = math.inf
 
     def note(self, now: float) -> float:
-        gap, self.last = min(now - self.last, self.longest), now
-        self.gap = gap if math.isinf(self.gap) else self.gap + _SMOOTHING * (gap - self.gap)
+        gap, self.last = now - self.last, now
+        self.gap = self.longest if gap >= self.longest else self.gap + _SMOOTHING * (gap - self.gap)
         return self.gap
 
 

@@ -150,11 +150,11 @@ class Settings(BaseSettings):
     max_batch: int = Field(0, ge=0)
     # Wait this long for more work when a batch is not full (0: run at once; work piles up meanwhile).
     batch_wait_ms: float = Field(0.0, ge=0)
-    # A /v1/predict's pass runs beside the async pass in progress (workers/batcher.py). For
-    # SYNC_GUARD_S after a sync request, passes of async work take at most SYNC_GUARD_BATCH series
-    # (0: a quarter of the batch limit), so a sync pass shares the device with a short one; without
-    # sync traffic async passes are full size. Unset: 10 s on a GPU, off on a CPU, where a sync pass
-    # gets cores of its own and short async passes only cost the flood (bench/README.md).
+    # On a GPU a /v1/predict's pass waits for the async pass in progress (on a CPU it runs beside it:
+    # workers/batcher.py). For SYNC_GUARD_S after a sync request, passes of async work take at most
+    # SYNC_GUARD_BATCH series (0: a quarter of the batch limit), so that pass is a short one; without
+    # sync traffic async passes are full size. Unset: 10 s on a GPU, off on a CPU, where short async
+    # passes only cost the flood (bench/README.md).
     sync_guard_s: float | None = Field(None, ge=0)
     sync_guard_batch: int = Field(0, ge=0)
     torch_threads: int = Field(0, ge=0)

@@ -31,6 +31,13 @@ def test_a_flood_after_a_quiet_hour_is_recognised_within_a_few_jobs():
     assert not flood[0] and flood.index(True) <= 10 and all(flood[flood.index(True) :])
 
 
+def test_the_first_job_after_a_flood_and_a_quiet_spell_goes_alone():
+    arrivals = _Arrivals(0.04)
+    flood = busy(arrivals, 0.02, [0.001 * i for i in range(50)])
+    assert flood[-1]
+    assert busy(arrivals, 0.02, [3600.0]) == [False]
+
+
 def test_a_lone_job_waits_the_short_window_and_jobs_of_a_stream_the_busy_one(monkeypatch):
     sent: list[list[str]] = []
     monkeypatch.setattr(sender, "send_jobs", lambda celery, spec, lane, ids, queue=None: sent.append(list(ids)))

@@ -52,8 +52,9 @@ def batcher(runtime, io) -> Batcher:
     return batcher
 
 
-def run_job(redis_server, batcher, body, lane=Lane.ASYNC) -> JobRecord:
-    """Store a job as the API does (record and series), run it as a worker's task does, read it back."""
+def run_job(redis_server, batcher, body, lane=Lane.ASYNC, **settings) -> JobRecord:
+    """Store a job as the API does (record and series), run it as a worker's task does, read it back
+    (`settings`: the worker's, unvalidated, so a test may use a MAX_JOB_S below the allowed least)."""
     client, raw = redis_server.client(), raw_client(redis_server)
     job_id = uuid.uuid4().hex
     job = forecast_job(ForecastRequest.model_validate(body))
@@ -66,7 +67,7 @@ def run_job(redis_server, batcher, body, lane=Lane.ASYNC) -> JobRecord:
     client.set(
         keys.job_items(job_id), msgspec.msgpack.encode([[s.get("item_id"), None, False] for s in body["inputs"]])
     )
-    execute([job_id], batcher, store_for(redis_server), settings_for(redis_server), "test-worker")
+    execute([job_id], batcher, store_for(redis_server), settings_for(redis_server).model_copy(update=settings), "test-worker")
     done = JobRecord.from_hash(client.hgetall(keys.job(job_id)))
     outputs = raw.lrange(keys.job_output(job_id), 0, -1)
     items = msgspec.msgpack.decode(raw.get(keys.job_items(job_id)))
@@ -120,6 +121,33 @@ def test_a_forecast_ends_with_its_last_results_in_the_pass_round_trip_not_from_i
     assert len(rec.predictions) == 2 and rec.weights == "synthetic"
     ((appended, _kept, outcomes),) = trips  # its results, its cache entry (tests/test_cache.py) and its end
     assert [job_id for job_id, _, _ in appended] == [rec.id] and [r.id for r, _, _ in outcomes] == [rec.id]
+
+
+def test_a_job_that_timed_out_is_not_finished_by_its_pass_ending_afterwards(redis_server, runtime, io, monkeypatch):
+    release = threading.Event()
+    real = runtime.predict
+
+    def stuck(inputs, *args, **kwargs):
+        release.wait(60)  # the pass outlasts the job's MAX_JOB_S
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "predict", stuck)
+    closed = []
+    complete_pass = io.store.complete_pass
+    monkeypatch.setattr(io.store, "complete_pass", lambda *args: closed.append(args[2]) or complete_pass(*args))
+    batcher = Batcher(runtime, io)
+    batcher.start()
+
+    rec = run_job(redis_server, batcher, forecast_body(BOLT, length=33, horizon=3), max_job_s=1)
+    release.set()
+    batcher.submit(work(runtime, [series(1)]))  # a pass after the stuck one: the stuck one was stored
+    deadline = time.monotonic() + 30
+    while batcher._pending[Lane.ASYNC] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert rec.status is JobStatus.FAILED and rec.error.startswith("TimeoutError")
+    assert all(r.id != rec.id for outcomes in closed for r, _, _ in outcomes)  # its task thread ended it alone
+    assert JobRecord.from_hash(redis_server.client().hgetall(keys.job(rec.id))).status is JobStatus.FAILED
 
 
 def test_series_longer_than_the_context_are_cut_to_the_context_window(runtime):

@@ -12,12 +12,13 @@ Which series share a forward pass:
   (`group_key` in shared/families.py). The pass runs the longest horizon and the union of
   quantile levels of its jobs, and each job gets its own slice; the key keeps apart whatever
   would make a slice differ from the job's result alone.
-- Sync-lane work has a model thread of its own: a /v1/predict waits for no async pass, only for
-  the sync pass in progress. A pass is stateless in torch, so the two threads run the one model
-  at once (a T5 pass that samples holds the runtime's random generator, workers/runtime.py). On
-  a CPU the two passes share the cores; on a GPU their kernels interleave on the device. And
-  while sync requests keep coming (within `sync_guard_s` of the last), passes of async work are
-  kept short (`sync_guard_batch`), so that a sync pass shares the device with a short one.
+- Sync-lane work has a model thread of its own, which never waits behind the async lane's queue
+  or its reads and writes. A pass is stateless in torch, so on a CPU the two threads run the one
+  model at once, each on its own cores (a T5 pass holds the runtime's random generator,
+  workers/runtime.py): a /v1/predict waits for no async pass. On a GPU the passes take turns on
+  the device, so there a sync pass waits for the async pass in progress; while sync requests keep
+  coming (within `sync_guard_s` of the last), passes of async work are kept short
+  (`sync_guard_batch`), so that it is a short one.
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
   room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 
@@ -69,6 +70,7 @@ class Work:
     # status that left it; None: the job's task thread finishes it.
     closing: Any = None
     final: str | None = None
+    ending: bool = False  # one of the I/O thread and the task thread has taken the job's end (`end_once`)
     kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
     waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
@@ -81,6 +83,16 @@ class Work:
     @property
     def unscheduled(self) -> int:
         return self.n - self.scheduled
+
+    def end_once(self) -> bool:
+        """True for the first caller only: the job's end is stored by exactly one thread (the pass I/O
+        thread finishing it with its last results, or its task thread failing it on a timeout)."""
+        with _ENDING:
+            taken, self.ending = self.ending, True
+        return not taken
+
+
+_ENDING = threading.Lock()
 
 
 Slice = tuple[Work, int, int]  # a job's series [start, end) in one forward pass
@@ -164,7 +176,9 @@ class Batcher:
         """Sync pass after sync pass, each read, run and stored on this thread: a sync pass waits
         for no async pass's reads or writes either."""
         while True:
-            self._guarded(self._take(block=True, lane=Lane.SYNC))
+            batch = self._take(block=True, lane=Lane.SYNC)
+            if batch:  # none when the work it woke for was abandoned meanwhile
+                self._guarded(batch)
 
     def _guarded(self, batch: list[Slice], reading: Future | None = None, store=None) -> None:
         """`_execute`, but a failure outside the model fails the pass's jobs, never the model thread."""
@@ -199,6 +213,8 @@ class Batcher:
             room = self._room(lane, first)
             if self.wait_s and self._pending_series(lane) < room:
                 self._cond.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
+                if not queue:  # its task gave up on it meanwhile
+                    return []
                 first = min(queue, key=lambda w: w.waiting_since)
                 room = self._room(lane, first)
             group = [w for w in queue if w.key == first.key]
@@ -286,6 +302,7 @@ class Batcher:
         except Exception as exc:
             log.exception("storing a pass's results failed")
             for (work, _, _), _ in results:
+                work.end_once()  # its task thread fails it: a later pass must not finish it with a gap
                 self._finish(work, error=f"{type(exc).__name__}: {exc}")
             return
         for work in completed:

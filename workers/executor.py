@@ -66,7 +66,8 @@ class RedisPassIO:
             (work.job_id, [a.tobytes() for a in arrays] if work.stored else [], end if end < work.n else None)
             for (work, _, end), arrays in results
         ]  # fmt: skip
-        closing = [work for work in completed if work.closing is not None]
+        # A job failed meanwhile (a timeout, an earlier pass's write) is its task thread's to end.
+        closing = [w for w in completed if w.closing is not None and not w.finished.is_set() and w.end_once()]
         if not closing:
             if appended:
                 self.store.append_results(appended)
@@ -104,6 +105,8 @@ def _settle(
     """Wait for a submitted job until `deadline` (monotonic), and score it when its kind does: its
     outcome (`fields` get what the job's record stores)."""
     finished = work.finished.wait(max(0.0, deadline - time.monotonic()))
+    if not finished and not work.end_once():  # the I/O thread is storing its end right now
+        finished = work.finished.wait(60)
     if not finished:
         batcher.abandon(work)
     fields["inference_s"] = round(work.model_s, 6)

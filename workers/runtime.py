@@ -65,10 +65,14 @@ class ModelRuntime:
         self.max_batch = settings.max_batch or spec.max_batch(self.device)
         self.model_store, self.finetuned_cache = settings.model_store, settings.finetuned_cache
         self._variants: OrderedDict[str, BaseChronosPipeline] = OrderedDict()  # fine-tuned, least recent first
-        # Two model threads call `predict` at once (workers/batcher.py): a pass that draws from torch's
-        # one random generator (T5 sampling, a seed) holds it, so a seeded pass draws what it would
+        # Two model threads call `predict` at once (workers/batcher.py): a sample-based family's pass
+        # (T5, seeded or not) holds torch's one random generator, so a seeded pass draws what it would
         # alone; and the fine-tuned models are loaded and evicted by one thread at a time.
         self._random, self._loading = threading.Lock(), threading.Lock()
+        # On a GPU the two passes take turns: `max_batch` is sized by a warm-up of one pass alone, and
+        # their kernels would share the default stream anyway. On a CPU they overlap, each on its
+        # own cores (measured: bench/README.md).
+        self._device = threading.Lock() if self.device != "cpu" else None
         # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
         warmup = [Decoded.of([float(i % 7) for i in range(64)])] * self.max_batch
         self.predict(warmup, 8, [0.5], sampling=self.family.warmup_sampling)
@@ -102,7 +106,8 @@ class ModelRuntime:
         threads = 1 if self.threads > 1 and len(inputs) < SMALL_PASS else self.threads
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # the calling thread's own count (OpenMP's, MKL's)
-        with self._random if seed is not None or sampling else contextlib.nullcontext(), torch.inference_mode():
+        turn = self._device or (self._random if self.family.sample_based else contextlib.nullcontext())
+        with turn, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
             return self.family.predict(
