@@ -159,16 +159,19 @@ def test_a_vanished_record_is_reported_missing(client, store):
 
 def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_looping(client, store):
     job_id = queued_job(client)
+    client.zadd(keys.in_flight("owner"), {job_id: time.time()})
 
     claims = []
     for _ in range(4):  # each claim, then a forward pass that its worker never finishes: it died
-        claims.append(start(store, job_id))
+        ((state, claimed),) = store.start(SPEC, [job_id], "w1")
+        claims.append((state, claimed.lost))  # the record as the claim left it, read in the same round trip
         client.hset(keys.job(job_id), "in_pass", "1")
 
-    assert claims == ["running", "running", "running", "failed"]
+    assert claims == [("running", 0), ("running", 1), ("running", 2), ("failed", 3)]
     rec = record(client, job_id)
     assert rec.status is JobStatus.FAILED and rec.attempts == 3
     assert "lost 3 times while it was in a forward pass" in rec.error and rec.finished_at is not None
+    assert client.zscore(keys.in_flight("owner"), job_id) is None  # out of its owner's in-flight set
 
 
 def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it(client, store):

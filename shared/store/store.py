@@ -302,36 +302,21 @@ class _Core:
     @operation
     def start(self, spec: ModelSpec, job_ids: Sequence[str], worker: str) -> Op[list[tuple[str, JobRecord | None]]]:
         """Claim the jobs of one delivery of a message: for each, its status afterwards ('running', or
-        why it is to be skipped: an end state or 'missing') and its record as it was. Two round trips
-        however many jobs the message carries."""
-        found = yield [Cmd("hgetall", (keys.job(job_id),)) for job_id in job_ids]
-        records = [JobRecord.from_hash(fields) if fields else None for fields in found]
-        s = self.settings
-        claims = [
+        why it is to be skipped: an end state or 'missing') and its record as the claim left it. One
+        round trip however many jobs the message carries."""
+        s, now = self.settings, repr(time.time())
+        replies = yield [
             run_script(
                 "start",
-                [
-                    keys.job(r.id),
-                    keys.in_flight(r.owner),
-                    keys.queued(spec),
-                    keys.job_input(r.id),
-                    keys.job_output(r.id),
-                    keys.CALLBACKS,
-                ],
-                [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, r.id],
+                [keys.job(job_id), keys.queued(spec), keys.job_input(job_id), keys.job_output(job_id), keys.CALLBACKS],
+                [now, worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, job_id, keys.in_flight("")],
             )
-            for r in records
-            if r is not None
+            for job_id in job_ids
         ]
-        states = iter((yield claims) if claims else [])
         claimed: list[tuple[str, JobRecord | None]] = []
-        for r in records:
-            if r is None:
-                claimed.append(("missing", None))
-                continue
-            state, lost = next(states)
-            r.lost = int(lost)  # as the claim left it: a job whose worker died in its pass runs alone now
-            claimed.append((_text(state), r))
+        for state, _lost, fields in replies:  # `lost` is in the record as the claim left it
+            record = JobRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None
+            claimed.append((_text(state) if record else "missing", record))
         return claimed
 
     @operation
