@@ -101,8 +101,9 @@ Slice = tuple[Work, int, int]  # a job's series [start, end) in one forward pass
 class PassIO(Protocol):
     """Where a pass's series come from and its results go (workers/executor.py: Redis, pipelined)."""
 
-    def read(self, batch: list[Slice]) -> tuple[list[Decoded], set[str]]:
-        """The batch's series in order, and the ids of its jobs with a pending cancel request."""
+    def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], set[str]]:
+        """The batch's series in order, and the ids of its jobs with a pending cancel request; with
+        `begin`, `begin` the batch in the same round trip (a read made right before its pass)."""
         ...
 
     def begin(self, batch: list[Slice]) -> None:
@@ -248,7 +249,10 @@ class Batcher:
     def _execute(self, batch: list[Slice], reading: Future | None = None, store=None) -> None:
         """Run one pass: its series (read now, or by `reading`), the model, then `store` the results
         (called as `store(results, completed)`; by default at once, on this thread)."""
-        decoded, stopped = reading.result() if reading is not None else self.io.read(batch)
+        # Read ahead on the I/O thread, the pass's jobs are marked once the cancelled ones are known;
+        # read here, right before the pass (the sync thread), in the read's own round trip. A
+        # cancelled job marked so is ended by its task thread all the same.
+        decoded, stopped = reading.result() if reading is not None else self.io.read(batch, begin=True)
         live: list[Slice] = []
         inputs: list[Decoded] = []
         at = 0
@@ -262,7 +266,8 @@ class Batcher:
             at += end - start
         if not live:
             return
-        self.io.begin(live)
+        if reading is not None:
+            self.io.begin(live)
         params = [w.params for w, _, _ in live]
         horizon = max(p.prediction_length for p in params)
         levels = sorted({q for p in params for q in p.quantile_levels})

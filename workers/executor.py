@@ -44,8 +44,9 @@ class RedisPassIO:
     def __init__(self, store: JobStore):
         self.store = store
 
-    def read(self, batch: list[Slice]) -> tuple[list[Decoded], set[str]]:
-        reads = self.store.read_pass([(work.job_id, start, end, work.inputs is None) for work, start, end in batch])
+    def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], set[str]]:
+        slices = [(work.job_id, start, end, work.inputs is None) for work, start, end in batch]
+        reads = self.store.read_pass(slices, mark=begin)
         decoded: list[Decoded] = []
         stopped = set()
         for (work, start, end), read in zip(batch, reads, strict=True):

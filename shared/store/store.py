@@ -320,14 +320,16 @@ class _Core:
         return claimed
 
     @operation
-    def read_pass(self, slices: Sequence[tuple[str, int, int, bool]]) -> Op[list[PassRead]]:
+    def read_pass(self, slices: Sequence[tuple[str, int, int, bool]], mark: bool = False) -> Op[list[PassRead]]:
         """For each (job id, first, end, wanted) of a forward pass: whether a cancel is pending, and the
-        job's series first..end-1 when `wanted`."""
+        job's series first..end-1 when `wanted`; with `mark`, `mark_in_pass` in the same round trip."""
         step = []
         for job_id, start, end, wanted in slices:
             step.append(Cmd("hget", (keys.job(job_id), "cancel_requested")))
             if wanted:
                 step.append(Cmd("lrange", (keys.job_input(job_id), start, end - 1)))
+        if mark:
+            step += [Cmd("hset", (keys.job(job_id), "in_pass", "1")) for job_id, *_ in slices]
         replies = iter((yield step))
         return [PassRead(next(replies) == b"1", next(replies) if wanted else None) for *_, wanted in slices]
 
