@@ -21,6 +21,14 @@ from shared.store import keys
 log = logging.getLogger(__name__)
 
 
+async def woken(event: asyncio.Event, timeout_s: float) -> None:
+    """Return once `event` is set, or after `timeout_s`. `asyncio.timeout`, not `wait_for`, which
+    would run the wait as a task of its own: a waited job's request pays for one wait or two."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
 class JobEvents:
     def __init__(self, client: aioredis.Redis):
         self._client = client

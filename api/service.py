@@ -4,7 +4,6 @@ submit (validate, admit, record, enqueue), wait, follow, cancel, read results.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -25,7 +24,7 @@ from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, key
 from api import callbacks, ensembles, limits, render
 from api.admission import Admission
 from api.bodies import ForecastJob, forecast_job, series_from_inputs
-from api.events import JobEvents
+from api.events import JobEvents, woken
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
@@ -322,8 +321,7 @@ class JobService:
             if record.terminal:  # answered from the cache, or an ended job replayed
                 return record, replayed
             if record.id == job_id:  # not an earlier job (replayed, or joined in flight) that may have moved on
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(announced.wait(), max(0.0, min(deadline - loop.time(), _RECHECK_S)))
+                await woken(announced, max(0.0, min(deadline - loop.time(), _RECHECK_S)))
         return await self.wait(record.id, max(0.0, deadline - loop.time()), owner), replayed
 
     async def require(self, job_id: str, owner: str, with_results: bool = False) -> JobRecord:
@@ -348,10 +346,7 @@ class JobService:
                 remaining = deadline - loop.time()
                 if record.terminal or remaining <= 0:
                     return record
-                try:
-                    await asyncio.wait_for(announced.wait(), min(remaining, _RECHECK_S))
-                except TimeoutError:
-                    pass
+                await woken(announced, min(remaining, _RECHECK_S))
 
     async def changes(self, job_id: str, owner: str, keepalive_s: float = 15.0) -> AsyncIterator[JobRecord | None]:
         """The job's record now and at each change of status or progress, ending with its terminal
@@ -372,10 +367,7 @@ class JobService:
                 elif loop.time() - quiet_since >= keepalive_s:
                     quiet_since = loop.time()
                     yield None
-                try:
-                    await asyncio.wait_for(announced.wait(), _RECHECK_S)
-                except TimeoutError:
-                    pass
+                await woken(announced, _RECHECK_S)
 
     async def inspect(self, job_id: str) -> JobRecord:
         """Any owner's job, without its results (an `admin` key's view); 404 when there is none."""
