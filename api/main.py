@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
-from shared.celery_app import make_celery
 from shared.settings import Settings, get_settings
 from shared.store import AsyncJobStore
 
@@ -53,9 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bodies.warm_up(settings)
         events = JobEvents(client)
         events.start()
-        celery = make_celery(settings)
         store = AsyncJobStore(raw, settings)
-        app.state.service = JobService(settings, store, celery, events, app.state.metrics)
+        app.state.service = JobService(settings, store, events, app.state.metrics)
         dispatcher = Dispatcher(store, settings) if settings.callback_prefixes() else None
         if dispatcher:
             dispatcher.start()
@@ -71,7 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await dispatcher.stop()
             await app.state.service.sender.close()
             await events.stop()
-            celery.close()
             if app.state.audit:
                 app.state.audit.close()
             for c, pool in zip((client, raw), pools, strict=True):

@@ -28,11 +28,9 @@ import asyncio
 import math
 from dataclasses import dataclass, field
 
-from celery import Celery
-
 from shared.catalog import ModelSpec
-from shared.celery_app import send_jobs
-from shared.store import Lane
+from shared.celery_app import task_message
+from shared.store import Lane, keys
 
 
 @dataclass
@@ -67,9 +65,17 @@ class _Arrivals:
         return self.gap
 
 
+async def publish(client, spec: ModelSpec, lane: Lane, job_ids: list[str], queue: str | None = None) -> None:
+    """Put one message for these jobs on their model's queue for `lane` (or on `queue`): the message
+    Celery's `send_task` would send (shared/celery_app.py), pushed from the event loop."""
+    name = queue or keys.lane_queue(spec, lane)
+    await client.lpush(name, task_message(job_ids, name))
+
+
 class Sender:
-    def __init__(self, celery: Celery, window_s: float, max_jobs: int, busy_window_s: float = 0.0):
-        self.celery, self.window_s, self.max_jobs = celery, window_s, max_jobs
+    def __init__(self, client, window_s: float, max_jobs: int, busy_window_s: float = 0.0):
+        """`client`: the API's asyncio Redis client (the broker is the job store's Redis)."""
+        self.client, self.window_s, self.max_jobs = client, window_s, max_jobs
         self.busy_window_s = max(window_s, busy_window_s)
         self._open: dict[str, _Open] = {}  # model id -> the message being filled
         self._arrivals: dict[str, _Arrivals] = {}  # model id -> its recent small async jobs
@@ -82,7 +88,7 @@ class Sender:
         forecast of at most SHARED_MAX_SERIES series, which may share a message; `queue`: another
         queue than the lane's (a pinned weights revision's), sent at once."""
         if lane is Lane.SYNC or not small or not self.window_s or self.max_jobs == 1 or queue:
-            await asyncio.to_thread(send_jobs, self.celery, spec, lane, [job_id], queue)
+            await publish(self.client, spec, lane, [job_id], queue)
             return
         loop = asyncio.get_running_loop()
         arrivals = self._arrivals.get(spec.id) or self._arrivals.setdefault(spec.id, _Arrivals(2 * self.busy_window_s))
@@ -110,7 +116,7 @@ class Sender:
 
     async def _send(self, message: _Open) -> None:
         try:
-            await asyncio.to_thread(send_jobs, self.celery, message.spec, Lane.ASYNC, message.job_ids)
+            await publish(self.client, message.spec, Lane.ASYNC, message.job_ids)
         except Exception as exc:
             message.sent.set_exception(exc)
             message.sent.exception()  # each waiting request handles it; none left is no error to log

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import msgspec
-from celery import Celery
 
 from shared import cache, catalog, families
 from shared.schemas import AnomalyParameters, BacktestRequest, FinetuneParameters, ForecastRequest
@@ -42,18 +41,17 @@ class JobService:
         self,
         settings: Settings,
         store: AsyncJobStore,
-        celery: Celery,
         events: JobEvents,
         metrics: ApiMetrics,
     ):
-        self.settings, self.store, self.celery = settings, store, celery
+        self.settings, self.store = settings, store
         self.events, self.metrics = events, metrics
         routes = Routes.from_settings(settings)  # FALLBACKS, AB_SPLITS, ENSEMBLES, parsed once
         self.fleet = Fleet(settings, store, routes.ensembles)
         self.router = Router(settings, self.fleet, store, metrics, routes)
         self.admission = Admission(settings, store)
         self.sender = Sender(
-            celery, settings.send_window_ms / 1000, settings.send_max_jobs, settings.send_busy_window_ms / 1000
+            store.client, settings.send_window_ms / 1000, settings.send_max_jobs, settings.send_busy_window_ms / 1000
         )
 
     async def submit(

@@ -40,7 +40,11 @@ def test_the_first_job_after_a_flood_and_a_quiet_spell_goes_alone():
 
 def test_a_lone_job_waits_the_short_window_and_jobs_of_a_stream_the_busy_one(monkeypatch):
     sent: list[list[str]] = []
-    monkeypatch.setattr(sender, "send_jobs", lambda celery, spec, lane, ids, queue=None: sent.append(list(ids)))
+
+    async def publish(client, spec, lane, ids, queue=None):
+        sent.append(list(ids))
+
+    monkeypatch.setattr(sender, "publish", publish)
 
     async def scenario() -> tuple[float, float]:
         loop = asyncio.get_running_loop()

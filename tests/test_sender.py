@@ -74,10 +74,10 @@ def test_when_a_shared_message_cannot_be_sent_every_job_in_it_is_refused_and_non
 ):
     from api import sender
 
-    def broker_down(*args, **kwargs):
+    async def broker_down(*args, **kwargs):
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(sender, "send_jobs", broker_down)
+    monkeypatch.setattr(sender, "publish", broker_down)
     client = redis_server.client()
     before = job_keys(client)
 
@@ -96,17 +96,18 @@ def test_when_a_shared_message_cannot_be_sent_every_job_in_it_is_refused_and_non
 def test_a_request_that_joined_a_job_whose_message_then_could_not_be_sent_finds_it_failed(
     api, redis_server, monkeypatch
 ):
+    import asyncio
     import threading
 
     from api import sender
 
     release = threading.Event()
 
-    def slow_broker_down(*args, **kwargs):
-        release.wait(10)
+    async def slow_broker_down(*args, **kwargs):
+        await asyncio.to_thread(release.wait, 10)
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(sender, "send_jobs", slow_broker_down)
+    monkeypatch.setattr(sender, "publish", slow_broker_down)
     body = forecast_body(IDLE.id, length=350)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(api.post, "/v1/forecasts", json=body)  # its send hangs, then fails
