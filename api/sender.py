@@ -47,13 +47,16 @@ class _Open:
 SHARED_MAX_SERIES = 16
 # Weight of the newest gap between two arrivals in a model's smoothed gap.
 _SMOOTHING = 0.2
+# No job of a model for this long is a quiet spell: its smoothed gap starts again.
+_QUIET_S = 1.0
 
 
 @dataclass
 class _Arrivals:
     """When a model's last small async job reached this process, and the smoothed gap between them.
-    A gap of `longest` or more is a quiet spell: the average starts again from it, so the first
-    job after a flood goes alone, and a flood after a quiet hour is recognised within a few jobs."""
+    A gap counts as at most `longest`, so the pauses between a flood's bursts (its clients wait for a
+    pass) do not hide the flood; after a quiet spell (`_QUIET_S`) the average starts again from
+    `longest`, so the first job goes alone, and a new flood is recognised within a few jobs."""
 
     longest: float
     last: float = -math.inf
@@ -61,7 +64,10 @@ class _Arrivals:
 
     def note(self, now: float) -> float:
         gap, self.last = now - self.last, now
-        self.gap = self.longest if gap >= self.longest else self.gap + _SMOOTHING * (gap - self.gap)
+        if gap >= _QUIET_S:
+            self.gap = self.longest
+        else:
+            self.gap += _SMOOTHING * (min(gap, self.longest) - self.gap)
         return self.gap
 
 

@@ -31,6 +31,14 @@ def test_a_flood_after_a_quiet_hour_is_recognised_within_a_few_jobs():
     assert not flood[0] and flood.index(True) <= 10 and all(flood[flood.index(True) :])
 
 
+def test_a_flood_in_bursts_stays_busy_through_the_pauses_between_them():
+    # Closed-loop clients answered together after each pass come back together: 40 jobs 1 ms
+    # apart, then 120 ms of nothing, again and again.
+    times = [burst * 0.16 + 0.001 * i for burst in range(5) for i in range(40)]
+    flags = busy(_Arrivals(0.04), 0.02, times)
+    assert all(flags[40:])  # after the first burst, every job is sent in a long-open message
+
+
 def test_the_first_job_after_a_flood_and_a_quiet_spell_goes_alone():
     arrivals = _Arrivals(0.04)
     flood = busy(arrivals, 0.02, [0.001 * i for i in range(50)])
