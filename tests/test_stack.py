@@ -101,10 +101,11 @@ def test_run_starts_the_whole_stack_serves_forecasts_and_ctrl_c_leaves_nothing_b
         # Task events are off by default (TASK_EVENTS): Flower's worker list still fills from the
         # workers' heartbeat events.
         seen: set[str] = set()
+        listed_by = time.monotonic() + 90
         while not {"chronos-bolt-tiny", "chronos-t5-tiny"} <= seen:
-            assert time.monotonic() < deadline + 60, seen
+            assert time.monotonic() < listed_by, seen
             listed = httpx.get(f"http://127.0.0.1:{flower_port}/workers", params={"json": 1}, timeout=10).json()
-            seen = {w["hostname"].rsplit("-", 1)[0] for w in listed["data"] if w["status"]}
+            seen = {w["hostname"].rsplit("-", 1)[0] for w in listed["data"]}
             time.sleep(0.5)
         assert len(descendants(runner.pid)) >= 6  # redis, api, 2 workers, flower, announcer (+ wrappers)
 
