@@ -329,14 +329,14 @@ class _Core:
             if wanted:
                 step.append(Cmd("lrange", (keys.job_input(job_id), start, end - 1)))
         if mark:
-            step += [Cmd("hset", (keys.job(job_id), "in_pass", "1")) for job_id, *_ in slices]
+            step += _marks(job_id for job_id, *_ in slices)
         replies = iter((yield step))
         return [PassRead(next(replies) == b"1", next(replies) if wanted else None) for *_, wanted in slices]
 
     @operation
     def mark_in_pass(self, job_ids: Iterable[str]) -> Op[None]:
         """From here on a death of this worker counts against these jobs (lua/start.lua)."""
-        yield [Cmd("hset", (keys.job(job_id), "in_pass", "1")) for job_id in job_ids]
+        yield _marks(job_ids)
 
     @operation
     def append_results(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> Op[None]:
@@ -726,6 +726,11 @@ def _raise_first(replies: list[Any]) -> list[Any]:
 
 # Buckets of the breaker's window: outcomes age out of it a sixth of the window at a time.
 _BUCKETS = 6
+
+
+def _marks(job_ids: Iterable[str]) -> list[Cmd]:
+    """The `in_pass` marks of a forward pass's jobs (lua/start.lua counts a death against them)."""
+    return [Cmd("hset", (keys.job(job_id), "in_pass", "1")) for job_id in job_ids]
 
 
 def _circuit_read(spec: ModelSpec) -> Cmd:
