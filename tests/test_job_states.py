@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from shared import catalog
-from shared.store import JobRecord, JobStatus, JobStore, Lane, keys
+from shared.store import JobRecord, JobStatus, JobStore, Lane, Outcome, keys
 
 from conftest import settings_for
 
@@ -63,6 +63,49 @@ def test_queued_job_runs_then_succeeds_with_its_result_and_a_ttl(client, store):
     assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1
     assert rec.inference_s == 0.5 and rec.weights == "real"
     assert 0 < client.ttl(keys.job(job_id)) <= 60
+
+
+def test_a_finish_carrying_the_last_results_appends_them_caches_them_and_clears_the_in_pass_mark(client, store):
+    job_id, ended_id = queued_job(client), queued_job(client)
+    for i in (job_id, ended_id):
+        start(store, i)
+        client.hset(keys.job(i), "in_pass", "1")
+    assert cancel(store, ended_id) is not None and finish(store, ended_id, JobStatus.FAILED) == "cancelled"
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (job_id, ended_id)]
+    digest = uuid.uuid4().hex
+    finals = store.finish([
+        Outcome(running[0], JobStatus.SUCCEEDED, {"weights": "real"}, digest, [b"r1", b"r2"]),
+        Outcome(running[1], JobStatus.SUCCEEDED, {}, None, [b"late"]),  # ended meanwhile: nothing appended
+    ])  # fmt: skip
+
+    assert finals == ["succeeded", "cancelled"]
+    assert client.lrange(keys.job_output(job_id), 0, -1) == ["r1", "r2"]
+    assert client.lrange(keys.cache_output(digest), 0, -1) == ["r1", "r2"] and 0 < client.ttl(keys.cache(digest))
+    assert record(client, job_id).weights == "real" and client.hget(keys.job(job_id), "in_pass") is None
+    assert not client.exists(keys.job_output(ended_id))
+
+
+def test_results_too_many_for_the_script_are_appended_ahead_of_it(client, store):
+    job_id = queued_job(client)
+    start(store, job_id)
+    job = JobRecord(job_id, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner")
+    results = [str(i).encode() for i in range(10_000)]  # past what Lua can unpack
+
+    assert store.finish([Outcome(job, JobStatus.SUCCEEDED, {}, None, results)]) == ["succeeded"]
+    assert client.lrange(keys.job_output(job_id), 0, -1) == [r.decode() for r in results]
+    assert 0 < client.ttl(keys.job_output(job_id)) <= 60
+
+
+def test_a_pass_reads_its_series_and_cancels_and_marks_only_records_still_stored(client, store):
+    job_id, gone = queued_job(client), uuid.uuid4().hex
+    client.rpush(keys.job_input(job_id), "a", "b", "c")
+    client.hset(keys.job(job_id), "cancel_requested", "1")
+
+    reads = store.read_pass([(job_id, 1, 3, True), (gone, 0, 1, True), (job_id, 0, 3, False)], mark=True)
+
+    assert reads[0].cancel_requested and reads[0].inputs == [b"b", b"c"]
+    assert not reads[1].cancel_requested and reads[1].inputs == [] and reads[2].inputs is None
+    assert client.hget(keys.job(job_id), "in_pass") == "1" and not client.exists(keys.job(gone))
 
 
 def test_terminal_state_is_announced_on_the_events_channel(client, store):
@@ -201,7 +244,11 @@ def test_scripts_redis_lost_are_loaded_again_and_a_round_trip_runs_each_command_
     first, second = queued_job(client), queued_job(client)
     client.script_flush()  # what a Redis restart without persistence does to loaded scripts
 
-    claims = store.start(SPEC, [first, second], "w1")  # one pipeline of two scripts
+    claims = store.start(SPEC, [first, second], "w1")  # one script for both
+    client.script_flush()
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (first, second)]
+    finals = store.finish([Outcome(r, JobStatus.SUCCEEDED, {}, None, [b"r"]) for r in running])  # a pipeline of two
 
-    assert [state for state, _ in claims] == ["running", "running"]
+    assert [state for state, _ in claims] == ["running", "running"] and finals == ["succeeded", "succeeded"]
     assert [record(client, job_id).attempts for job_id in (first, second)] == [1, 1]
+    assert [client.lrange(keys.job_output(job_id), 0, -1) for job_id in (first, second)] == [["r"], ["r"]]

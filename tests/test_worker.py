@@ -119,8 +119,8 @@ def test_a_forecast_ends_with_its_last_results_in_the_pass_round_trip_not_from_i
 
     assert rec.status is JobStatus.SUCCEEDED and rec.progress_done == 2 and rec.inference_s > 0
     assert len(rec.predictions) == 2 and rec.weights == "synthetic"
-    ((appended, _kept, outcomes),) = trips  # its results, its cache entry (tests/test_cache.py) and its end
-    assert [job_id for job_id, _, _ in appended] == [rec.id] and [r.id for r, _, _ in outcomes] == [rec.id]
+    ((appended, (outcome,)),) = trips  # its end, with its last results
+    assert appended == [] and outcome.record.id == rec.id and len(outcome.results) == 2
 
 
 def test_a_job_that_timed_out_is_not_finished_by_its_pass_ending_afterwards(redis_server, runtime, io, monkeypatch):
@@ -134,7 +134,7 @@ def test_a_job_that_timed_out_is_not_finished_by_its_pass_ending_afterwards(redi
     monkeypatch.setattr(runtime, "predict", stuck)
     closed = []
     complete_pass = io.store.complete_pass
-    monkeypatch.setattr(io.store, "complete_pass", lambda *args: closed.append(args[2]) or complete_pass(*args))
+    monkeypatch.setattr(io.store, "complete_pass", lambda *args: closed.append(args[1]) or complete_pass(*args))
     batcher = Batcher(runtime, io)
     batcher.start()
 
@@ -146,7 +146,7 @@ def test_a_job_that_timed_out_is_not_finished_by_its_pass_ending_afterwards(redi
         time.sleep(0.05)
 
     assert rec.status is JobStatus.FAILED and rec.error.startswith("TimeoutError")
-    assert all(r.id != rec.id for outcomes in closed for r, _, _ in outcomes)  # its task thread ended it alone
+    assert all(o.record.id != rec.id for outcomes in closed for o in outcomes)  # its task thread ended it alone
     assert JobRecord.from_hash(redis_server.client().hgetall(keys.job(rec.id))).status is JobStatus.FAILED
 
 

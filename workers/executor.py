@@ -9,19 +9,19 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import redis
 
 from shared import cache, families
 from shared.catalog import ModelSpec
 from shared.schemas import ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import JobKind, JobRecord, JobStatus, JobStore
+from shared.store import JobKind, JobRecord, JobStatus, JobStore, Outcome
 
 from workers import anomaly, backtest, metrics
 from workers.batcher import Batcher, Slice, Work
 
 log = logging.getLogger(__name__)
+SUCCEEDED = JobStatus.SUCCEEDED
 
 
 class _Closing(NamedTuple):
@@ -62,25 +62,25 @@ class RedisPassIO:
         self.store.mark_in_pass(work.job_id for work, _, _ in batch)
 
     def write(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
-        # The last pass's progress comes with the job's final state.
-        appended = [
-            (work.job_id, [a.tobytes() for a in arrays] if work.stored else [], end if end < work.n else None)
-            for (work, _, end), arrays in results
-        ]  # fmt: skip
         # A job failed meanwhile (a timeout, an earlier pass's write) is its task thread's to end.
-        closing = [w for w in completed if w.closing is not None and not w.finished.is_set() and w.end_once()]
+        closing = {w.job_id: w for w in completed if w.closing is not None and not w.finished.is_set() and w.end_once()}
+        appended, last = [], {}
+        for (work, _, end), arrays in results:
+            elements = [a.tobytes() for a in arrays] if work.stored else []
+            if work.job_id in closing:  # its last results travel with its finish script
+                last[work.job_id] = elements
+            else:  # the last pass's progress comes with the job's final state
+                appended.append((work.job_id, elements, end if end < work.n else None))
         if not closing:
             if appended:
                 self.store.append_results(appended)
             return
-        outcomes, kept = [], []
-        for work in closing:
+        outcomes = []
+        for work in closing.values():
             record, fields, digest = work.closing
             fields.update(inference_s=round(work.model_s, 6), progress_done=work.done)
-            outcomes.append((record, JobStatus.SUCCEEDED, fields))
-            if digest is not None:
-                kept.append((record.id, digest, fields))
-        for work, final in zip(closing, self.store.complete_pass(appended, kept, outcomes), strict=True):
+            outcomes.append(Outcome(record, JobStatus.SUCCEEDED, fields, digest, last.get(work.job_id, ())))
+        for work, final in zip(closing.values(), self.store.complete_pass(appended, outcomes), strict=True):
             work.final = final
 
 
@@ -206,6 +206,7 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
             claimed.append(_Claimed(record, fields, work, score))
     deadline = time.monotonic() + settings.max_job_s
     pending = claimed
+    inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)  # looked up once a message
     while pending:
         # Each job is finished as soon as it ends, with the others of the message that ended by then
         # (one round trip for the jobs of one pass): none waits for a slower neighbour.
@@ -221,17 +222,20 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         ]
         # Jobs the pass I/O thread finished are only reported here; the others end now.
         closed = [job.work is not None and job.work.final is not None for job in wave]
-        left = [outcome for outcome, done in zip(outcomes, closed, strict=True) if not done]
-        _remember(store, spec, batcher, settings, left)
+        left = [
+            Outcome(record, status, fields, _digest(spec, batcher, settings, record) if status == SUCCEEDED else None)
+            for (record, status, fields), done in zip(outcomes, closed, strict=True)
+            if not done
+        ]
         finals = iter(store.finish(left) if left else [])
         for (record, _, fields), job, done in zip(outcomes, wave, closed, strict=True):
             final = job.work.final if done and job.work and job.work.final else next(finals)
             n = job.work.n if job.work else 0
             log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
             metrics.JOBS.labels(spec.id, final).inc()
-            metrics.INFERENCE.labels(spec.id).observe(fields["inference_s"])
+            inference.observe(fields["inference_s"])
             if final == JobStatus.SUCCEEDED:
-                metrics.SERIES.labels(spec.id).inc(n)
+                served.inc(n)
             statuses[record.id] = final
     return [statuses[job_id] for job_id in job_ids]
 
@@ -244,24 +248,3 @@ def _digest(spec: ModelSpec, batcher: Batcher, settings: Settings, record: JobRe
     if not families.of(spec).cacheable(record.request.get("parameters", {})):
         return None
     return cache.digest(spec, batcher.runtime.weights.revision, record.identity)
-
-
-def _remember(
-    store: JobStore,
-    spec: ModelSpec,
-    batcher: Batcher,
-    settings: Settings,
-    outcomes: list[tuple[JobRecord, JobStatus, dict]],
-) -> None:
-    """Keep the results of deterministic succeeded jobs for identical requests (shared/cache.py): before
-    they finish, so a client that sends the same request the moment it sees the result hits the cache."""
-    kept = [
-        (record.id, digest, fields)
-        for record, status, fields in outcomes
-        if status == JobStatus.SUCCEEDED and (digest := _digest(spec, batcher, settings, record)) is not None
-    ]
-    if kept:
-        try:  # best effort: a miss only costs a run
-            store.remember(kept)
-        except redis.RedisError as exc:
-            log.warning("results not cached: %s", exc)

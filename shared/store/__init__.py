@@ -3,7 +3,7 @@
 methods of `JobStore` (blocking client) or `AsyncJobStore` (asyncio client)."""
 
 from shared.store.record import TERMINAL, JobKind, JobRecord, JobStatus, Lane
-from shared.store.store import AsyncJobStore, CircuitState, JobStore, ModelState, PassRead, live
+from shared.store.store import AsyncJobStore, CircuitState, JobStore, ModelState, Outcome, PassRead, live
 
 __all__ = ["TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord", "JobStatus", "JobStore", "Lane",
-           "ModelState", "PassRead", "live"]  # fmt: skip
+           "ModelState", "Outcome", "PassRead", "live"]  # fmt: skip

@@ -110,10 +110,9 @@ class JobRecord:
         """The record from HGETALL's reply (text or bytes); fields it lacks take their defaults."""
         values = {}
         for name, raw in h.items():
-            name = name.decode() if isinstance(name, bytes) else name
-            codec = _CODECS.get(name)
-            if codec is not None and raw not in ("", b""):
-                values[name] = codec[1](raw.decode() if isinstance(raw, bytes) else raw)
+            read = _READERS.get(name)
+            if read is not None and raw not in ("", b""):
+                values[read[0]] = read[1](raw)
         return cls(**values)
 
     def to_hash(self) -> dict[str, str | int]:
@@ -153,9 +152,22 @@ def _codec(kind: Any) -> tuple[Callable[[Any], Any], Callable[[str], Any]]:
     if kind is int:
         return int, int
     if kind is dict:
-        return json.dumps, json.loads
+        return json.dumps, json.loads  # not orjson: json writes NaN (a backtest score can be), orjson refuses it
     return (lambda v: v.value if isinstance(v, StrEnum) else str(v)), kind
 
 
 _HINTS = typing.get_type_hints(JobRecord)
 _CODECS = {f.name: _codec(_HINTS[f.name]) for f in fields(JobRecord) if f.metadata.get("stored", True)}
+
+
+def _from_bytes(read: Callable[[Any], Any]) -> Callable[[bytes], Any]:
+    # float, int and json read bytes as they are; the rest read text. A worker reads every record
+    # it claims, the API every record it answers: the decode is skipped where it is not needed.
+    return read if read in (float, int, json.loads) else (lambda raw: read(raw.decode()))
+
+
+# Each stored field by its name as text and as bytes (the clients decode replies or not): (attribute, reader).
+_READERS: dict[str | bytes, tuple[str, Callable[[Any], Any]]] = {
+    **{name: (name, codec[1]) for name, codec in _CODECS.items()},
+    **{name.encode(): (name, _from_bytes(codec[1])) for name, codec in _CODECS.items()},
+}

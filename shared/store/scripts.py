@@ -11,7 +11,7 @@ from importlib.resources import files
 from typing import Any
 
 NAMES = ("create", "create_done", "start", "finish", "cancel", "progress", "take_token", "promote_callbacks", "read",
-         "unsent", "probe")  # fmt: skip
+         "unsent", "probe", "read_pass")  # fmt: skip
 
 
 @cache

@@ -103,6 +103,17 @@ class ModelState(NamedTuple):
     circuit: CircuitState
 
 
+class Outcome(NamedTuple):
+    """How a worker ends a job (`finish`): its status and the record fields stored with it; for a
+    job its last pass completed, that pass's results, appended by the same script."""
+
+    record: JobRecord
+    status: JobStatus
+    fields: dict
+    digest: str | None = None  # the result cache entry a success is kept under (shared/cache.py)
+    results: Sequence[bytes] = ()
+
+
 class PassRead(NamedTuple):
     cancel_requested: bool
     inputs: list[bytes] | None  # None when the pass did not ask for the job's series
@@ -303,18 +314,13 @@ class _Core:
     def start(self, spec: ModelSpec, job_ids: Sequence[str], worker: str) -> Op[list[tuple[str, JobRecord | None]]]:
         """Claim the jobs of one delivery of a message: for each, its status afterwards ('running', or
         why it is to be skipped: an end state or 'missing') and its record as the claim left it. One
-        round trip however many jobs the message carries."""
-        s, now = self.settings, repr(time.time())
-        replies = yield [
-            run_script(
-                "start",
-                [keys.job(job_id), keys.queued(spec), keys.job_input(job_id), keys.job_output(job_id), keys.CALLBACKS],
-                [now, worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, job_id, keys.in_flight("")],
-            )
-            for job_id in job_ids
-        ]
+        command however many jobs the message carries."""
+        s = self.settings
+        job_keys = [k for i in job_ids for k in (keys.job(i), keys.job_input(i), keys.job_output(i))]
+        args = [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, keys.in_flight("")]
+        (replies,) = yield [run_script("start", [keys.queued(spec), keys.CALLBACKS, *job_keys], [*args, *job_ids])]
         claimed: list[tuple[str, JobRecord | None]] = []
-        for state, _lost, fields in replies:  # `lost` is in the record as the claim left it
+        for state, fields in replies:
             record = JobRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None
             claimed.append((_text(state) if record else "missing", record))
         return claimed
@@ -322,21 +328,21 @@ class _Core:
     @operation
     def read_pass(self, slices: Sequence[tuple[str, int, int, bool]], mark: bool = False) -> Op[list[PassRead]]:
         """For each (job id, first, end, wanted) of a forward pass: whether a cancel is pending, and the
-        job's series first..end-1 when `wanted`; with `mark`, `mark_in_pass` in the same round trip."""
-        step = []
-        for job_id, start, end, wanted in slices:
-            step.append(Cmd("hget", (keys.job(job_id), "cancel_requested")))
-            if wanted:
-                step.append(Cmd("lrange", (keys.job_input(job_id), start, end - 1)))
-        if mark:
-            step += _marks(job_id for job_id, *_ in slices)
-        replies = iter((yield step))
-        return [PassRead(next(replies) == b"1", next(replies) if wanted else None) for *_, wanted in slices]
+        job's series first..end-1 when `wanted`; with `mark`, `mark_in_pass` in the same command."""
+        job_keys = [k for job_id, *_ in slices for k in (keys.job(job_id), keys.job_input(job_id))]
+        ranges = [x for _, start, end, wanted in slices for x in ((start, end - 1) if wanted else (0, -1))]
+        (replies,) = yield [run_script("read_pass", job_keys, [int(mark), *ranges])]
+        return [
+            PassRead(cancel == b"1", inputs if wanted else None)
+            for (cancel, inputs), (*_, wanted) in zip(replies, slices, strict=True)
+        ]
 
     @operation
     def mark_in_pass(self, job_ids: Iterable[str]) -> Op[None]:
         """From here on a death of this worker counts against these jobs (lua/start.lua)."""
-        yield _marks(job_ids)
+        ids = list(job_ids)
+        job_keys = [k for i in ids for k in (keys.job(i), keys.job_input(i))]
+        yield [run_script("read_pass", job_keys, [1, *[0, -1] * len(ids)])]  # no series read
 
     @operation
     def append_results(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> Op[None]:
@@ -346,29 +352,31 @@ class _Core:
 
     @operation
     def complete_pass(
-        self,
-        results: Sequence[tuple[str, list[bytes], int | None]],
-        kept: Sequence[tuple[str, str, dict]],
-        outcomes: Sequence[tuple[JobRecord, JobStatus, dict]],
+        self, results: Sequence[tuple[str, list[bytes], int | None]], outcomes: Sequence[Outcome]
     ) -> Op[list[str]]:
-        """`append_results`, then `remember` and `finish` for the jobs the pass completed, in one
-        round trip (a worker's pass I/O thread, workers/executor.py); returns the final statuses."""
-        before = self._append(results) + self._remember(kept)
+        """`append_results` for the jobs a pass left running, then `finish` for those it completed (their
+        last results in `Outcome.results`), in one round trip (a worker's pass I/O thread,
+        workers/executor.py); returns the final statuses."""
+        before = self._append(results)
         replies = yield before + self._finish(outcomes)
-        return [_text(reply) for reply in replies[len(before) : len(before) + len(outcomes)]]
+        return _finals(replies, len(outcomes))
 
     def _append(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> list[Cmd]:
         step = []
         for job_id, elements, done in results:
             if elements:  # none for work whose results are kept by the worker alone (anomaly windows)
-                step.append(Cmd("rpush", (keys.job_output(job_id), *elements)))
-                # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
-                # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
-                step.append(Cmd("expire", (keys.job_output(job_id), self.settings.result_ttl_s)))
+                step += self._rpush(job_id, elements)
             step.append(Cmd("hdel", (keys.job(job_id), "in_pass")))
             if done is not None:
                 step.append(run_script("progress", [keys.job(job_id)], [done, keys.EVENTS_CHANNEL, job_id]))
         return step
+
+    def _rpush(self, job_id: str, elements: list[bytes]) -> list[Cmd]:
+        # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
+        # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
+        key = keys.job_output(job_id)
+        step = [Cmd("rpush", (key, *chunk)) for chunk in _chunks(elements)]
+        return [*step, Cmd("expire", (key, self.settings.result_ttl_s))]
 
     @operation
     def inputs(self, job_id: str) -> Op[list[bytes]]:
@@ -377,27 +385,10 @@ class _Core:
         return (yield [Cmd("lrange", (keys.job_input(job_id), 0, -1))])[0]
 
     @operation
-    def remember(self, results: Sequence[tuple[str, str, dict]]) -> Op[None]:
-        """Keep each (job id, digest, fields) succeeded job's result in the cache under its digest
-        (shared/cache.py), with the record fields a cache hit reuses."""
-        yield self._remember(results)
-
-    def _remember(self, results: Sequence[tuple[str, str, dict]]) -> list[Cmd]:
-        ttl = self.settings.cache_ttl_s
-        step = []
-        for job_id, digest, fields in results:
-            kept = {name: fields[name] for name in ("weights", "backtest", "progress_done") if name in fields}
-            step += [
-                Cmd("copy", (keys.job_output(job_id), keys.cache_output(digest)), {"replace": True}),
-                Cmd("expire", (keys.cache_output(digest), ttl)),
-                Cmd("set", (keys.cache(digest), json.dumps(kept)), {"ex": ttl}),
-            ]
-        return step
-
-    @operation
-    def finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> Op[list[str]]:
-        """Store the outcome (status and record fields) of each job; returns their final statuses (a
-        pending cancel makes a success 'cancelled'; a job that is not running keeps what it has).
+    def finish(self, outcomes: Sequence[Outcome | tuple[JobRecord, JobStatus, dict]]) -> Op[list[str]]:
+        """Store the outcome (status and record fields) of each job, and keep a success with a digest
+        in the result cache; returns their final statuses (a pending cancel makes a success
+        'cancelled'; a job that is not running keeps what it has, and gets no more results).
 
         The jobs are announced together, their ids in one message after every script has run: an
         API process parses one message per wave of jobs, not one per job. Should the message be lost
@@ -405,40 +396,38 @@ class _Core:
         re-read (api/events.py): a wake-up can be late, never wrong."""
         if not outcomes:
             return []
-        replies = yield self._finish(outcomes)
-        return [_text(reply) for reply in replies[: len(outcomes)]]
+        return _finals((yield self._finish(outcomes)), len(outcomes))
 
-    def _finish(self, outcomes: Sequence[tuple[JobRecord, JobStatus, dict]]) -> list[Cmd]:
-        """The finish scripts of `outcomes`, then their one announcement (none without outcomes)."""
+    def _finish(self, outcomes: Sequence[Outcome | tuple[JobRecord, JobStatus, dict]]) -> list[Cmd]:
+        """The finish scripts of `outcomes`, then their one announcement (none without outcomes). Results
+        too many for one script's arguments are appended by commands of their own, ahead of it."""
         if not outcomes:
             return []
         now, s = time.time(), self.settings
-        return [
-            run_script(
-                "finish",
-                [
-                    keys.job(r.id),
-                    keys.in_flight(r.owner),
-                    keys.job_input(r.id),
-                    keys.job_output(r.id),
-                    keys.job_items(r.id),
-                    keys.CALLBACKS,
-                    *self._breaker_keys(r.model, now),
-                ],
-                [
-                    status.value,
-                    repr(now),
-                    s.result_ttl_s,
-                    "",  # no announcement of its own: see below
-                    r.id,
-                    s.breaker_min_jobs,
-                    s.breaker_failure_ratio,
-                    math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
-                    *(x for pair in encode(fields).items() for x in pair),
-                ],
-            )
-            for r, status, fields in outcomes
-        ] + [Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(r.id for r, _, _ in outcomes)))]
+        ahead, scripts_, ids = [], [], []
+        for r, status, fields, digest, results in (Outcome(*o) for o in outcomes):
+            if len(results) > _FOLDED or sum(map(len, results)) > _CHUNK:
+                ahead += self._rpush(r.id, list(results))
+                results = ()
+            cache, entry = ["", ""], ""
+            if digest is not None and status == JobStatus.SUCCEEDED and s.cache_ttl_s > 0:
+                cache = [keys.cache_output(digest), keys.cache(digest)]
+                entry = json.dumps({name: fields[name] for name in _CACHED_FIELDS if name in fields})
+            keys_ = [
+                keys.job(r.id), keys.in_flight(r.owner), keys.job_input(r.id), keys.job_output(r.id),
+                keys.job_items(r.id), keys.CALLBACKS, *cache, *self._breaker_keys(r.model, now),
+            ]  # fmt: skip
+            args = [
+                status.value, repr(now), s.result_ttl_s,
+                "",  # no announcement of its own: see `finish`
+                r.id, s.breaker_min_jobs, s.breaker_failure_ratio,
+                math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
+                s.cache_ttl_s, entry, len(results), *results,
+                *(x for pair in encode(fields).items() for x in pair),
+            ]  # fmt: skip
+            scripts_.append(run_script("finish", keys_, args))
+            ids.append(r.id)
+        return ahead + scripts_ + [Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(ids)))]
 
     def _breaker_keys(self, model: str, now: float) -> list[str]:
         """A model's circuit and the outcome buckets of the breaker's window, the current one first."""
@@ -726,11 +715,17 @@ def _raise_first(replies: list[Any]) -> list[Any]:
 
 # Buckets of the breaker's window: outcomes age out of it a sixth of the window at a time.
 _BUCKETS = 6
+# Bytes of series or results one command carries at most: no command grows with the job.
+_CHUNK = 8 << 20
+# The record fields a result cache entry keeps: what a hit's record reuses (shared/cache.py).
+_CACHED_FIELDS = ("weights", "backtest", "progress_done")
+# Results a finish script appends itself at most (Lua unpacks its arguments onto a bounded stack).
+_FOLDED = 1000
 
 
-def _marks(job_ids: Iterable[str]) -> list[Cmd]:
-    """The `in_pass` marks of a forward pass's jobs (lua/start.lua counts a death against them)."""
-    return [Cmd("hset", (keys.job(job_id), "in_pass", "1")) for job_id in job_ids]
+def _finals(replies: list[Any], n: int) -> list[str]:
+    """The final statuses of `n` jobs a round trip finished: its replies before the announcement."""
+    return [_text(reply) for reply in replies[-1 - n : -1]] if n else []
 
 
 def _circuit_read(spec: ModelSpec) -> Cmd:
@@ -746,7 +741,7 @@ def _pairs(record: JobRecord) -> list:
     return [x for pair in record.to_hash().items() for x in pair]
 
 
-def _chunks(elements: list[bytes], budget: int = 8 << 20) -> list[list[bytes]]:
+def _chunks(elements: list[bytes], budget: int = _CHUNK) -> list[list[bytes]]:
     """Elements in groups of about `budget` bytes: one RPUSH each, so no command grows with the job."""
     out: list[list[bytes]] = [[]]
     size = 0
