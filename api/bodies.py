@@ -131,8 +131,9 @@ async def read(request: Request, max_bytes: int, timeout_s: float) -> bytes:
                 raise Problem(413, "body-too-large", f"request body over {max_bytes} bytes (MAX_BODY_BYTES)")
             chunks.append(chunk)
 
-    try:
-        await asyncio.wait_for(receive(), timeout_s)
+    try:  # asyncio.timeout, not wait_for: no task of its own per body (4 % of the API's CPU in a flood)
+        async with asyncio.timeout(timeout_s):
+            await receive()
     except TimeoutError:
         raise Problem(408, "body-timeout", f"the request body did not arrive within {timeout_s:g}s") from None
     return b"".join(chunks)

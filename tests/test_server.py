@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import process_table, start_api
+from conftest import API_KEY, process_table, start_api
 
 
 def children(pid: int) -> list[int]:
@@ -52,4 +52,24 @@ def test_a_connection_that_trickles_its_headers_is_closed_and_others_are_served(
         proc.wait(20)
 
     assert closed and 0.5 < waited < 5
+    assert served == 200
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_others_are_served(redis_server, tmp_path):
+    base, proc = start_api(redis_server, tmp_path, BODY_TIMEOUT_S="1")
+    host, port = base.removeprefix("http://").split(":")
+    try:
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(
+            b"POST /v1/forecasts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+            + f"X-API-Key: {API_KEY}\r\n\r\n{{".encode()
+        )  # ...and never the rest of the body it announced
+        slow.settimeout(10)
+        answer = slow.recv(65536).decode()
+        served = httpx.get(f"{base}/healthz").status_code
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+    assert answer.startswith("HTTP/1.1 408") and "application/problem+json" in answer and "body-timeout" in answer
     assert served == 200
