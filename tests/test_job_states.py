@@ -85,6 +85,25 @@ def test_a_finish_carrying_the_last_results_appends_them_caches_them_and_clears_
     assert not client.exists(keys.job_output(ended_id))
 
 
+def test_jobs_of_several_models_finished_together_get_their_own_statuses_in_order(client, store):
+    other = catalog.get("amazon/chronos-t5-tiny")
+    ids = [queued_job(client) for _ in range(3)]
+    for job_id in ids:
+        start(store, job_id)
+    models = [SPEC.id, other.id, SPEC.id]
+    running = [JobRecord(i, m, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i, m in zip(ids, models)]
+    cancel(store, ids[2])
+
+    finals = store.finish([(running[0], JobStatus.FAILED, {"error": "boom"}), (running[1], JobStatus.SUCCEEDED, {}),
+                           (running[2], JobStatus.SUCCEEDED, {})])  # fmt: skip
+
+    assert finals == ["failed", "succeeded", "cancelled"]
+    assert [record(client, i).status for i in ids] == [JobStatus.FAILED, JobStatus.SUCCEEDED, JobStatus.CANCELLED]
+    assert record(client, ids[0]).error == "boom"
+    bucket = int(time.time() // (store.settings.breaker_window_s / 6))  # the breaker counted it (or just before)
+    assert "1" in [client.hget(keys.outcomes(SPEC, bucket - i), "failed") for i in (0, 1)]
+
+
 def test_results_too_many_for_the_script_are_appended_ahead_of_it(client, store):
     job_id = queued_job(client)
     start(store, job_id)

@@ -359,7 +359,7 @@ class _Core:
         workers/executor.py); returns the final statuses."""
         before = self._append(results)
         replies = yield before + self._finish(outcomes)
-        return _finals(replies, len(outcomes))
+        return _finals(replies, outcomes)
 
     def _append(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> list[Cmd]:
         step = []
@@ -396,15 +396,16 @@ class _Core:
         re-read (api/events.py): a wake-up can be late, never wrong."""
         if not outcomes:
             return []
-        return _finals((yield self._finish(outcomes)), len(outcomes))
+        return _finals((yield self._finish(outcomes)), outcomes)
 
     def _finish(self, outcomes: Sequence[Outcome | tuple[JobRecord, JobStatus, dict]]) -> list[Cmd]:
-        """The finish scripts of `outcomes`, then their one announcement (none without outcomes). Results
-        too many for one script's arguments are appended by commands of their own, ahead of it."""
+        """The finish script of `outcomes` (one per model), then their one announcement (none without
+        outcomes). Results too many for one script's arguments are appended ahead of it."""
         if not outcomes:
             return []
         now, s = time.time(), self.settings
-        ahead, scripts_, ids = [], [], []
+        ahead: list[Cmd] = []
+        by_model: dict[str, tuple[list[str], list[Any]]] = {}
         for r, status, fields, digest, results in (Outcome(*o) for o in outcomes):
             if len(results) > _FOLDED or sum(map(len, results)) > _CHUNK:
                 ahead += self._rpush(r.id, list(results))
@@ -413,21 +414,23 @@ class _Core:
             if digest is not None and status == JobStatus.SUCCEEDED and s.cache_ttl_s > 0:
                 cache = [keys.cache_output(digest), keys.cache(digest)]
                 entry = json.dumps({name: fields[name] for name in _CACHED_FIELDS if name in fields})
-            keys_ = [
-                keys.job(r.id), keys.in_flight(r.owner), keys.job_input(r.id), keys.job_output(r.id),
-                keys.job_items(r.id), keys.CALLBACKS, *cache, *self._breaker_keys(r.model, now),
-            ]  # fmt: skip
-            args = [
-                status.value, repr(now), s.result_ttl_s,
+            pairs = [x for pair in encode(fields).items() for x in pair]
+            job_keys, args = by_model.setdefault(r.model, ([], []))
+            job_keys += [keys.job(r.id), keys.in_flight(r.owner), keys.job_input(r.id), keys.job_output(r.id),
+                         keys.job_items(r.id), *cache]  # fmt: skip
+            args += [status.value, r.id, entry, len(results), *results, len(pairs), *pairs]
+        scripts_ = []
+        for model, (job_keys, args) in by_model.items():
+            head = [
+                repr(now), s.result_ttl_s,
                 "",  # no announcement of its own: see `finish`
-                r.id, s.breaker_min_jobs, s.breaker_failure_ratio,
-                math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
-                s.cache_ttl_s, entry, len(results), *results,
-                *(x for pair in encode(fields).items() for x in pair),
+                s.breaker_min_jobs, s.breaker_failure_ratio, math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
+                s.cache_ttl_s, _BUCKETS + 1,
             ]  # fmt: skip
-            scripts_.append(run_script("finish", keys_, args))
-            ids.append(r.id)
-        return ahead + scripts_ + [Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(ids)))]
+            model_keys = [keys.CALLBACKS, *self._breaker_keys(model, now)]
+            scripts_.append(run_script("finish", [*model_keys, *job_keys], [*head, *args]))
+        ids = " ".join(Outcome(*o).record.id for o in outcomes)
+        return ahead + scripts_ + [Cmd("publish", (keys.EVENTS_CHANNEL, ids))]
 
     def _breaker_keys(self, model: str, now: float) -> list[str]:
         """A model's circuit and the outcome buckets of the breaker's window, the current one first."""
@@ -723,9 +726,13 @@ _CACHED_FIELDS = ("weights", "backtest", "progress_done")
 _FOLDED = 1000
 
 
-def _finals(replies: list[Any], n: int) -> list[str]:
-    """The final statuses of `n` jobs a round trip finished: its replies before the announcement."""
-    return [_text(reply) for reply in replies[-1 - n : -1]] if n else []
+def _finals(replies: list[Any], outcomes: Sequence[Outcome | tuple[JobRecord, JobStatus, dict]]) -> list[str]:
+    """The final statuses of the jobs a round trip finished (`JobStore._finish`), in their order."""
+    if not outcomes:
+        return []
+    models = list(dict.fromkeys(Outcome(*o).record.model for o in outcomes))
+    per_model = {model: iter(reply) for model, reply in zip(models, replies[-1 - len(models) : -1], strict=True)}
+    return [_text(next(per_model[Outcome(*o).record.model])) for o in outcomes]
 
 
 def _circuit_read(spec: ModelSpec) -> Cmd:

@@ -1,64 +1,86 @@
--- A worker stores a job's outcome (with, for a job its last forward pass completed, that pass's
--- results and the job's result cache entry: one script, so a job costs one command to end).
--- KEYS: job, owner's in-flight set, job's input list, job's output list, job's items, callbacks stream,
---       result cache output list or '', result cache entry or '', the model's circuit, then its
---       outcome buckets of the breaker's window (the current one first)
--- ARGV: final status, now, ttl, events channel, job id, breaker min jobs, breaker failure ratio, bucket
---       ttl, cache ttl, cache entry value, n (results to append first), the n results, then the
---       outcome's field/value pairs
+-- A worker stores the outcomes of jobs of one model (with, for a job its last forward pass
+-- completed, that pass's results and the job's result cache entry): one script however many jobs.
+-- KEYS: callbacks stream, the model's circuit, its outcome buckets of the breaker's window (the
+--       current one first), then for each job: its record, its owner's in-flight set, input list,
+--       output list, items, result cache output list or '', result cache entry or ''
+-- ARGV: now, ttl, events channel, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl,
+--       the number of outcome buckets, then for each job: its final status, id, cache entry value,
+--       n (results to append first), the n results, m (fields), then the m field/value pairs
 -- Only a running job can finish; the first terminal write wins, so a redelivered duplicate cannot
 -- overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more results. A
 -- pending cancel request turns success into 'cancelled' and the outcome's fields are not stored.
 -- Output and items live as long as the record; a success is cached (shared/cache.py) before it is
--- announced, so a client that repeats the request on seeing the result hits the cache. Returns the
--- final status.
-local state = redis.call('HMGET', KEYS[1], 'status', 'cancel_requested', 'lane')
-if state[1] ~= 'running' then return state[1] or 'missing' end
-local n = tonumber(ARGV[11])
-if n > 0 then redis.call('RPUSH', KEYS[4], unpack(ARGV, 12, 11 + n)) end
-local final = ARGV[1]
-if state[2] == '1' then final = 'cancelled' end
-if final ~= 'cancelled' and #ARGV >= 12 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 12 + n)) end
-redis.call('HDEL', KEYS[1], 'in_pass')
-if final == 'succeeded' then
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-  redis.call('EXPIRE', KEYS[5], ARGV[3])
-  if KEYS[7] ~= '' then
-    redis.call('COPY', KEYS[4], KEYS[7], 'REPLACE')
-    redis.call('EXPIRE', KEYS[7], ARGV[9])
-    redis.call('SET', KEYS[8], ARGV[10], 'EX', ARGV[9])
-  end
-else
-  redis.call('DEL', KEYS[4])
-end
-redis.call('DEL', KEYS[3])
+-- announced, so a client that repeats the request on seeing the result hits the cache. Returns
+-- each job's final status.
+local now, ttl, channel = ARGV[1], ARGV[2], ARGV[3]
+local buckets = tonumber(ARGV[8])
+local circuit, current = KEYS[2], KEYS[3]
+
 -- The circuit breaker (api/breaker.py) counts what the model did, here where every run ends. A closed
 -- circuit opens when the window's failures reach the ratio over at least `min jobs`; a half-open one
 -- closes at the first success (counting anew) and opens again at the first failure. While open, the
 -- outcomes of jobs started before are counted but change nothing. A fine-tuning run's outcome says
 -- nothing of how the model serves: it is not counted.
-if (final == 'succeeded' or final == 'failed') and state[3] ~= 'train' then
-  local outcome = final == 'failed' and 'failed' or 'ok'
-  redis.call('HINCRBY', KEYS[10], outcome, 1)
-  redis.call('EXPIRE', KEYS[10], ARGV[8])
-  local circuit = redis.call('HGET', KEYS[9], 'state')
-  if circuit == 'half_open' then
+local function count(outcome)
+  redis.call('HINCRBY', current, outcome, 1)
+  redis.call('EXPIRE', current, ARGV[6])
+  local state = redis.call('HGET', circuit, 'state')
+  if state == 'half_open' then
     if outcome == 'ok' then
-      redis.call('DEL', KEYS[9], unpack(KEYS, 10))
+      redis.call('DEL', circuit, unpack(KEYS, 3, 2 + buckets))
     else
-      redis.call('HSET', KEYS[9], 'state', 'open', 'opened_at', ARGV[2], 'probes', 0)
+      redis.call('HSET', circuit, 'state', 'open', 'opened_at', now, 'probes', 0)
     end
-  elseif not circuit and outcome == 'failed' then
+  elseif not state and outcome == 'failed' then
     local ok, failed = 0, 0
-    for i = 10, #KEYS do
+    for i = 3, 2 + buckets do
       local counts = redis.call('HMGET', KEYS[i], 'ok', 'failed')
       ok = ok + tonumber(counts[1] or '0')
       failed = failed + tonumber(counts[2] or '0')
     end
-    if ok + failed >= tonumber(ARGV[6]) and failed >= tonumber(ARGV[7]) * (ok + failed) then
-      redis.call('HSET', KEYS[9], 'state', 'open', 'opened_at', ARGV[2], 'probes', 0)
+    if ok + failed >= tonumber(ARGV[4]) and failed >= tonumber(ARGV[5]) * (ok + failed) then
+      redis.call('HSET', circuit, 'state', 'open', 'opened_at', now, 'probes', 0)
     end
   end
 end
-ended(KEYS[1], KEYS[2], KEYS[6], ARGV[5], final, ARGV[2], ARGV[3], ARGV[4])
-return final
+
+-- k: the job's first key; a: its first argument. Returns its final status and its next argument.
+local function finish(k, a)
+  local job, output = KEYS[k], KEYS[k + 3]
+  local n = tonumber(ARGV[a + 3])
+  local m = tonumber(ARGV[a + 4 + n])
+  local after = a + 5 + n + m
+  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane')
+  if state[1] ~= 'running' then return state[1] or 'missing', after end
+  if n > 0 then redis.call('RPUSH', output, unpack(ARGV, a + 4, a + 3 + n)) end
+  local final = ARGV[a]
+  if state[2] == '1' then final = 'cancelled' end
+  if final ~= 'cancelled' and m > 0 then redis.call('HSET', job, unpack(ARGV, a + 5 + n, after - 1)) end
+  redis.call('HDEL', job, 'in_pass')
+  if final == 'succeeded' then
+    redis.call('EXPIRE', output, ttl)
+    redis.call('EXPIRE', KEYS[k + 4], ttl)
+    if KEYS[k + 5] ~= '' then
+      redis.call('COPY', output, KEYS[k + 5], 'REPLACE')
+      redis.call('EXPIRE', KEYS[k + 5], ARGV[7])
+      redis.call('SET', KEYS[k + 6], ARGV[a + 2], 'EX', ARGV[7])
+    end
+  else
+    redis.call('DEL', output)
+  end
+  redis.call('DEL', KEYS[k + 2])
+  if (final == 'succeeded' or final == 'failed') and state[3] ~= 'train' then
+    count(final == 'failed' and 'failed' or 'ok')
+  end
+  ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, channel)
+  return final, after
+end
+
+local finals = {}
+local a = 9
+for k = 3 + buckets, #KEYS, 7 do
+  local final
+  final, a = finish(k, a)
+  finals[#finals + 1] = final
+end
+return finals
