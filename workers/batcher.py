@@ -129,7 +129,10 @@ class Batcher:
         self.sync_guard_s, self.sync_guard_batch = sync_guard_s, sync_guard_batch
         self._sync_seen = -float("inf")  # monotonic time sync work last arrived
         self._pending: dict[Lane, deque[Work]] = {Lane.SYNC: deque(), Lane.ASYNC: deque()}
-        self._cond = threading.Condition()
+        # One lock, a condition per lane: a lane's model thread is woken by its own lane's work only
+        # (a flood's async jobs never wake the sync thread), once per message, not once per job.
+        self._lock = threading.Lock()
+        self._ready = {lane: threading.Condition(self._lock) for lane in self._pending}
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
         # Reads of the next async pass and writes of the last one run here, while the model computes.
@@ -144,16 +147,19 @@ class Batcher:
         for thread in self.threads:
             thread.start()
 
-    def submit(self, work: Work) -> None:
-        with self._cond:
-            if work.lane is Lane.SYNC:
+    def submit(self, *works: Work) -> None:
+        with self._lock:
+            lanes = {work.lane for work in works}
+            if Lane.SYNC in lanes:
                 self._sync_seen = time.monotonic()
-            self._pending[work.lane].append(work)
-            self._cond.notify_all()  # each model thread waits for its own lane
+            for work in works:
+                self._pending[work.lane].append(work)
+            for lane in lanes:
+                self._ready[lane].notify()  # one model thread waits on each lane
 
     def abandon(self, work: Work) -> None:
         """Schedule none of the job's remaining series (its task gave up on it)."""
-        with self._cond:
+        with self._lock:
             if work in self._pending[work.lane]:
                 self._pending[work.lane].remove(work)
 
@@ -205,15 +211,16 @@ class Batcher:
         last served, and shares its room max-min among that group's jobs (each gets what it needs
         or an equal share, whichever is less). So a one-series job waits for about one pass, however
         large the jobs before it are; a large job is taken a slice at a time, in order."""
-        with self._cond:
+        ready = self._ready[lane]
+        with ready:
             queue = self._pending[lane]
             if not block and not queue:
                 return []
-            self._cond.wait_for(lambda: bool(queue))
+            ready.wait_for(lambda: bool(queue))
             first = min(queue, key=lambda w: w.waiting_since)
             room = self._room(lane, first)
             if self.wait_s and self._pending_series(lane) < room:
-                self._cond.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
+                ready.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
                 if not queue:  # its task gave up on it meanwhile
                     return []
                 first = min(queue, key=lambda w: w.waiting_since)

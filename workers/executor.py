@@ -179,7 +179,7 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     """Run the jobs of one message (on a task thread); returns their statuses afterwards.
 
     A message carries one job, or several small ones the API sent together (api/sender.py): they
-    are claimed in one round trip, handed to the batcher together, and each finished as soon as it
+    are claimed in one command, handed to the batcher together, and each finished as soon as it
     ends, with the others that ended in the same pass (one round trip). A job no
     longer runnable (cancelled while queued, finished by an earlier delivery, expired) is skipped
     without touching the model.
@@ -202,8 +202,8 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         else:
             if score is None:  # nothing to do once forecast: finished with its last results (RedisPassIO)
                 work.closing = _Closing(record, fields, _digest(spec, batcher, settings, record))
-            batcher.submit(work)
             claimed.append(_Claimed(record, fields, work, score))
+    batcher.submit(*(job.work for job in claimed if job.work is not None))  # together: one wake-up of the model thread
     deadline = time.monotonic() + settings.max_job_s
     pending = claimed
     inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)  # looked up once a message
