@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ from shared.catalog import ModelSpec
 from shared.schemas import ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import JobKind, JobRecord, JobStatus, JobStore, Outcome
+from shared.store import JobKind, JobRecord, JobStatus, JobStore, Lane, Outcome
 
 from workers import anomaly, backtest, metrics
 from workers.batcher import Batcher, Slice, Work
@@ -187,13 +188,17 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     spec = batcher.runtime.spec
     statuses = {}
     claimed: list[_Claimed] = []
+    # The metrics' children looked up once a message, not once a job.
+    waited = {lane: metrics.QUEUE_WAIT.labels(spec.id, lane.value) for lane in (Lane.ASYNC, Lane.SYNC)}
+    inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)
     for job_id, (state, record) in zip(job_ids, store.start(spec, job_ids, worker), strict=True):
         if state != JobStatus.RUNNING or record is None:
             log.info("job %s: not runnable (%s), skipped", job_id, state)
             metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
             statuses[job_id] = state
             continue
-        metrics.QUEUE_WAIT.labels(spec.id, record.lane.value).observe(max(0.0, time.time() - record.created_at))
+        wait = waited.get(record.lane) or metrics.QUEUE_WAIT.labels(spec.id, record.lane.value)
+        wait.observe(max(0.0, time.time() - record.created_at))
         fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
         try:
             work, score = _work(store, record, spec, batcher.runtime.weights.revision)
@@ -206,7 +211,6 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     batcher.submit(*(job.work for job in claimed if job.work is not None))  # together: one wake-up of the model thread
     deadline = time.monotonic() + settings.max_job_s
     pending = claimed
-    inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)  # looked up once a message
     while pending:
         # Each job is finished as soon as it ends, with the others of the message that ended by then
         # (one round trip for the jobs of one pass): none waits for a slower neighbour.
@@ -232,11 +236,12 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
             final = job.work.final if done and job.work and job.work.final else next(finals)
             n = job.work.n if job.work else 0
             log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
-            metrics.JOBS.labels(spec.id, final).inc()
             inference.observe(fields["inference_s"])
             if final == JobStatus.SUCCEEDED:
                 served.inc(n)
             statuses[record.id] = final
+        for final, count in Counter(statuses[job.record.id] for job in wave).items():
+            metrics.JOBS.labels(spec.id, final).inc(count)
     return [statuses[job_id] for job_id in job_ids]
 
 
