@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -232,16 +232,21 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
             if not done
         ]
         finals = iter(store.finish(left) if left else [])
+        by_final: dict[str, list[tuple[str, int, float]]] = defaultdict(list)
         for (record, _, fields), job, done in zip(outcomes, wave, closed, strict=True):
             final = job.work.final if done and job.work and job.work.final else next(finals)
             n = job.work.n if job.work else 0
-            log.info("job %s: %s (%d series, %.3fs in the model)", record.id, final, n, fields["inference_s"])
+            by_final[final].append((record.id, n, fields["inference_s"]))
             inference.observe(fields["inference_s"])
             if final == JobStatus.SUCCEEDED:
                 served.inc(n)
             statuses[record.id] = final
-        for final, count in Counter(statuses[job.record.id] for job in wave).items():
-            metrics.JOBS.labels(spec.id, final).inc(count)
+        for final, jobs in by_final.items():
+            metrics.JOBS.labels(spec.id, final).inc(len(jobs))
+            # One line a wave, not a job: at thousands of jobs a second, a line a job was a seventh
+            # of the worker's CPU outside the model. The ids stay greppable.
+            log.info("%s: %s (%d series, %.3fs in the model at most)", " ".join(i for i, _, _ in jobs), final,
+                     sum(n for _, n, _ in jobs), max(s for _, _, s in jobs))  # fmt: skip
     return [statuses[job_id] for job_id in job_ids]
 
 
