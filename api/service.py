@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -181,31 +182,33 @@ class JobService:
         items = _items(series, nested)
         # A fine-tuning run is never shared: each makes a model of its own.
         cacheable = kind is not JobKind.FINETUNE and families.of(spec).cacheable(request["parameters"])
-        hit = await self._cached(spec, record.identity) if cacheable else None
-        outcome = None
-        if hit is not None:
+        # An identical earlier request's result is looked up by the creating script itself (a cached
+        # answer then costs a second round trip, every other request one fewer).
+        cached = await self._cache_digest(spec, record.identity) if cacheable else None
+        # Single-flight: while a job for a request is queued or running, the same owner's identical
+        # request attaches to it instead of queueing another, so a client that retries after a
+        # timeout waits on its first job. Only for answers that do not depend on which job computes
+        # them (what the cache may answer); a request with an Idempotency-Key follows its key, and
+        # one with a callback_url asked for its own delivery. Decided in the creating script, so two
+        # identical requests racing cannot both miss each other.
+        flight = digest if not idempotency and not callback_url and cacheable else None
+        max_in_flight = self.admission.limits(owner).max_in_flight
+        inputs = series.encode()
+        outcome = await self.store.create(spec, record, inputs, items, max_in_flight, idempotency, flight, cached)
+        hit = None
+        if cached is not None and outcome is not None and outcome.startswith("cached:"):
+            hit = json.loads(outcome.removeprefix("cached:"))
             answered = replace(
                 record, status=JobStatus.SUCCEEDED, started_at=now, finished_at=now, cached=True, inference_s=0.0,
                 weights=hit.get("weights"), backtest=hit.get("backtest"),
                 progress_done=int(hit.get("progress_done", 0)),
             )  # fmt: skip
-            outcome = await self.store.create_done(answered, hit["digest"], items, idempotency)
-            if outcome != "miss":  # else the cached result expired just now: the job runs
-                record = answered
-            else:
+            outcome = await self.store.create_done(answered, cached, items, idempotency)
+            if outcome == "miss":  # the cached result expired just now: the job runs
                 hit = None
-        if hit is None:
-            # Single-flight: while a job for a request is queued or running, the same owner's identical
-            # request attaches to it instead of queueing another, so a client that retries after a
-            # timeout waits on its first job. Only for answers that do not depend on which job computes
-            # them (what the cache may answer); a request with an Idempotency-Key follows its key, and
-            # one with a callback_url asked for its own delivery. Decided in the creating script, so two
-            # identical requests racing cannot both miss each other.
-            joins = not idempotency and not callback_url and cacheable
-            max_in_flight = self.admission.limits(owner).max_in_flight
-            outcome = await self.store.create(
-                spec, record, series.encode(), items, max_in_flight, idempotency, digest if joins else None
-            )
+                outcome = await self.store.create(spec, record, inputs, items, max_in_flight, idempotency, flight)
+            else:
+                record = answered
         if outcome is not None and outcome.startswith("joined:"):
             earlier = outcome.removeprefix("joined:")
             log.info("%s for %s attached to the same request's job %s, in flight", kind.value, spec.id, earlier)
@@ -232,18 +235,14 @@ class JobService:
         self.metrics.accepted.labels(spec.id, lane.value).inc()
         return record, False
 
-    async def _cached(self, spec: catalog.ModelSpec, identity: str) -> dict | None:
-        """The stored fields of an identical earlier request's result (and `digest`, naming its
-        output list), if the model's workers agree on one weights revision and the request is
-        deterministic (see shared/cache.py)."""
+    async def _cache_digest(self, spec: catalog.ModelSpec, identity: str) -> str | None:
+        """The result cache entry an identical earlier request's result would be kept under, if the
+        model's workers agree on one weights revision and the request is deterministic (see
+        shared/cache.py); None when nothing can be cached."""
         if not self.settings.cache_ttl_s:
             return None
         revision = await self.fleet.revision(spec)
-        if revision is None:
-            return None
-        digest = cache.digest(spec, revision, identity)
-        found = await self.store.cached(digest)
-        return {**found, "digest": digest} if found is not None else None
+        return cache.digest(spec, revision, identity) if revision is not None else None
 
     async def results(self, record: JobRecord) -> tuple[list[bytes], list | None]:
         """A succeeded job's output elements (one per series or origin) and its items (ids, starts, shapes)."""

@@ -133,15 +133,16 @@ class _Core:
     @operation
     def create(
         self, spec: ModelSpec, record: JobRecord, inputs: list[bytes], items: bytes | None, max_in_flight: int,
-        idempotency: tuple[str, str] | None = None, flight: str | None = None,
+        idempotency: tuple[str, str] | None = None, flight: str | None = None, cached: str | None = None,
     ) -> Op[str | None]:  # fmt: skip
         """Record a queued job with its series (`inputs`, one element each) and items, in one round trip.
 
         Returns None when created. Otherwise nothing is kept, and the answer says why (lua/create.lua):
         the earlier value of the idempotency key (`idempotency`: the key's digest and the value to
-        store), 'queue-full:<n>' (MAX_QUEUE_DEPTH messages wait on the lane's queue),
-        'in-flight:<n>' (the owner has `max_in_flight` jobs not yet finished), or 'joined:<id>' (the
-        owner's identical request `flight`, a digest, is in flight as job <id>)."""
+        store), 'cached:<fields>' (the result cache holds an answer under the digest `cached`: the
+        fields `cached` returns), 'joined:<id>' (the owner's identical request `flight`, a digest,
+        is in flight as job <id>), 'queue-full:<n>' (MAX_QUEUE_DEPTH messages wait on the lane's
+        queue) or 'in-flight:<n>' (the owner has `max_in_flight` jobs not yet finished)."""
         job_id, ttl = record.id, self.record_ttl_s
         step: list[Cmd] = []
         if items is not None:
@@ -153,7 +154,7 @@ class _Core:
             [keys.job(job_id), keys.in_flight(record.owner), keys.job_input(job_id), keys.queued(spec),
              keys.job_items(job_id), keys.lane_queue(spec, record.lane),
              keys.idempotency(record.owner, idempotency[0]) if idempotency else "",
-             keys.flight(record.owner, flight) if flight else ""],
+             keys.flight(record.owner, flight) if flight else "", keys.cache(cached) if cached else ""],
             [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "",
              self.settings.max_queue_depth, keys.job(""), *_pairs(record)],
         ))  # fmt: skip
@@ -207,12 +208,6 @@ class _Core:
         """Take one submission token from the owner's bucket: 0, or the seconds until one is there."""
         reply = yield [run_script("take_token", [keys.rate_bucket(owner)], [rate_per_s, burst])]
         return float(reply[0])
-
-    @operation
-    def cached(self, digest: str) -> Op[dict | None]:
-        """The stored fields of a cached result (shared/cache.py), if there is one."""
-        found = (yield [Cmd("get", (keys.cache(digest),))])[0]
-        return json.loads(found) if found else None
 
     # -- reading and cancelling (API) -----------------------------------------------------------
 

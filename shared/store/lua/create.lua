@@ -1,11 +1,14 @@
 -- Record a new job, unless something refuses it.
 -- KEYS: job, owner's in-flight set, job's input list, model's queued set, job's items, the lane's
---       Celery queue (a list), idempotency key or '', single-flight entry or ''
+--       Celery queue (a list), idempotency key or '', single-flight entry or '', result cache entry or ''
 -- ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value, queue cap
 --       (0: none), the job key prefix, then the record's field/value pairs
 -- The input list and items were written just before, in the same round trip; a refusal deletes them.
 -- Returns nil when the job was created. Otherwise nothing is kept and the answer is, in this order:
 --   the idempotency key's value, when that key was used before (the earlier job is replayed);
+--   'cached:<fields>' when the result cache holds an answer to the same request (shared/cache.py):
+--   the API records the job answered from it (create_done.lua). Looked up here, not in a round
+--   trip of its own before, so a request the cache cannot answer costs one round trip, not two;
 --   'joined:<id>' when the single-flight entry names a job still queued or running for the same
 --   request (api/service.py): that job answers this request. The held job's record is the one key
 --   not in KEYS: which job it is is known only here;
@@ -21,6 +24,10 @@ end
 if KEYS[7] ~= '' then
   local existing = redis.call('GET', KEYS[7])
   if existing then return refuse(existing) end
+end
+if KEYS[9] ~= '' then
+  local hit = redis.call('GET', KEYS[9])
+  if hit then return refuse('cached:' .. hit) end
 end
 local id, created
 for i = 7, #ARGV, 2 do
