@@ -33,6 +33,10 @@ from api.sender import SHARED_MAX_SERIES, Sender
 
 log = logging.getLogger(__name__)
 
+# Series bytes past which the result cache is read before the job is created rather than by the
+# create script (see `submit`).
+CACHE_LOOKUP_FIRST_BYTES = 64 << 10
+
 # A waiter re-reads the record at least this often, so a lost pub/sub message only delays it.
 _RECHECK_S = 1.0
 
@@ -182,8 +186,6 @@ class JobService:
         items = _items(series, nested)
         # A fine-tuning run is never shared: each makes a model of its own.
         cacheable = kind is not JobKind.FINETUNE and families.of(spec).cacheable(request["parameters"])
-        # An identical earlier request's result is looked up by the creating script itself (a cached
-        # answer then costs a second round trip, every other request one fewer).
         cached = await self._cache_digest(spec, record.identity) if cacheable else None
         # Single-flight: while a job for a request is queued or running, the same owner's identical
         # request attaches to it instead of queueing another, so a client that retries after a
@@ -194,10 +196,19 @@ class JobService:
         flight = digest if not idempotency and not callback_url and cacheable else None
         max_in_flight = self.admission.limits(owner).max_in_flight
         inputs = series.encode()
-        outcome = await self.store.create(spec, record, inputs, items, max_in_flight, idempotency, flight, cached)
-        hit = None
-        if cached is not None and outcome is not None and outcome.startswith("cached:"):
-            hit = json.loads(outcome.removeprefix("cached:"))
+        # The create script looks the result cache up itself: a request it cannot answer costs one
+        # round trip, not two. A large body's entry is read first instead, so that a hit does not
+        # send the series to Redis only for the script to delete them.
+        large = sum(map(len, inputs)) > CACHE_LOOKUP_FIRST_BYTES
+        hit, outcome = None, None
+        if cached is not None and large:
+            hit = await self.store.cached(cached)
+        if hit is None:
+            lookup = None if large else cached
+            outcome = await self.store.create(spec, record, inputs, items, max_in_flight, idempotency, flight, lookup)
+            if lookup is not None and outcome is not None and outcome.startswith("cached:"):
+                hit = json.loads(outcome.removeprefix("cached:"))
+        if hit is not None and cached is not None:
             answered = replace(
                 record, status=JobStatus.SUCCEEDED, started_at=now, finished_at=now, cached=True, inference_s=0.0,
                 weights=hit.get("weights"), backtest=hit.get("backtest"),

@@ -32,6 +32,26 @@ def test_an_identical_bolt_request_is_answered_at_once_from_the_cache(api, worke
     assert changed["status"] == "queued" and changed["cached"] is False
 
 
+def test_a_large_request_is_looked_up_before_its_series_are_sent_and_a_hit_sends_none(
+    api, workers, redis_server, monkeypatch
+):
+    from api.service import CACHE_LOOKUP_FIRST_BYTES
+    from shared.store import AsyncJobStore
+
+    body = forecast_body(BOLT, n_series=12, length=2000, horizon=4)  # 12 x 2000 float32: past the threshold
+    assert 12 * 2000 * 4 > CACHE_LOOKUP_FIRST_BYTES
+    first = wait_for(api, run(api, body)["id"])
+    created = []
+    create = AsyncJobStore.create
+    monkeypatch.setattr(AsyncJobStore, "create", lambda store, *args: created.append(args) or create(store, *args))
+
+    again = run(api, body)
+
+    assert first["status"] == "succeeded" and again["status"] == "succeeded" and again["cached"] is True
+    assert again["predictions"] == first["predictions"]
+    assert created == []  # answered by create-from-cache alone: the series never went to Redis
+
+
 def test_with_a_global_cache_scope_another_key_gets_the_cached_answer(redis_server, workers):
     from fastapi.testclient import TestClient
 

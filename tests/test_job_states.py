@@ -91,7 +91,7 @@ def test_jobs_of_several_models_finished_together_get_their_own_statuses_in_orde
     for job_id in ids:
         start(store, job_id)
     models = [SPEC.id, other.id, SPEC.id]
-    running = [JobRecord(i, m, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i, m in zip(ids, models)]
+    running = [JobRecord(i, m, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i, m in zip(ids, models, strict=True)]
     cancel(store, ids[2])
 
     finals = store.finish([(running[0], JobStatus.FAILED, {"error": "boom"}), (running[1], JobStatus.SUCCEEDED, {}),
@@ -104,15 +104,38 @@ def test_jobs_of_several_models_finished_together_get_their_own_statuses_in_orde
     assert "1" in [client.hget(keys.outcomes(SPEC, bucket - i), "failed") for i in (0, 1)]
 
 
-def test_results_too_many_for_the_script_are_appended_ahead_of_it(client, store):
-    job_id = queued_job(client)
-    start(store, job_id)
-    job = JobRecord(job_id, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner")
-    results = [str(i).encode() for i in range(10_000)]  # past what Lua can unpack
+def test_many_results_are_appended_in_slices_by_the_finish_script_and_never_to_an_ended_job(client, store):
+    job_id, ended_id = queued_job(client), queued_job(client)
+    for i in (job_id, ended_id):
+        start(store, i)
+    cancel(store, ended_id)
+    finish(store, ended_id, JobStatus.FAILED)
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (job_id, ended_id)]
+    results = [str(i).encode() for i in range(10_000)]  # past what Lua can unpack at once
 
-    assert store.finish([Outcome(job, JobStatus.SUCCEEDED, {}, None, results)]) == ["succeeded"]
+    finals = store.finish([Outcome(r, JobStatus.SUCCEEDED, {}, None, results) for r in running])
+
+    assert finals == ["succeeded", "cancelled"]
     assert client.lrange(keys.job_output(job_id), 0, -1) == [r.decode() for r in results]
     assert 0 < client.ttl(keys.job_output(job_id)) <= 60
+    assert not client.exists(keys.job_output(ended_id))
+
+
+def test_results_past_the_command_budget_go_in_another_finish_script_of_the_same_round_trip(client, store):
+    ids = [queued_job(client) for _ in range(3)]
+    for job_id in ids:
+        start(store, job_id)
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids]
+    big = [b"x" * (3 << 20)]  # three of these pass the 8 MiB budget of one command
+    sent = []
+    execute = store._pipeline
+    store._pipeline = lambda step, atomic: sent.append(step) or execute(step, atomic)
+
+    finals = store.finish([Outcome(r, JobStatus.SUCCEEDED, {}, None, big) for r in running])
+
+    assert finals == ["succeeded"] * 3
+    assert [cmd.args[0] for cmd in sent[0][:-1]] == ["finish", "finish"]  # then the announcement
+    assert [client.llen(keys.job_output(i)) for i in ids] == [1, 1, 1]
 
 
 def test_a_pass_reads_its_series_and_cancels_and_marks_only_records_still_stored(client, store):

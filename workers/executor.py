@@ -193,11 +193,16 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)
     for job_id, (state, record) in zip(job_ids, store.start(spec, job_ids, worker), strict=True):
         if state != JobStatus.RUNNING or record is None:
-            log.info("job %s: not runnable (%s), skipped", job_id, state)
+            if state == JobStatus.FAILED:  # the claim failed it: its worker was lost MAX_DELIVERIES times
+                log.error("job %s failed: %s", job_id, record.error if record else "")
+            else:
+                log.info("job %s: not runnable (%s), skipped", job_id, state)
             metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
             statuses[job_id] = state
             continue
-        wait = waited.get(record.lane) or metrics.QUEUE_WAIT.labels(spec.id, record.lane.value)
+        wait = waited.get(record.lane)
+        if wait is None:
+            wait = metrics.QUEUE_WAIT.labels(spec.id, record.lane.value)
         wait.observe(max(0.0, time.time() - record.created_at))
         fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
         try:

@@ -209,6 +209,12 @@ class _Core:
         reply = yield [run_script("take_token", [keys.rate_bucket(owner)], [rate_per_s, burst])]
         return float(reply[0])
 
+    @operation
+    def cached(self, digest: str) -> Op[dict | None]:
+        """The stored fields of a cached result (shared/cache.py), if there is one."""
+        found = (yield [Cmd("get", (keys.cache(digest),))])[0]
+        return json.loads(found) if found else None
+
     # -- reading and cancelling (API) -----------------------------------------------------------
 
     @operation
@@ -360,18 +366,15 @@ class _Core:
         step = []
         for job_id, elements, done in results:
             if elements:  # none for work whose results are kept by the worker alone (anomaly windows)
-                step += self._rpush(job_id, elements)
+                output = keys.job_output(job_id)
+                step += [Cmd("rpush", (output, *chunk)) for chunk in _chunks(elements)]
+                # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
+                # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
+                step.append(Cmd("expire", (output, self.settings.result_ttl_s)))
             step.append(Cmd("hdel", (keys.job(job_id), "in_pass")))
             if done is not None:
                 step.append(run_script("progress", [keys.job(job_id)], [done, keys.EVENTS_CHANNEL, job_id]))
         return step
-
-    def _rpush(self, job_id: str, elements: list[bytes]) -> list[Cmd]:
-        # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
-        # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
-        key = keys.job_output(job_id)
-        step = [Cmd("rpush", (key, *chunk)) for chunk in _chunks(elements)]
-        return [*step, Cmd("expire", (key, self.settings.result_ttl_s))]
 
     @operation
     def inputs(self, job_id: str) -> Op[list[bytes]]:
@@ -394,38 +397,33 @@ class _Core:
         return _finals((yield self._finish(outcomes)), outcomes)
 
     def _finish(self, outcomes: Sequence[Outcome | tuple[JobRecord, JobStatus, dict]]) -> list[Cmd]:
-        """The finish script of `outcomes` (one per model), then their one announcement (none without
-        outcomes). Results too many for one script's arguments are appended ahead of it."""
+        """The finish scripts of `outcomes` (`_scripts`: one per model, or more when their results
+        are many), then their one announcement (none without outcomes)."""
         if not outcomes:
             return []
         now, s = time.time(), self.settings
-        ahead: list[Cmd] = []
-        by_model: dict[str, tuple[list[str], list[Any]]] = {}
-        for r, status, fields, digest, results in (Outcome(*o) for o in outcomes):
-            if len(results) > _FOLDED or sum(map(len, results)) > _CHUNK:
-                ahead += self._rpush(r.id, list(results))
-                results = ()
-            cache, entry = ["", ""], ""
-            if digest is not None and status == JobStatus.SUCCEEDED and s.cache_ttl_s > 0:
-                cache = [keys.cache_output(digest), keys.cache(digest)]
-                entry = json.dumps({name: fields[name] for name in _CACHED_FIELDS if name in fields})
-            pairs = [x for pair in encode(fields).items() for x in pair]
-            job_keys, args = by_model.setdefault(r.model, ([], []))
-            job_keys += [keys.job(r.id), keys.in_flight(r.owner), keys.job_input(r.id), keys.job_output(r.id),
-                         keys.job_items(r.id), *cache]  # fmt: skip
-            args += [status.value, r.id, entry, len(results), *results, len(pairs), *pairs]
-        scripts_ = []
-        for model, (job_keys, args) in by_model.items():
+        ended = [Outcome(*o) for o in outcomes]
+        step = []
+        for model, group in _scripts(ended):
             head = [
                 repr(now), s.result_ttl_s,
                 "",  # no announcement of its own: see `finish`
                 s.breaker_min_jobs, s.breaker_failure_ratio, math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
-                s.cache_ttl_s, _BUCKETS + 1,
+                s.cache_ttl_s,
             ]  # fmt: skip
-            model_keys = [keys.CALLBACKS, *self._breaker_keys(model, now)]
-            scripts_.append(run_script("finish", [*model_keys, *job_keys], [*head, *args]))
-        ids = " ".join(Outcome(*o).record.id for o in outcomes)
-        return ahead + scripts_ + [Cmd("publish", (keys.EVENTS_CHANNEL, ids))]
+            breaker = self._breaker_keys(model, now)
+            job_keys, args = [], [*head, len(breaker) - 1]  # the circuit, then its buckets
+            for r, status, fields, digest, results in (ended[i] for i in group):
+                cache, entry = ["", ""], ""
+                if digest is not None and status == JobStatus.SUCCEEDED and s.cache_ttl_s > 0:
+                    cache = [keys.cache_output(digest), keys.cache(digest)]
+                    entry = json.dumps({name: fields[name] for name in _CACHED_FIELDS if name in fields})
+                pairs = [x for pair in encode(fields).items() for x in pair]
+                job_keys += [keys.job(r.id), keys.in_flight(r.owner), keys.job_input(r.id), keys.job_output(r.id),
+                             keys.job_items(r.id), *cache]  # fmt: skip
+                args += [status.value, r.id, entry, len(results), *results, len(pairs), *pairs]
+            step.append(run_script("finish", [keys.CALLBACKS, *breaker, *job_keys], args))
+        return [*step, Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(o.record.id for o in ended)))]
 
     def _breaker_keys(self, model: str, now: float) -> list[str]:
         """A model's circuit and the outcome buckets of the breaker's window, the current one first."""
@@ -713,21 +711,41 @@ def _raise_first(replies: list[Any]) -> list[Any]:
 
 # Buckets of the breaker's window: outcomes age out of it a sixth of the window at a time.
 _BUCKETS = 6
-# Bytes of series or results one command carries at most: no command grows with the job.
+# Bytes of series or results after which a round trip starts another command, so none grows with
+# the job (one job's results of one pass travel in one command, whatever their size).
 _CHUNK = 8 << 20
 # The record fields a result cache entry keeps: what a hit's record reuses (shared/cache.py).
 _CACHED_FIELDS = ("weights", "backtest", "progress_done")
-# Results a finish script appends itself at most (Lua unpacks its arguments onto a bounded stack).
-_FOLDED = 1000
+
+
+def _scripts(outcomes: list[Outcome]) -> list[tuple[str, list[int]]]:
+    """Which outcomes each finish script ends, by index: those of one model together, in order, a
+    new script once the results it carries pass `_CHUNK` bytes (so no command grows with the pass;
+    one job's results always travel with its own end, never ahead of it)."""
+    groups: list[tuple[str, list[int]]] = []
+    open_: dict[str, tuple[list[int], int]] = {}
+    for i, outcome in enumerate(outcomes):
+        model, size = outcome.record.model, sum(map(len, outcome.results))
+        group, carried = open_.get(model, (None, 0))
+        if group is None or (group and carried + size > _CHUNK):
+            group, carried = [], 0
+            groups.append((model, group))
+        group.append(i)
+        open_[model] = (group, carried + size)
+    return groups
 
 
 def _finals(replies: list[Any], outcomes: Sequence[Outcome | tuple[JobRecord, JobStatus, dict]]) -> list[str]:
-    """The final statuses of the jobs a round trip finished (`JobStore._finish`), in their order."""
+    """The final statuses of the jobs a round trip finished (`JobStore._finish`), in their order:
+    the replies of its finish scripts, which come last but for the announcement."""
     if not outcomes:
         return []
-    models = list(dict.fromkeys(Outcome(*o).record.model for o in outcomes))
-    per_model = {model: iter(reply) for model, reply in zip(models, replies[-1 - len(models) : -1], strict=True)}
-    return [_text(next(per_model[Outcome(*o).record.model])) for o in outcomes]
+    groups = _scripts([Outcome(*o) for o in outcomes])
+    finals: list[str] = [""] * len(outcomes)
+    for (_, group), reply in zip(groups, replies[-1 - len(groups) : -1], strict=True):
+        for i, final in zip(group, reply, strict=True):
+            finals[i] = _text(final)
+    return finals
 
 
 def _circuit_read(spec: ModelSpec) -> Cmd:

@@ -5,7 +5,7 @@
 --       output list, items, result cache output list or '', result cache entry or ''
 -- ARGV: now, ttl, events channel, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl,
 --       the number of outcome buckets, then for each job: its final status, id, cache entry value,
---       n (results to append first), the n results, m (fields), then the m field/value pairs
+--       n (results to append first), the n results, m (twice the fields), then the field/value pairs
 -- Only a running job can finish; the first terminal write wins, so a redelivered duplicate cannot
 -- overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more results. A
 -- pending cancel request turns success into 'cancelled' and the outcome's fields are not stored.
@@ -52,7 +52,9 @@ local function finish(k, a)
   local after = a + 5 + n + m
   local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane')
   if state[1] ~= 'running' then return state[1] or 'missing', after end
-  if n > 0 then redis.call('RPUSH', output, unpack(ARGV, a + 4, a + 3 + n)) end
+  for i = a + 4, a + 3 + n, 1000 do  -- unpack puts its values on Lua's C stack (8000 slots)
+    redis.call('RPUSH', output, unpack(ARGV, i, math.min(i + 999, a + 3 + n)))
+  end
   local final = ARGV[a]
   if state[2] == '1' then final = 'cancelled' end
   if final ~= 'cancelled' and m > 0 then redis.call('HSET', job, unpack(ARGV, a + 5 + n, after - 1)) end
