@@ -144,6 +144,24 @@ def test_failures_below_the_ratio_or_the_minimum_leave_the_circuit_closed(store)
     assert few == 0 and reached == b"open"
 
 
+def ended_together(store: JobStore, statuses: list[JobStatus]) -> None:
+    """Jobs ended by one finish script, as a worker ends a pass's jobs."""
+    records = [JobRecord(uuid.uuid4().hex, SPEC.id, JobStatus.QUEUED, Lane.ASYNC, 1, 4, time.time(), "owner")
+               for _ in statuses]  # fmt: skip
+    for record in records:
+        store.client.hset(keys.job(record.id), mapping=record.to_hash())
+    store.start(SPEC, [r.id for r in records], "w1")
+    store.finish([(record, status, {}) for record, status in zip(records, statuses, strict=True)])
+
+
+def test_successes_ended_with_failures_in_one_script_count_before_the_failures_ratio(store):
+    ended_together(store, [JobStatus.SUCCEEDED] * 4 + [JobStatus.FAILED] * 3)  # 3 of 7: below the ratio
+    below = store.client.exists(keys.circuit(SPEC))
+    ended_together(store, [JobStatus.FAILED] * 2)  # 5 of 9: the ratio is reached
+
+    assert below == 0 and store.client.hget(keys.circuit(SPEC), "state") == b"open"
+
+
 def test_a_failure_while_half_open_opens_the_circuit_again(store):
     store.client.hset(keys.circuit(SPEC), mapping={"state": "half_open", "opened_at": repr(time.time()), "probes": 1})
 

@@ -341,9 +341,8 @@ class _Core:
     @operation
     def mark_in_pass(self, job_ids: Iterable[str]) -> Op[None]:
         """From here on a death of this worker counts against these jobs (lua/start.lua)."""
-        ids = list(job_ids)
-        job_keys = [k for i in ids for k in (keys.job(i), keys.job_input(i))]
-        yield [run_script("read_pass", job_keys, [1, *[0, -1] * len(ids)])]  # no series read
+        job_keys = [k for i in job_ids for k in (keys.job(i), keys.job_input(i))]
+        yield [run_script("read_pass", job_keys, ["mark"])]
 
     @operation
     def append_results(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> Op[None]:

@@ -20,18 +20,30 @@ local circuit, current = KEYS[2], KEYS[3]
 -- circuit opens when the window's failures reach the ratio over at least `min jobs`; a half-open one
 -- closes at the first success (counting anew) and opens again at the first failure. While open, the
 -- outcomes of jobs started before are counted but change nothing. A fine-tuning run's outcome says
--- nothing of how the model serves: it is not counted.
+-- nothing of how the model serves: it is not counted. The circuit's state is read once a script
+-- and again after a change; the successes of a closed circuit are added up and counted at once
+-- (before any failure is counted, so its ratio sees them).
+local circuit_state = redis.call('HGET', circuit, 'state') or ''
+local oks, counted = 0, false
+local function add_oks()
+  if oks > 0 then redis.call('HINCRBY', current, 'ok', oks) end
+  oks = 0
+end
 local function count(outcome)
+  counted = true
+  if outcome == 'ok' and circuit_state == '' then
+    oks = oks + 1
+    return
+  end
+  add_oks()
   redis.call('HINCRBY', current, outcome, 1)
-  redis.call('EXPIRE', current, ARGV[6])
-  local state = redis.call('HGET', circuit, 'state')
-  if state == 'half_open' then
+  if circuit_state == 'half_open' then
     if outcome == 'ok' then
       redis.call('DEL', circuit, unpack(KEYS, 3, 2 + buckets))
     else
       redis.call('HSET', circuit, 'state', 'open', 'opened_at', now, 'probes', 0)
     end
-  elseif not state and outcome == 'failed' then
+  elseif circuit_state == '' and outcome == 'failed' then
     local ok, failed = 0, 0
     for i = 3, 2 + buckets do
       local counts = redis.call('HMGET', KEYS[i], 'ok', 'failed')
@@ -42,6 +54,7 @@ local function count(outcome)
       redis.call('HSET', circuit, 'state', 'open', 'opened_at', now, 'probes', 0)
     end
   end
+  circuit_state = redis.call('HGET', circuit, 'state') or ''
 end
 
 -- k: the job's first key; a: its first argument. Returns its final status and its next argument.
@@ -85,4 +98,6 @@ for k = 3 + buckets, #KEYS, 7 do
   final, a = finish(k, a)
   finals[#finals + 1] = final
 end
+add_oks()
+if counted then redis.call('EXPIRE', current, ARGV[6]) end
 return finals

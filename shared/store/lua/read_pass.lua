@@ -1,10 +1,18 @@
 -- A worker reads a forward pass's jobs: their pending cancels and series, and marks them `in_pass`.
 -- KEYS: for each job of the pass: its record, its input list
--- ARGV: '1' to mark the jobs `in_pass` (lua/start.lua counts a death against them) or '0', then for
---       each job: the first and last of its series to read (last below first: none)
--- Returns, for each job, {'1' when a cancel is pending or false, its series or false}. A record
--- gone (expired, deleted) is not marked: the mark would make a record of one field that never expires.
+-- ARGV: '1' to mark the jobs `in_pass` (lua/start.lua counts a death against them), '0' not to, or
+--       'mark' to mark them and read nothing; then for each job: the first and last of its series to
+--       read (last below first: none)
+-- Returns, for each job, {'1' when a cancel is pending or false, its series or false} (nothing
+-- with 'mark'). A record gone (expired, deleted) is not marked: the mark would make a record of
+-- one field that never expires.
 local out = {}
+if ARGV[1] == 'mark' then
+  for i = 1, #KEYS, 2 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('HSET', KEYS[i], 'in_pass', '1') end
+  end
+  return out
+end
 for i = 1, #KEYS, 2 do
   local at = i + 1
   local job = KEYS[i]

@@ -11,19 +11,22 @@
 -- 'failed' instead of killing worker after worker. A job's owner's in-flight set is the one key not
 -- in KEYS: whose it is, the record says.
 local function claim(job, input, output, id)
-  local s = redis.call('HGET', job, 'status')
+  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass')
+  local s = state[1]
   if not s then return 'missing' end
   if s ~= 'queued' and s ~= 'running' then return s end
   redis.call('ZREM', KEYS[1], id)
   -- A redelivery counts against the job only when its series were in a forward pass as its worker
   -- died (the worker sets 'in_pass' around each pass): a job that merely waited beside the one that
   -- killed the worker is never failed for it.
-  local lost = tonumber(redis.call('HGET', job, 'lost') or '0')
-  if s == 'running' and redis.call('HGET', job, 'in_pass') == '1' then
-    lost = lost + 1
-    redis.call('HSET', job, 'lost', lost)
+  local lost = tonumber(state[2] or '0')
+  if state[3] then
+    if s == 'running' and state[3] == '1' then
+      lost = lost + 1
+      redis.call('HSET', job, 'lost', lost)
+    end
+    redis.call('HDEL', job, 'in_pass')
   end
-  redis.call('HDEL', job, 'in_pass')
   if lost >= tonumber(ARGV[3]) then
     redis.call('HSET', job, 'error',
       'its worker was lost ' .. lost .. ' times while it was in a forward pass; not retried again')
