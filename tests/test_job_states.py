@@ -294,3 +294,34 @@ def test_scripts_redis_lost_are_loaded_again_and_a_round_trip_runs_each_command_
     assert [state for state, _ in claims] == ["running", "running"] and finals == ["succeeded", "succeeded"]
     assert [record(client, job_id).attempts for job_id in (first, second)] == [1, 1]
     assert [client.lrange(keys.job_output(job_id), 0, -1) for job_id in (first, second)] == [["r"], ["r"]]
+
+
+def test_an_api_round_trip_redis_does_not_answer_fails_with_a_redis_timeout_not_a_hang(monkeypatch, redis_server):
+    import asyncio
+    import socket
+    import threading
+
+    import redis.asyncio as aioredis
+
+    from shared.store import AsyncJobStore
+    from shared.store import store as store_module
+
+    silent = socket.socket()  # accepts connections and never answers, as a hung Redis would
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+    monkeypatch.setattr(store_module, "REDIS_TIMEOUT_S", 0.5)
+
+    async def read() -> float:
+        client = aioredis.Redis(port=silent.getsockname()[1], socket_timeout=None)  # as the API's pool (api/main.py)
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            await AsyncJobStore(client, settings_for(redis_server)).get("any")
+        return time.monotonic() - started
+
+    try:
+        waited = asyncio.run(read())
+    finally:
+        silent.close()
+    assert accepted and waited < 5  # its own 0.5 s, not redis-py's or the OS's

@@ -3,7 +3,16 @@
 methods of `JobStore` (blocking client) or `AsyncJobStore` (asyncio client)."""
 
 from shared.store.record import TERMINAL, JobKind, JobRecord, JobStatus, Lane
-from shared.store.store import AsyncJobStore, CircuitState, JobStore, ModelState, Outcome, PassRead, live
+from shared.store.store import (
+    REDIS_TIMEOUT_S,
+    AsyncJobStore,
+    CircuitState,
+    JobStore,
+    ModelState,
+    Outcome,
+    PassRead,
+    live,
+)
 
-__all__ = ["TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord", "JobStatus", "JobStore", "Lane",
-           "ModelState", "Outcome", "PassRead", "live"]  # fmt: skip
+__all__ = ["REDIS_TIMEOUT_S", "TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord", "JobStatus",
+           "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "live"]  # fmt: skip

@@ -10,6 +10,7 @@ are binary, and text is decoded here.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -33,6 +34,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 SCRIPT = "script"
+# Seconds a round trip of the API's may take (redis-py's own default socket timeout).
+REDIS_TIMEOUT_S = 5.0
 
 
 class Cmd(NamedTuple):
@@ -652,9 +655,12 @@ class AsyncJobStore(_Core):
 
     async def _attempt(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
         try:
-            return await self._execute(step)
+            async with asyncio.timeout(REDIS_TIMEOUT_S):  # the API's client sets no socket timeout (api/main.py)
+                return await self._execute(step)
         except redis.ResponseError as exc:  # Redis's answer: the operation decides
             return exc
+        except TimeoutError:  # asyncio's, not redis-py's: unanswered (the cancelled read drops its connection)
+            raise redis.TimeoutError(f"Redis did not answer within {REDIS_TIMEOUT_S:g}s") from None
 
     async def _execute(self, step: list[Cmd]) -> list[Any]:
         if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline
