@@ -150,22 +150,6 @@ def test_a_pass_reads_its_series_and_cancels_and_marks_only_records_still_stored
     assert client.hget(keys.job(job_id), "in_pass") == "1" and not client.exists(keys.job(gone))
 
 
-@pytest.mark.parametrize("n", [3, 5000])  # carried by the script; pushed ahead of it (past 4096 series)
-def test_a_created_job_has_its_series_and_items_and_a_refused_one_leaves_nothing(client, store, n):
-    owner = uuid.uuid4().hex
-    record = JobRecord(uuid.uuid4().hex, SPEC.id, JobStatus.QUEUED, Lane.ASYNC, n, 4, time.time(), owner)
-    inputs = [f"s{i}".encode() for i in range(n)]
-
-    assert store.create(SPEC, record, inputs, b"items", max_in_flight=1) is None
-    refused = JobRecord(uuid.uuid4().hex, SPEC.id, JobStatus.QUEUED, Lane.ASYNC, n, 4, time.time(), owner)
-    answer = store.create(SPEC, refused, inputs, b"items", max_in_flight=1)  # the owner's one job is in flight
-
-    assert client.lrange(keys.job_input(record.id), 0, -1) == [x.decode() for x in inputs]
-    assert client.get(keys.job_items(record.id)) == "items" and client.ttl(keys.job_input(record.id)) > 0
-    assert answer == "in-flight:1"
-    assert not client.exists(keys.job(refused.id), keys.job_input(refused.id), keys.job_items(refused.id))
-
-
 def test_terminal_state_is_announced_on_the_events_channel(client, store):
     job_id = queued_job(client)
     pubsub = client.pubsub(ignore_subscribe_messages=True)

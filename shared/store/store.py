@@ -147,16 +147,11 @@ class _Core:
         is in flight as job <id>), 'queue-full:<n>' (MAX_QUEUE_DEPTH messages wait on the lane's
         queue) or 'in-flight:<n>' (the owner has `max_in_flight` jobs not yet finished)."""
         job_id, ttl = record.id, self.record_ttl_s
-        # A small job's series and items travel in the script (one command: redis-py's asyncio
-        # pipeline costs the API ~30 us more than one command); a large one's in commands of their own.
-        inline = len(inputs) <= _INLINE_SERIES and sum(map(len, inputs)) + len(items or b"") <= _CHUNK
         step: list[Cmd] = []
-        if not inline:
-            if items is not None:
-                step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
-            step += [Cmd("rpush", (keys.job_input(job_id), *chunk)) for chunk in _chunks(inputs)]
-            step.append(Cmd("expire", (keys.job_input(job_id), ttl)))
-        carried = [len(inputs), items or "", *inputs] if inline else [0, ""]
+        if items is not None:
+            step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
+        step += [Cmd("rpush", (keys.job_input(job_id), *chunk)) for chunk in _chunks(inputs)]
+        step.append(Cmd("expire", (keys.job_input(job_id), ttl)))
         step.append(run_script(
             "create",
             [keys.job(job_id), keys.in_flight(record.owner), keys.job_input(job_id), keys.queued(spec),
@@ -164,7 +159,7 @@ class _Core:
              keys.idempotency(record.owner, idempotency[0]) if idempotency else "",
              keys.flight(record.owner, flight) if flight else "", keys.cache(cached) if cached else ""],
             [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "",
-             self.settings.max_queue_depth, keys.job(""), *carried, *_pairs(record)],
+             self.settings.max_queue_depth, keys.job(""), *_pairs(record)],
         ))  # fmt: skip
         return _text((yield step)[-1])
 
@@ -724,8 +719,6 @@ _BUCKETS = 6
 # Bytes of series or results after which a round trip starts another command, so none grows with
 # the job (one job's results of one pass travel in one command, whatever their size).
 _CHUNK = 8 << 20
-# Series a create script carries itself at most (more are pushed ahead of it: see `create`).
-_INLINE_SERIES = 4096
 # The record fields a result cache entry keeps: what a hit's record reuses (shared/cache.py).
 _CACHED_FIELDS = ("weights", "backtest", "progress_done")
 

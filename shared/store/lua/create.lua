@@ -2,11 +2,8 @@
 -- KEYS: job, owner's in-flight set, job's input list, model's queued set, job's items, the lane's
 --       Celery queue (a list), idempotency key or '', single-flight entry or '', result cache entry or ''
 -- ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value, queue cap
---       (0: none), the job key prefix, n, the items or '', the n series, then the record's
---       field/value pairs
--- A small job's series (n of them) and items come with the script, which writes them once nothing
--- refuses the job. A large job's (n = 0) were written just before, in the same round trip, in
--- commands of their own (no command grows with the job); a refusal deletes them.
+--       (0: none), the job key prefix, then the record's field/value pairs
+-- The input list and items were written just before, in the same round trip; a refusal deletes them.
 -- Returns nil when the job was created. Otherwise nothing is kept and the answer is, in this order:
 --   the idempotency key's value, when that key was used before (the earlier job is replayed);
 --   'cached:<fields>' when the result cache holds an answer to the same request (shared/cache.py):
@@ -32,10 +29,8 @@ if KEYS[9] ~= '' then
   local hit = redis.call('GET', KEYS[9])
   if hit then return refuse('cached:' .. hit) end
 end
-local n = tonumber(ARGV[7])
-local fields = 9 + n
 local id, created
-for i = fields, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   if ARGV[i] == 'id' then id = ARGV[i + 1] end
   if ARGV[i] == 'created_at' then created = ARGV[i + 1] end
 end
@@ -59,12 +54,7 @@ if cap > 0 then
 end
 if KEYS[8] ~= '' then redis.call('SET', KEYS[8], id, 'EX', ARGV[1]) end
 if KEYS[7] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[1]) end
-for i = 9, 8 + n, 1000 do  -- unpack puts its values on Lua's C stack (8000 slots)
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, i, math.min(i + 999, 8 + n)))
-end
-if n > 0 then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
-if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[1]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, fields))  -- every field in one call: each call out of Lua has a cost
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))  -- every field in one call: each call out of Lua has a cost
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], created, id)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
