@@ -151,6 +151,7 @@ class Dispatcher:
             try:
                 master = await master_secret(self.store, self.settings)
                 while not self._stopping:
+                    # The block stays well under a round trip's bound (REDIS_TIMEOUT_S, shared/store).
                     entries = await self.store.callback_entries(self.name, _CONCURRENCY, _CLAIM_IDLE_MS, block_ms=500)
                     for entry_id, job_id in entries:
                         await self._slots.acquire()

@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
 from shared.settings import Settings, get_settings
-from shared.store import REDIS_TIMEOUT_S, AsyncJobStore
+from shared.store import POOL_WAIT_S, AsyncJobStore
 
 from api import audit, bodies, problems, security
 from api.auth import LEGACY, KeyRing
@@ -37,18 +37,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # A blocking pool: under a burst, requests wait their turn for a connection (up to 10 s)
-        # instead of failing with "Too many connections".
+        # A blocking pool: under a burst, requests wait their turn for a connection (up to
+        # POOL_WAIT_S) instead of failing with "Too many connections".
         # A connection that died with a Redis restart is retried on a fresh one, not reported as an error.
         # The job store's pool sets no socket timeout: with one, redis-py sends every command under
         # asyncio.wait_for, a task per round trip (~20 us of the event loop each; 48 against 69 us
-        # for one EVALSHA, measured). The job store bounds each round trip itself (REDIS_TIMEOUT_S).
+        # for one EVALSHA, measured). The job store bounds each round trip itself (REDIS_TIMEOUT_S,
+        # the wait for a connection included).
         pools = [
             aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_max_connections, timeout=10, decode_responses=text,
+                settings.redis_url, max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S,
+                decode_responses=text,
                 retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                **({} if text else {"socket_timeout": None, "socket_connect_timeout": REDIS_TIMEOUT_S}),
+                **({} if text else {"socket_timeout": None, "socket_connect_timeout": 5}),
             )
             for text in (True, False)  # pub/sub as text; the job store decodes what it reads itself
         ]  # fmt: skip

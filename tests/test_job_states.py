@@ -314,14 +314,19 @@ def test_an_api_round_trip_redis_does_not_answer_fails_with_a_redis_timeout_not_
     monkeypatch.setattr(store_module, "REDIS_TIMEOUT_S", 0.5)
 
     async def read() -> float:
-        client = aioredis.Redis(port=silent.getsockname()[1], socket_timeout=None)  # as the API's pool (api/main.py)
+        client = aioredis.Redis(host="127.0.0.1", port=silent.getsockname()[1], socket_timeout=None)  # as api/main.py
         started = time.monotonic()
-        with pytest.raises(redis.TimeoutError):
-            await AsyncJobStore(client, settings_for(redis_server)).get("any")
+        try:
+            with pytest.raises(redis.TimeoutError):
+                await AsyncJobStore(client, settings_for(redis_server)).get("any")
+        finally:
+            await client.aclose()
         return time.monotonic() - started
 
     try:
-        waited = asyncio.run(read())
+        waited = asyncio.run(asyncio.wait_for(read(), 10))  # a regression fails here, not by hanging the suite
     finally:
         silent.close()
+        for connection, _ in accepted:
+            connection.close()
     assert accepted and waited < 5  # its own 0.5 s, not redis-py's or the OS's

@@ -4,6 +4,7 @@ methods of `JobStore` (blocking client) or `AsyncJobStore` (asyncio client)."""
 
 from shared.store.record import TERMINAL, JobKind, JobRecord, JobStatus, Lane
 from shared.store.store import (
+    POOL_WAIT_S,
     REDIS_TIMEOUT_S,
     AsyncJobStore,
     CircuitState,
@@ -14,5 +15,5 @@ from shared.store.store import (
     live,
 )
 
-__all__ = ["REDIS_TIMEOUT_S", "TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord", "JobStatus",
-           "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "live"]  # fmt: skip
+__all__ = ["POOL_WAIT_S", "REDIS_TIMEOUT_S", "TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord",
+           "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "live"]  # fmt: skip

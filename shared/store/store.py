@@ -34,8 +34,10 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 SCRIPT = "script"
-# Seconds a round trip of the API's may take (redis-py's own default socket timeout).
-REDIS_TIMEOUT_S = 5.0
+# Seconds the API waits for a pooled Redis connection (api/main.py), and for a round trip of its job
+# store at most, that wait included (plus redis-py's own default socket timeout).
+POOL_WAIT_S = 10.0
+REDIS_TIMEOUT_S = POOL_WAIT_S + 5.0
 
 
 class Cmd(NamedTuple):
@@ -654,12 +656,16 @@ class AsyncJobStore(_Core):
             return done.value
 
     async def _attempt(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
+        bound = asyncio.timeout(REDIS_TIMEOUT_S)  # the API's client sets no socket timeout (api/main.py)
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):  # the API's client sets no socket timeout (api/main.py)
+            async with bound:
                 return await self._execute(step)
         except redis.ResponseError as exc:  # Redis's answer: the operation decides
             return exc
-        except TimeoutError:  # asyncio's, not redis-py's: unanswered (the cancelled read drops its connection)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            # Unanswered (a cancelled read drops its connection): what redis-py raises for a timeout.
             raise redis.TimeoutError(f"Redis did not answer within {REDIS_TIMEOUT_S:g}s") from None
 
     async def _execute(self, step: list[Cmd]) -> list[Any]:
