@@ -22,7 +22,6 @@ from workers import anomaly, backtest, metrics
 from workers.batcher import Batcher, Slice, Work
 
 log = logging.getLogger(__name__)
-SUCCEEDED = JobStatus.SUCCEEDED
 
 
 class _Closing(NamedTuple):
@@ -231,11 +230,11 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         ]
         # Jobs the pass I/O thread finished are only reported here; the others end now.
         closed = [job.work is not None and job.work.final is not None for job in wave]
-        left = [
-            Outcome(record, status, fields, _digest(spec, batcher, settings, record) if status == SUCCEEDED else None)
-            for (record, status, fields), done in zip(outcomes, closed, strict=True)
-            if not done
-        ]
+        left = []
+        for (record, status, fields), done in zip(outcomes, closed, strict=True):
+            if not done:
+                digest = _digest(spec, batcher, settings, record) if status == JobStatus.SUCCEEDED else None
+                left.append(Outcome(record, status, fields, digest))
         finals = iter(store.finish(left) if left else [])
         by_final: dict[str, list[tuple[str, int, float]]] = defaultdict(list)
         for (record, _, fields), job, done in zip(outcomes, wave, closed, strict=True):
