@@ -28,11 +28,9 @@ import asyncio
 import math
 from dataclasses import dataclass, field
 
-import redis
-
 from shared.catalog import ModelSpec
 from shared.celery_app import task_message
-from shared.store import REDIS_TIMEOUT_S, Lane, keys
+from shared.store import Lane, bounded, keys
 
 
 @dataclass
@@ -77,14 +75,7 @@ async def publish(client, spec: ModelSpec, lane: Lane, job_ids: list[str], queue
     """Put one message for these jobs on their model's queue for `lane` (or on `queue`): the message
     Celery's `send_task` would send (shared/celery_app.py), pushed from the event loop."""
     name = queue or keys.lane_queue(spec, lane)
-    bound = asyncio.timeout(REDIS_TIMEOUT_S)  # the client sets no socket timeout (api/main.py)
-    try:
-        async with bound:
-            await client.lpush(name, task_message(job_ids, name))
-    except TimeoutError:
-        if not bound.expired():
-            raise
-        raise redis.TimeoutError(f"Redis did not answer within {REDIS_TIMEOUT_S:g}s") from None
+    await bounded(client.lpush(name, task_message(job_ids, name)))
 
 
 class Sender:

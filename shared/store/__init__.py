@@ -12,8 +12,9 @@ from shared.store.store import (
     ModelState,
     Outcome,
     PassRead,
+    bounded,
     live,
 )
 
 __all__ = ["POOL_WAIT_S", "REDIS_TIMEOUT_S", "TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord",
-           "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "live"]  # fmt: skip
+           "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "bounded", "live"]  # fmt: skip

@@ -407,14 +407,14 @@ class _Core:
             return []
         now, s = time.time(), self.settings
         ended = [Outcome(*o) for o in outcomes]
+        head = [
+            repr(now), s.result_ttl_s,
+            "",  # no announcement of its own: see `finish`
+            s.breaker_min_jobs, s.breaker_failure_ratio, math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
+            s.cache_ttl_s,
+        ]  # fmt: skip
         step = []
         for model, group in _scripts(ended):
-            head = [
-                repr(now), s.result_ttl_s,
-                "",  # no announcement of its own: see `finish`
-                s.breaker_min_jobs, s.breaker_failure_ratio, math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
-                s.cache_ttl_s,
-            ]  # fmt: skip
             breaker = self._breaker_keys(model, now)
             job_keys, args = [], [*head, len(breaker) - 1]  # the circuit, then its buckets
             for r, status, fields, digest, results in (ended[i] for i in group):
@@ -656,17 +656,10 @@ class AsyncJobStore(_Core):
             return done.value
 
     async def _attempt(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
-        bound = asyncio.timeout(REDIS_TIMEOUT_S)  # the API's client sets no socket timeout (api/main.py)
         try:
-            async with bound:
-                return await self._execute(step)
+            return await bounded(self._execute(step))
         except redis.ResponseError as exc:  # Redis's answer: the operation decides
             return exc
-        except TimeoutError:
-            if not bound.expired():
-                raise
-            # Unanswered (a cancelled read drops its connection): what redis-py raises for a timeout.
-            raise redis.TimeoutError(f"Redis did not answer within {REDIS_TIMEOUT_S:g}s") from None
 
     async def _execute(self, step: list[Cmd]) -> list[Any]:
         if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline
@@ -690,6 +683,20 @@ class AsyncJobStore(_Core):
                 name, args, kwargs = _command(cmd, self._scripts)
                 getattr(pipe, name)(*args, **kwargs)
             return await pipe.execute(raise_on_error=False)
+
+
+async def bounded(call: Awaitable[T]) -> T:
+    """`call`, a round trip on the API's client, which sets no socket timeout (api/main.py), given up
+    after REDIS_TIMEOUT_S with what redis-py raises for a timeout (a cancelled read drops its
+    connection)."""
+    bound = asyncio.timeout(REDIS_TIMEOUT_S)
+    try:
+        async with bound:
+            return await call
+    except TimeoutError:
+        if not bound.expired():
+            raise
+        raise redis.TimeoutError(f"Redis did not answer within {REDIS_TIMEOUT_S:g}s") from None
 
 
 def _resume(op: Op[Any], outcome: list[Any] | redis.ResponseError) -> list[Cmd]:
@@ -738,7 +745,7 @@ def _scripts(outcomes: list[Outcome]) -> list[tuple[str, list[int]]]:
     for i, outcome in enumerate(outcomes):
         model, size = outcome.record.model, sum(map(len, outcome.results))
         group, carried = open_.get(model, (None, 0))
-        if group is None or (group and carried + size > _CHUNK):
+        if group is None or carried + size > _CHUNK:
             group, carried = [], 0
             groups.append((model, group))
         group.append(i)
