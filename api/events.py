@@ -1,9 +1,10 @@
 """Job completion events: one Redis subscription per API process wakes every waiter it concerns.
 
-Long-waits and sync predicts never hold a thread or a Redis connection each: they await
-an `asyncio.Event` that the single listener sets when a worker publishes the job's id.
-Waiters also re-read the record at a short interval, so a missed message (a Redis
-reconnect) costs latency, never correctness.
+Long-waits and sync predicts never hold a thread or a Redis connection each: they await an
+`Announcement` that the single listener sets when a worker publishes the job's id, or its answer
+(its record and results: a job someone waits on, `JobRecord.awaited`), which the waiter then
+needs no read for. Waiters also re-read the record at a short interval, so a missed message (a
+Redis reconnect) costs latency, never correctness.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from shared.store import keys
+from shared.store import answers, keys
 
 log = logging.getLogger(__name__)
+_ANSWERS = keys.ANSWERS_CHANNEL.encode()
+
+
+class Announcement(asyncio.Event):
+    """Set when the job is announced; `answer` holds its answer when one came with it (`store.answered`)."""
+
+    answer: Any = None
 
 
 async def woken(event: asyncio.Event, timeout_s: float) -> None:
@@ -32,7 +41,7 @@ async def woken(event: asyncio.Event, timeout_s: float) -> None:
 class JobEvents:
     def __init__(self, client: aioredis.Redis):
         self._client = client
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[Announcement]] = defaultdict(set)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -45,9 +54,9 @@ class JobEvents:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+    def watch(self, job_id: str) -> Iterator[Announcement]:
         """An event set whenever `job_id` is announced, for as long as the block runs."""
-        event = asyncio.Event()
+        event = Announcement()
         self._waiters[job_id].add(event)
         try:
             yield event
@@ -62,9 +71,12 @@ class JobEvents:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                await pubsub.subscribe(keys.EVENTS_CHANNEL, keys.ANSWERS_CHANNEL)
                 async for message in pubsub.listen():
-                    for job_id in message["data"].split():  # one id, or the jobs a worker finished together
+                    if message["channel"] == _ANSWERS:
+                        self._answered(message["data"])
+                        continue
+                    for job_id in message["data"].decode().split():  # one id, or the jobs finished together
                         for event in self._waiters.get(job_id, ()):
                             event.set()
             except asyncio.CancelledError:
@@ -75,3 +87,14 @@ class JobEvents:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    def _answered(self, message: bytes) -> None:
+        try:
+            announced = answers(message)
+        except Exception as exc:  # never lose the subscription to one message: its waiters re-read
+            log.error("unreadable answers message (%s): %r", exc, message[:200])
+            return
+        for answer in announced:
+            for event in self._waiters.get(answer[0], ()):
+                event.answer = answer
+                event.set()

@@ -40,25 +40,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A blocking pool: under a burst, requests wait their turn for a connection (up to
         # POOL_WAIT_S) instead of failing with "Too many connections".
         # A connection that died with a Redis restart is retried on a fresh one, not reported as an error.
-        # The job store's pool sets no socket timeout: with one, redis-py sends every command under
-        # asyncio.wait_for, a task per round trip (~20 us of the event loop each; 48 against 69 us
-        # for one EVALSHA, measured). The job store bounds each round trip itself (REDIS_TIMEOUT_S,
-        # the wait for a connection included).
-        pools = [
-            aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S,
-                decode_responses=text,
-                retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                **({} if text else {"socket_timeout": None, "socket_connect_timeout": 5}),
-            )
-            for text in (True, False)  # pub/sub as text; the job store decodes what it reads itself
-        ]  # fmt: skip
-        client, raw = (aioredis.Redis(connection_pool=pool) for pool in pools)
+        # No socket timeout: with one, redis-py sends every command under asyncio.wait_for, a task
+        # per round trip (~20 us of the event loop each; 48 against 69 us for one EVALSHA,
+        # measured). The job store bounds each round trip itself (REDIS_TIMEOUT_S, the wait for a
+        # connection included); the job events' subscription holds one connection of the pool.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            socket_timeout=None, socket_connect_timeout=5,
+        )  # fmt: skip
+        client = aioredis.Redis(connection_pool=pool)  # replies as bytes: the job store decodes what it reads
         bodies.warm_up(settings)
         events = JobEvents(client)
         events.start()
-        store = AsyncJobStore(raw, settings)
+        store = AsyncJobStore(client, settings)
         app.state.service = JobService(settings, store, events, app.state.metrics)
         dispatcher = Dispatcher(store, settings) if settings.callback_prefixes() else None
         if dispatcher:
@@ -77,9 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await events.stop()
             if app.state.audit:
                 app.state.audit.close()
-            for c, pool in zip((client, raw), pools, strict=True):
-                await c.aclose()
-                await pool.disconnect()
+            await client.aclose()
+            await pool.disconnect()
 
     app = FastAPI(
         redirect_slashes=False,  # a redirect would name whatever Host the client sent

@@ -19,7 +19,8 @@ is sent: if the send fails, every job of the message is answered 503 and ended `
 
 Only small forecasts are held (up to SHARED_MAX_SERIES series): a message's jobs are claimed by
 one worker, so a large job would take its neighbours along (and large work is better spread over
-workers anyway). Sync jobs are never held: a /v1/predict is sent at once, on its lane.
+workers anyway). Sync jobs are never held: a /v1/predict is sent at once, on its lane, its message
+pushed by the script that creates the job (`Sender.alone`).
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ class _Arrivals:
         return self.gap
 
 
-async def publish(client, spec: ModelSpec, lane: Lane, job_ids: list[str], queue: str | None = None) -> None:
-    """Put one message for these jobs on their model's queue for `lane` (or on `queue`): the message
-    Celery's `send_task` would send (shared/celery_app.py), pushed from the event loop."""
-    name = queue or keys.lane_queue(spec, lane)
+async def publish(client, spec: ModelSpec, job_ids: list[str]) -> None:
+    """Put one message for these small async jobs on their model's queue: the message Celery's
+    `send_task` would send (shared/celery_app.py), pushed from the event loop."""
+    name = keys.queue(spec)
     await bounded(client.lpush(name, task_message(job_ids, name)))
 
 
@@ -87,15 +88,18 @@ class Sender:
         self._arrivals: dict[str, _Arrivals] = {}  # model id -> its recent small async jobs
         self._sending: set[asyncio.Task] = set()
 
-    async def send(
-        self, spec: ModelSpec, lane: Lane, job_id: str, small: bool = True, queue: str | None = None
-    ) -> None:
-        """Return once the job's message is on its queue (raises what sending raised). `small`: a
-        forecast of at most SHARED_MAX_SERIES series, which may share a message; `queue`: another
-        queue than the lane's (a pinned weights revision's), sent at once."""
+    def alone(self, spec: ModelSpec, lane: Lane, small: bool = True, queue: str | None = None) -> str | None:
+        """The queue a job's message of its own goes to when the job shares none (a sync job, a large
+        one, one for `queue`, no window), or None when `send` may hold it for a shared message. A job
+        sent alone has its message pushed by the script that creates it (`JobStore.create`): one round
+        trip for both, and never a job without its message."""
         if lane is Lane.SYNC or not small or not self.window_s or self.max_jobs == 1 or queue:
-            await publish(self.client, spec, lane, [job_id], queue)
-            return
+            return queue or keys.lane_queue(spec, lane)
+        return None
+
+    async def send(self, spec: ModelSpec, job_id: str) -> None:
+        """Return once the small async job's message, shared with the model's other jobs arriving
+        meanwhile, is on its queue (raises what sending raised)."""
         loop = asyncio.get_running_loop()
         arrivals = self._arrivals.get(spec.id) or self._arrivals.setdefault(spec.id, _Arrivals(2 * self.busy_window_s))
         gap = arrivals.note(loop.time())
@@ -122,7 +126,7 @@ class Sender:
 
     async def _send(self, message: _Open) -> None:
         try:
-            await publish(self.client, message.spec, Lane.ASYNC, message.job_ids)
+            await publish(self.client, message.spec, message.job_ids)
         except Exception as exc:
             message.sent.set_exception(exc)
             message.sent.exception()  # each waiting request handles it; none left is no error to log

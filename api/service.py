@@ -15,16 +15,17 @@ from dataclasses import replace
 import msgspec
 
 from shared import cache, catalog, families
+from shared.celery_app import task_message
 from shared.schemas import AnomalyParameters, BacktestRequest, FinetuneParameters, ForecastRequest
 from shared.series import SeriesSet
 from shared.series import identity as series_identity
 from shared.settings import Settings
-from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, keys
+from shared.store import AsyncJobStore, JobKind, JobRecord, JobStatus, Lane, answered, keys
 
 from api import callbacks, ensembles, limits, render
 from api.admission import Admission
 from api.bodies import ForecastJob, forecast_job, series_from_inputs
-from api.events import JobEvents, woken
+from api.events import Announcement, JobEvents, woken
 from api.fleet import Fleet
 from api.metrics import ApiMetrics
 from api.problems import Problem
@@ -68,12 +69,15 @@ class JobService:
         waited: bool = False,
         admitted: bool = False,
         job_id: str | None = None,
+        awaited: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Validate, admit (unless the route `admitted` the owner before reading the body), record the
         job (as `job_id` when given) and enqueue it on its model's queue.
 
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
+        `awaited`: the caller waits for the job's end (`submit_and_wait`), which then comes with its
+        answer (`JobRecord.awaited`).
         """
         spec, finetuned = await self.fleet.resolve(job.model, owner)
         if finetuned:
@@ -93,7 +97,7 @@ class JobService:
         return await self._enqueue(
             spec, lane, owner, idempotency_key, request, job.series, job.nested,
             job.parameters.prediction_length, callback_url=job.callback_url, admitted=admitted, job_id=job_id,
-            requested=requested if requested != spec.id else None,
+            requested=requested if requested != spec.id else None, awaited=awaited,
         )  # fmt: skip
 
     async def submit_backtest(
@@ -164,6 +168,7 @@ class JobService:
         admitted: bool = False,
         job_id: str | None = None,
         requested: str | None = None,
+        awaited: bool = False,
     ) -> tuple[JobRecord, bool]:
         if not admitted:
             await self.admission.admit(owner)
@@ -177,7 +182,7 @@ class JobService:
             # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
             # another one sent the same series.
             identity=identity if self.settings.cache_scope == "global" else f"{owner}:{identity}",
-            callback_url=callback_url, callback_status="pending" if callback_url else None,
+            callback_url=callback_url, callback_status="pending" if callback_url else None, awaited=awaited,
         )  # fmt: skip
         # Of the model asked for: a retry with the same Idempotency-Key replays its job even when a
         # fallback served it, and identical requests share one job whichever model serves it.
@@ -195,6 +200,10 @@ class JobService:
         # identical requests racing cannot both miss each other.
         flight = digest if not idempotency and not callback_url and cacheable else None
         max_in_flight = self.admission.limits(owner).max_in_flight
+        small = kind is JobKind.FORECAST and record.n_series <= SHARED_MAX_SERIES
+        pinned = request.get("parameters", {}).get("weights_revision")
+        alone = self.sender.alone(spec, lane, small, keys.revision_queue(spec, pinned) if pinned else None)
+        message = (alone, task_message([record.id], alone)) if alone else None
         inputs = series.encode()
         # The create script looks the result cache up itself: a request it cannot answer costs one
         # round trip, not two. A large body's entry is read first instead, so that a hit does not
@@ -205,7 +214,9 @@ class JobService:
             hit = await self.store.cached(cached)
         if hit is None:
             lookup = None if large else cached
-            outcome = await self.store.create(spec, record, inputs, items, max_in_flight, idempotency, flight, lookup)
+            outcome = await self.store.create(
+                spec, record, inputs, items, max_in_flight, idempotency, flight, lookup, message
+            )
             if lookup is not None and outcome is not None and outcome.startswith("cached:"):
                 hit = json.loads(outcome.removeprefix("cached:"))
         if hit is not None and cached is not None:
@@ -217,7 +228,9 @@ class JobService:
             outcome = await self.store.create_done(answered, cached, items, idempotency)
             if outcome == "miss":  # the cached result expired just now: the job runs
                 hit = None
-                outcome = await self.store.create(spec, record, inputs, items, max_in_flight, idempotency, flight)
+                outcome = await self.store.create(
+                    spec, record, inputs, items, max_in_flight, idempotency, flight, message=message
+                )
             else:
                 record = answered
         if outcome is not None and outcome.startswith("joined:"):
@@ -231,17 +244,16 @@ class JobService:
             self.metrics.accepted.labels(spec.id, "cached").inc()
             return record, False
 
-        try:
-            small = kind is JobKind.FORECAST and record.n_series <= SHARED_MAX_SERIES
-            pinned = request.get("parameters", {}).get("weights_revision")
-            await self.sender.send(spec, lane, record.id, small, keys.revision_queue(spec, pinned) if pinned else None)
-        except Exception as exc:
-            log.error("enqueue of job %s failed: %s", record.id, exc)
-            error = f"could not be enqueued ({type(exc).__name__}); its request was answered 503"
-            await self.store.fail_unsent(spec, record, error, idempotency[0] if idempotency else None)
-            raise Problem(
-                503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
-            ) from exc
+        if message is None:  # created; its message is shared with the model's other small jobs
+            try:
+                await self.sender.send(spec, record.id)
+            except Exception as exc:
+                log.error("enqueue of job %s failed: %s", record.id, exc)
+                error = f"could not be enqueued ({type(exc).__name__}); its request was answered 503"
+                await self.store.fail_unsent(spec, record, error, idempotency[0] if idempotency else None)
+                raise Problem(
+                    503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
+                ) from exc
         log.info("%s %s accepted: %s, %d series, lane %s", kind.value, record.id, spec.id, record.n_series, lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
         return record, False
@@ -325,18 +337,24 @@ class JobService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         with self.events.watch(job_id) as announced:
-            record, replayed = await self.submit(job, lane, owner, idempotency_key, waited, admitted, job_id)
+            record, replayed = await self.submit(
+                job, lane, owner, idempotency_key, waited, admitted, job_id, awaited=True
+            )
             if record.terminal:  # answered from the cache, or an ended job replayed
                 return record, replayed
             if record.id == job_id:  # not an earlier job (replayed, or joined in flight) that may have moved on
                 await woken(announced, max(0.0, min(deadline - loop.time(), _RECHECK_S)))
+                ended = _answered(announced, owner)
+                if ended is not None:
+                    return ended, replayed
         return await self.wait(record.id, max(0.0, deadline - loop.time()), owner), replayed
 
-    async def require(self, job_id: str, owner: str, with_results: bool = False) -> JobRecord:
+    async def require(self, job_id: str, owner: str, with_results: bool = False, awaited: bool = False) -> JobRecord:
         """The job's record; 404 when there is none or it belongs to another owner (same answer for both).
         The record is small: results live in their own list, read with it when asked (`with_results`,
-        one round trip for an answer) or later (`results`), and never given to another owner."""
-        record = await self.store.get(job_id, with_results)
+        one round trip for an answer) or later (`results`), and never given to another owner.
+        `awaited`: the caller waits for the job's end, which then comes with its answer."""
+        record = await self.store.get(job_id, with_results, awaited)
         if record is None or record.owner != owner:
             raise _unknown_job(job_id)
         if record.ensemble is not None:  # its state is its members'
@@ -350,11 +368,14 @@ class JobService:
         with self.events.watch(job_id) as announced:
             while True:
                 announced.clear()
-                record = await self.require(job_id, owner, with_results=True)
+                record = await self.require(job_id, owner, with_results=True, awaited=deadline > loop.time())
                 remaining = deadline - loop.time()
                 if record.terminal or remaining <= 0:
                     return record
                 await woken(announced, min(remaining, _RECHECK_S))
+                ended = _answered(announced, owner)
+                if ended is not None:
+                    return ended
 
     async def changes(self, job_id: str, owner: str, keepalive_s: float = 15.0) -> AsyncIterator[JobRecord | None]:
         """The job's record now and at each change of status or progress, ending with its terminal
@@ -399,6 +420,14 @@ class JobService:
             return bool(await asyncio.wait_for(self.store.client.ping(), 1.0))
         except Exception:
             return False
+
+
+def _answered(announced: Announcement, owner: str) -> JobRecord | None:
+    """The ended job's record, with its results, when its answer came with its announcement."""
+    if announced.answer is None:
+        return None
+    record = answered(announced.answer)
+    return record if record is not None and record.owner == owner and record.terminal else None
 
 
 def _unknown_job(job_id: str) -> Problem:

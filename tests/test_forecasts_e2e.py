@@ -83,6 +83,26 @@ def test_sync_predict_returns_the_forecast_in_one_round_trip(api, workers):
     assert [len(p["0.5"]) for p in body["predictions"]] == [6, 6]
 
 
+def test_a_waited_job_comes_back_with_its_announcement_and_its_waiter_reads_nothing(api, workers, monkeypatch):
+    store = api.app.state.service.store
+    reads = []
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda *args: reads.append(args) or get(*args))
+    body = forecast_body(BOLT, n_series=2, length=44, horizon=5)
+
+    predicted = api.post("/v1/predict", params={"timeout": 30}, json=body)
+    reads_of_the_predict = list(reads)
+    job = submit(api, forecast_body(BOLT, n_series=3, length=45, horizon=5))
+    waited = api.get(f"/v1/forecasts/{job['id']}", params={"wait": 30}).json()
+
+    assert predicted.status_code == 200 and reads_of_the_predict == []
+    assert [len(p["0.5"]) for p in predicted.json()["predictions"]] == [5, 5]
+    assert waited["status"] == "succeeded" and [len(p["mean"]) for p in waited["predictions"]] == [5, 5, 5]
+    # The long-wait read the job once, found it not ended and marked it awaited; it read no more
+    # unless the job ended before that read.
+    assert 1 <= len(reads) - len(reads_of_the_predict) <= 2
+
+
 def test_sync_predict_timeout_returns_the_job_id_and_the_job_still_succeeds(api, workers):
     slow = forecast_body(T5, n_series=4, horizon=30, num_samples=20)
     response = api.post("/v1/predict", params={"timeout": 0.05}, json=slow)

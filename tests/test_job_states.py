@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from shared import catalog
-from shared.store import JobRecord, JobStatus, JobStore, Lane, Outcome, keys
+from shared.store import JobRecord, JobStatus, JobStore, Lane, Outcome, answered, answers, keys
+from shared.store.store import ANSWER_MAX_RESULTS
 
 from conftest import settings_for
 
@@ -178,7 +179,7 @@ def test_jobs_finished_together_are_announced_in_one_message_that_wakes_each_wai
     pubsub.subscribe(keys.EVENTS_CHANNEL)
 
     async def waiters_woken() -> list[bool]:
-        api_client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        api_client = aioredis.Redis.from_url(redis_server.url)
         events = JobEvents(api_client)
         events.start()
         with events.watch(ids[0]) as first, events.watch(ids[2]) as last, events.watch("other") as other:
@@ -193,6 +194,52 @@ def test_jobs_finished_together_are_announced_in_one_message_that_wakes_each_wai
     assert asyncio.run(waiters_woken()) == [True, True, False]
     messages = [pubsub.get_message(timeout=1) for _ in range(2)]
     assert [m["data"] for m in messages if m] == [" ".join(ids)]  # one message, not one per job
+
+
+def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_only(client, store, redis_server):
+    ids = awaited, plain, large, failed = [queued_job(client) for _ in range(4)]
+    for job_id in ids:
+        start(store, job_id)
+    for job_id in (awaited, large, failed):
+        client.hset(keys.job(job_id), "awaited", "1")
+    client.set(keys.job_items(awaited), "items")
+    listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(keys.ANSWERS_CHANNEL)
+    running = {i: JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids}
+    binary = [bytes(range(256)) * 300, b"\xc2", b""]  # every byte, a msgpack false, nothing: kept as they are
+
+    finals = store.finish([
+        Outcome(running[awaited], JobStatus.SUCCEEDED, {"weights": "real"}, None, binary),
+        Outcome(running[plain], JobStatus.SUCCEEDED, {}, None, [b"p"]),
+        Outcome(running[large], JobStatus.SUCCEEDED, {}, None, [b"x"] * (ANSWER_MAX_RESULTS + 1)),
+        Outcome(running[failed], JobStatus.FAILED, {"error": "boom"}),
+    ])  # fmt: skip
+    messages = [listener.get_message(timeout=1) for _ in range(3)]
+
+    assert finals == ["succeeded", "succeeded", "succeeded", "failed"]
+    (message,) = [m for m in messages if m]  # one message for the jobs finished together
+    by_id = {answer[0]: answered(answer) for answer in answers(message["data"])}
+    assert set(by_id) == {awaited, failed}  # the large one's waiter reads it
+    for job_id, record in by_id.items():
+        read = store.get(job_id, with_results=True)
+        assert record == read and record.results == read.results
+    assert by_id[awaited].results == (binary, b"items") and by_id[awaited].weights == "real"
+    assert by_id[failed].results is None and by_id[failed].error == "boom"
+
+
+def test_a_reader_that_will_wait_marks_a_job_awaited_until_it_ends(client, store):
+    waiting, ended, gone = queued_job(client), queued_job(client), uuid.uuid4().hex
+    start(store, ended)
+    finish(store, ended)
+
+    store.get(waiting, with_results=True)
+    unmarked = client.hget(keys.job(waiting), "awaited")
+    store.get(waiting, with_results=True, awaited=True)
+
+    assert unmarked is None and client.hget(keys.job(waiting), "awaited") == "1"
+    assert store.get(ended, with_results=True, awaited=True).status is JobStatus.SUCCEEDED
+    assert client.hget(keys.job(ended), "awaited") is None
+    assert store.get(gone, with_results=True, awaited=True) is None and not client.exists(keys.job(gone))
 
 
 def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, store):

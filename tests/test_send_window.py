@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from shared import catalog
-from shared.store import Lane
+from shared.store import Lane, keys
 
 from api import sender
 from api.sender import Sender, _Arrivals
@@ -49,7 +49,7 @@ def test_the_first_job_after_a_flood_and_a_quiet_spell_goes_alone():
 def test_a_lone_job_waits_the_short_window_and_jobs_of_a_stream_the_busy_one(monkeypatch):
     sent: list[list[str]] = []
 
-    async def publish(client, spec, lane, ids, queue=None):
+    async def publish(client, spec, ids):
         sent.append(list(ids))
 
     monkeypatch.setattr(sender, "publish", publish)
@@ -57,17 +57,17 @@ def test_a_lone_job_waits_the_short_window_and_jobs_of_a_stream_the_busy_one(mon
     async def scenario() -> tuple[float, float]:
         loop = asyncio.get_running_loop()
         s = Sender(None, window_s=0.002, max_jobs=64, busy_window_s=5.0)  # type: ignore[arg-type]
-        lone = asyncio.create_task(s.send(BOLT, Lane.ASYNC, "lone"))
+        lone = asyncio.create_task(s.send(BOLT, "lone"))
         await asyncio.sleep(0)
         lone_window = s._open[BOLT.id].timer.when() - loop.time()
         await lone
         # A stream: jobs a few microseconds apart. They fill the message open now, and the next
         # message opened for them stays open the busy window.
-        stream = [asyncio.create_task(s.send(BOLT, Lane.ASYNC, f"job-{i}")) for i in range(10)]
+        stream = [asyncio.create_task(s.send(BOLT, f"job-{i}")) for i in range(10)]
         await asyncio.sleep(0)
         await s.close()  # sends what is held
         await asyncio.gather(*stream)
-        more = asyncio.create_task(s.send(BOLT, Lane.ASYNC, "next"))
+        more = asyncio.create_task(s.send(BOLT, "next"))
         await asyncio.sleep(0)
         busy_window = s._open[BOLT.id].timer.when() - loop.time()
         await s.close()
@@ -77,3 +77,12 @@ def test_a_lone_job_waits_the_short_window_and_jobs_of_a_stream_the_busy_one(mon
     lone_window, busy_window = asyncio.run(scenario())
     assert lone_window <= 0.002 and busy_window > 4.0
     assert sent == [["lone"], [f"job-{i}" for i in range(10)], ["next"]]
+
+
+def test_only_small_async_jobs_wait_for_a_shared_message():
+    s = Sender(None, window_s=0.002, max_jobs=64)  # type: ignore[arg-type]
+    assert s.alone(BOLT, Lane.ASYNC) is None
+    assert s.alone(BOLT, Lane.SYNC) == keys.sync_queue(BOLT)
+    assert s.alone(BOLT, Lane.ASYNC, small=False) == keys.queue(BOLT)
+    assert s.alone(BOLT, Lane.ASYNC, queue="bolt.rev-1") == "bolt.rev-1"
+    assert Sender(None, window_s=0.0, max_jobs=64).alone(BOLT, Lane.ASYNC) == keys.queue(BOLT)  # type: ignore[arg-type]

@@ -93,6 +93,23 @@ def test_when_a_shared_message_cannot_be_sent_every_job_in_it_is_refused_and_non
     assert not any(client.zscore(keys.in_flight(r["owner"]), r["id"]) for r in unsent)
 
 
+def test_a_job_sent_alone_has_its_message_pushed_by_the_script_that_creates_it(api, redis_server, monkeypatch):
+    from api import sender
+
+    async def broker_down(*args, **kwargs):
+        raise ConnectionError("the shared message's send must not be used")
+
+    monkeypatch.setattr(sender, "publish", broker_down)
+    client = redis_server.client()
+    client.delete(keys.queue(IDLE))
+
+    large = submit_together(api, [forecast_body(IDLE.id, n_series=sender.SHARED_MAX_SERIES + 1, length=31)])[0]
+    refused = submit_together(api, [forecast_body(IDLE.id, n_series=1, length=32)])[0]  # a small one is held
+
+    assert large.status_code == 202 and queued_messages(client) == [[large.json()["id"]]]
+    assert refused.status_code == 503 and refused.json()["code"] == "broker-unavailable"
+
+
 def test_a_request_that_joined_a_job_whose_message_then_could_not_be_sent_finds_it_failed(
     api, redis_server, monkeypatch
 ):

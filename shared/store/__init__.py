@@ -12,9 +12,12 @@ from shared.store.store import (
     ModelState,
     Outcome,
     PassRead,
+    answered,
+    answers,
     bounded,
     live,
 )
 
 __all__ = ["POOL_WAIT_S", "REDIS_TIMEOUT_S", "TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord",
-           "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "bounded", "live"]  # fmt: skip
+           "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "answered", "answers", "bounded",
+           "live"]  # fmt: skip

@@ -11,6 +11,9 @@ PREFIX = "cq"
 # the jobs a worker finishes together go as one message, separated by spaces); API processes keep
 # one subscription each and wake the requests waiting on those ids.
 EVENTS_CHANNEL = f"{PREFIX}:events"
+# A worker also publishes here the answers (record and results) of the jobs it finished that someone
+# waits on (`JobRecord.awaited`), so their waiters read nothing more (store.answers, lua/finish.lua).
+ANSWERS_CHANNEL = f"{PREFIX}:answers"
 
 FORECAST_TASK = "chronos_queue.forecast"
 
@@ -45,7 +48,7 @@ def job_items(job_id: str) -> str:
 
 
 def queued(spec: ModelSpec) -> str:
-    """Sorted set of a model's jobs accepted and not yet claimed by a worker (score: acceptance time)."""
+    """Sorted set of a model's jobs accepted and not yet claimed by a worker (score: acceptance time, whole seconds)."""
     return f"{PREFIX}:queued:{spec.slug}"
 
 
@@ -61,7 +64,7 @@ KOMBU_UNACKED_INDEX = "unacked_index"
 
 
 def in_flight(owner: str) -> str:
-    """Sorted set of an owner's jobs not yet finished (score: acceptance time), for the in-flight cap."""
+    """Sorted set of an owner's jobs not yet finished (score: acceptance time, whole seconds), for the in-flight cap."""
     return f"{PREFIX}:inflight:{owner}"
 
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, S
 from types import MappingProxyType
 from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
+import msgspec
 import redis
 
 from shared.catalog import ModelSpec
@@ -139,8 +140,11 @@ class _Core:
     def create(
         self, spec: ModelSpec, record: JobRecord, inputs: list[bytes], items: bytes | None, max_in_flight: int,
         idempotency: tuple[str, str] | None = None, flight: str | None = None, cached: str | None = None,
+        message: tuple[str, bytes] | None = None,
     ) -> Op[str | None]:  # fmt: skip
-        """Record a queued job with its series (`inputs`, one element each) and items, in one round trip.
+        """Record a queued job with its series (`inputs`, one element each) and items, in one round trip;
+        with `message` (a queue and a Celery message of the job's own), the message is pushed onto the
+        queue in the same script, once the job is created.
 
         Returns None when created. Otherwise nothing is kept, and the answer says why (lua/create.lua):
         the earlier value of the idempotency key (`idempotency`: the key's digest and the value to
@@ -159,9 +163,11 @@ class _Core:
             [keys.job(job_id), keys.in_flight(record.owner), keys.job_input(job_id), keys.queued(spec),
              keys.job_items(job_id), keys.lane_queue(spec, record.lane),
              keys.idempotency(record.owner, idempotency[0]) if idempotency else "",
-             keys.flight(record.owner, flight) if flight else "", keys.cache(cached) if cached else ""],
+             keys.flight(record.owner, flight) if flight else "", keys.cache(cached) if cached else "",
+             message[0] if message else ""],
             [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "",
-             self.settings.max_queue_depth, keys.job(""), *_pairs(record)],
+             self.settings.max_queue_depth, keys.job(""), message[1] if message else "", job_id,
+             int(record.created_at), *_pairs(record)],
         ))  # fmt: skip
         return _text((yield step)[-1])
 
@@ -223,20 +229,16 @@ class _Core:
     # -- reading and cancelling (API) -----------------------------------------------------------
 
     @operation
-    def get(self, job_id: str, with_results: bool = False) -> Op[JobRecord | None]:
+    def get(self, job_id: str, with_results: bool = False, awaited: bool = False) -> Op[JobRecord | None]:
         """The job's record; `with_results`: and, if it succeeded, its output elements and items
-        (`JobRecord.results`) in the same round trip."""
+        (`JobRecord.results`) in the same round trip. `awaited` (with results): the reader will wait
+        for the job's end, which then comes with its answer (lua/read.lua)."""
         if not with_results:
             fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
             return JobRecord.from_hash(fields) if fields else None
-        reply = (yield [run_script("read", [keys.job(job_id), keys.job_output(job_id), keys.job_items(job_id)], [])])[0]
-        flat, outputs, items = reply
-        if not flat:
-            return None
-        record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
-        if outputs is not None:  # Lua's false comes back as None
-            record.results = (outputs, items)
-        return record
+        job_keys = [keys.job(job_id), keys.job_output(job_id), keys.job_items(job_id)]
+        flat, outputs, items = (yield [run_script("read", job_keys, [int(awaited)])])[0]
+        return _record(flat, outputs, items)  # Lua's false comes back as None
 
     @operation
     def results(self, job_id: str) -> Op[tuple[list[bytes], bytes | None]]:
@@ -393,7 +395,8 @@ class _Core:
         'cancelled'; a job that is not running keeps what it has, and gets no more results).
 
         The jobs are announced together, their ids in one message after every script has run: an
-        API process parses one message per wave of jobs, not one per job. Should the message be lost
+        API process parses one message per wave of jobs, not one per job. Each script has published
+        before it the answers of its awaited jobs (`answers`). Should a message be lost
         (the connection drops between the scripts and it), waiters find the jobs ended at their next
         re-read (api/events.py): a wake-up can be late, never wrong."""
         if not outcomes:
@@ -408,15 +411,14 @@ class _Core:
         now, s = time.time(), self.settings
         ended = [Outcome(*o) for o in outcomes]
         head = [
-            repr(now), s.result_ttl_s,
-            "",  # no announcement of its own: see `finish`
+            repr(now), s.result_ttl_s, keys.ANSWERS_CHANNEL,  # the ids are announced together: see `finish`
             s.breaker_min_jobs, s.breaker_failure_ratio, math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
             s.cache_ttl_s,
         ]  # fmt: skip
         step = []
         for model, group in _scripts(ended):
             breaker = self._breaker_keys(model, now)
-            job_keys, args = [], [*head, len(breaker) - 1]  # the circuit, then its buckets
+            job_keys, args = [], [*head, len(breaker) - 1, ANSWER_MAX_RESULTS]  # the circuit, then its buckets
             for r, status, fields, digest, results in (ended[i] for i in group):
                 cache, entry = ["", ""], ""
                 if digest is not None and status == JobStatus.SUCCEEDED and s.cache_ttl_s > 0:
@@ -507,7 +509,7 @@ class _Core:
     @operation
     def resent(self, spec: ModelSpec, job_id: str) -> Op[None]:
         """A queued job's message was sent again: another grace period before looking again."""
-        yield [Cmd("zadd", (keys.queued(spec), {job_id: time.time()}))]
+        yield [Cmd("zadd", (keys.queued(spec), {job_id: int(time.time())}))]  # whole seconds: lua/create.lua
 
     # -- fine-tuning (workers/training.py) and fine-tuned models --------------------------------
 
@@ -734,6 +736,47 @@ _BUCKETS = 6
 _CHUNK = 8 << 20
 # The record fields a result cache entry keeps: what a hit's record reuses (shared/cache.py).
 _CACHED_FIELDS = ("weights", "backtest", "progress_done")
+# An awaited job (`JobRecord.awaited`) of at most this many results (one per series or origin) is
+# answered with its announcement (lua/finish.lua); a larger one's waiter reads its answer, as every
+# API process receives every announcement.
+ANSWER_MAX_RESULTS = 16
+# One message of keys.ANSWERS_CHANNEL: for each job, its id, its record as HGETALL gives it, its
+# output list or false, its items or false. Lua's cmsgpack writes every string as msgpack text,
+# which msgspec decodes as text only: outputs and items, which are binary, are taken raw and
+# unwrapped (`_unwrapped`).
+_ANSWERS = msgspec.msgpack.Decoder(list[tuple[str, list[str], list[msgspec.Raw] | bool, msgspec.Raw]])
+# The length of a msgpack string's header, by its first byte past the fixed ones (str 8/16/32, bin 8/16/32).
+_HEADERS = {0xD9: 2, 0xDA: 3, 0xDB: 5, 0xC4: 2, 0xC5: 3, 0xC6: 5}
+_FALSE = (b"\xc2", b"\xc0")  # false (Lua's "no such value"), nil
+
+
+def answers(message: bytes) -> list[tuple[str, Any, Any, Any]]:
+    """The answers one message of keys.ANSWERS_CHANNEL carries: (job id, ...) each, whose record
+    `answered` makes (only a job someone waits on in this process is worth it)."""
+    return _ANSWERS.decode(message)
+
+
+def answered(answer: tuple[str, Any, Any, Any]) -> JobRecord | None:
+    """The record, with its results when it succeeded, of one of `answers`."""
+    _, flat, outputs, items = answer
+    kept = None if bytes(items) in _FALSE else _unwrapped(items)
+    return _record(flat, None if outputs is False else [_unwrapped(o) for o in outputs], kept)
+
+
+def _unwrapped(raw: msgspec.Raw) -> bytes:
+    """A msgpack string's bytes."""
+    data = bytes(raw)
+    return data[1:] if 0xA0 <= data[0] <= 0xBF else data[_HEADERS[data[0]] :]
+
+
+def _record(flat: list, outputs: list[bytes] | None, items: bytes | None) -> JobRecord | None:
+    """A record read with its answer (lua/answer.lua): None when there is none; its results when it succeeded."""
+    if not flat:
+        return None
+    record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+    if outputs is not None:
+        record.results = (outputs, items)
+    return record
 
 
 def _scripts(outcomes: list[Outcome]) -> list[tuple[str, list[int]]]:

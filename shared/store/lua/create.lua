@@ -1,8 +1,13 @@
 -- Record a new job, unless something refuses it.
 -- KEYS: job, owner's in-flight set, job's input list, model's queued set, job's items, the lane's
---       Celery queue (a list), idempotency key or '', single-flight entry or '', result cache entry or ''
+--       Celery queue (a list), idempotency key or '', single-flight entry or '', result cache entry or '',
+--       the queue to push the job's own message onto or ''
 -- ARGV: record ttl, in-flight cap (0: none), in-flight stale-before time, idempotency value, queue cap
---       (0: none), the job key prefix, then the record's field/value pairs
+--       (0: none), the job key prefix, the job's own message (when KEYS[10] names a queue), the job's
+--       id, its creation time in whole seconds, then the record's field/value pairs
+-- The in-flight and queued sets are scored by whole seconds: a sorted set of up to 128 members is
+-- kept as a listpack, where a score written as an integer is compared as one, and a fractional one
+-- is parsed at each comparison (ZADD into 120 members: 1.9 against 8.5 us, measured).
 -- The input list and items were written just before, in the same round trip; a refusal deletes them.
 -- Returns nil when the job was created. Otherwise nothing is kept and the answer is, in this order:
 --   the idempotency key's value, when that key was used before (the earlier job is replayed);
@@ -29,11 +34,7 @@ if KEYS[9] ~= '' then
   local hit = redis.call('GET', KEYS[9])
   if hit then return refuse('cached:' .. hit) end
 end
-local id, created
-for i = 7, #ARGV, 2 do
-  if ARGV[i] == 'id' then id = ARGV[i + 1] end
-  if ARGV[i] == 'created_at' then created = ARGV[i + 1] end
-end
+local id, created = ARGV[8], ARGV[9]
 if KEYS[8] ~= '' then
   local held = redis.call('GET', KEYS[8])
   if held and held ~= id then
@@ -54,9 +55,13 @@ if cap > 0 then
 end
 if KEYS[8] ~= '' then redis.call('SET', KEYS[8], id, 'EX', ARGV[1]) end
 if KEYS[7] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[1]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))  -- every field in one call: each call out of Lua has a cost
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))  -- every field in one call: each call out of Lua has a cost
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], created, id)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[4], created, id)
+-- A job sent alone (a sync job, a large one) has its message pushed here: created and sent in one
+-- round trip, and no job ever created without its message. Small async jobs share a message, which
+-- the API sends once the window closes (api/sender.py).
+if KEYS[10] ~= '' then redis.call('LPUSH', KEYS[10], ARGV[7]) end
 return false

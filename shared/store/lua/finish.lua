@@ -3,16 +3,23 @@
 -- KEYS: callbacks stream, the model's circuit, its outcome buckets of the breaker's window (the
 --       current one first), then for each job: its record, its owner's in-flight set, input list,
 --       output list, items, result cache output list or '', result cache entry or ''
--- ARGV: now, ttl, events channel, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl,
---       the number of outcome buckets, then for each job: its final status, id, cache entry value,
---       n (results to append first), the n results, m (twice the fields), then the field/value pairs
+-- ARGV: now, ttl, answers channel, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl,
+--       the number of outcome buckets, the most results an answer carries, then for each job: its
+--       final status, id, cache entry value, n (results to append first), the n results, m (twice
+--       the fields), then the field/value pairs
 -- Only a running job can finish; the first terminal write wins, so a redelivered duplicate cannot
 -- overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more results. A
 -- pending cancel request turns success into 'cancelled' and the outcome's fields are not stored.
 -- Output and items live as long as the record; a success is cached (shared/cache.py) before it is
 -- announced, so a client that repeats the request on seeing the result hits the cache. Returns
 -- each job's final status.
-local now, ttl, channel = ARGV[1], ARGV[2], ARGV[3]
+-- A job someone waits on (its record's `awaited`: lua/create.lua, lua/read.lua) is answered on the
+-- answers channel, its record and results in the message (lua/answer.lua), when it has at most
+-- `the most results` of them: its waiter needs no read of its own. Every job finished here is also
+-- announced by id, with the others the worker finished together (store.finish).
+local now, ttl, answers_channel = ARGV[1], ARGV[2], ARGV[3]
+local most_results = tonumber(ARGV[9])
+local answers = {}  -- {id, record, outputs, items} of each awaited job
 local buckets = tonumber(ARGV[8])
 local circuit, current = KEYS[2], KEYS[3]
 
@@ -63,7 +70,7 @@ local function finish(k, a)
   local n = tonumber(ARGV[a + 3])
   local m = tonumber(ARGV[a + 4 + n])
   local after = a + 5 + n + m
-  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane')
+  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane', 'awaited')
   if state[1] ~= 'running' then return state[1] or 'missing', after end
   for i = a + 4, a + 3 + n, 1000 do  -- unpack puts its values on Lua's C stack (8000 slots)
     redis.call('RPUSH', output, unpack(ARGV, i, math.min(i + 999, a + 3 + n)))
@@ -87,12 +94,15 @@ local function finish(k, a)
   if (final == 'succeeded' or final == 'failed') and state[3] ~= 'train' then
     count(final == 'failed' and 'failed' or 'ok')
   end
-  ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, channel)
+  ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, '')
+  if state[4] == '1' and (final ~= 'succeeded' or redis.call('LLEN', output) <= most_results) then
+    answers[#answers + 1] = {ARGV[a + 1], answer(job, output, KEYS[k + 4])}
+  end
   return final, after
 end
 
 local finals = {}
-local a = 9
+local a = 10
 for k = 3 + buckets, #KEYS, 7 do
   local final
   final, a = finish(k, a)
@@ -100,4 +110,5 @@ for k = 3 + buckets, #KEYS, 7 do
 end
 add_oks()
 if counted then redis.call('EXPIRE', current, ARGV[6]) end
+if #answers > 0 then redis.call('PUBLISH', answers_channel, cmsgpack.pack(answers)) end
 return finals

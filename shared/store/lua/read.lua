@@ -1,11 +1,11 @@
 -- A job's record, and with it, once it succeeded, its results: one round trip for a waiter's answer.
 -- KEYS: job, job's output list, job's items
--- Returns {record as HGETALL gives it, the output list or false, the items or false}; the outputs and
--- items only when the job succeeded (a running job's partial outputs are not read).
-local record = redis.call('HGETALL', KEYS[1])
-local outputs, items = false, false
-if redis.call('HGET', KEYS[1], 'status') == 'succeeded' then
-  outputs = redis.call('LRANGE', KEYS[2], 0, -1)
-  items = redis.call('GET', KEYS[3])
+-- ARGV: '1' when the reader will wait for the job to end, else '0'
+-- Returns {record as HGETALL gives it, the output list or false, the items or false} (lua/answer.lua).
+-- A reader that will wait marks a job not yet ended `awaited`: the worker that finishes it sends
+-- its answer with the announcement (lua/finish.lua), and the waiter reads nothing more.
+if ARGV[1] == '1' then
+  local s = redis.call('HGET', KEYS[1], 'status')
+  if s == 'queued' or s == 'running' then redis.call('HSET', KEYS[1], 'awaited', '1') end
 end
-return {record, outputs, items}
+return {answer(KEYS[1], KEYS[2], KEYS[3])}
