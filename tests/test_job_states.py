@@ -377,3 +377,41 @@ def test_an_api_round_trip_redis_does_not_answer_fails_with_a_redis_timeout_not_
         for connection, _ in accepted:
             connection.close()
     assert accepted and waited < 5  # its own 0.5 s, not redis-py's or the OS's
+
+
+def test_api_round_trips_started_in_one_turn_share_one_pipeline_and_each_gets_its_own_replies(client, redis_server):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from shared.store import AsyncJobStore
+
+    from shared.store import scripts
+
+    ids = [queued_job(client) for _ in range(3)]
+    client.hset(keys.job(ids[1]), "status", "failed")
+    for name in scripts.NAMES:  # loaded, so that no round trip is sent again for a missing script
+        client.script_load(scripts.source(name))
+
+    async def reads() -> tuple[list, list[int], bool]:
+        api_client = aioredis.Redis.from_url(redis_server.url)
+        store = AsyncJobStore(api_client, settings_for(redis_server))
+        sent = []
+        pipeline = store._pipeline
+        store._pipeline = lambda step, atomic: sent.append(len(step)) or pipeline(step, atomic)
+        try:
+            gone = asyncio.ensure_future(store.get(ids[2]))
+            together = asyncio.gather(*(store.get(i, with_results=True) for i in ids), store.cancel("nope", "owner"))
+            await asyncio.sleep(0)
+            gone.cancel()  # its caller went away: the others' replies still come
+            records = await together
+            alone = await store.get(ids[0])  # a later turn: a round trip of its own
+            return [*records, alone], sent, gone.cancelled()
+        finally:
+            await api_client.aclose()
+
+    records, sent, cancelled = asyncio.run(reads())
+
+    assert [r.status for r in records[:3]] == ["queued", "failed", "queued"] and records[3] == "missing"
+    assert [r.id for r in records[:3]] == ids and records[4].id == ids[0]
+    assert sent == [5, 1] and cancelled

@@ -642,12 +642,20 @@ class JobStore(_Core):
 
 
 class AsyncJobStore(_Core):
-    """The job store on an asyncio client (the API): each method returns an awaitable."""
+    """The job store on an asyncio client (the API): each method returns an awaitable.
+
+    The round trips that requests start in one turn of the event loop travel together, one pipeline
+    for all (`_gathered`): under a flood, many requests reach their *create* or their read in the
+    same turn, and a round trip's fixed cost (a pooled connection, redis-py's pipeline, a write and a
+    read on both sides) is paid once for them. A round trip started alone waits for nothing: it is
+    sent at the next turn. A transaction, or a blocking read, still goes alone."""
 
     def __init__(self, client: Any, settings: Settings):
         super().__init__(settings)
         self.client = client
         self._scripts = scripts.register(client)
+        self._gathering: list[tuple[list[Cmd], asyncio.Future]] | None = None
+        self._sending: set[asyncio.Task] = set()
 
     async def _drive(self, op: Op[Any]) -> Any:
         try:
@@ -659,17 +667,45 @@ class AsyncJobStore(_Core):
 
     async def _attempt(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
         try:
-            return await bounded(self._execute(step))
+            if isinstance(step, Atomic) or any(cmd.kwargs.get("block") for cmd in step):
+                return _raise_first(await bounded(self._execute(step)))
+            return _raise_first(await self._gathered(step))
         except redis.ResponseError as exc:  # Redis's answer: the operation decides
             return exc
 
+    async def _gathered(self, step: list[Cmd]) -> list[Any]:
+        """The replies to `step`, sent in one pipeline with the other round trips started in this turn."""
+        loop = asyncio.get_running_loop()
+        if self._gathering is None:
+            self._gathering = []
+            sending = loop.create_task(self._send_gathered())  # its first step runs at the next turn
+            self._sending.add(sending)  # held, so the loop does not drop it mid-send
+            sending.add_done_callback(self._sending.discard)
+        reply = loop.create_future()
+        self._gathering.append((step, reply))
+        return await reply  # a caller that goes away cancels only its own reply
+
+    async def _send_gathered(self) -> None:
+        gathered, self._gathering = self._gathering or [], None
+        try:
+            replies = await bounded(self._execute([cmd for step, _ in gathered for cmd in step]))
+        except asyncio.CancelledError:  # a shutdown
+            for _, reply in gathered:
+                reply.cancel()
+            raise
+        except Exception as exc:  # each caller gets what ended the round trip
+            for _, reply in gathered:
+                if not reply.done():
+                    reply.set_exception(exc)
+            return
+        at = 0
+        for step, reply in gathered:
+            if not reply.done():
+                reply.set_result(replies[at : at + len(step)])
+            at += len(step)
+
     async def _execute(self, step: list[Cmd]) -> list[Any]:
-        if len(step) == 1 and not isinstance(step, Atomic):  # one command: no pipeline
-            cmd = step[0]
-            if cmd.name == SCRIPT:
-                name, keys_, args = cmd.args
-                return [await self._scripts[name](keys=keys_, args=args)]  # loads the script when Redis lacks it
-            return [await getattr(self.client, cmd.name)(*cmd.args, **cmd.kwargs)]
+        """The replies to `step`, errors among them (ResponseError, for one command)."""
         replies = await self._pipeline(step, isinstance(step, Atomic))
         missing = _scripts_missing(step, replies)
         if missing:
@@ -677,7 +713,7 @@ class AsyncJobStore(_Core):
                 await self.client.script_load(script.script)
             for i, reply in zip(missing, await self._pipeline([step[i] for i in missing], False), strict=True):
                 replies[i] = reply
-        return _raise_first(replies)
+        return replies
 
     async def _pipeline(self, step: list[Cmd], atomic: bool) -> list[Any]:
         async with self.client.pipeline(transaction=atomic) as pipe:
