@@ -13,12 +13,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from shared.schemas import JobView
-from shared.settings import Settings
 from shared.store import JobKind, JobRecord, JobStatus, Lane
 
 from api import bodies, ensembles, render
 from api.auth import Caller, is_admin
-from api.deps import Config, IdempotencyKey, Jobs, Models
+from api.deps import IdempotencyKey, Jobs
+from api.fleet import Fleet
 from api.problems import SUBMIT_ERRORS, Problem, documented
 from api.service import JobService, unless_succeeded
 
@@ -54,7 +54,7 @@ def served_by(response: Response, record: JobRecord) -> None:
     response.headers["Served-By"] = record.model
 
 
-async def accepted(response: Response, models: Models, record: JobRecord, replayed: bool) -> None:
+async def accepted(response: Response, fleet: Fleet, record: JobRecord, replayed: bool) -> None:
     """202 with the job's Location; `Idempotent-Replayed` for an earlier job; `X-Workers-Online: N`
     (0 says the job waits until a worker of its model starts)."""
     if replayed:
@@ -62,7 +62,7 @@ async def accepted(response: Response, models: Models, record: JobRecord, replay
     location(response, record)
     served_by(response, record)
     response.status_code = status.HTTP_202_ACCEPTED
-    response.headers["X-Workers-Online"] = str(await models.workers_online(record.model))
+    response.headers["X-Workers-Online"] = str(await fleet.workers_online(record.model))
 
 
 async def answer(jobs: JobService, record: JobRecord, request: Request, response: Response) -> Response:
@@ -87,14 +87,13 @@ async def get_job(
     request: Request,
     response: Response,
     jobs: Jobs,
-    config: Config,
     owner: Caller,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal state (capped).")] = 0,
 ) -> Response:
     """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out).
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
     a succeeded forecast's results as a long-format table instead."""
-    wait = min(wait, config.wait_max_s)
+    wait = min(wait, jobs.settings.wait_max_s)
     try:
         record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
     except Problem as problem:
@@ -142,7 +141,6 @@ async def predict(
     request: Request,
     response: Response,
     jobs: JobService,
-    config: Settings,
     owner: str,
     timeout: float | None,
     idempotency_key: str | None,
@@ -151,6 +149,7 @@ async def predict(
     """The synchronous predict of `/v1/predict` and of the design's `/predict` and `/predict/batch`,
     which differ only in the `shape` of their JSON bodies: submit on the model's priority lane and
     wait up to `timeout` (capped); 202 with the job's Location when the wait runs out."""
+    config = jobs.settings
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
     await jobs.admission.admit(owner)  # before any of the body is read
     job = await bodies.forecast(request, config, shape)
@@ -183,14 +182,13 @@ def add_series_job_route(
         request: Request,
         response: Response,
         jobs: Jobs,
-        models: Models,
         owner: Caller,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
         await jobs.admission.admit(owner)
         job = await bodies.forecast(request, jobs.settings, schema=parameters)
         record, replayed = await submit_job(jobs, job, owner, idempotency_key, admitted=True)
-        await accepted(response, models, record, replayed)
+        await accepted(response, jobs.fleet, record, replayed)
         return await answer(jobs, record, request, response)
 
     router.add_api_route(

@@ -14,7 +14,7 @@ from shared.schemas import BacktestRequest, JobView
 from api import bodies
 from api.answers import accepted, add_job_routes, answer
 from api.auth import Caller, permit_model
-from api.deps import IdempotencyKey, Jobs, Models
+from api.deps import IdempotencyKey, Jobs
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["backtests"])
@@ -31,7 +31,6 @@ async def submit_backtest(
     request: Request,
     response: Response,
     jobs: Jobs,
-    models: Models,
     owner: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -51,7 +50,7 @@ async def submit_backtest(
         body = await bodies.model_body(request, jobs.settings, BacktestRequest)
         permit_model(request, body.model)
     record, replayed = await jobs.submit_backtest(body, owner, idempotency_key, admitted=True)
-    await accepted(response, models, record, replayed)
+    await accepted(response, jobs.fleet, record, replayed)
     return await answer(jobs, record, request, response)
 
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from api import callbacks
 from api.auth import Caller
-from api.deps import Config, Jobs
+from api.deps import Jobs
 from api.problems import documented
 
 router = APIRouter(prefix="/v1", tags=["callbacks"])
@@ -25,8 +25,10 @@ class CallbackSecret(BaseModel):
     response_model=CallbackSecret,
     responses=documented("unauthorized", "missing-scope", "redis-unavailable"),
 )
-async def callback_secret(jobs: Jobs, config: Config, owner: Caller) -> CallbackSecret:
+async def callback_secret(jobs: Jobs, owner: Caller) -> CallbackSecret:
     """How to check that a callback came from this service: verify its signature with this secret
     (`client.verify_signature` does), and reject old timestamps to stop replays."""
-    master = await callbacks.master_secret(jobs.store, config)
-    return CallbackSecret(secret=callbacks.key_secret(master, owner), allowed_prefixes=config.callback_prefixes())
+    master = await callbacks.master_secret(jobs.store, jobs.settings)
+    return CallbackSecret(
+        secret=callbacks.key_secret(master, owner), allowed_prefixes=jobs.settings.callback_prefixes()
+    )

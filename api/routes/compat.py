@@ -18,19 +18,19 @@ from shared.store import JobStatus, Lane
 
 from api import bodies, compat
 from api.auth import LegacyCaller, permit_model
-from api.deps import Config, Jobs, Models
+from api.deps import Jobs
 from api.problems import BODY_ERRORS, Problem, documented
 from api.service import JobService
 
 
-async def _default_model(config: Config) -> catalog.ModelSpec:
-    return catalog.get(config.compat_model)
+async def _default_model(jobs: Jobs) -> catalog.ModelSpec:
+    return catalog.get(jobs.settings.compat_model)
 
 
 async def _path_model(
-    slug: Annotated[str, Path(description="Model slug (chronos-t5-tiny) or id, as in GET /v1/models.")], models: Models
+    slug: Annotated[str, Path(description="Model slug (chronos-t5-tiny) or id, as in GET /v1/models.")], jobs: Jobs
 ) -> catalog.ModelSpec:
-    return models.model(slug)
+    return jobs.fleet.model(slug)
 
 
 async def _no_model() -> None:
@@ -55,9 +55,9 @@ def build(
                   "job-cancelled", "forecast-timeout", "rate-limited", "too-many-in-flight", "queue-full")  # fmt: skip
 
     @router.get("/health", response_model=compat.HealthResponse, responses=documented(*url_errors))
-    async def health(spec: Model, models: Models) -> compat.HealthResponse:
+    async def health(spec: Model, jobs: Jobs) -> compat.HealthResponse:
         """Liveness, as the old server answered it (no key needed), and the model this URL serves."""
-        (view,) = await models.models((spec,))
+        (view,) = await jobs.fleet.models((spec,))
         return compat.health(view)
 
     # Bodies are read in the routes, after the caller was checked (api/bodies.py): a body FastAPI
@@ -69,10 +69,10 @@ def build(
         openapi_extra=bodies.documented_body(compat.InitializationRequest, required=False),
     )
     async def initialization(
-        request: Request, spec: Model, models: Models, config: Config, _: LegacyCaller
+        request: Request, spec: Model, jobs: Jobs, _: LegacyCaller
     ) -> compat.InitializationResponse:
         """Workers load their model when they start; this waits (COMPAT_INIT_WAIT_S) until one serves it."""
-        body = await bodies.model_body(request, config, compat.InitializationRequest, optional=True)
+        body = await bodies.model_body(request, jobs.settings, compat.InitializationRequest, optional=True)
         if body and body.model_variant and catalog.find(body.model_variant) is not spec:
             raise Problem(
                 409,
@@ -80,8 +80,8 @@ def build(
                 f"this URL serves {spec.id}; for {body.model_variant} use /models/<slug>/forecast/v1/chronos/...",
                 field="model_variant",
             )
-        await models.serving(spec, config.compat_init_wait_s)
-        (view,) = await models.models((spec,))
+        await jobs.fleet.serving(spec, jobs.settings.compat_init_wait_s)
+        (view,) = await jobs.fleet.models((spec,))
         return compat.InitializationResponse(
             message="Model initialized successfully", model_status="ready", model_info=compat.model_info(view)
         )
@@ -91,9 +91,9 @@ def build(
         response_model=compat.StatusResponse,
         responses=documented(*url_errors, "unauthorized", "missing-scope"),
     )
-    async def chronos_status(spec: Model, models: Models, _: LegacyCaller) -> compat.StatusResponse:
+    async def chronos_status(spec: Model, jobs: Jobs, _: LegacyCaller) -> compat.StatusResponse:
         """ready while a worker serves the model; uninitialized while none does."""
-        (view,) = await models.models((spec,))
+        (view,) = await jobs.fleet.models((spec,))
         return compat.status(view)
 
     @router.post(

@@ -12,7 +12,7 @@ from shared.store import Lane
 from api import answers, bodies, ensembles
 from api.answers import accepted, add_job_routes, answer, preferred_wait
 from api.auth import Caller
-from api.deps import Config, IdempotencyKey, Jobs, Models, PreferHeader
+from api.deps import IdempotencyKey, Jobs, PreferHeader
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
@@ -35,8 +35,6 @@ async def submit_forecast(
     request: Request,
     response: Response,
     jobs: Jobs,
-    models: Models,
-    config: Config,
     owner: Caller,
     idempotency_key: IdempotencyKey = None,
     prefer: PreferHeader = None,
@@ -52,7 +50,7 @@ async def submit_forecast(
     """
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
-    wait = preferred_wait(prefer, config.wait_max_s)
+    wait = preferred_wait(prefer, jobs.settings.wait_max_s)
     ensemble = jobs.router.ensemble(job.model)
     if ensemble is not None:  # a virtual model: a job per member, combined when read (api/ensembles.py)
         record, replayed = await ensembles.submit(jobs, ensemble, job, Lane.ASYNC, owner), False
@@ -62,7 +60,7 @@ async def submit_forecast(
         record, replayed = await jobs.submit_and_wait(job, Lane.ASYNC, owner, wait, idempotency_key, admitted=True)
     else:
         record, replayed = await jobs.submit(job, Lane.ASYNC, owner, idempotency_key, admitted=True)
-    await accepted(response, models, record, replayed)
+    await accepted(response, jobs.fleet, record, replayed)
     if wait:
         response.headers["Preference-Applied"] = f"wait={wait:g}"
         if record.terminal:
@@ -86,7 +84,6 @@ async def predict(
     request: Request,
     response: Response,
     jobs: Jobs,
-    config: Config,
     owner: Caller,
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
     idempotency_key: IdempotencyKey = None,
@@ -96,4 +93,4 @@ async def predict(
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
-    return await answers.predict(request, response, jobs, config, owner, timeout, idempotency_key)
+    return await answers.predict(request, response, jobs, owner, timeout, idempotency_key)

@@ -8,7 +8,7 @@ from shared import model_store
 from shared.schemas import ModelView, VersionView
 
 from api.auth import Caller, caller
-from api.deps import Config, Jobs, Models
+from api.deps import Jobs, Models
 from api.problems import Problem, documented
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(caller)])
@@ -58,13 +58,13 @@ async def get_model(model_id: str, models: Models, owner: Caller) -> ModelView:
     status_code=status.HTTP_204_NO_CONTENT,
     responses=documented("unauthorized", "unknown-model", "not-deletable", "redis-unavailable"),
 )
-async def delete_model(model_id: str, models: Models, jobs: Jobs, config: Config, owner: Caller) -> Response:
+async def delete_model(model_id: str, jobs: Jobs, owner: Caller) -> Response:
     """Delete one of the caller's fine-tuned models: it is unlisted and refused at once, and its
     weights are removed from the model store. Catalog models cannot be deleted (405)."""
     if not model_store.is_finetuned(model_id):
-        models.model(model_id)  # an unknown name is 404, a catalog model 405
+        jobs.fleet.model(model_id)  # an unknown name is 404, a catalog model 405
         raise Problem(405, "not-deletable", f"{model_id} is a catalog model; only fine-tuned models are deleted")
-    manifest = await models.finetuned(model_id, owner)
+    manifest = await jobs.fleet.finetuned(model_id, owner)
     await jobs.store.forget_finetuned(manifest["id"])
-    model_store.delete(config.model_store, manifest["id"])
+    model_store.delete(jobs.settings.model_store, manifest["id"])
     return Response(status_code=status.HTTP_204_NO_CONTENT)

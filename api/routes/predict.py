@@ -13,7 +13,7 @@ from shared.schemas import BatchPredictRequest, JobView, PredictRequest
 
 from api import answers, bodies
 from api.auth import Caller
-from api.deps import Config, IdempotencyKey, Jobs
+from api.deps import IdempotencyKey, Jobs
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(tags=["forecasts"])
@@ -26,12 +26,11 @@ def _add(path: str, shape: bodies.Shape, documented_body: type[BaseModel], summa
         request: Request,
         response: Response,
         jobs: Jobs,
-        config: Config,
         owner: Caller,
         timeout: Timeout = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        return await answers.predict(request, response, jobs, config, owner, timeout, idempotency_key, shape)
+        return await answers.predict(request, response, jobs, owner, timeout, idempotency_key, shape)
 
     router.add_api_route(
         path,
