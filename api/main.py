@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # No socket timeout: with one, redis-py sends every command under asyncio.wait_for, a task
         # per round trip (~20 us of the event loop each; 48 against 69 us for one EVALSHA,
         # measured). The job store bounds each round trip itself (REDIS_TIMEOUT_S, the wait for a
-        # connection included); the job events' subscription holds one connection of the pool.
+        # connection included).
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S,
             retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
@@ -51,8 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=None, socket_connect_timeout=5,
         )  # fmt: skip
         client = aioredis.Redis(connection_pool=pool)  # replies as bytes: the job store decodes what it reads
+        # The job events' subscription has a connection of its own: requests that exhaust the pool
+        # must not keep it from subscribing again after a reconnect.
+        listening = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
         bodies.warm_up(settings)
-        events = JobEvents(client)
+        events = JobEvents(listening)
         events.start()
         store = AsyncJobStore(client, settings)
         app.state.service = JobService(settings, store, events, app.state.metrics)
@@ -73,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await events.stop()
             if app.state.audit:
                 app.state.audit.close()
+            await listening.aclose()
             await client.aclose()
             await pool.disconnect()
 

@@ -354,7 +354,7 @@ class JobService:
         The record is small: results live in their own list, read with it when asked (`with_results`,
         one round trip for an answer) or later (`results`), and never given to another owner.
         `awaited`: the caller waits for the job's end, which then comes with its answer."""
-        record = await self.store.get(job_id, with_results, awaited)
+        record = await self.store.get(job_id, with_results, owner if awaited else None)
         if record is None or record.owner != owner:
             raise _unknown_job(job_id)
         if record.ensemble is not None:  # its state is its members'
@@ -423,10 +423,15 @@ class JobService:
 
 
 def _answered(announced: Announcement, owner: str) -> JobRecord | None:
-    """The ended job's record, with its results, when its answer came with its announcement."""
+    """The ended job's record, with its results, when its answer came with its announcement (else
+    None: the waiter reads the job)."""
     if announced.answer is None:
         return None
-    record = answered(announced.answer)
+    try:
+        record = answered(announced.answer)
+    except Exception:  # an answer this code cannot read is no answer: the job is read instead
+        log.exception("unreadable answer for job %s", announced.answer[0])
+        return None
     return record if record is not None and record.owner == owner and record.terminal else None
 
 

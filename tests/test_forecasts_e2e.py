@@ -84,6 +84,7 @@ def test_sync_predict_returns_the_forecast_in_one_round_trip(api, workers):
 
 
 def test_a_waited_job_comes_back_with_its_announcement_and_its_waiter_reads_nothing(api, workers, monkeypatch):
+    monkeypatch.setattr("api.service._RECHECK_S", 60.0)  # no re-read at an interval, however slow the machine
     store = api.app.state.service.store
     reads = []
     get = store.get

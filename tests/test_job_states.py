@@ -11,7 +11,7 @@ import redis
 
 from shared import catalog
 from shared.store import JobRecord, JobStatus, JobStore, Lane, Outcome, answered, answers, keys
-from shared.store.store import ANSWER_MAX_RESULTS
+from shared.store.store import ANSWER_MAX_BYTES, ANSWER_MAX_RESULTS
 
 from conftest import settings_for
 
@@ -197,29 +197,31 @@ def test_jobs_finished_together_are_announced_in_one_message_that_wakes_each_wai
 
 
 def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_only(client, store, redis_server):
-    ids = awaited, plain, large, failed = [queued_job(client) for _ in range(4)]
+    ids = awaited, plain, many, large, failed = [queued_job(client) for _ in range(5)]
     for job_id in ids:
         start(store, job_id)
-    for job_id in (awaited, large, failed):
+    for job_id in (awaited, many, large, failed):
         client.hset(keys.job(job_id), "awaited", "1")
     client.set(keys.job_items(awaited), "items")
     listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(keys.ANSWERS_CHANNEL)
+    listener.subscribe(keys.ANSWERS_CHANNEL, keys.EVENTS_CHANNEL)
     running = {i: JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids}
-    binary = [bytes(range(256)) * 300, b"\xc2", b""]  # every byte, a msgpack false, nothing: kept as they are
+    binary = [bytes(range(256)) * 30, b"\xc2", b""]  # every byte, a msgpack false, nothing: kept as they are
 
     finals = store.finish([
         Outcome(running[awaited], JobStatus.SUCCEEDED, {"weights": "real"}, None, binary),
         Outcome(running[plain], JobStatus.SUCCEEDED, {}, None, [b"p"]),
-        Outcome(running[large], JobStatus.SUCCEEDED, {}, None, [b"x"] * (ANSWER_MAX_RESULTS + 1)),
+        Outcome(running[many], JobStatus.SUCCEEDED, {}, None, [b"x"] * (ANSWER_MAX_RESULTS + 1)),
+        Outcome(running[large], JobStatus.SUCCEEDED, {}, None, [b"x" * (ANSWER_MAX_BYTES // 2 + 1)] * 2),
         Outcome(running[failed], JobStatus.FAILED, {"error": "boom"}),
     ])  # fmt: skip
-    messages = [listener.get_message(timeout=1) for _ in range(3)]
+    messages = [m for m in (listener.get_message(timeout=1) for _ in range(4)) if m]
 
-    assert finals == ["succeeded", "succeeded", "succeeded", "failed"]
-    (message,) = [m for m in messages if m]  # one message for the jobs finished together
-    by_id = {answer[0]: answered(answer) for answer in answers(message["data"])}
-    assert set(by_id) == {awaited, failed}  # the large one's waiter reads it
+    assert finals == ["succeeded"] * 4 + ["failed"]
+    by_channel = {m["channel"].decode(): m["data"] for m in messages}  # one message on each channel
+    assert len(messages) == 2 and by_channel[keys.EVENTS_CHANNEL].decode().split() == ids  # every job, by id
+    by_id = {answer[0]: answered(answer) for answer in answers(by_channel[keys.ANSWERS_CHANNEL])}
+    assert set(by_id) == {awaited, failed}  # too many results or bytes: its waiter reads it
     for job_id, record in by_id.items():
         read = store.get(job_id, with_results=True)
         assert record == read and record.results == read.results
@@ -227,19 +229,38 @@ def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_o
     assert by_id[failed].results is None and by_id[failed].error == "boom"
 
 
-def test_a_reader_that_will_wait_marks_a_job_awaited_until_it_ends(client, store):
+def test_a_reader_that_will_wait_marks_its_own_job_awaited_until_it_ends(client, store):
     waiting, ended, gone = queued_job(client), queued_job(client), uuid.uuid4().hex
     start(store, ended)
     finish(store, ended)
 
     store.get(waiting, with_results=True)
+    store.get(waiting, with_results=True, waiter="another owner")
     unmarked = client.hget(keys.job(waiting), "awaited")
-    store.get(waiting, with_results=True, awaited=True)
+    store.get(waiting, with_results=True, waiter="owner")
 
     assert unmarked is None and client.hget(keys.job(waiting), "awaited") == "1"
-    assert store.get(ended, with_results=True, awaited=True).status is JobStatus.SUCCEEDED
+    assert store.get(ended, with_results=True, waiter="owner").status is JobStatus.SUCCEEDED
     assert client.hget(keys.job(ended), "awaited") is None
-    assert store.get(gone, with_results=True, awaited=True) is None and not client.exists(keys.job(gone))
+    assert store.get(gone, with_results=True, waiter="owner") is None and not client.exists(keys.job(gone))
+
+
+def test_a_job_with_a_message_of_its_own_is_created_and_sent_by_one_script_or_neither(client, store):
+    queue = f"test-queue-{uuid.uuid4().hex}"
+    created, refused = (
+        JobRecord(uuid.uuid4().hex, SPEC.id, JobStatus.QUEUED, Lane.SYNC, 1, 4, time.time(), f"owner-{uuid.uuid4().hex}")
+        for _ in range(2)
+    )  # fmt: skip
+    refused.owner = created.owner
+
+    first = store.create(SPEC, created, [b"series"], None, 1, message=(queue, b"message-1"))
+    again = store.create(SPEC, created, [b"series"], None, 1, message=(queue, b"message-1"))  # a retried round trip
+    over = store.create(SPEC, refused, [b"series"], None, 1, message=(queue, b"message-2"))  # past the in-flight cap
+
+    assert first is None and again is None and over == "in-flight:1"
+    assert client.lrange(queue, 0, -1) == ["message-1"]  # sent once, and only for the job created
+    assert client.hget(keys.job(created.id), "status") == "queued" and not client.exists(keys.job(refused.id))
+    assert client.zscore(keys.in_flight(created.owner), created.id) == int(created.created_at)  # whole seconds
 
 
 def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, store):
@@ -384,34 +405,38 @@ def test_api_round_trips_started_in_one_turn_share_one_pipeline_and_each_gets_it
 
     import redis.asyncio as aioredis
 
-    from shared.store import AsyncJobStore
-
-    from shared.store import scripts
+    from shared.store import AsyncJobStore, scripts
 
     ids = [queued_job(client) for _ in range(3)]
     client.hset(keys.job(ids[1]), "status", "failed")
+    client.set(keys.rate_bucket("typed"), "not a hash")  # its token script fails with WRONGTYPE
+    client.set(keys.idempotency("owner", "kept"), "x")
     for name in scripts.NAMES:  # loaded, so that no round trip is sent again for a missing script
         client.script_load(scripts.source(name))
 
-    async def reads() -> tuple[list, list[int], bool]:
+    async def reads() -> tuple[list, list[int]]:
         api_client = aioredis.Redis.from_url(redis_server.url)
         store = AsyncJobStore(api_client, settings_for(redis_server))
         sent = []
         pipeline = store._pipeline
         store._pipeline = lambda step, atomic: sent.append(len(step)) or pipeline(step, atomic)
         try:
-            gone = asyncio.ensure_future(store.get(ids[2]))
-            together = asyncio.gather(*(store.get(i, with_results=True) for i in ids), store.cancel("nope", "owner"))
+            gone = asyncio.ensure_future(store.forget_idempotency("owner", "kept"))
+            together = asyncio.gather(
+                *(store.get(i, with_results=True) for i in ids), store.cancel("nope", "owner"),
+                store.take_token("typed", 1.0, 1), return_exceptions=True,
+            )  # fmt: skip
             await asyncio.sleep(0)
-            gone.cancel()  # its caller went away: the others' replies still come
+            gone.cancel()  # its caller went away before the pipeline left: its command is not sent
             records = await together
             alone = await store.get(ids[0])  # a later turn: a round trip of its own
-            return [*records, alone], sent, gone.cancelled()
+            return [*records, alone], sent
         finally:
             await api_client.aclose()
 
-    records, sent, cancelled = asyncio.run(reads())
+    records, sent = asyncio.run(reads())
 
     assert [r.status for r in records[:3]] == ["queued", "failed", "queued"] and records[3] == "missing"
-    assert [r.id for r in records[:3]] == ids and records[4].id == ids[0]
-    assert sent == [5, 1] and cancelled
+    assert isinstance(records[4], redis.ResponseError) and "WRONGTYPE" in str(records[4])  # its caller's alone
+    assert [r.id for r in records[:3]] == ids and records[5].id == ids[0]
+    assert sent == [5, 1] and client.exists(keys.idempotency("owner", "kept"))

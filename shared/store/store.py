@@ -53,6 +53,11 @@ class Atomic(list):
     """A round trip run as one MULTI/EXEC transaction."""
 
 
+class Alone(list):
+    """A round trip the API sends on its own, never in a pipeline with others' (`AsyncJobStore`): a
+    blocking read, or a large body, would hold up every round trip gathered with it."""
+
+
 Op = Generator[list[Cmd], list[Any], T]
 
 
@@ -153,7 +158,7 @@ class _Core:
         is in flight as job <id>), 'queue-full:<n>' (MAX_QUEUE_DEPTH messages wait on the lane's
         queue) or 'in-flight:<n>' (the owner has `max_in_flight` jobs not yet finished)."""
         job_id, ttl = record.id, self.record_ttl_s
-        step: list[Cmd] = []
+        step: list[Cmd] = Alone() if sum(map(len, inputs)) > _GATHERED_MAX_BYTES else []
         if items is not None:
             step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
         step += [Cmd("rpush", (keys.job_input(job_id), *chunk)) for chunk in _chunks(inputs)]
@@ -229,15 +234,15 @@ class _Core:
     # -- reading and cancelling (API) -----------------------------------------------------------
 
     @operation
-    def get(self, job_id: str, with_results: bool = False, awaited: bool = False) -> Op[JobRecord | None]:
+    def get(self, job_id: str, with_results: bool = False, waiter: str | None = None) -> Op[JobRecord | None]:
         """The job's record; `with_results`: and, if it succeeded, its output elements and items
-        (`JobRecord.results`) in the same round trip. `awaited` (with results): the reader will wait
-        for the job's end, which then comes with its answer (lua/read.lua)."""
+        (`JobRecord.results`) in the same round trip. `waiter` (with results): the owner who will wait
+        for the job's end, which then comes with its answer if the job is theirs (lua/read.lua)."""
         if not with_results:
             fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
             return JobRecord.from_hash(fields) if fields else None
         job_keys = [keys.job(job_id), keys.job_output(job_id), keys.job_items(job_id)]
-        flat, outputs, items = (yield [run_script("read", job_keys, [int(awaited)])])[0]
+        flat, outputs, items = (yield [run_script("read", job_keys, [waiter or ""])])[0]
         return _record(flat, outputs, items)  # Lua's false comes back as None
 
     @operation
@@ -418,7 +423,7 @@ class _Core:
         step = []
         for model, group in _scripts(ended):
             breaker = self._breaker_keys(model, now)
-            job_keys, args = [], [*head, len(breaker) - 1, ANSWER_MAX_RESULTS]  # the circuit, then its buckets
+            job_keys, args = [], [*head, len(breaker) - 1, ANSWER_MAX_RESULTS, ANSWER_MAX_BYTES]
             for r, status, fields, digest, results in (ended[i] for i in group):
                 cache, entry = ["", ""], ""
                 if digest is not None and status == JobStatus.SUCCEEDED and s.cache_ttl_s > 0:
@@ -565,8 +570,8 @@ class _Core:
             Cmd("xautoclaim", (keys.CALLBACKS, keys.CALLBACK_GROUP, consumer, idle_ms, "0-0"), {"count": count}),
         ]
         stale = reply[1][1]
-        fresh = (yield [Cmd("xreadgroup", (keys.CALLBACK_GROUP, consumer, {keys.CALLBACKS: ">"}),
-                            {"count": count, "block": block_ms})])[0]  # fmt: skip
+        fresh = (yield Alone([Cmd("xreadgroup", (keys.CALLBACK_GROUP, consumer, {keys.CALLBACKS: ">"}),
+                                  {"count": count, "block": block_ms})]))[0]  # fmt: skip
         entries = [*stale, *(entry for _, listed in fresh or [] for entry in listed)]
         return [(_text(entry_id), _text(fields.get(b"job", b""))) for entry_id, fields in entries]
 
@@ -667,7 +672,7 @@ class AsyncJobStore(_Core):
 
     async def _attempt(self, step: list[Cmd]) -> list[Any] | redis.ResponseError:
         try:
-            if isinstance(step, Atomic) or any(cmd.kwargs.get("block") for cmd in step):
+            if isinstance(step, Atomic | Alone):
                 return _raise_first(await bounded(self._execute(step)))
             return _raise_first(await self._gathered(step))
         except redis.ResponseError as exc:  # Redis's answer: the operation decides
@@ -677,32 +682,41 @@ class AsyncJobStore(_Core):
         """The replies to `step`, sent in one pipeline with the other round trips started in this turn."""
         loop = asyncio.get_running_loop()
         if self._gathering is None:
-            self._gathering = []
-            sending = loop.create_task(self._send_gathered())  # its first step runs at the next turn
+            gathering: list[tuple[list[Cmd], asyncio.Future]] = []
+            self._gathering = gathering
+            sending = loop.create_task(self._send_gathered(gathering))  # its first step runs at the next turn
             self._sending.add(sending)  # held, so the loop does not drop it mid-send
-            sending.add_done_callback(self._sending.discard)
+            sending.add_done_callback(functools.partial(self._sent, gathering))
         reply = loop.create_future()
         self._gathering.append((step, reply))
         return await reply  # a caller that goes away cancels only its own reply
 
-    async def _send_gathered(self) -> None:
-        gathered, self._gathering = self._gathering or [], None
+    async def _send_gathered(self, gathering: list[tuple[list[Cmd], asyncio.Future]]) -> None:
+        if self._gathering is gathering:  # round trips started from here on go in the next pipeline
+            self._gathering = None
+        wanted = [(step, reply) for step, reply in gathering if not reply.done()]  # not those gone already
+        if not wanted:
+            return
         try:
-            replies = await bounded(self._execute([cmd for step, _ in gathered for cmd in step]))
-        except asyncio.CancelledError:  # a shutdown
-            for _, reply in gathered:
-                reply.cancel()
-            raise
+            replies = await bounded(self._execute([cmd for step, _ in wanted for cmd in step]))
         except Exception as exc:  # each caller gets what ended the round trip
-            for _, reply in gathered:
+            for _, reply in wanted:
                 if not reply.done():
                     reply.set_exception(exc)
             return
         at = 0
-        for step, reply in gathered:
+        for step, reply in wanted:
             if not reply.done():
                 reply.set_result(replies[at : at + len(step)])
             at += len(step)
+
+    def _sent(self, gathering: list[tuple[list[Cmd], asyncio.Future]], sending: asyncio.Task) -> None:
+        """Whatever ended the send (a shutdown may cancel it before it starts), no caller waits on."""
+        self._sending.discard(sending)
+        if self._gathering is gathering:
+            self._gathering = None
+        for _, reply in gathering:
+            reply.cancel()  # a no-op for a reply already given
 
     async def _execute(self, step: list[Cmd]) -> list[Any]:
         """The replies to `step`, errors among them (ResponseError, for one command)."""
@@ -770,17 +784,23 @@ _BUCKETS = 6
 # Bytes of series or results after which a round trip starts another command, so none grows with
 # the job (one job's results of one pass travel in one command, whatever their size).
 _CHUNK = 8 << 20
+# Series past this many bytes go to Redis in a round trip of their own (`Alone`), not gathered.
+_GATHERED_MAX_BYTES = 64 << 10
 # The record fields a result cache entry keeps: what a hit's record reuses (shared/cache.py).
 _CACHED_FIELDS = ("weights", "backtest", "progress_done")
-# An awaited job (`JobRecord.awaited`) of at most this many results (one per series or origin) is
-# answered with its announcement (lua/finish.lua); a larger one's waiter reads its answer, as every
-# API process receives every announcement.
+# An awaited job (`JobRecord.awaited`) of at most this many results (one per series or origin) and
+# bytes of them is answered with its announcement (lua/finish.lua); a larger one's waiter reads its
+# answer: every API process receives every announcement (and Redis drops a subscriber whose output
+# buffer outgrows its pub/sub limit, 32 MiB by default).
 ANSWER_MAX_RESULTS = 16
+ANSWER_MAX_BYTES = 64 << 10
 # One message of keys.ANSWERS_CHANNEL: for each job, its id, its record as HGETALL gives it, its
-# output list or false, its items or false. Lua's cmsgpack writes every string as msgpack text,
-# which msgspec decodes as text only: outputs and items, which are binary, are taken raw and
-# unwrapped (`_unwrapped`).
-_ANSWERS = msgspec.msgpack.Decoder(list[tuple[str, list[str], list[msgspec.Raw] | bool, msgspec.Raw]])
+# output list or false, its items or false. The ids are decoded at once, the rest only for a job
+# someone waits on (`answered`). Lua's cmsgpack writes every string as msgpack text, which msgspec
+# decodes as text only: outputs and items, which are binary, are taken raw and unwrapped (`_unwrapped`).
+_ANSWERS = msgspec.msgpack.Decoder(list[tuple[str, msgspec.Raw, msgspec.Raw, msgspec.Raw]])
+_RECORD = msgspec.msgpack.Decoder(list[str])
+_OUTPUTS = msgspec.msgpack.Decoder(list[msgspec.Raw] | bool)
 # The length of a msgpack string's header, by its first byte past the fixed ones (str 8/16/32, bin 8/16/32).
 _HEADERS = {0xD9: 2, 0xDA: 3, 0xDB: 5, 0xC4: 2, 0xC5: 3, 0xC6: 5}
 _FALSE = (b"\xc2", b"\xc0")  # false (Lua's "no such value"), nil
@@ -794,9 +814,11 @@ def answers(message: bytes) -> list[tuple[str, Any, Any, Any]]:
 
 def answered(answer: tuple[str, Any, Any, Any]) -> JobRecord | None:
     """The record, with its results when it succeeded, of one of `answers`."""
-    _, flat, outputs, items = answer
+    _, record, results, items = answer
+    outputs = _OUTPUTS.decode(results)
     kept = None if bytes(items) in _FALSE else _unwrapped(items)
-    return _record(flat, None if outputs is False else [_unwrapped(o) for o in outputs], kept)
+    results_read = None if isinstance(outputs, bool) else [_unwrapped(o) for o in outputs]
+    return _record(_RECORD.decode(record), results_read, kept)
 
 
 def _unwrapped(raw: msgspec.Raw) -> bytes:

@@ -4,9 +4,9 @@
 --       current one first), then for each job: its record, its owner's in-flight set, input list,
 --       output list, items, result cache output list or '', result cache entry or ''
 -- ARGV: now, ttl, answers channel, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl,
---       the number of outcome buckets, the most results an answer carries, then for each job: its
---       final status, id, cache entry value, n (results to append first), the n results, m (twice
---       the fields), then the field/value pairs
+--       the number of outcome buckets, the most results an answer carries, the most bytes it carries,
+--       then for each job: its final status, id, cache entry value, n (results to append first), the
+--       n results, m (twice the fields), then the field/value pairs
 -- Only a running job can finish; the first terminal write wins, so a redelivered duplicate cannot
 -- overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more results. A
 -- pending cancel request turns success into 'cancelled' and the outcome's fields are not stored.
@@ -14,11 +14,12 @@
 -- announced, so a client that repeats the request on seeing the result hits the cache. Returns
 -- each job's final status.
 -- A job someone waits on (its record's `awaited`: lua/create.lua, lua/read.lua) is answered on the
--- answers channel, its record and results in the message (lua/answer.lua), when it has at most
--- `the most results` of them: its waiter needs no read of its own. Every job finished here is also
+-- answers channel, its record and results in the message (lua/answer.lua), when they are at most
+-- `the most results` and `the most bytes`: its waiter needs no read of its own (every API process
+-- receives every answer; a larger one is read by its waiter). Every job finished here is also
 -- announced by id, with the others the worker finished together (store.finish).
 local now, ttl, answers_channel = ARGV[1], ARGV[2], ARGV[3]
-local most_results = tonumber(ARGV[9])
+local most_results, most_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
 local answers = {}  -- {id, record, outputs, items} of each awaited job
 local buckets = tonumber(ARGV[8])
 local circuit, current = KEYS[2], KEYS[3]
@@ -96,13 +97,16 @@ local function finish(k, a)
   end
   ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, '')
   if state[4] == '1' and (final ~= 'succeeded' or redis.call('LLEN', output) <= most_results) then
-    answers[#answers + 1] = {ARGV[a + 1], answer(job, output, KEYS[k + 4])}
+    local record, outputs, items = answer(job, output, KEYS[k + 4])
+    local size = items and #items or 0
+    for _, result in ipairs(outputs or {}) do size = size + #result end
+    if size <= most_bytes then answers[#answers + 1] = {ARGV[a + 1], record, outputs, items} end
   end
   return final, after
 end
 
 local finals = {}
-local a = 10
+local a = 11
 for k = 3 + buckets, #KEYS, 7 do
   local final
   final, a = finish(k, a)
