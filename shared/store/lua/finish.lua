@@ -71,7 +71,7 @@ local function finish(k, a)
   local n = tonumber(ARGV[a + 3])
   local m = tonumber(ARGV[a + 4 + n])
   local after = a + 5 + n + m
-  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane', 'awaited')
+  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane', 'awaited', 'callback_url')
   if state[1] ~= 'running' then return state[1] or 'missing', after end
   for i = a + 4, a + 3 + n, 1000 do  -- unpack puts its values on Lua's C stack (8000 slots)
     redis.call('RPUSH', output, unpack(ARGV, i, math.min(i + 999, a + 3 + n)))
@@ -95,9 +95,9 @@ local function finish(k, a)
   if (final == 'succeeded' or final == 'failed') and state[3] ~= 'train' then
     count(final == 'failed' and 'failed' or 'ok')
   end
-  ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, '')
+  ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, '', state[5] ~= false)
   if state[4] == '1' and (final ~= 'succeeded' or redis.call('LLEN', output) <= most_results) then
-    local record, outputs, items = answer(job, output, KEYS[k + 4])
+    local record, outputs, items = answer(job, output, KEYS[k + 4], final)
     local size = items and #items or 0
     for _, result in ipairs(outputs or {}) do size = size + #result end
     if size <= most_bytes then answers[#answers + 1] = {ARGV[a + 1], record, outputs, items} end

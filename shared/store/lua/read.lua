@@ -5,10 +5,8 @@
 -- A reader that will wait marks its own job, not yet ended, `awaited`: the worker that finishes it
 -- sends its answer with the announcement (lua/finish.lua), and the waiter reads nothing more. The
 -- mark is written once, and never fails the read (a Redis out of memory refuses writes, not reads).
-if ARGV[1] ~= '' then
-  local state = redis.call('HMGET', KEYS[1], 'status', 'awaited', 'owner')
-  if (state[1] == 'queued' or state[1] == 'running') and not state[2] and state[3] == ARGV[1] then
-    redis.pcall('HSET', KEYS[1], 'awaited', '1')
-  end
+local state = redis.call('HMGET', KEYS[1], 'status', 'awaited', 'owner')
+if ARGV[1] ~= '' and (state[1] == 'queued' or state[1] == 'running') and not state[2] and state[3] == ARGV[1] then
+  redis.pcall('HSET', KEYS[1], 'awaited', '1')
 end
-return {answer(KEYS[1], KEYS[2], KEYS[3])}
+return {answer(KEYS[1], KEYS[2], KEYS[3], state[1])}

@@ -11,7 +11,7 @@
 -- 'failed' instead of killing worker after worker. A job's owner's in-flight set is the one key not
 -- in KEYS: whose it is, the record says.
 local function claim(job, input, output, id)
-  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass')
+  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts')
   local s = state[1]
   if not s then return 'missing' end
   if s ~= 'queued' and s ~= 'running' then return s end
@@ -34,9 +34,9 @@ local function claim(job, input, output, id)
     ended(job, ARGV[6] .. redis.call('HGET', job, 'owner'), KEYS[2], id, 'failed', ARGV[1], ARGV[4], ARGV[5])
     return 'failed'
   end
-  redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0)
-  redis.call('HINCRBY', job, 'attempts', 1)
-  redis.call('DEL', output)
+  redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0,
+    'attempts', tonumber(state[4] or '0') + 1)
+  if s == 'running' then redis.call('DEL', output) end  -- a queued job has written no output yet
   return 'running'
 end
 local claimed = {}
