@@ -220,19 +220,19 @@ class JobService:
             if lookup is not None and outcome is not None and outcome.startswith("cached:"):
                 hit = json.loads(outcome.removeprefix("cached:"))
         if hit is not None and cached is not None:
-            answered = replace(
+            from_cache = replace(
                 record, status=JobStatus.SUCCEEDED, started_at=now, finished_at=now, cached=True, inference_s=0.0,
                 weights=hit.get("weights"), backtest=hit.get("backtest"),
                 progress_done=int(hit.get("progress_done", 0)),
             )  # fmt: skip
-            outcome = await self.store.create_done(answered, cached, items, idempotency)
+            outcome = await self.store.create_done(from_cache, cached, items, idempotency)
             if outcome == "miss":  # the cached result expired just now: the job runs
                 hit = None
                 outcome = await self.store.create(
                     spec, record, inputs, items, max_in_flight, idempotency, flight, message=message
                 )
             else:
-                record = answered
+                record = from_cache
         if outcome is not None and outcome.startswith("joined:"):
             earlier = outcome.removeprefix("joined:")
             log.info("%s for %s attached to the same request's job %s, in flight", kind.value, spec.id, earlier)

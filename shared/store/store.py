@@ -653,7 +653,7 @@ class AsyncJobStore(_Core):
     for all (`_gathered`): under a flood, many requests reach their *create* or their read in the
     same turn, and a round trip's fixed cost (a pooled connection, redis-py's pipeline, a write and a
     read on both sides) is paid once for them. A round trip started alone waits for nothing: it is
-    sent at the next turn. A transaction, or a blocking read, still goes alone."""
+    sent at the next turn. A transaction, a blocking read or a large body goes alone (`Alone`)."""
 
     def __init__(self, client: Any, settings: Settings):
         super().__init__(settings)
@@ -816,9 +816,11 @@ def answered(answer: tuple[str, Any, Any, Any]) -> JobRecord | None:
     """The record, with its results when it succeeded, of one of `answers`."""
     _, record, results, items = answer
     outputs = _OUTPUTS.decode(results)
-    kept = None if bytes(items) in _FALSE else _unwrapped(items)
-    results_read = None if isinstance(outputs, bool) else [_unwrapped(o) for o in outputs]
-    return _record(_RECORD.decode(record), results_read, kept)
+    return _record(
+        _RECORD.decode(record),
+        None if isinstance(outputs, bool) else [_unwrapped(o) for o in outputs],
+        None if bytes(items) in _FALSE else _unwrapped(items),
+    )
 
 
 def _unwrapped(raw: msgspec.Raw) -> bytes:
