@@ -2,9 +2,10 @@
 
 Long-waits and sync predicts never hold a thread or a Redis connection each: they await an
 `Announcement` that the single listener sets when a worker publishes the job's id, or its answer
-(its record and results: a job someone waits on, `JobRecord.awaited`), which the waiter then
-needs no read for. Waiters also re-read the record at a short interval, so a missed message (a
-Redis reconnect) costs latency, never correctness.
+(its record and results) on this process's own answers channel (`channel`: a job a request of
+this process waits on names it, `JobRecord.awaited`), which the waiter then needs no read for.
+Waiters also re-read the record at a short interval, so a missed message (a Redis reconnect)
+costs latency, never correctness.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +23,6 @@ import redis.asyncio as aioredis
 from shared.store import answers, keys
 
 log = logging.getLogger(__name__)
-_ANSWERS = keys.ANSWERS_CHANNEL.encode()
 
 
 class Announcement(asyncio.Event):
@@ -41,6 +42,8 @@ async def woken(event: asyncio.Event, timeout_s: float) -> None:
 class JobEvents:
     def __init__(self, client: aioredis.Redis):
         self._client = client
+        self.channel = keys.answers_channel(uuid.uuid4().hex)  # this process's: its answers only
+        self._answers = self.channel.encode()
         self._waiters: dict[str, set[Announcement]] = defaultdict(set)
         self._task: asyncio.Task | None = None
 
@@ -71,9 +74,9 @@ class JobEvents:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(keys.EVENTS_CHANNEL, keys.ANSWERS_CHANNEL)
+                await pubsub.subscribe(keys.EVENTS_CHANNEL, self.channel)
                 async for message in pubsub.listen():
-                    if message["channel"] == _ANSWERS:
+                    if message["channel"] == self._answers:
                         self._answered(message["data"])
                         continue
                     for job_id in message["data"].decode().split():  # one id, or the jobs finished together

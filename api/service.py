@@ -77,7 +77,7 @@ class JobService:
         Returns the job and whether it is an earlier job replayed for the same `idempotency_key`.
         A job someone will wait on (`waited`, and every sync job) needs a live worker of its model.
         `awaited`: the caller waits for the job's end (`submit_and_wait`), which then comes with its
-        answer (`JobRecord.awaited`).
+        answer on this process's answers channel (`JobRecord.awaited`).
         """
         spec, finetuned = await self.fleet.resolve(job.model, owner)
         if finetuned:
@@ -182,7 +182,8 @@ class JobService:
             # The result cache is per API key unless CACHE_SCOPE=global: a hit would tell a key that
             # another one sent the same series.
             identity=identity if self.settings.cache_scope == "global" else f"{owner}:{identity}",
-            callback_url=callback_url, callback_status="pending" if callback_url else None, awaited=awaited,
+            callback_url=callback_url, callback_status="pending" if callback_url else None,
+            awaited=self.events.channel if awaited else None,
         )  # fmt: skip
         # Of the model asked for: a retry with the same Idempotency-Key replays its job even when a
         # fallback served it, and identical requests share one job whichever model serves it.
@@ -354,7 +355,7 @@ class JobService:
         The record is small: results live in their own list, read with it when asked (`with_results`,
         one round trip for an answer) or later (`results`), and never given to another owner.
         `awaited`: the caller waits for the job's end, which then comes with its answer."""
-        record = await self.store.get(job_id, with_results, owner if awaited else None)
+        record = await self.store.get(job_id, with_results, (owner, self.events.channel) if awaited else None)
         if record is None or record.owner != owner:
             raise _unknown_job(job_id)
         if record.ensemble is not None:  # its state is its members'

@@ -11,9 +11,6 @@ PREFIX = "cq"
 # the jobs a worker finishes together go as one message, separated by spaces); API processes keep
 # one subscription each and wake the requests waiting on those ids.
 EVENTS_CHANNEL = f"{PREFIX}:events"
-# A worker also publishes here the answers (record and results) of the jobs it finished that someone
-# waits on (`JobRecord.awaited`), so their waiters read nothing more (store.answers, lua/finish.lua).
-ANSWERS_CHANNEL = f"{PREFIX}:answers"
 
 FORECAST_TASK = "chronos_queue.forecast"
 
@@ -61,6 +58,13 @@ def sweep_lock(spec: ModelSpec) -> str:
 # acked, and when each was handed out. Read by the reaper, written only by kombu.
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+def answers_channel(listener: str) -> str:
+    """Pub/sub channel of one API process's job events listener (`listener`: its random id): the
+    answers (record and results) of the jobs its requests wait on (`JobRecord.awaited`), published
+    by the worker that finishes them, so the waiters read nothing more (store.answers, lua/finish.lua)."""
+    return f"{PREFIX}:answers:{listener}"
 
 
 def in_flight(owner: str) -> str:

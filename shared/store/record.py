@@ -82,9 +82,10 @@ class JobRecord:
     cached: bool = False
     # Deliveries whose worker died while the job was in a forward pass (scripts start.lua).
     lost: int = 0
-    # Someone waits on the job (a sync predict, `Prefer: wait`, a long-wait read): the worker that
-    # finishes it publishes its answer with the announcement (lua/finish.lua), not only its id.
-    awaited: bool = False
+    # Someone waits on the job (a sync predict, `Prefer: wait`, a long-wait read): the answers channel
+    # of the waiter's API process, where the worker that finishes the job publishes its answer
+    # (lua/finish.lua) besides announcing its id.
+    awaited: str | None = None
     callback_url: str | None = None
     callback_status: str | None = None
     callback_attempts: int = 0

@@ -234,15 +234,18 @@ class _Core:
     # -- reading and cancelling (API) -----------------------------------------------------------
 
     @operation
-    def get(self, job_id: str, with_results: bool = False, waiter: str | None = None) -> Op[JobRecord | None]:
+    def get(
+        self, job_id: str, with_results: bool = False, waiter: tuple[str, str] | None = None
+    ) -> Op[JobRecord | None]:
         """The job's record; `with_results`: and, if it succeeded, its output elements and items
         (`JobRecord.results`) in the same round trip. `waiter` (with results): the owner who will wait
-        for the job's end, which then comes with its answer if the job is theirs (lua/read.lua)."""
+        for the job's end and its answers channel, where the answer then comes if the job is the
+        owner's (lua/read.lua)."""
         if not with_results:
             fields = (yield [Cmd("hgetall", (keys.job(job_id),))])[0]
             return JobRecord.from_hash(fields) if fields else None
         job_keys = [keys.job(job_id), keys.job_output(job_id), keys.job_items(job_id)]
-        flat, outputs, items = (yield [run_script("read", job_keys, [waiter or ""])])[0]
+        flat, outputs, items = (yield [run_script("read", job_keys, list(waiter or ("", "")))])[0]
         return _record(flat, outputs, items)  # Lua's false comes back as None
 
     @operation
@@ -416,7 +419,7 @@ class _Core:
         now, s = time.time(), self.settings
         ended = [Outcome(*o) for o in outcomes]
         head = [
-            repr(now), s.result_ttl_s, keys.ANSWERS_CHANNEL,  # the ids are announced together: see `finish`
+            repr(now), s.result_ttl_s,
             s.breaker_min_jobs, s.breaker_failure_ratio, math.ceil(s.breaker_window_s * (1 + 1 / _BUCKETS)) + 1,
             s.cache_ttl_s,
         ]  # fmt: skip
@@ -789,12 +792,12 @@ _GATHERED_MAX_BYTES = 64 << 10
 # The record fields a result cache entry keeps: what a hit's record reuses (shared/cache.py).
 _CACHED_FIELDS = ("weights", "backtest", "progress_done")
 # An awaited job (`JobRecord.awaited`) of at most this many results (one per series or origin) and
-# bytes of them is answered with its announcement (lua/finish.lua); a larger one's waiter reads its
-# answer: every API process receives every announcement (and Redis drops a subscriber whose output
-# buffer outgrows its pub/sub limit, 32 MiB by default).
+# bytes of them is answered on its waiter's channel (lua/finish.lua); a larger one's waiter reads
+# its answer (Redis drops a subscriber whose output buffer outgrows its pub/sub limit, 32 MiB by
+# default).
 ANSWER_MAX_RESULTS = 16
 ANSWER_MAX_BYTES = 64 << 10
-# One message of keys.ANSWERS_CHANNEL: for each job, its id, its record as HGETALL gives it, its
+# One message of an answers channel (keys.answers_channel): for each job, its id, its record as HGETALL gives it, its
 # output list or false, its items or false. The ids are decoded at once, the rest only for a job
 # someone waits on (`answered`). Lua's cmsgpack writes every string as msgpack text, which msgspec
 # decodes as text only: outputs and items, which are binary, are taken raw and unwrapped (`_unwrapped`).
@@ -807,8 +810,8 @@ _FALSE = (b"\xc2", b"\xc0")  # false (Lua's "no such value"), nil
 
 
 def answers(message: bytes) -> list[tuple[str, Any, Any, Any]]:
-    """The answers one message of keys.ANSWERS_CHANNEL carries: (job id, ...) each, whose record
-    `answered` makes (only a job someone waits on in this process is worth it)."""
+    """The answers one message of an answers channel carries: (job id, ...) each, whose record
+    `answered` makes (only for a job someone still waits on)."""
     return _ANSWERS.decode(message)
 
 

@@ -3,25 +3,26 @@
 -- KEYS: callbacks stream, the model's circuit, its outcome buckets of the breaker's window (the
 --       current one first), then for each job: its record, its owner's in-flight set, input list,
 --       output list, items, result cache output list or '', result cache entry or ''
--- ARGV: now, ttl, answers channel, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl,
---       the number of outcome buckets, the most results an answer carries, the most bytes it carries,
---       then for each job: its final status, id, cache entry value, n (results to append first), the
---       n results, m (twice the fields), then the field/value pairs
+-- ARGV: now, ttl, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl, the number of
+--       outcome buckets, the most results an answer carries, the most bytes it carries, then for
+--       each job: its final status, id, cache entry value, n (results to append first), the n
+--       results, m (twice the fields), then the field/value pairs
 -- Only a running job can finish; the first terminal write wins, so a redelivered duplicate cannot
 -- overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more results. A
 -- pending cancel request turns success into 'cancelled' and the outcome's fields are not stored.
 -- Output and items live as long as the record; a success is cached (shared/cache.py) before it is
 -- announced, so a client that repeats the request on seeing the result hits the cache. Returns
 -- each job's final status.
--- A job someone waits on (its record's `awaited`: lua/create.lua, lua/read.lua) is answered on the
--- answers channel, its record and results in the message (lua/answer.lua), when they are at most
--- `the most results` and `the most bytes`: its waiter needs no read of its own (every API process
--- receives every answer; a larger one is read by its waiter). Every job finished here is also
--- announced by id, with the others the worker finished together (store.finish).
-local now, ttl, answers_channel = ARGV[1], ARGV[2], ARGV[3]
-local most_results, most_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
-local answers = {}  -- {id, record, outputs, items} of each awaited job
-local buckets = tonumber(ARGV[8])
+-- A job someone waits on is answered on the channel of the API process that waits (its record's
+-- `awaited`: lua/create.lua, lua/read.lua), its record and results in the message (lua/answer.lua),
+-- when they are at most `the most results` and `the most bytes`: its waiter needs no read of its
+-- own (a larger answer is read by its waiter). Every job finished here is also announced by id,
+-- with the others the worker finished together (store.finish).
+local now, ttl = ARGV[1], ARGV[2]
+local min_jobs, failure_ratio, bucket_ttl, cache_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local buckets = tonumber(ARGV[7])
+local most_results, most_bytes = tonumber(ARGV[8]), tonumber(ARGV[9])
+local answers = {}  -- by answers channel: {id, record, outputs, items} of each awaited job
 local circuit, current = KEYS[2], KEYS[3]
 
 -- The circuit breaker (api/breaker.py) counts what the model did, here where every run ends. A closed
@@ -58,7 +59,7 @@ local function count(outcome)
       ok = ok + tonumber(counts[1] or '0')
       failed = failed + tonumber(counts[2] or '0')
     end
-    if ok + failed >= tonumber(ARGV[4]) and failed >= tonumber(ARGV[5]) * (ok + failed) then
+    if ok + failed >= min_jobs and failed >= failure_ratio * (ok + failed) then
       redis.call('HSET', circuit, 'state', 'open', 'opened_at', now, 'probes', 0)
     end
   end
@@ -85,8 +86,8 @@ local function finish(k, a)
     redis.call('EXPIRE', KEYS[k + 4], ttl)
     if KEYS[k + 5] ~= '' then
       redis.call('COPY', output, KEYS[k + 5], 'REPLACE')
-      redis.call('EXPIRE', KEYS[k + 5], ARGV[7])
-      redis.call('SET', KEYS[k + 6], ARGV[a + 2], 'EX', ARGV[7])
+      redis.call('EXPIRE', KEYS[k + 5], cache_ttl)
+      redis.call('SET', KEYS[k + 6], ARGV[a + 2], 'EX', cache_ttl)
     end
   else
     redis.call('DEL', output)
@@ -96,23 +97,27 @@ local function finish(k, a)
     count(final == 'failed' and 'failed' or 'ok')
   end
   ended(job, KEYS[k + 1], KEYS[1], ARGV[a + 1], final, now, ttl, '', state[5] ~= false)
-  if state[4] == '1' and (final ~= 'succeeded' or redis.call('LLEN', output) <= most_results) then
+  local waiting = state[4]
+  if waiting and (final ~= 'succeeded' or redis.call('LLEN', output) <= most_results) then
     local record, outputs, items = answer(job, output, KEYS[k + 4], final)
     local size = items and #items or 0
     for _, result in ipairs(outputs or {}) do size = size + #result end
-    if size <= most_bytes then answers[#answers + 1] = {ARGV[a + 1], record, outputs, items} end
+    if size <= most_bytes then
+      answers[waiting] = answers[waiting] or {}
+      table.insert(answers[waiting], {ARGV[a + 1], record, outputs, items})
+    end
   end
   return final, after
 end
 
 local finals = {}
-local a = 11
+local a = 10
 for k = 3 + buckets, #KEYS, 7 do
   local final
   final, a = finish(k, a)
   finals[#finals + 1] = final
 end
 add_oks()
-if counted then redis.call('EXPIRE', current, ARGV[6]) end
-if #answers > 0 then redis.call('PUBLISH', answers_channel, cmsgpack.pack(answers)) end
+if counted then redis.call('EXPIRE', current, bucket_ttl) end
+for channel, answered in pairs(answers) do redis.call('PUBLISH', channel, cmsgpack.pack(answered)) end
 return finals
