@@ -223,6 +223,7 @@ class JobService:
         if hit is not None and cached is not None:
             from_cache = replace(
                 record, status=JobStatus.SUCCEEDED, started_at=now, finished_at=now, cached=True, inference_s=0.0,
+                awaited=None,  # ended already: no worker will answer it
                 weights=hit.get("weights"), backtest=hit.get("backtest"),
                 progress_done=int(hit.get("progress_done", 0)),
             )  # fmt: skip

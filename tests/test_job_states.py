@@ -197,11 +197,11 @@ def test_jobs_finished_together_are_announced_in_one_message_that_wakes_each_wai
 
 
 def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_only(client, store, redis_server):
-    ids = awaited, plain, many, large, failed = [queued_job(client) for _ in range(5)]
+    ids = awaited, beside, plain, many, large, failed = [queued_job(client) for _ in range(6)]
     for job_id in ids:
         start(store, job_id)
     here, there = keys.answers_channel("here"), keys.answers_channel("there")  # two API processes'
-    for job_id, channel in ((awaited, here), (many, here), (large, here), (failed, there)):
+    for job_id, channel in ((awaited, here), (beside, here), (many, here), (large, here), (failed, there)):
         client.hset(keys.job(job_id), "awaited", channel)
     client.set(keys.job_items(awaited), "items")
     listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
@@ -211,6 +211,7 @@ def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_o
 
     finals = store.finish([
         Outcome(running[awaited], JobStatus.SUCCEEDED, {"weights": "real"}, None, binary),
+        Outcome(running[beside], JobStatus.SUCCEEDED, {}, None, [b"b"]),
         Outcome(running[plain], JobStatus.SUCCEEDED, {}, None, [b"p"]),
         Outcome(running[many], JobStatus.SUCCEEDED, {}, None, [b"x"] * (ANSWER_MAX_RESULTS + 1)),
         Outcome(running[large], JobStatus.SUCCEEDED, {}, None, [b"x" * (ANSWER_MAX_BYTES // 2 + 1)] * 2),
@@ -218,24 +219,24 @@ def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_o
     ])  # fmt: skip
     messages: list[dict] = []
     deadline = time.monotonic() + 5
-    while len(messages) < 3 and time.monotonic() < deadline:  # None for each subscription's confirmation
+    while len(messages) < 3 and time.monotonic() < deadline:
         message = listener.get_message(timeout=0.5)
         if message:
             messages.append(message)
     time.sleep(0.2)
     messages += [m for m in (listener.get_message(timeout=0.1) for _ in range(3)) if m]  # none more
 
-    assert finals == ["succeeded"] * 4 + ["failed"]
+    assert finals == ["succeeded"] * 5 + ["failed"]
     by_channel = {m["channel"].decode(): m["data"] for m in messages}  # one message on each channel
     assert len(messages) == 3 and by_channel[keys.EVENTS_CHANNEL].decode().split() == ids  # every job, by id
     sent = {channel: answers(by_channel[channel]) for channel in (here, there)}
-    assert {c: [a[0] for a in listed] for c, listed in sent.items()} == {here: [awaited], there: [failed]}
+    assert {c: [a[0] for a in listed] for c, listed in sent.items()} == {here: [awaited, beside], there: [failed]}
     by_id = {answer[0]: answered(answer) for listed in sent.values() for answer in listed}  # not `many`, `large`
     for job_id, record in by_id.items():
         read = store.get(job_id, with_results=True)
         assert record == read and record.results == read.results
     assert by_id[awaited].results == (binary, b"items") and by_id[awaited].weights == "real"
-    assert by_id[failed].results is None and by_id[failed].error == "boom"
+    assert by_id[failed].results is None and by_id[failed].error == "boom" and by_id[beside].results == ([b"b"], None)
 
 
 def test_a_reader_that_will_wait_marks_its_own_job_awaited_until_it_ends(client, store):
@@ -283,11 +284,15 @@ def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, store):
     assert record(client, job_id).inference_s == 1.0
 
 
-def test_redelivery_of_a_running_job_counts_another_attempt(client, store):
+def test_redelivery_of_a_running_job_counts_another_attempt_and_starts_it_over(client, store):
     job_id = queued_job(client)
     start(store, job_id)
+    first = record(client, job_id).attempts
+    client.rpush(keys.job_output(job_id), "partial")  # a pass's results, then the worker died
+
     assert start(store, job_id) == "running"
-    assert record(client, job_id).attempts == 2
+    assert first == 1 and record(client, job_id).attempts == 2
+    assert not client.exists(keys.job_output(job_id))  # the redelivery starts over
 
 
 def test_cancelling_a_queued_job_ends_it_and_its_message_is_dropped(client, store):
