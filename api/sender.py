@@ -13,7 +13,9 @@ arrivals of half that window or less), a message stays open SEND_BUSY_WINDOW_MS 
 flood, a job waits for the model's pass in progress anyway, and a message of 20 to 60 jobs costs a
 worker, the API and Redis far less per job than one of a few (bench/README.md).
 
-Each job keeps its own id, record, cancel and result. A request is answered only once its message
+Each job keeps its own id, record, cancel and result. The jobs are not even written before their
+message goes: their create scripts are held with it and run together (one pipeline) when it is
+sent, and the message names the jobs they created. A request is answered only once its message
 is sent: if the send fails, every job of the message is answered 503 and ended `failed`
 (api/service.py), so nothing accepted is ever without a message.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shared.catalog import ModelSpec
@@ -35,11 +38,23 @@ from shared.store import Lane, bounded, keys
 
 
 @dataclass
+class _Held:
+    """A job in a message being filled, and, when the job is not created yet, its create: held
+    creates run together when the message is sent, so that they share one round trip (the job
+    store's gathering, shared/store/store.py) instead of one each."""
+
+    job_id: str
+    create: Callable[[], Awaitable[str | None]] | None = None
+    # The create's outcome, for its request (unused for a job created already).
+    outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
 class _Open:
     """A message being filled."""
 
     spec: ModelSpec
-    job_ids: list[str] = field(default_factory=list)
+    held: list[_Held] = field(default_factory=list)
     sent: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     timer: asyncio.TimerHandle | None = None
 
@@ -100,6 +115,26 @@ class Sender:
     async def send(self, spec: ModelSpec, job_id: str) -> None:
         """Return once the small async job's message, shared with the model's other jobs arriving
         meanwhile, is on its queue (raises what sending raised)."""
+        # Shielded: a request that goes away (client disconnect) must not cancel its neighbours' send.
+        await asyncio.shield(self._hold(spec, _Held(job_id)).sent)
+
+    async def create(
+        self, spec: ModelSpec, job_id: str, create: Callable[[], Awaitable[str | None]]
+    ) -> tuple[str | None, asyncio.Future | None]:
+        """Hold a small async job's create with its model's message: the creates of a message run
+        together when it is sent (one round trip for all), then the message goes with the ids of the
+        jobs they created. The request's answer waits for the message anyway, so holding the create
+        costs it nothing.
+
+        Returns the create's outcome (`JobStore.create`: None when the job was created) and, when
+        created, the message's `sent` future to await (shielded) before answering. A request that
+        goes away before its create has run has nothing created."""
+        held = _Held(job_id, create)
+        message = self._hold(spec, held)
+        outcome = await held.outcome
+        return outcome, (message.sent if outcome is None else None)
+
+    def _hold(self, spec: ModelSpec, held: _Held) -> _Open:
         loop = asyncio.get_running_loop()
         arrivals = self._arrivals.get(spec.id) or self._arrivals.setdefault(spec.id, _Arrivals(2 * self.busy_window_s))
         gap = arrivals.note(loop.time())
@@ -108,11 +143,10 @@ class Sender:
             window = self.busy_window_s if 2 * gap <= self.busy_window_s else self.window_s
             message = self._open[spec.id] = _Open(spec)
             message.timer = loop.call_later(window, self._flush, spec.id)
-        message.job_ids.append(job_id)
-        if len(message.job_ids) >= self.max_jobs:
+        message.held.append(held)
+        if len(message.held) >= self.max_jobs:
             self._flush(spec.id)
-        # Shielded: a request that goes away (client disconnect) must not cancel its neighbours' send.
-        await asyncio.shield(message.sent)
+        return message
 
     def _flush(self, model_id: str) -> None:
         message = self._open.pop(model_id, None)
@@ -125,8 +159,22 @@ class Sender:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, message: _Open) -> None:
+        # Every create is started in this one turn of the event loop: the job store sends them in one
+        # pipeline. A create whose request went away is not run.
+        creating = [(held, held.create) for held in message.held if held.create and not held.outcome.done()]
+        outcomes = await asyncio.gather(*(create() for _, create in creating), return_exceptions=True)
+        created = {held.job_id for (held, _), outcome in zip(creating, outcomes, strict=True) if outcome is None}
+        for (held, _), outcome in zip(creating, outcomes, strict=True):
+            if held.outcome.done():  # its request went away meanwhile; a job it created still runs
+                continue
+            if isinstance(outcome, BaseException):
+                held.outcome.set_exception(outcome)
+            else:
+                held.outcome.set_result(outcome)
+        job_ids = [held.job_id for held in message.held if held.create is None or held.job_id in created]
         try:
-            await publish(self.client, message.spec, message.job_ids)
+            if job_ids:
+                await publish(self.client, message.spec, job_ids)
         except Exception as exc:
             message.sent.set_exception(exc)
             message.sent.exception()  # each waiting request handles it; none left is no error to log

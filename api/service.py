@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 
 import msgspec
 
@@ -210,14 +211,18 @@ class JobService:
         # round trip, not two. A large body's entry is read first instead, so that a hit does not
         # send the series to Redis only for the script to delete them.
         large = sum(map(len, inputs)) > CACHE_LOOKUP_FIRST_BYTES
-        hit, outcome = None, None
+        hit, outcome, sent = None, None, None
         if cached is not None and large:
             hit = await self.store.cached(cached)
         if hit is None:
             lookup = None if large else cached
-            outcome = await self.store.create(
-                spec, record, inputs, items, max_in_flight, idempotency, flight, lookup, message
+            create = partial(
+                self.store.create, spec, record, inputs, items, max_in_flight, idempotency, flight, lookup, message
             )
+            if message is None:  # created with the other jobs of its model's next shared message
+                outcome, sent = await self.sender.create(spec, record.id, create)
+            else:
+                outcome = await create()
             if lookup is not None and outcome is not None and outcome.startswith("cached:"):
                 hit = json.loads(outcome.removeprefix("cached:"))
         if hit is not None and cached is not None:
@@ -248,7 +253,8 @@ class JobService:
 
         if message is None:  # created; its message is shared with the model's other small jobs
             try:
-                await self.sender.send(spec, record.id)
+                # Shielded: a request that goes away must not cancel its neighbours' send.
+                await (asyncio.shield(sent) if sent is not None else self.sender.send(spec, record.id))
             except Exception as exc:
                 log.error("enqueue of job %s failed: %s", record.id, exc)
                 error = f"could not be enqueued ({type(exc).__name__}); its request was answered 503"

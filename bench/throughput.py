@@ -1,12 +1,15 @@
 """Throughput of the whole path against the raw pipeline, side by side in one run.
 
     .venv/bin/python bench/throughput.py flood [--model amazon/chronos-bolt-tiny] [--clients 128] [--seconds 20] [--workers 1]
+                                               [--prefer-wait] [--rate JOBS_PER_S]
     .venv/bin/python bench/throughput.py sync  [--model amazon/chronos-bolt-tiny] [--n 100] [--clients 64]
     .venv/bin/python bench/throughput.py bulk  [--model amazon/chronos-bolt-small] [--series 10000]
 
 flood: many concurrent clients, each submitting one-series async jobs (POST /v1/forecasts, then
        long-wait GET) in a loop, HTTP → queue → worker → result; series/s completed in the
        measuring window vs the raw pipeline's best batched throughput on the same checkpoint.
+       With --rate, jobs arrive at a fixed rate instead (open loop): steadier per-job costs, for
+       comparing two versions of the code.
 sync:  p50/p99 of sequential POST /v1/predict with no load, then with a flood of async jobs for
        the same model running in another process.
 bulk:  one job of many series (default 10,000) from POST to the last result, vs raw batched.
@@ -39,11 +42,25 @@ def body(model: str, targets: list[list[float]], horizon: int = HORIZON) -> dict
 
 
 async def _flood(
-    base: str, model: str, clients: int, warmup_s: float, seconds: float, length: int, prefer_wait: bool = False
-) -> list[float]:
-    """Completion times (monotonic) of one-series jobs from `clients` looping clients, for warmup + seconds:
-    each POSTs a job and long-waits on it with GET, or with `prefer_wait` sends `Prefer: wait` with the
-    POST (one request per job) and GETs only if the job is not done by then.
+    base: str,
+    model: str,
+    clients: int,
+    warmup_s: float,
+    seconds: float,
+    length: int,
+    prefer_wait: bool = False,
+    rate: float | None = None,
+) -> tuple[list[float], int]:
+    """Completion times (monotonic) of one-series jobs, and how many arrivals found every client busy.
+
+    Closed loop (no `rate`): `clients` clients each loop, one job at a time, for warmup + seconds.
+    Open loop (`rate` jobs/s): a job starts every 1/rate s whatever the service does, with at most
+    `clients` in flight; an arrival that finds them all busy is skipped and counted (the rate is
+    above what the service sustains). Fixed arrivals make runs comparable: a closed loop's clients
+    move in bursts, and the per-job costs follow the bursts' message sizes.
+
+    A job POSTs and long-waits with GET, or with `prefer_wait` sends `Prefer: wait` with the POST
+    (one request per job) and GETs only if the job is not done by then.
 
     aiohttp, not httpx, drives the load: httpx's async pool spends more CPU on its own bookkeeping
     at this concurrency than the API spends serving, and the client shares the machine.
@@ -57,22 +74,37 @@ async def _flood(
     prefer = {"Prefer": "wait=30"} if prefer_wait else {}
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
 
-        async def client(k: int) -> None:
-            i = 0
-            while loop.time() < deadline:
-                async with http.post(
-                    "/v1/forecasts", json=body(model, [series(length, k * 100_000 + i)]), headers=prefer
-                ) as r:
+        async def one(key: int) -> None:
+            async with http.post("/v1/forecasts", json=body(model, [series(length, key)]), headers=prefer) as r:
+                job = await r.json(content_type=None)
+            while job["status"] in ("queued", "running"):
+                async with http.get(f"/v1/forecasts/{job['id']}", params={"wait": "30"}) as r:
                     job = await r.json(content_type=None)
-                while job["status"] in ("queued", "running"):
-                    async with http.get(f"/v1/forecasts/{job['id']}", params={"wait": "30"}) as r:
-                        job = await r.json(content_type=None)
-                assert job["status"] == "succeeded", job
-                completed.append(time.monotonic())
-                i += 1
+            assert job["status"] == "succeeded", job
+            completed.append(time.monotonic())
 
-        await asyncio.gather(*(client(k) for k in range(clients)))
-    return completed
+        if rate is None:
+
+            async def client(k: int) -> None:
+                i = 0
+                while loop.time() < deadline:
+                    await one(k * 100_000 + i)
+                    i += 1
+
+            await asyncio.gather(*(client(k) for k in range(clients)))
+            return completed, 0
+        running: set[asyncio.Task] = set()
+        skipped, start = 0, loop.time()
+        for i in range(int((warmup_s + seconds) * rate)):
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            if len(running) >= clients:
+                skipped += 1
+                continue
+            task = asyncio.create_task(one(i))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+    return completed, skipped
 
 
 def _cpu(stack, model: str) -> dict[str, float]:
@@ -117,20 +149,23 @@ def flood(args) -> None:
         for timer in timers:
             timer.start()
         started = time.monotonic()
-        completed = asyncio.run(
-            _flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH, args.prefer_wait)
+        completed, skipped = asyncio.run(
+            _flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH, args.prefer_wait, args.rate)
         )
         window = [t for t in completed if started + args.warmup <= t < started + args.warmup + args.seconds]
         served = len(window) / args.seconds
         after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
-    print(f"flood: {args.clients} clients, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s, "
+    load = f"open loop at {args.rate:g} jobs/s, at most {args.clients} in flight" if args.rate else f"{args.clients} clients"
+    print(f"flood: {load}, one-series async jobs, {args.seconds:g}s measured after {args.warmup:g}s, "
           f"{args.workers} worker(s){', POST with Prefer: wait' if args.prefer_wait else ', POST then long-wait GET'}"
           f"{', worker ' + ' '.join(args.worker_env) if args.worker_env else ''}"
           f"{', API ' + ' '.join(args.api_env) if args.api_env else ''}")  # fmt: skip
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
     print(f"  served (HTTP→result) {served:8.1f} series/s, mean worker batch {mean_batch:.1f} series")
     print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.80)")
+    if args.rate:
+        print(f"  arrivals skipped with every client busy: {skipped} (any: the rate is above what is served)")
     jobs = max(1, len(window))
     spent = {part: cpu["end"][part] - cpu["start"][part] for part in cpu["start"]}
     print(f"  CPU per job in the window ({jobs} jobs), µs:")
@@ -182,7 +217,7 @@ def sync(args) -> None:
 def _load(args) -> None:
     """A flood that runs until this process is told to stop (used by `sync`)."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    asyncio.run(_flood(args.base, args.model, args.clients, 0, 3600, LENGTH))
+    asyncio.run(_flood(args.base, args.model, args.clients, 0, 3600, LENGTH, rate=args.rate))
 
 
 def bulk(args) -> None:
@@ -218,6 +253,7 @@ def main() -> None:
     f.add_argument("--warmup", type=float, default=5)
     f.add_argument("--workers", type=int, default=1, help="workers of the model (several may share one GPU)")
     f.add_argument("--prefer-wait", action="store_true", help="POST with `Prefer: wait`: one request per job")
+    f.add_argument("--rate", type=float, help="open loop: start this many jobs a second (--clients caps those in flight)")
     s = commands.add_parser("sync")
     s.add_argument("--model", default="amazon/chronos-bolt-tiny")
     s.add_argument("--n", type=int, default=100)
@@ -232,6 +268,7 @@ def main() -> None:
     load.add_argument("--base", required=True)
     load.add_argument("--model", required=True)
     load.add_argument("--clients", type=int, required=True)
+    load.add_argument("--rate", type=float)
     args = parser.parse_args()
     {"flood": flood, "sync": sync, "bulk": bulk, "_load": _load}[args.command](args)
 

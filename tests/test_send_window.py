@@ -86,3 +86,72 @@ def test_only_small_async_jobs_wait_for_a_shared_message():
     assert s.alone(BOLT, Lane.ASYNC, small=False) == keys.queue(BOLT)
     assert s.alone(BOLT, Lane.ASYNC, queue="bolt.rev-1") == "bolt.rev-1"
     assert Sender(None, window_s=0.0, max_jobs=64).alone(BOLT, Lane.ASYNC) == keys.queue(BOLT)  # type: ignore[arg-type]
+
+
+def test_held_creates_run_together_when_the_message_is_sent_and_only_created_jobs_go_in_it(monkeypatch):
+    sent: list[list[str]] = []
+    events: list[tuple[str, str]] = []
+
+    async def publish(client, spec, ids):
+        sent.append(list(ids))
+
+    monkeypatch.setattr(sender, "publish", publish)
+
+    def create(job_id: str, outcome: str | None = None, error: Exception | None = None):
+        async def run() -> str | None:
+            events.append(("start", job_id))
+            await asyncio.sleep(0)  # the store's round trip
+            events.append(("end", job_id))
+            if error:
+                raise error
+            return outcome
+
+        return run
+
+    async def scenario():
+        s = Sender(None, window_s=5.0, max_jobs=64)  # type: ignore[arg-type]
+        requests = {
+            "new": asyncio.create_task(s.create(BOLT, "new", create("new"))),
+            "joined": asyncio.create_task(s.create(BOLT, "joined", create("joined", outcome="joined:new"))),
+            "failed": asyncio.create_task(s.create(BOLT, "failed", create("failed", error=ConnectionError("down")))),
+            "gone": asyncio.create_task(s.create(BOLT, "gone", create("gone"))),
+            "also new": asyncio.create_task(s.create(BOLT, "also new", create("also new"))),
+        }
+        await asyncio.sleep(0)
+        assert events == [] and len(s._open[BOLT.id].held) == 5  # held until the message is sent
+        requests["gone"].cancel()  # its client went away before the send: nothing is created for it
+        await s.close()
+        outcomes = await asyncio.gather(*requests.values(), return_exceptions=True)
+        return dict(zip(requests, outcomes, strict=True))
+
+    outcomes = asyncio.run(scenario())
+    # Every create started before any ended: one turn of the event loop, one pipeline in the store.
+    assert events[:4] == [("start", job) for job in ("new", "joined", "failed", "also new")]
+    assert sorted(job for kind, job in events[4:] if kind == "end") == sorted(["new", "joined", "failed", "also new"])
+    assert outcomes["new"][0] is None and outcomes["new"][1].done() and outcomes["new"][1].exception() is None
+    assert outcomes["joined"] == ("joined:new", None)
+    assert isinstance(outcomes["failed"], ConnectionError)
+    assert isinstance(outcomes["gone"], asyncio.CancelledError)
+    assert sent == [["new", "also new"]]
+
+
+def test_a_message_of_creates_none_of_which_created_a_job_is_not_sent(monkeypatch):
+    sent: list[list[str]] = []
+
+    async def publish(client, spec, ids):
+        sent.append(list(ids))
+
+    monkeypatch.setattr(sender, "publish", publish)
+
+    async def joined() -> str:
+        return "joined:earlier"
+
+    async def scenario():
+        s = Sender(None, window_s=5.0, max_jobs=64)  # type: ignore[arg-type]
+        request = asyncio.create_task(s.create(BOLT, "late", joined))
+        await asyncio.sleep(0)
+        await s.close()
+        return await request
+
+    assert asyncio.run(scenario()) == ("joined:earlier", None)
+    assert sent == []

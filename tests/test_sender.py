@@ -59,6 +59,20 @@ def test_async_jobs_sent_together_share_one_message_and_each_keeps_its_own_recor
     assert [api.get(f"/v1/forecasts/{i}").json()["status"] for i in ids[1:]] == ["queued", "queued"]
 
 
+def test_identical_jobs_created_together_share_one_job_and_its_message_names_it_once(api, redis_server):
+    # Both creates are held with the message and run in one round trip: the second, in the same
+    # pipeline right after the first, attaches to the first's job (single-flight).
+    client = redis_server.client()
+    client.delete(keys.queue(IDLE))
+    body = forecast_body(IDLE.id, n_series=1, length=250)
+
+    answers = submit_together(api, [body, body])
+
+    assert [a.status_code for a in answers] == [202, 202]
+    assert answers[0].json()["id"] == answers[1].json()["id"]
+    assert queued_messages(client) == [[answers[0].json()["id"]]]
+
+
 def test_a_message_holds_at_most_send_max_jobs(api, redis_server):
     client = redis_server.client()
     client.delete(keys.queue(IDLE))
