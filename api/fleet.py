@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # api/routing.py reads the fleet, so it is imported only to t
     from api.routing import Ensemble
 
 
+# A worker whose model was in passes this share of its last heartbeat period counts as saturated.
+SATURATED_BUSY = 0.8
+
+
 class Fleet:
     def __init__(self, settings: Settings, store: AsyncJobStore, ensembles: Mapping[str, Ensemble] | None = None):
         self.settings, self.store = settings, store
@@ -130,6 +134,12 @@ class Fleet:
     async def live_workers(self, spec: catalog.ModelSpec) -> list[dict]:
         """The heartbeats of the model's live workers (see `health`)."""
         return (await self.health(spec))[0]
+
+    async def saturated(self, spec: catalog.ModelSpec) -> bool:
+        """Whether every live worker of the model spent most of its last heartbeat period in model
+        passes (`busy` in its heartbeat): new work waits for passes in progress anyway."""
+        busy = [info.get("busy", 0.0) for info in await self.live_workers(spec)]
+        return bool(busy) and min(busy) >= SATURATED_BUSY
 
     async def revision(self, spec: catalog.ModelSpec) -> str | None:
         """The weights revision every live worker of `spec` serves (None when none or several)."""

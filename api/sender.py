@@ -13,6 +13,13 @@ arrivals of half that window or less), a message stays open SEND_BUSY_WINDOW_MS 
 flood, a job waits for the model's pass in progress anyway, and a message of 20 to 60 jobs costs a
 worker, the API and Redis far less per job than one of a few (bench/README.md).
 
+How busy the model is in this process says little when jobs arrive steadily rather than in bursts
+(many independent clients, several API processes): 250 jobs/s spread over two processes made
+messages of 3 jobs in 20 ms, and per job the worker then spent 4 times and the API 1.5 times what
+they spend on messages of 30. So while every worker of the model reports in its heartbeat that its
+model was busy in passes most of the time (`Fleet.saturated`), a message stays open
+SEND_SATURATED_WINDOW_MS (80 ms): a job then waits for passes in progress anyway, and the saved CPU goes to the model.
+
 Each job keeps its own id, record, cancel and result. The jobs are not even written before their
 message goes: their create scripts are held with it and run together (one pipeline) when it is
 sent, and the message names the jobs they created. A request is answered only once its message
@@ -95,10 +102,13 @@ async def publish(client, spec: ModelSpec, job_ids: list[str]) -> None:
 
 
 class Sender:
-    def __init__(self, client, window_s: float, max_jobs: int, busy_window_s: float = 0.0):
+    def __init__(
+        self, client, window_s: float, max_jobs: int, busy_window_s: float = 0.0, saturated_window_s: float = 0.0
+    ):
         """`client`: the API's asyncio Redis client (the broker is the job store's Redis)."""
         self.client, self.window_s, self.max_jobs = client, window_s, max_jobs
         self.busy_window_s = max(window_s, busy_window_s)
+        self.saturated_window_s = max(self.busy_window_s, saturated_window_s)
         self._open: dict[str, _Open] = {}  # model id -> the message being filled
         self._arrivals: dict[str, _Arrivals] = {}  # model id -> its recent small async jobs
         self._sending: set[asyncio.Task] = set()
@@ -119,7 +129,7 @@ class Sender:
         await asyncio.shield(self._hold(spec, _Held(job_id)).sent)
 
     async def create(
-        self, spec: ModelSpec, job_id: str, create: Callable[[], Awaitable[str | None]]
+        self, spec: ModelSpec, job_id: str, create: Callable[[], Awaitable[str | None]], saturated: bool = False
     ) -> tuple[str | None, asyncio.Future | None]:
         """Hold a small async job's create with its model's message: the creates of a message run
         together when it is sent (one round trip for all), then the message goes with the ids of the
@@ -128,19 +138,23 @@ class Sender:
 
         Returns the create's outcome (`JobStore.create`: None when the job was created) and, when
         created, the message's `sent` future to await (shielded) before answering. A request that
-        goes away before its create has run has nothing created."""
+        goes away before its create has run has nothing created. `saturated`: every worker of the
+        model is busy in passes (`Fleet.saturated`), so the message may stay open longest."""
         held = _Held(job_id, create)
-        message = self._hold(spec, held)
+        message = self._hold(spec, held, saturated)
         outcome = await held.outcome
         return outcome, (message.sent if outcome is None else None)
 
-    def _hold(self, spec: ModelSpec, held: _Held) -> _Open:
+    def _hold(self, spec: ModelSpec, held: _Held, saturated: bool = False) -> _Open:
         loop = asyncio.get_running_loop()
         arrivals = self._arrivals.get(spec.id) or self._arrivals.setdefault(spec.id, _Arrivals(2 * self.busy_window_s))
         gap = arrivals.note(loop.time())
         message = self._open.get(spec.id)
         if message is None:
-            window = self.busy_window_s if 2 * gap <= self.busy_window_s else self.window_s
+            if saturated:
+                window = self.saturated_window_s
+            else:
+                window = self.busy_window_s if 2 * gap <= self.busy_window_s else self.window_s
             message = self._open[spec.id] = _Open(spec)
             message.timer = loop.call_later(window, self._flush, spec.id)
         message.held.append(held)

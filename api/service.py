@@ -58,8 +58,9 @@ class JobService:
         self.router = Router(settings, self.fleet, store, metrics, routes)
         self.admission = Admission(settings, store)
         self.sender = Sender(
-            store.client, settings.send_window_ms / 1000, settings.send_max_jobs, settings.send_busy_window_ms / 1000
-        )
+            store.client, settings.send_window_ms / 1000, settings.send_max_jobs, settings.send_busy_window_ms / 1000,
+            settings.send_saturated_window_ms / 1000,
+        )  # fmt: skip
 
     async def submit(
         self,
@@ -220,7 +221,8 @@ class JobService:
                 self.store.create, spec, record, inputs, items, max_in_flight, idempotency, flight, lookup, message
             )
             if message is None:  # created with the other jobs of its model's next shared message
-                outcome, sent = await self.sender.create(spec, record.id, create)
+                saturated = await self.fleet.saturated(spec)
+                outcome, sent = await self.sender.create(spec, record.id, create, saturated)
             else:
                 outcome = await create()
             if lookup is not None and outcome is not None and outcome.startswith("cached:"):

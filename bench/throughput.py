@@ -50,8 +50,9 @@ async def _flood(
     length: int,
     prefer_wait: bool = False,
     rate: float | None = None,
-) -> tuple[list[float], int]:
-    """Completion times (monotonic) of one-series jobs, and how many arrivals found every client busy.
+) -> tuple[list[float], list[float], int]:
+    """Completion times (monotonic) of one-series jobs, their latencies (POST to result, in the same
+    order), and how many arrivals found every client busy.
 
     Closed loop (no `rate`): `clients` clients each loop, one job at a time, for warmup + seconds.
     Open loop (`rate` jobs/s): a job starts every 1/rate s whatever the service does, with at most
@@ -70,11 +71,13 @@ async def _flood(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + warmup_s + seconds
     completed: list[float] = []
+    latencies: list[float] = []
     connector = aiohttp.TCPConnector(limit=clients + 8)
     prefer = {"Prefer": "wait=30"} if prefer_wait else {}
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
 
         async def one(key: int) -> None:
+            started = time.monotonic()
             async with http.post("/v1/forecasts", json=body(model, [series(length, key)]), headers=prefer) as r:
                 job = await r.json(content_type=None)
             while job["status"] in ("queued", "running"):
@@ -82,6 +85,7 @@ async def _flood(
                     job = await r.json(content_type=None)
             assert job["status"] == "succeeded", job
             completed.append(time.monotonic())
+            latencies.append(completed[-1] - started)
 
         if rate is None:
 
@@ -92,7 +96,7 @@ async def _flood(
                     i += 1
 
             await asyncio.gather(*(client(k) for k in range(clients)))
-            return completed, 0
+            return completed, latencies, 0
         running: set[asyncio.Task] = set()
         skipped, start = 0, loop.time()
         for i in range(int((warmup_s + seconds) * rate)):
@@ -104,7 +108,7 @@ async def _flood(
             running.add(task)
             task.add_done_callback(running.discard)
         await asyncio.gather(*running)
-    return completed, skipped
+    return completed, latencies, skipped
 
 
 def _cpu(stack, model: str) -> dict[str, float]:
@@ -149,10 +153,12 @@ def flood(args) -> None:
         for timer in timers:
             timer.start()
         started = time.monotonic()
-        completed, skipped = asyncio.run(
+        completed, latencies, skipped = asyncio.run(
             _flood(stack.base, args.model, args.clients, args.warmup, args.seconds, LENGTH, args.prefer_wait, args.rate)
         )
-        window = [t for t in completed if started + args.warmup <= t < started + args.warmup + args.seconds]
+        measured = [i for i, t in enumerate(completed) if started + args.warmup <= t < started + args.warmup + args.seconds]
+        window = [completed[i] for i in measured]
+        spans = [latencies[i] for i in measured]
         served = len(window) / args.seconds
         after = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
         mean_batch = (after[0] - sums[0]) / max(1.0, after[1] - sums[1])
@@ -164,6 +170,7 @@ def flood(args) -> None:
     print(f"  raw best batched     {raw_rate:8.1f} series/s (batch {best_batch})")
     print(f"  served (HTTP→result) {served:8.1f} series/s, mean worker batch {mean_batch:.1f} series")
     print(f"  ratio served/raw     {served / raw_rate:8.2f}   (target >= 0.80)")
+    print(f"  job latency (POST to result) p50 {1e3 * percentile(spans, 0.5):.0f} ms, p99 {1e3 * percentile(spans, 0.99):.0f} ms")
     if args.rate:
         print(f"  arrivals skipped with every client busy: {skipped} (any: the rate is above what is served)")
     jobs = max(1, len(window))

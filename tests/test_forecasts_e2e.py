@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -250,3 +251,35 @@ def test_a_post_that_prefers_to_wait_for_a_job_that_does_not_end_in_time_is_202_
 
     assert answer.status_code == 202 and answer.json()["status"] == "queued"
     api.delete(f"/v1/forecasts/{answer.json()['id']}")
+
+
+def test_a_workers_heartbeat_says_how_busy_its_model_was(api, workers, redis_server):
+    # The share of the last heartbeat period the model spent in passes: what the API reads to hold a
+    # saturated model's messages longer (api/sender.py).
+    client = redis_server.client()
+
+    def busy() -> list[float]:
+        return [json.loads(beat).get("busy", -1.0) for beat in client.hvals(keys.workers(catalog.get(BOLT)))]
+
+    stop = threading.Event()
+
+    def load() -> None:
+        length = 3000
+        while not stop.is_set():  # one job after another, each of 32 series of its own
+            submitted = submit(api, forecast_body(BOLT, n_series=32, length=length, horizon=16))
+            wait_for(api, submitted["id"])
+            length += 1
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    seen: list[float] = []
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and not any(0 < b <= 1 for b in seen):
+            seen = busy()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        loader.join(60)
+    assert any(0 < b <= 1 for b in seen), seen
+    assert all(0 <= b <= 1 for b in seen), seen

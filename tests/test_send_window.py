@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from shared import catalog
-from shared.store import Lane, keys
+from shared.settings import Settings
+from shared.store import CircuitState, Lane, keys
 
 from api import sender
 from api.sender import Sender, _Arrivals
@@ -155,3 +156,57 @@ def test_a_message_of_creates_none_of_which_created_a_job_is_not_sent(monkeypatc
 
     assert asyncio.run(scenario()) == ("joined:earlier", None)
     assert sent == []
+
+
+def test_a_message_stays_open_the_saturated_window_while_the_models_workers_are_saturated(monkeypatch):
+    async def publish(client, spec, ids):
+        pass
+
+    monkeypatch.setattr(sender, "publish", publish)
+
+    async def done() -> None:
+        return None
+
+    async def windows() -> list[float]:
+        loop = asyncio.get_running_loop()
+        s = Sender(None, window_s=0.002, max_jobs=64, busy_window_s=5.0, saturated_window_s=50.0)  # type: ignore[arg-type]
+        opened = []
+        for saturated in (False, True):
+            request = asyncio.create_task(s.create(BOLT, f"job-{saturated}", done, saturated))
+            await asyncio.sleep(0)
+            opened.append(s._open[BOLT.id].timer.when() - loop.time())
+            await s.close()
+            await request
+            await asyncio.sleep(1.1)  # a quiet spell: the next job comes alone again
+        return opened
+
+    alone, saturated = asyncio.run(windows())
+    assert alone <= 0.002 and saturated > 49.0
+
+
+def test_a_model_is_saturated_only_while_every_live_worker_reports_its_model_busy():
+    from api.fleet import SATURATED_BUSY, Fleet
+
+    class Heartbeats:
+        live: list[dict] = []
+
+        async def health(self, spec):
+            return self.live, CircuitState()
+
+    store = Heartbeats()
+    fleet = Fleet(Settings(_env_file=None, heartbeat_s=0.001), store)  # type: ignore[arg-type]
+
+    async def saturated(live: list[dict]) -> bool:
+        store.live = live
+        await asyncio.sleep(0.002)  # past the fleet's cache of heartbeats
+        return await fleet.saturated(BOLT)
+
+    async def cases() -> list[bool]:
+        return [
+            await saturated([]),  # no worker: nothing to wait for
+            await saturated([{"name": "a"}]),  # a worker from before heartbeats said how busy it is
+            await saturated([{"busy": 0.95}, {"busy": SATURATED_BUSY - 0.01}]),  # one has room
+            await saturated([{"busy": 0.95}, {"busy": SATURATED_BUSY}]),
+        ]
+
+    assert asyncio.run(cases()) == [False, False, False, True]

@@ -137,6 +137,10 @@ class Batcher:
         self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
         # Reads of the next async pass and writes of the last one run here, while the model computes.
         self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pass-io")
+        # Seconds the model has spent in passes, both lanes: the heartbeat reports the share of time
+        # it was busy (the API holds messages longer for a saturated model, api/sender.py).
+        self.busy_s = 0.0
+        self._busy_lock = threading.Lock()
 
     @property
     def threads(self) -> list[threading.Thread]:
@@ -287,6 +291,8 @@ class Batcher:
             variant=live[0][0].variant,  # one per pass: it is part of the key
         )  # fmt: skip
         elapsed = time.perf_counter() - started
+        with self._busy_lock:
+            self.busy_s += elapsed
         at = 0
         results, completed = [], []
         for work, start, end in live:
