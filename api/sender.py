@@ -18,13 +18,19 @@ How busy the model is in this process says little when jobs arrive steadily rath
 messages of 3 jobs in 20 ms, and per job the worker then spent 4 times and the API 1.5 times what
 they spend on messages of 30. So while every worker of the model reports in its heartbeat that its
 model was busy in passes most of the time (`Fleet.saturated`), a message stays open
-SEND_SATURATED_WINDOW_MS (80 ms): a job then waits for passes in progress anyway, and the saved CPU goes to the model.
+SEND_SATURATED_WINDOW_MS (80 ms): a job then waits for passes in progress anyway, and the saved CPU
+goes to the model. That holds for a lone job too (one client's, while others saturate the model).
+A saturated window no longer than the busy window turns this off.
 
 Each job keeps its own id, record, cancel and result. The jobs are not even written before their
 message goes: their create scripts are held with it and run together (one pipeline) when it is
-sent, and the message names the jobs they created. A request is answered only once its message
-is sent: if the send fails, every job of the message is answered 503 and ended `failed`
-(api/service.py), so nothing accepted is ever without a message.
+sent, and the message names the jobs they created. So what a create answers instead of creating
+(a result-cache hit, a join, an idempotent replay, a refusal) also waits for the window: at most
+2 ms for a lone job, 80 ms while the model is saturated. A request is answered only once its message
+is sent: if the send fails, every job of the message whose request still waits is answered 503 and
+ended `failed` (api/service.py), so nothing accepted is ever without a message. (The job of a
+request that went away meanwhile stays `queued`: the reaper sends it again after
+LOST_MESSAGE_GRACE_S, workers/reaper.py.)
 
 Only small forecasts are held (up to SHARED_MAX_SERIES series): a message's jobs are claimed by
 one worker, so a large job would take its neighbours along (and large work is better spread over
@@ -133,8 +139,9 @@ class Sender:
     ) -> tuple[str | None, asyncio.Future | None]:
         """Hold a small async job's create with its model's message: the creates of a message run
         together when it is sent (one round trip for all), then the message goes with the ids of the
-        jobs they created. The request's answer waits for the message anyway, so holding the create
-        costs it nothing.
+        jobs they created. A created job's answer waits for its message anyway; what the create
+        answers instead (a cache hit, a join, a replay, a refusal) now comes when the message is
+        sent, at most the message's window later.
 
         Returns the create's outcome (`JobStore.create`: None when the job was created) and, when
         created, the message's `sent` future to await (shielded) before answering. A request that
@@ -173,6 +180,25 @@ class Sender:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, message: _Open) -> None:
+        try:
+            job_ids = await self._create(message)
+            if job_ids:
+                await publish(self.client, message.spec, job_ids)
+        except BaseException as exc:  # a failed send, or this task cancelled (shutdown): no request hangs
+            for held in message.held:
+                if not held.outcome.done():
+                    held.outcome.set_exception(exc)
+                    held.outcome.exception()  # its request handles it, or has gone
+            message.sent.set_exception(exc)
+            message.sent.exception()  # each waiting request handles it; none left is no error to log
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            message.sent.set_result(None)
+
+    @staticmethod
+    async def _create(message: _Open) -> list[str]:
+        """Run the message's held creates and give each request its outcome; the ids to send."""
         # Every create is started in this one turn of the event loop: the job store sends them in one
         # pipeline. A create whose request went away is not run.
         creating = [(held, held.create) for held in message.held if held.create and not held.outcome.done()]
@@ -183,17 +209,10 @@ class Sender:
                 continue
             if isinstance(outcome, BaseException):
                 held.outcome.set_exception(outcome)
+                held.outcome.exception()  # its request handles it, or is cancelled before it can
             else:
                 held.outcome.set_result(outcome)
-        job_ids = [held.job_id for held in message.held if held.create is None or held.job_id in created]
-        try:
-            if job_ids:
-                await publish(self.client, message.spec, job_ids)
-        except Exception as exc:
-            message.sent.set_exception(exc)
-            message.sent.exception()  # each waiting request handles it; none left is no error to log
-        else:
-            message.sent.set_result(None)
+        return [held.job_id for held in message.held if held.create is None or held.job_id in created]
 
     async def close(self) -> None:
         """Send what is held (at shutdown), and wait for the sends under way."""

@@ -270,6 +270,11 @@ def test_a_workers_heartbeat_says_how_busy_its_model_was(api, workers, redis_ser
             wait_for(api, submitted["id"])
             length += 1
 
+    # Idle first (earlier tests' passes are a heartbeat behind), so that what is seen next is this load.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(b != 0 for b in busy()):
+        time.sleep(0.1)
+    assert busy() and all(b == 0 for b in busy()), busy()
     loader = threading.Thread(target=load)
     loader.start()
     seen: list[float] = []

@@ -136,6 +136,36 @@ def test_held_creates_run_together_when_the_message_is_sent_and_only_created_job
     assert sent == [["new", "also new"]]
 
 
+def test_a_request_gone_while_its_create_runs_still_has_its_job_sent(monkeypatch):
+    sent: list[list[str]] = []
+
+    async def publish(client, spec, ids):
+        sent.append(list(ids))
+
+    monkeypatch.setattr(sender, "publish", publish)
+
+    async def scenario():
+        creating = asyncio.Event()
+        release = asyncio.Event()
+
+        async def create() -> None:
+            creating.set()
+            await release.wait()  # the store's round trip, under way when the client goes away
+
+        s = Sender(None, window_s=5.0, max_jobs=64)  # type: ignore[arg-type]
+        request = asyncio.create_task(s.create(BOLT, "orphan", create))
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(s.close())
+        await creating.wait()
+        request.cancel()
+        release.set()
+        await closing
+        assert request.cancelled()
+
+    asyncio.run(scenario())
+    assert sent == [["orphan"]]  # created, so sent: never a job without its message
+
+
 def test_a_message_of_creates_none_of_which_created_a_job_is_not_sent(monkeypatch):
     sent: list[list[str]] = []
 

@@ -60,8 +60,8 @@ def test_async_jobs_sent_together_share_one_message_and_each_keeps_its_own_recor
 
 
 def test_identical_jobs_created_together_share_one_job_and_its_message_names_it_once(api, redis_server):
-    # Both creates are held with the message and run in one round trip: the second, in the same
-    # pipeline right after the first, attaches to the first's job (single-flight).
+    # Both creates are held with the message and run in one pipeline: the second attaches to the
+    # first's job (single-flight), and the message names only the job created.
     client = redis_server.client()
     client.delete(keys.queue(IDLE))
     body = forecast_body(IDLE.id, n_series=1, length=250)
@@ -143,7 +143,9 @@ def test_a_request_that_joined_a_job_whose_message_then_could_not_be_sent_finds_
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(api.post, "/v1/forecasts", json=body)  # its send hangs, then fails
         time.sleep(0.2)
-        joined = api.post("/v1/forecasts", json=body)  # identical, while the first's job is queued: joins it
+        # Identical, within the first's window: their creates run together and this one joins the
+        # first's job, answered before the message is sent.
+        joined = api.post("/v1/forecasts", json=body)
         release.set()
         refused = first.result(30)
 

@@ -335,3 +335,20 @@ def test_after_sync_work_async_passes_stay_short_so_the_next_sync_call_waits_lit
     assert [(w.job_id, end - start) for w, start, end in before_sync] == [("bulk", 8)]  # no sync yet: max batch
     assert [w.job_id for w, _, _ in sync_pass] == ["sync"]
     assert [(w.job_id, end - start) for w, start, end in after_sync] == [("bulk", 2)]
+
+
+def test_busy_time_counts_overlapping_passes_once_and_the_pass_in_progress():
+    from workers import batcher
+
+    now = [100.0]
+    busy = batcher.Busy(clock=lambda: now[0])
+    with busy:  # the async lane's pass, 0 → 3 s
+        now[0] += 1
+        with busy:  # the sync lane's, 1 → 2 s, at the same time: not counted twice
+            now[0] += 1
+        now[0] += 1
+    now[0] += 10  # idle
+    assert busy.seconds() == 3.0
+    busy.__enter__()  # a pass under way for 2 s so far counts already
+    now[0] += 2
+    assert busy.seconds() == 5.0

@@ -177,7 +177,7 @@ class Worker:
         busy_s, at = 0.0, time.monotonic()
         while not self.stop.is_set():
             if loaded.batcher:  # the share of the time since the last beat the model spent in passes
-                now, busy_s, was = time.monotonic(), loaded.batcher.busy_s, busy_s
+                now, busy_s, was = time.monotonic(), loaded.batcher.busy.seconds(), busy_s
                 info["busy"], at = round(min(1.0, (busy_s - was) / max(now - at, 1e-3)), 3), now
             try:
                 beat.heartbeat(self.spec, name, info, self.train)

@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -116,6 +117,32 @@ class PassIO(Protocol):
         ...
 
 
+class Busy:
+    """Seconds during which at least one pass was under way, the pass in progress included. The two
+    lanes' passes may overlap (on a CPU they run side by side; on a GPU one waits for the device
+    while the other runs), so their times are not added up: the union of their intervals is."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock, self._lock = clock, threading.Lock()
+        self._running, self._since, self._total = 0, 0.0, 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._running:
+                self._since = self._clock()
+            self._running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running -= 1
+            if not self._running:
+                self._total += self._clock() - self._since
+
+    def seconds(self) -> float:
+        with self._lock:
+            return self._total + (self._clock() - self._since if self._running else 0.0)
+
+
 class Batcher:
     """The model thread and the work waiting for it."""
 
@@ -137,10 +164,9 @@ class Batcher:
         self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
         # Reads of the next async pass and writes of the last one run here, while the model computes.
         self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pass-io")
-        # Seconds the model has spent in passes, both lanes: the heartbeat reports the share of time
-        # it was busy (the API holds messages longer for a saturated model, api/sender.py).
-        self.busy_s = 0.0
-        self._busy_lock = threading.Lock()
+        # The heartbeat reports the share of time the model was busy (the API holds messages longer
+        # for a saturated model, api/sender.py).
+        self.busy = Busy()
 
     @property
     def threads(self) -> list[threading.Thread]:
@@ -285,14 +311,13 @@ class Batcher:
         samples = any(p.return_samples for p in params)
         metrics.BATCH.labels(self.runtime.spec.id).observe(len(inputs))
         started = time.perf_counter()
-        outputs = self.runtime.predict_isolating(
-            inputs, horizon, levels, sampling=params[0].sampling(), return_samples=samples, seed=params[0].seed,
-            cross_learning=params[0].cross_learning,  # only ever one job's series (shared/families.py)
-            variant=live[0][0].variant,  # one per pass: it is part of the key
-        )  # fmt: skip
+        with self.busy:
+            outputs = self.runtime.predict_isolating(
+                inputs, horizon, levels, sampling=params[0].sampling(), return_samples=samples, seed=params[0].seed,
+                cross_learning=params[0].cross_learning,  # only ever one job's series (shared/families.py)
+                variant=live[0][0].variant,  # one per pass: it is part of the key
+            )  # fmt: skip
         elapsed = time.perf_counter() - started
-        with self._busy_lock:
-            self.busy_s += elapsed
         at = 0
         results, completed = [], []
         for work, start, end in live:
