@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # per round trip (~20 us of the event loop each; 48 against 69 us for one EVALSHA,
         # measured). The job store bounds each round trip itself (REDIS_TIMEOUT_S, the wait for a
         # connection included).
-        # Commands packed in C (shared/store/connection.py); a `unix://` URL keeps redis-py's own class.
+        # Commands packed in C (shared/store/connection.py); a `unix://` or `rediss://` URL keeps
+        # redis-py's own connection class.
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url, connection_class=PackedConnection,
             max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S,

@@ -35,6 +35,13 @@ def test_what_redis_cannot_store_is_a_data_error_as_before(value):
         PackedConnection().pack_command("SET", "k", value)
 
 
+def test_a_connection_with_another_text_encoding_packs_as_redis_py_does():
+    command = ("SET", "k", "é")
+    latin = PackedConnection(encoding="latin-1")
+    assert b"".join(latin.pack_command(*command)) == b"".join(Connection(encoding="latin-1").pack_command(*command))
+    assert b"\xe9" in b"".join(latin.pack_command(*command))
+
+
 def test_a_pool_from_a_url_uses_it_and_its_commands_reach_redis(redis_server):
     async def roundtrip():
         pool = aioredis.ConnectionPool.from_url(redis_server.url, connection_class=PackedConnection)

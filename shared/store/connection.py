@@ -6,7 +6,8 @@ argument. A job's *create* script has some 80 arguments (the record's fields, th
 chunks): packing one took 42 µs in Python and 5 µs with `hiredis.pack_command`, measured alone.
 (yappi's CPU clock put packing at a quarter of the API's CPU under a steady stream of one-series
 jobs, but it inflates many small calls; in the flood the difference was within its noise.) The
-API's clients use this class (api/main.py); its output is byte for byte redis-py's.
+API's clients use this class (api/main.py). With redis-py's default encoder (utf-8, strict) its
+output is byte for byte redis-py's; a connection configured otherwise packs as redis-py does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from redis.exceptions import DataError
 class PackedConnection(Connection):
     """A TCP connection (`redis://`) whose commands are packed by hiredis."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # hiredis encodes text as utf-8, strictly: another encoding (a `?encoding=` in the URL) keeps
+        # redis-py's packer.
+        self._packs_natively = (self.encoder.encoding, self.encoder.encoding_errors) == ("utf-8", "strict")
+
     def pack_command(self, *args) -> list[bytes]:
+        if not self._packs_natively:
+            return super().pack_command(*args)
         # As redis-py's HiredisRespSerializer: a command name of several words ('CONFIG GET') is sent
         # as several arguments, and hiredis packs bytes, not buffers.
         if isinstance(args[0], str):
