@@ -13,14 +13,16 @@ arrivals of half that window or less), a message stays open SEND_BUSY_WINDOW_MS 
 flood, a job waits for the model's pass in progress anyway, and a message of 20 to 60 jobs costs a
 worker, the API and Redis far less per job than one of a few (bench/README.md).
 
-How busy the model is in this process says little when jobs arrive steadily rather than in bursts
-(many independent clients, several API processes): 250 jobs/s spread over two processes made
-messages of 3 jobs in 20 ms, and per job the worker then spent 4 times and the API 1.5 times what
-they spend on messages of 30. So while every worker of the model reports in its heartbeat that its
-model was busy in passes most of the time (`Fleet.saturated`), a message stays open
-SEND_SATURATED_WINDOW_MS (80 ms): a job then waits for passes in progress anyway, and the saved CPU
-goes to the model. That holds for a lone job too (one client's, while others saturate the model).
-A saturated window no longer than the busy window turns this off.
+How often jobs arrive at this process says little about how busy the model is when they arrive
+steadily rather than in bursts (many independent clients, several API processes): 250 jobs/s
+spread over two processes made messages of 3 jobs in 20 ms, and per job the worker then spent 4
+times and the API 1.5 times what they spend on messages of 30. So while every worker of the model
+reports in its heartbeat that its model was busy in passes most of the time (`Fleet.saturated`), a
+message opened while the model's jobs keep arriving stays open SEND_SATURATED_WINDOW_MS (80 ms):
+its jobs wait for passes in progress anyway, and the saved CPU goes to the model. A job that comes
+alone still waits SEND_WINDOW_MS only: a client that sends one job after another, each once the
+last was accepted, would otherwise be held to one job per 80 ms. A saturated window no longer than
+the busy window turns this off.
 
 Each job keeps its own id, record, cancel and result. The jobs are not even written before their
 message goes: their create scripts are held with it and run together (one pipeline) when it is
@@ -158,10 +160,10 @@ class Sender:
         gap = arrivals.note(loop.time())
         message = self._open.get(spec.id)
         if message is None:
-            if saturated:
-                window = self.saturated_window_s
+            if 2 * gap > self.busy_window_s:  # a job that comes alone: never held long
+                window = self.window_s
             else:
-                window = self.busy_window_s if 2 * gap <= self.busy_window_s else self.window_s
+                window = self.saturated_window_s if saturated else self.busy_window_s
             message = self._open[spec.id] = _Open(spec)
             message.timer = loop.call_later(window, self._flush, spec.id)
         message.held.append(held)

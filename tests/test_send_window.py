@@ -188,7 +188,7 @@ def test_a_message_of_creates_none_of_which_created_a_job_is_not_sent(monkeypatc
     assert sent == []
 
 
-def test_a_message_stays_open_the_saturated_window_while_the_models_workers_are_saturated(monkeypatch):
+def test_a_stream_of_jobs_for_a_saturated_model_is_held_the_saturated_window_and_a_lone_job_is_not(monkeypatch):
     async def publish(client, spec, ids):
         pass
 
@@ -197,21 +197,29 @@ def test_a_message_stays_open_the_saturated_window_while_the_models_workers_are_
     async def done() -> None:
         return None
 
-    async def windows() -> list[float]:
+    async def windows() -> tuple[float, float]:
         loop = asyncio.get_running_loop()
         s = Sender(None, window_s=0.002, max_jobs=64, busy_window_s=5.0, saturated_window_s=50.0)  # type: ignore[arg-type]
-        opened = []
-        for saturated in (False, True):
-            request = asyncio.create_task(s.create(BOLT, f"job-{saturated}", done, saturated))
-            await asyncio.sleep(0)
-            opened.append(s._open[BOLT.id].timer.when() - loop.time())
-            await s.close()
-            await request
-            await asyncio.sleep(1.1)  # a quiet spell: the next job comes alone again
-        return opened
+        # A lone job while the model is saturated: one client's job after another, never held long.
+        lone = asyncio.create_task(s.create(BOLT, "lone", done, True))
+        await asyncio.sleep(0)
+        lone_window = s._open[BOLT.id].timer.when() - loop.time()
+        await s.close()
+        await lone
+        # A stream while it is saturated: the next message opened stays open the saturated window.
+        stream = [asyncio.create_task(s.create(BOLT, f"job-{i}", done, True)) for i in range(10)]
+        await asyncio.sleep(0)
+        await s.close()
+        await asyncio.gather(*stream)
+        more = asyncio.create_task(s.create(BOLT, "next", done, True))
+        await asyncio.sleep(0)
+        stream_window = s._open[BOLT.id].timer.when() - loop.time()
+        await s.close()
+        await more
+        return lone_window, stream_window
 
-    alone, saturated = asyncio.run(windows())
-    assert alone <= 0.002 and saturated > 49.0
+    lone_window, stream_window = asyncio.run(windows())
+    assert lone_window <= 0.002 and stream_window > 49.0
 
 
 def test_a_model_is_saturated_only_while_every_live_worker_reports_its_model_busy():
