@@ -18,11 +18,11 @@ steadily rather than in bursts (many independent clients, several API processes)
 spread over two processes made messages of 3 jobs in 20 ms, and per job the worker then spent 4
 times and the API 1.5 times what they spend on messages of 30. So while every worker of the model
 reports in its heartbeat that its model was busy in passes most of the time (`Fleet.saturated`), a
-message opened while the model's jobs keep arriving stays open SEND_SATURATED_WINDOW_MS (80 ms):
-its jobs wait for passes in progress anyway, and the saved CPU goes to the model. A job that comes
-alone still waits SEND_WINDOW_MS only: a client that sends one job after another, each once the
-last was accepted, would otherwise be held to one job per 80 ms. A saturated window no longer than
-the busy window turns this off.
+message opens with the busy window even for a job that comes alone, and once a second job joins it
+stays open SEND_SATURATED_WINDOW_MS (80 ms) from its opening: its jobs wait for passes in progress
+anyway, and the saved CPU goes to the model. A client that sends one job after another, each once
+the last was accepted, is held the busy window (20 ms), not 80 ms a job. A saturated window no
+longer than the busy window turns this off.
 
 Each job keeps its own id, record, cancel and result. The jobs are not even written before their
 message goes: their create scripts are held with it and run together (one pipeline) when it is
@@ -72,6 +72,8 @@ class _Open:
     held: list[_Held] = field(default_factory=list)
     sent: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     timer: asyncio.TimerHandle | None = None
+    opened: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+    extended: bool = False  # held the saturated window: a second job came while the model was saturated
 
 
 # Jobs of more series than this go in a message of their own.
@@ -160,12 +162,14 @@ class Sender:
         gap = arrivals.note(loop.time())
         message = self._open.get(spec.id)
         if message is None:
-            if 2 * gap > self.busy_window_s:  # a job that comes alone: never held long
-                window = self.window_s
-            else:
-                window = self.saturated_window_s if saturated else self.busy_window_s
+            window = self.busy_window_s if 2 * gap <= self.busy_window_s or saturated else self.window_s
             message = self._open[spec.id] = _Open(spec)
             message.timer = loop.call_later(window, self._flush, spec.id)
+        elif saturated and not message.extended and message.timer is not None:
+            # Company while the model is saturated: the message stays open the saturated window.
+            message.timer.cancel()
+            message.timer = loop.call_at(message.opened + self.saturated_window_s, self._flush, spec.id)
+            message.extended = True
         message.held.append(held)
         if len(message.held) >= self.max_jobs:
             self._flush(spec.id)

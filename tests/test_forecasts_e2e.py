@@ -13,7 +13,7 @@ import torch
 from shared import catalog
 from shared.store import keys
 
-from conftest import BOLT, T5, forecast_body, wait_for
+from conftest import API_KEY, BOLT, T5, forecast_body, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -115,12 +115,20 @@ def test_sync_predict_timeout_returns_the_job_id_and_the_job_still_succeeds(api,
     assert wait_for(api, job["id"])["status"] == "succeeded"
 
 
-def test_sync_lane_is_served_before_a_bulk_backlog(api, workers):
-    backlog = [submit(api, forecast_body(T5, n_series=2, horizon=20, num_samples=10)) for _ in range(4)]
-    response = api.post("/v1/predict", params={"timeout": 60}, json=forecast_body(T5, horizon=4, num_samples=2))
-    assert response.status_code == 200
-    sync_finished = response.json()["finished_at"]
-    finished = [wait_for(api, job["id"]) for job in backlog]
+def test_sync_lane_is_served_before_a_bulk_backlog(workers, redis_server):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    # Each job sent at once (SEND_WINDOW_MS=0): how long the API holds a message (api/sender.py)
+    # must not decide whether the backlog is queued before the sync request comes.
+    settings = settings_for(redis_server, heartbeat_s=1, send_window_ms=0)
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as api:
+        backlog = [submit(api, forecast_body(T5, n_series=2, horizon=20, num_samples=10)) for _ in range(4)]
+        response = api.post("/v1/predict", params={"timeout": 60}, json=forecast_body(T5, horizon=4, num_samples=2))
+        assert response.status_code == 200
+        sync_finished = response.json()["finished_at"]
+        finished = [wait_for(api, job["id"]) for job in backlog]
     # At most the job already running when the sync request arrived finishes before it.
     assert sum(job["finished_at"] < sync_finished for job in finished) <= 1
 

@@ -188,7 +188,7 @@ def test_a_message_of_creates_none_of_which_created_a_job_is_not_sent(monkeypatc
     assert sent == []
 
 
-def test_a_stream_of_jobs_for_a_saturated_model_is_held_the_saturated_window_and_a_lone_job_is_not(monkeypatch):
+def test_while_the_model_is_saturated_a_message_with_company_stays_open_the_saturated_window(monkeypatch):
     async def publish(client, spec, ids):
         pass
 
@@ -197,29 +197,27 @@ def test_a_stream_of_jobs_for_a_saturated_model_is_held_the_saturated_window_and
     async def done() -> None:
         return None
 
-    async def windows() -> tuple[float, float]:
-        loop = asyncio.get_running_loop()
+    async def windows() -> tuple[float, float, float]:
         s = Sender(None, window_s=0.002, max_jobs=64, busy_window_s=5.0, saturated_window_s=50.0)  # type: ignore[arg-type]
-        # A lone job while the model is saturated: one client's job after another, never held long.
-        lone = asyncio.create_task(s.create(BOLT, "lone", done, True))
+        first = asyncio.create_task(s.create(BOLT, "first", done, True))
         await asyncio.sleep(0)
-        lone_window = s._open[BOLT.id].timer.when() - loop.time()
-        await s.close()
-        await lone
-        # A stream while it is saturated: the next message opened stays open the saturated window.
-        stream = [asyncio.create_task(s.create(BOLT, f"job-{i}", done, True)) for i in range(10)]
+        message = s._open[BOLT.id]
+        alone = message.timer.when() - message.opened  # one client's job after another: the busy window
+        second = asyncio.create_task(s.create(BOLT, "second", done, True))
         await asyncio.sleep(0)
+        company = message.timer.when() - message.opened
         await s.close()
-        await asyncio.gather(*stream)
-        more = asyncio.create_task(s.create(BOLT, "next", done, True))
+        await asyncio.gather(first, second)
+        await asyncio.sleep(1.1)  # a quiet spell
+        idle = asyncio.create_task(s.create(BOLT, "idle", done, False))
         await asyncio.sleep(0)
-        stream_window = s._open[BOLT.id].timer.when() - loop.time()
+        quiet = s._open[BOLT.id].timer.when() - s._open[BOLT.id].opened
         await s.close()
-        await more
-        return lone_window, stream_window
+        await idle
+        return alone, company, quiet
 
-    lone_window, stream_window = asyncio.run(windows())
-    assert lone_window <= 0.002 and stream_window > 49.0
+    alone, company, quiet = asyncio.run(windows())
+    assert 4.9 < alone < 5.01 and 49.9 < company < 50.01 and quiet <= 0.003
 
 
 def test_a_model_is_saturated_only_while_every_live_worker_reports_its_model_busy():
