@@ -58,8 +58,9 @@ class Settings(BaseSettings):
     # Async jobs that arrive at one API process within SEND_WINDOW_MS of each other go to their model's
     # queue as one message, up to SEND_MAX_JOBS (api/sender.py): a flood of one-series jobs costs a
     # worker one Celery delivery per batch, not per job. 0 sends each job on its own. While a model's
-    # jobs keep coming (two or more per SEND_BUSY_WINDOW_MS), a message stays open that long instead,
-    # and SEND_SATURATED_WINDOW_MS while every worker of the model is saturated (busy in passes).
+    # jobs keep coming (two or more per SEND_BUSY_WINDOW_MS), a message stays open that long instead.
+    # While every worker of the model is saturated (busy in passes), a message opens with the busy
+    # window even for a lone job and stays open SEND_SATURATED_WINDOW_MS once a second job joins.
     send_window_ms: float = Field(2.0, ge=0, le=1000)
     send_busy_window_ms: float = Field(20.0, ge=0, le=1000)
     send_saturated_window_ms: float = Field(80.0, ge=0, le=1000)
