@@ -209,8 +209,10 @@ class Sender:
         # pipeline. A create whose request went away is not run.
         creating = [(held, held.create) for held in message.held if held.create and not held.outcome.done()]
         outcomes = await asyncio.gather(*(create() for _, create in creating), return_exceptions=True)
-        created = {held.job_id for (held, _), outcome in zip(creating, outcomes, strict=True) if outcome is None}
+        created = set()
         for (held, _), outcome in zip(creating, outcomes, strict=True):
+            if outcome is None:
+                created.add(held.job_id)
             if held.outcome.done():  # its request went away meanwhile; a job it created still runs
                 continue
             if isinstance(outcome, BaseException):

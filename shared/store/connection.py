@@ -12,32 +12,22 @@ output is byte for byte redis-py's; a connection configured otherwise packs as r
 
 from __future__ import annotations
 
-import hiredis
 from redis.asyncio.connection import Connection
-from redis.exceptions import DataError
+from redis.connection import HiredisRespSerializer
 
 
 class PackedConnection(Connection):
-    """A TCP connection (`redis://`) whose commands are packed by hiredis."""
+    """A TCP connection (`redis://`) whose commands are packed by hiredis, through redis-py's own
+    serializer for its blocking client (splitting 'CONFIG GET', buffers as bytes, DataError)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # hiredis encodes text as utf-8, strictly: another encoding (a `?encoding=` in the URL) keeps
-        # redis-py's packer.
-        self._packs_natively = (self.encoder.encoding, self.encoder.encoding_errors) == ("utf-8", "strict")
+        # redis-py's Python packer.
+        native = (self.encoder.encoding, self.encoder.encoding_errors) == ("utf-8", "strict")
+        self._serializer = HiredisRespSerializer() if native else None
 
     def pack_command(self, *args) -> list[bytes]:
-        if not self._packs_natively:
+        if self._serializer is None:
             return super().pack_command(*args)
-        # As redis-py's HiredisRespSerializer: a command name of several words ('CONFIG GET') is sent
-        # as several arguments, and hiredis packs bytes, not buffers.
-        if isinstance(args[0], str):
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        if any(isinstance(arg, (bytearray, memoryview)) for arg in args):
-            args = tuple(bytes(arg) if isinstance(arg, (bytearray, memoryview)) else arg for arg in args)
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:  # what redis-py's encoder raises for None, a bool, a list...
-            raise DataError(str(exc)) from exc
+        return self._serializer.pack(*args)
