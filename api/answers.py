@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from shared.schemas import JobView
 from shared.store import JobKind, JobRecord, JobStatus, Lane
 
-from api import bodies, ensembles, render
-from api.auth import Caller, is_admin
+from api import bodies, deps, ensembles, render
+from api.auth import Caller, is_admin, owner_of
 from api.deps import IdempotencyKey, Jobs
 from api.fleet import Fleet
 from api.problems import SUBMIT_ERRORS, Problem, documented
@@ -86,13 +86,12 @@ async def get_job(
     job_id: str,
     request: Request,
     response: Response,
-    jobs: Jobs,
-    owner: Caller,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal state (capped).")] = 0,
 ) -> Response:
     """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out).
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
     a succeeded forecast's results as a long-format table instead."""
+    jobs, owner = deps.jobs_of(request), owner_of(request)  # a hot route (api/deps.py)
     wait = min(wait, jobs.settings.wait_max_s)
     try:
         record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
@@ -138,17 +137,14 @@ async def cancel_job(job_id: str, request: Request, response: Response, jobs: Jo
 
 
 async def predict(
-    request: Request,
-    response: Response,
-    jobs: JobService,
-    owner: str,
-    timeout: float | None,
-    idempotency_key: str | None,
-    shape: bodies.Shape = bodies.NATIVE,
+    request: Request, response: Response, timeout: float | None, shape: bodies.Shape = bodies.NATIVE
 ) -> Response:
     """The synchronous predict of `/v1/predict` and of the design's `/predict` and `/predict/batch`,
     which differ only in the `shape` of their JSON bodies: submit on the model's priority lane and
-    wait up to `timeout` (capped); 202 with the job's Location when the wait runs out."""
+    wait up to `timeout` (capped); 202 with the job's Location when the wait runs out. A hot route:
+    it reads its dependencies itself (api/deps.py)."""
+    jobs, owner = deps.jobs_of(request), owner_of(request)
+    idempotency_key = deps.header(request, "Idempotency-Key")
     config = jobs.settings
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
     await jobs.admission.admit(owner)  # before any of the body is read
@@ -215,6 +211,7 @@ def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
         response_model=JobView,
         responses=documented("unauthorized", "missing-scope", "unknown-job", "redis-unavailable"),
         summary=f"{article} {noun}'s status and results; with `wait`, answer as soon as it finishes",
+        openapi_extra=deps.read_by_hand(),
     )
     router.add_api_route(
         f"{path}/events",

@@ -40,6 +40,8 @@ SCOPES = (FORECAST, READ, ADMIN)
 # auto_error=False: a missing key is our 401 problem, not FastAPI's 403; declared for /docs' Authorize.
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 _bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
+# The security requirement, as FastAPI writes it for `caller`, of a route that calls `owner_of`.
+SECURITY: list[dict[str, list[str]]] = [{_api_key_header.scheme_name: []}, {_bearer.scheme_name: []}]
 
 # A key file line: the key, then any `models=` and `scopes=` options. Whatever comes before the
 # options is the key, so every line that was a key before options existed still is.
@@ -140,13 +142,22 @@ class KeyRing:
         return found[0] if found else None
 
 
+def owner_of(request: Request) -> str:
+    """The caller's owner id, or a 401 problem (403 outside the key's scopes). The hot routes
+    (`POST /v1/forecasts`, `GET /v1/{jobs}/{job_id}`, the predicts) call it themselves instead of
+    declaring `Caller`: FastAPI's solving of `caller` and its two security sub-dependencies cost
+    ~30 µs a request (api/deps.py)."""
+    return _admit(request, _identify(request.app.state.keys, presented(request)))
+
+
 async def caller(
     request: Request,
     api_key: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """FastAPI dependency: the caller's owner id, or a 401 problem (403 outside the key's scopes)."""
-    return _admit(request, _identify(request.app.state.keys, _presented(api_key, bearer)))
+    """FastAPI dependency: `owner_of`. Its two parameters declare the key's schemes in OpenAPI (and
+    /docs' Authorize); the key is read by `presented`, the one reading the hot routes use too."""
+    return owner_of(request)
 
 
 async def legacy_caller(
@@ -157,10 +168,22 @@ async def legacy_caller(
     """FastAPI dependency of the legacy routes: as `caller`, except that with COMPAT_REQUIRE_KEY=false
     a call without any key runs as the `LEGACY` owner (the old server had no auth there)."""
     ring: KeyRing = request.app.state.keys
-    presented = _presented(api_key, bearer)
-    if presented is None and ring.legacy_keyless and not ring.disabled:
+    presented_key = presented(request)
+    if presented_key is None and ring.legacy_keyless and not ring.disabled:
         return _admit(request, (LEGACY, FULL))
-    return _admit(request, _identify(ring, presented))
+    return _admit(request, _identify(ring, presented_key))
+
+
+def presented(request: Request) -> str | None:
+    """The key sent, as `X-API-Key` or else as a bearer token (clients that send both send the same
+    key); None for neither. Read as FastAPI's `APIKeyHeader` and `HTTPBearer` read them: an empty
+    header, or an `Authorization` of another scheme, is no key."""
+    headers = request.headers
+    if api_key := headers.get("x-api-key"):
+        return api_key
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    credentials = credentials.strip()
+    return credentials if credentials and scheme.lower() == "bearer" else None
 
 
 def permit_model(request: Request, model: str) -> None:
@@ -177,11 +200,6 @@ def is_admin(request: Request) -> bool:
     """The caller's key holds the `admin` scope."""
     grant: Grant = getattr(request.state, "grant", FULL)
     return grant.admin
-
-
-def _presented(api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
-    """The key sent, as `X-API-Key` or else as a bearer token (clients that send both send the same key)."""
-    return api_key if api_key is not None else (bearer.credentials if bearer else None)
 
 
 def _identify(ring: KeyRing, presented: str | None) -> tuple[str, Grant]:

@@ -35,6 +35,45 @@ def test_a_key_works_as_x_api_key_and_as_bearer(api):
     assert as_header.status_code == as_bearer.status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"X-API-Key": OTHER_KEY}, 200),
+        ({"Authorization": f"bearer  {OTHER_KEY} "}, 200),  # any case; spaces around the token
+        ({"X-API-Key": "", "Authorization": f"Bearer {OTHER_KEY}"}, 200),  # an empty X-API-Key is no key
+        ({"X-API-Key": "wrong", "Authorization": f"Bearer {OTHER_KEY}"}, 401),  # X-API-Key wins
+        ({"Authorization": f"Basic {OTHER_KEY}"}, 401),
+        ({"Authorization": "Bearer"}, 401),
+    ],
+)
+def test_hot_routes_read_the_key_as_the_declared_security_does(api, headers, status):
+    """`GET /v1/forecasts/{id}` and `POST /v1/forecasts` read the key by hand (api/deps.py);
+    `GET /v1/models` declares it. All three answer alike."""
+    job_id = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL), headers={"X-API-Key": OTHER_KEY}).json()["id"]
+    del api.headers["X-API-Key"]
+
+    answers = [
+        api.get("/v1/models", headers=headers),
+        api.get(f"/v1/forecasts/{job_id}", headers=headers),
+        api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL), headers=headers),
+    ]
+
+    assert [a.status_code for a in answers] == [status, status, 202 if status == 200 else status]
+
+
+def test_a_too_long_header_is_the_same_422_on_hot_and_declared_routes(api):
+    too_long = {"Idempotency-Key": "k" * 256}
+
+    hot = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL), headers=too_long)
+    declared = api.post("/v1/backtests", json={}, headers=too_long)
+    prefer = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL), headers={"Prefer": "wait=1" + " " * 255})
+
+    assert hot.status_code == declared.status_code == prefer.status_code == 422
+    assert hot.json()["field"] == declared.json()["field"] == "Idempotency-Key"
+    assert hot.json()["detail"] == declared.json()["detail"]
+    assert prefer.json()["field"] == "Prefer"
+
+
 def test_another_keys_job_is_404_to_read_wait_on_and_cancel_and_stays_untouched(api):
     job_id = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL)).json()["id"]
     other = {"X-API-Key": OTHER_KEY}

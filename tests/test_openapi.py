@@ -46,6 +46,25 @@ def test_every_request_body_has_an_example(openapi):
         assert media.get("examples") or resolve(openapi, media["schema"]).get("examples"), name
 
 
+def test_routes_that_read_the_key_and_headers_by_hand_document_them_as_declared_ones(openapi):
+    """The hot routes take no FastAPI dependencies (api/deps.py); `read_by_hand` documents what they
+    read as FastAPI documents `Caller` and a declared header on the other routes."""
+    paths = openapi["paths"]
+    declared = paths["/v1/backtests"]["post"]  # Caller and IdempotencyKey, declared
+    public = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /health", "GET /models/{slug}/health"}
+
+    for name, operation in operations(openapi):
+        if name not in public:
+            assert operation.get("security") == declared["security"], name
+    for hot in ("/v1/forecasts", "/v1/predict", "/predict", "/predict/batch"):
+        parameters = {p["name"]: p for p in paths[hot]["post"]["parameters"]}
+        assert parameters["Idempotency-Key"] == next(p for p in declared["parameters"] if p["name"] == "Idempotency-Key")
+    prefer = next(p for p in paths["/v1/forecasts"]["post"]["parameters"] if p["name"] == "Prefer")
+    assert prefer["in"] == "header" and prefer["schema"]["anyOf"][0] == {"type": "string", "maxLength": 255}
+    assert {p["name"] for p in paths["/v1/forecasts/{job_id}"]["get"]["parameters"]} == {"job_id", "wait"}
+    assert set(openapi["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+
+
 def test_every_error_response_is_problem_json_with_matching_examples(openapi):
     errors = [(name, int(status), response) for name, op in operations(openapi)
               for status, response in op["responses"].items() if int(status) >= 400]  # fmt: skip

@@ -9,10 +9,9 @@ from fastapi import APIRouter, Query, Request, Response, status
 from shared.schemas import ForecastRequest, JobView
 from shared.store import Lane
 
-from api import answers, bodies, ensembles
+from api import answers, bodies, deps, ensembles
 from api.answers import accepted, add_job_routes, answer, preferred_wait
-from api.auth import Caller
-from api.deps import IdempotencyKey, Jobs, PreferHeader
+from api.auth import owner_of
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
@@ -29,16 +28,10 @@ SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed")
         200: {"model": JobView, "description": "With `Prefer: wait`: the job ended within the wait."},
         **documented(*SUBMIT_ERRORS),
     },
-    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
+    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True)
+    | deps.read_by_hand("Idempotency-Key", "Prefer"),
 )
-async def submit_forecast(
-    request: Request,
-    response: Response,
-    jobs: Jobs,
-    owner: Caller,
-    idempotency_key: IdempotencyKey = None,
-    prefer: PreferHeader = None,
-) -> Response:
+async def submit_forecast(request: Request, response: Response) -> Response:
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
 
     The body is JSON, or an Arrow IPC stream / Parquet file in long format with the parameters in
@@ -48,6 +41,9 @@ async def submit_forecast(
     (RFC 7240; capped at WAIT_MAX_S) the answer waits for the job like a long-wait GET: 200 with the
     results when it ends in time, else 202 as usual. One request per job instead of two.
     """
+    # A hot route: it reads its dependencies itself (api/deps.py).
+    jobs, owner = deps.jobs_of(request), owner_of(request)
+    idempotency_key, prefer = deps.header(request, "Idempotency-Key"), deps.header(request, "Prefer")
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
     wait = preferred_wait(prefer, jobs.settings.wait_max_s)
@@ -78,19 +74,16 @@ add_job_routes(router, "forecasts", "forecast job")
         202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
         **documented(*SUBMIT_ERRORS, *SYNC_ERRORS),
     },
-    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True),
+    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True) | deps.read_by_hand("Idempotency-Key"),
 )
 async def predict(
     request: Request,
     response: Response,
-    jobs: Jobs,
-    owner: Caller,
     timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Forecast in one round trip on a sync-eligible model, through its priority lane; or on an
     ensemble (ENSEMBLES), whose members' forecasts are combined.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
-    return await answers.predict(request, response, jobs, owner, timeout, idempotency_key)
+    return await answers.predict(request, response, timeout)

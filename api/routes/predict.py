@@ -11,9 +11,7 @@ from pydantic import BaseModel
 
 from shared.schemas import BatchPredictRequest, JobView, PredictRequest
 
-from api import answers, bodies
-from api.auth import Caller
-from api.deps import IdempotencyKey, Jobs
+from api import answers, bodies, deps
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(tags=["forecasts"])
@@ -22,15 +20,8 @@ Timeout = Annotated[float | None, Query(gt=0, description="Seconds to wait (capp
 
 
 def _add(path: str, shape: bodies.Shape, documented_body: type[BaseModel], summary: str, description: str) -> None:
-    async def endpoint(
-        request: Request,
-        response: Response,
-        jobs: Jobs,
-        owner: Caller,
-        timeout: Timeout = None,
-        idempotency_key: IdempotencyKey = None,
-    ) -> Response:
-        return await answers.predict(request, response, jobs, owner, timeout, idempotency_key, shape)
+    async def endpoint(request: Request, response: Response, timeout: Timeout = None) -> Response:
+        return await answers.predict(request, response, timeout, shape)
 
     router.add_api_route(
         path,
@@ -41,7 +32,7 @@ def _add(path: str, shape: bodies.Shape, documented_body: type[BaseModel], summa
             202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
             **documented(*SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker"),
         },
-        openapi_extra=bodies.documented_body(documented_body, columnar=True),
+        openapi_extra=bodies.documented_body(documented_body, columnar=True) | deps.read_by_hand("Idempotency-Key"),
         summary=summary,
         description=description,
         operation_id=path.strip("/").replace("/", "_"),
