@@ -172,6 +172,9 @@ class Raw:
         import torch
         from chronos import BaseChronosPipeline
 
+        from workers.runtime import keep_freed_memory
+
+        keep_freed_memory()  # the allocator a worker runs with: the raw pipeline's best case too
         self.spec = catalog.get(model)
         self.torch = torch
         # The device and dtype a worker would pick (workers/runtime.py): CUDA in bfloat16 when present.

@@ -352,3 +352,49 @@ def test_busy_time_counts_overlapping_passes_once_and_the_pass_in_progress():
     busy.__enter__()  # a pass under way for 2 s so far counts already
     now[0] += 2
     assert busy.seconds() == 5.0
+
+
+def test_only_the_async_lane_runs_passes_on_several_intra_op_threads(runtime):
+    """One OpenMP team in the process (workers/runtime.py `pin_threads`): the thread that built the
+    runtime is left on one intra-op thread, a sync-lane thread pins one, an async-lane thread all."""
+    import torch
+
+    seen = {}
+
+    def lane(sync: bool) -> None:
+        runtime.pin_threads(sync)
+        runtime.predict([Decoded.of([1.0, 2.0, 3.0] * 20)], 4, [0.5])
+        seen[sync] = torch.get_num_threads()
+
+    for sync in (True, False):
+        thread = threading.Thread(target=lane, args=(sync,))
+        thread.start()
+        thread.join()
+
+    assert runtime.threads >= 1  # a CPU here
+    assert seen == {True: 1, False: runtime.threads}
+
+
+def test_a_repeated_pass_reuses_the_memory_of_the_last_one(runtime):
+    """`keep_freed_memory` (called by the runtime): glibc's defaults gave a 64-series bolt-tiny pass
+    12,000-22,000 page faults, each pass faulting in again what the last one freed."""
+    import resource
+
+    from workers.runtime import keep_freed_memory
+
+    inputs = [Decoded.of([float((i + k) % 11) for i in range(512)]) for k in range(64)]
+    runtime.predict(inputs, 20, [0.1, 0.5, 0.9])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    runtime.predict(inputs, 20, [0.1, 0.5, 0.9])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert keep_freed_memory()  # glibc here, and no MALLOC_* settings
+    assert faults < 5_000
+
+
+def test_an_operators_malloc_settings_are_left_alone(monkeypatch):
+    from workers.runtime import keep_freed_memory
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+
+    assert keep_freed_memory() is False

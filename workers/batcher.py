@@ -199,6 +199,7 @@ class Batcher:
         """Async pass after pass. The series of the next pass are read while this one computes and
         its results are stored after it, both on the I/O thread, so the model waits on no round
         trip but the one that marks its jobs in a pass."""
+        self.runtime.pin_threads(sync=False)
         ahead: tuple[list[Slice], Future] | None = None
         while True:
             taken = ahead or self._next(block=True)
@@ -212,6 +213,7 @@ class Batcher:
     def _run_sync(self) -> None:
         """Sync pass after sync pass, each read, run and stored on this thread: a sync pass waits
         for no async pass's reads or writes either."""
+        self.runtime.pin_threads(sync=True)
         while True:
             batch = self._take(block=True, lane=Lane.SYNC)
             if batch:  # none when the work it woke for was abandoned meanwhile

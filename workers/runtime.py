@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,12 +35,24 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-# On a CPU, a pass of fewer series than this runs on one intra-op thread (unless TORCH_THREADS is
-# set). Measured on two cores, bolt-tiny, from the worker's model thread: one series 7.2 ms on one
-# thread against 8.8 on two, four series 14.7 against 21.9, eight 24.9 against 23.0, 64 190 against
-# 122. Small passes are mostly /v1/predict calls, whose latency the split costs; a busy host's other
-# processes also stall a team of threads more than a single one.
-SMALL_PASS = 8
+# glibc's malloc on a CPU pass: by default every freed block of the pass above 128 KiB goes back to
+# the kernel and the next pass faults it in again (bolt-tiny, 64 series: 12,000-22,000 page faults
+# and 22-38 ms of system CPU a pass, ~15 % of it). Kept in the heap instead: 16-176 faults a pass,
+# and ~50 MB more resident. An operator's own MALLOC_* or GLIBC_TUNABLES settings win.
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc for passes that allocate and free the same large buffers every time
+    (above); False where it is not glibc or the operator configured malloc."""
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def _out_of_memory(exc: Exception) -> bool:
@@ -54,10 +69,16 @@ class ModelRuntime:
         self.weights = weights
         self.device = pick_device(settings.device)
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        if settings.torch_threads:
+        # On a CPU: the async lane's intra-op threads (`pin_threads`); 0 on a GPU: torch's default.
+        self.threads = (settings.torch_threads or torch.get_num_threads()) if self.device == "cpu" else 0
+        self._lane = threading.local()  # the calling model thread's count (`pin_threads`)
+        if self.threads:
+            # This thread runs no pass: an OpenMP team it started (loading runs parallel copies)
+            # would outlive the loading and slow the model threads' passes (`pin_threads`).
+            torch.set_num_threads(1)
+            keep_freed_memory()
+        elif settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        # The intra-op threads of a large pass; small ones use one (SMALL_PASS). 0: always the same.
-        self.threads = torch.get_num_threads() if self.device == "cpu" and not settings.torch_threads else 0
         started = time.perf_counter()
         # from_pretrained dispatches on the config's pipeline class: Bolt gets ChronosBoltPipeline.
         self.pipeline = BaseChronosPipeline.from_pretrained(weights.path, device_map=self.device, dtype=self.dtype)
@@ -73,14 +94,39 @@ class ModelRuntime:
         # their kernels would share the default stream anyway. On a CPU they overlap, each on its
         # own cores (measured: bench/README.md).
         self._device = threading.Lock() if self.device != "cpu" else None
-        # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection.
+        # Warm up at the largest batch, so the first real batch pays no allocation or kernel selection,
+        # on a thread of its own: its OpenMP team ends with it (`pin_threads`).
         warmup = [Decoded.of([float(i % 7) for i in range(64)])] * self.max_batch
-        self.predict(warmup, 8, [0.5], sampling=self.family.warmup_sampling)
+        with ThreadPoolExecutor(1, thread_name_prefix="warmup") as warming:
+            warming.submit(self._warm_up, warmup).result()
         log.info(
             "loaded %s (%s weights from %s) on %s/%s in %.1fs, max batch %d, %d torch threads",
             spec.id, weights.kind, weights.source, self.device, str(self.dtype).removeprefix("torch."),
-            self.load_s, self.max_batch, torch.get_num_threads(),
+            self.load_s, self.max_batch, self.threads or torch.get_num_threads(),
         )  # fmt: skip
+
+    def _warm_up(self, inputs: Sequence[Decoded]) -> None:
+        self.pin_threads(sync=False)
+        self.predict(inputs, 8, [0.5], sampling=self.family.warmup_sampling)
+
+    def pin_threads(self, sync: bool) -> None:
+        """Called by each model thread as it starts (workers/batcher.py): on a CPU, the async lane's
+        passes run on `threads` intra-op threads and the sync lane's on one, so that only one
+        OpenMP team ever exists. A second one, even idle, slowed every pass of the first: libgomp
+        spins only briefly while it manages more threads than there are cores, and sleeps instead
+        (measured on 2 cores, bolt-tiny from a model thread: 64 series 100 -> 112-116 ms, one
+        series 6.6 -> 9.5-11.7 ms; bench/README.md). A sync pass runs beside an async pass on a
+        busy host anyway, where one more thread is what the cores have room for."""
+        self._lane.threads = (1 if sync else self.threads) if self.threads else 0
+
+    def _use_lane_threads(self) -> None:
+        """Set the calling lane's count before each pass, not once: torch keeps one process-wide
+        count beside each thread's own, and ATen runs an operation on one thread while that count
+        is 1, whichever thread set it (set once per thread, the sync lane's 1 left the flood at 307-314
+        series/s against 373-388 set before each pass, on 2 cores)."""
+        threads = getattr(self._lane, "threads", self.threads)
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def batch_limit(self, params: ForecastParameters) -> int:
         """Series per forward pass for these parameters (the family's limit at the current `max_batch`)."""
@@ -103,9 +149,7 @@ class ModelRuntime:
         `cross_learning` forecasts the inputs as one group (Chronos-2); `variant` names the
         fine-tuned model of this base model to run instead of the base model."""
         pipeline = self.pipeline if variant is None else self.finetuned(variant)
-        threads = 1 if self.threads > 1 and len(inputs) < SMALL_PASS else self.threads
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)  # the calling thread's own count (OpenMP's, MKL's)
+        self._use_lane_threads()
         turn = self._device or (self._random if self.family.sample_based else contextlib.nullcontext())
         with turn, torch.inference_mode():
             if seed is not None:
