@@ -219,6 +219,39 @@ def test_a_sync_pass_runs_beside_an_async_pass_in_progress_not_after_it(runtime,
     assert bulk.finished.wait(60) and bulk.error is None and len(bulk.kept) == 4
 
 
+def test_an_idle_worker_runs_sync_work_on_the_async_thread_and_a_busy_one_beside_it(runtime, io, monkeypatch):
+    """The async thread, idle, takes sync work (its passes use every intra-op thread on a CPU); the
+    sync thread runs what comes while it is busy."""
+    ran_on, bulk_running, release = {}, threading.Event(), threading.Event()
+    real = runtime.predict
+
+    def recording(inputs, *args, **kwargs):
+        ran_on[len(inputs)] = threading.current_thread().name
+        if len(inputs) == 4:  # the bulk job's pass: held until the second sync job is done
+            bulk_running.set()
+            release.wait(60)
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "predict", recording)
+    batcher = Batcher(runtime, io)
+    batcher.start()
+    time.sleep(0.2)  # both threads wait for work
+    idle = work(runtime, [series(98)], lane=Lane.SYNC)
+    batcher.submit(idle)
+    assert idle.finished.wait(60) and idle.error is None
+    bulk = work(runtime, [series(k) for k in range(4)])
+    batcher.submit(bulk)
+    assert bulk_running.wait(60)
+    busy = work(runtime, [series(k) for k in (96, 97)], lane=Lane.SYNC)
+
+    batcher.submit(busy)
+
+    assert busy.finished.wait(60) and busy.error is None and len(busy.kept) == 2
+    release.set()
+    assert bulk.finished.wait(60) and bulk.error is None
+    assert ran_on == {1: "batcher", 4: "batcher", 2: "batcher-sync"}
+
+
 def test_incompatible_parameters_never_share_a_pass(runtime, io):
     native = work(runtime, [series(1)], prediction_length=10)
     beyond = work(runtime, [series(2)], prediction_length=runtime.spec.prediction_length + 5)

@@ -14,8 +14,9 @@ Which series share a forward pass:
   would make a slice differ from the job's result alone.
 - Sync-lane work has a model thread of its own, which never waits behind the async lane's queue
   or its reads and writes. A pass is stateless in torch, so on a CPU the two threads run the one
-  model at once, each on its own cores (a T5 pass holds the runtime's random generator,
-  workers/runtime.py): a /v1/predict waits for no async pass. On a GPU the passes take turns on
+  model at once (a T5 pass holds the runtime's random generator, workers/runtime.py): a
+  /v1/predict waits for no async pass. Sync work that finds the async thread idle runs on it
+  instead, on all the intra-op threads (the sync thread's passes use one: `_idle`). On a GPU the passes take turns on
   the device, so there a sync pass waits for the async pass in progress; while sync requests keep
   coming (within `sync_guard_s` of the last), passes of async work are kept short
   (`sync_guard_batch`), so that it is a short one.
@@ -160,6 +161,7 @@ class Batcher:
         # (a flood's async jobs never wake the sync thread), once per message, not once per job.
         self._lock = threading.Lock()
         self._ready = {lane: threading.Condition(self._lock) for lane in self._pending}
+        self._async_idle = False  # the async thread waits for work: sync work is left to it (`_idle`)
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
         # Reads of the next async pass and writes of the last one run here, while the model computes.
@@ -184,8 +186,10 @@ class Batcher:
                 self._sync_seen = time.monotonic()
             for work in works:
                 self._pending[work.lane].append(work)
+            if Lane.SYNC in lanes:  # the sync thread, and the async thread if it is idle (`_idle`)
+                self._ready[Lane.ASYNC].notify()
             for lane in lanes:
-                self._ready[lane].notify()  # one model thread waits on each lane
+                self._ready[lane].notify_all()  # at most the two model threads wait on a lane
 
     def abandon(self, work: Work) -> None:
         """Schedule none of the job's remaining series (its task gave up on it)."""
@@ -198,21 +202,48 @@ class Batcher:
     def _run(self) -> None:
         """Async pass after pass. The series of the next pass are read while this one computes and
         its results are stored after it, both on the I/O thread, so the model waits on no round
-        trip but the one that marks its jobs in a pass."""
+        trip but the one that marks its jobs in a pass. Idle, it serves sync work too (`_idle`)."""
         self.runtime.pin_threads(sync=False)
         ahead: tuple[list[Slice], Future] | None = None
         while True:
-            taken = ahead or self._next(block=True)
+            if ahead is None:
+                sync = self._idle()
+                if sync:
+                    self._guarded(sync)
+                    continue
+            taken = ahead or self._next(block=False)
             ahead = None
-            if taken is None:  # woken with nothing to do
+            if taken is None:  # the work it woke for was abandoned meanwhile
                 continue
             batch, reading = taken
             ahead = self._next(block=False)
             self._guarded(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
 
+    def _idle(self) -> list[Slice]:
+        """Wait for work with nothing under way; a sync pass if sync work came, else [] for the
+        async work that did. While this thread waits here, the sync thread leaves sync work to it:
+        on a CPU this thread's passes run on all the intra-op threads and the sync thread's on one
+        (`ModelRuntime.pin_threads`), so an idle worker answers a /v1/predict sooner (bolt-tiny on
+        2 cores, bench/predict_latency.py in alternating runs: the pass 7.0-9.0 ms, median 7.9,
+        against 9.1-9.4 on the sync thread). The sync thread runs what comes while this one is
+        busy, and what this one's pass had no room for."""
+        with self._lock:
+            self._async_idle = True
+            try:
+                self._ready[Lane.ASYNC].wait_for(lambda: self._pending[Lane.SYNC] or self._pending[Lane.ASYNC])
+            finally:
+                self._async_idle = False
+            if not self._pending[Lane.SYNC]:
+                return []
+            batch = self._take_locked(Lane.SYNC)
+            if self._pending[Lane.SYNC]:
+                self._ready[Lane.SYNC].notify_all()
+            return batch
+
     def _run_sync(self) -> None:
         """Sync pass after sync pass, each read, run and stored on this thread: a sync pass waits
-        for no async pass's reads or writes either."""
+        for no async pass's reads or writes either. Sync work that comes while the async thread is
+        idle is its (`_idle`)."""
         self.runtime.pin_threads(sync=True)
         while True:
             batch = self._take(block=True, lane=Lane.SYNC)
@@ -248,34 +279,42 @@ class Batcher:
             queue = self._pending[lane]
             if not block and not queue:
                 return []
-            ready.wait_for(lambda: bool(queue))
+            if block and lane is Lane.SYNC:  # the sync thread: not what the idle async thread takes
+                ready.wait_for(lambda: bool(queue) and not self._async_idle)
+            else:
+                ready.wait_for(lambda: bool(queue))
+            return self._take_locked(lane)
+
+    def _take_locked(self, lane: Lane) -> list[Slice]:
+        """`_take`, with the lock held and work pending on `lane`."""
+        ready, queue = self._ready[lane], self._pending[lane]
+        first = min(queue, key=lambda w: w.waiting_since)
+        room = self._room(lane, first)
+        if self.wait_s and self._pending_series(lane) < room:
+            ready.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
+            if not queue:  # its task gave up on it meanwhile
+                return []
             first = min(queue, key=lambda w: w.waiting_since)
             room = self._room(lane, first)
-            if self.wait_s and self._pending_series(lane) < room:
-                ready.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
-                if not queue:  # its task gave up on it meanwhile
-                    return []
-                first = min(queue, key=lambda w: w.waiting_since)
-                room = self._room(lane, first)
-            group = [w for w in queue if w.key == first.key]
-            shares = dict.fromkeys(group, 0)
-            for i, work in enumerate(sorted(group, key=lambda w: w.unscheduled)):  # water-filling
-                shares[work] = min(work.unscheduled, max(1, room // (len(group) - i)))
-                room -= shares[work]
-                if room <= 0:
-                    break
-            picked = []
-            now = time.monotonic()
-            for work in group:  # arrival order
-                n = shares[work]
-                if not n:
-                    continue
-                picked.append((work, work.scheduled, work.scheduled + n))
-                work.scheduled += n
-                work.waiting_since = now
-                if not work.unscheduled:
-                    queue.remove(work)
-            return picked
+        group = [w for w in queue if w.key == first.key]
+        shares = dict.fromkeys(group, 0)
+        for i, work in enumerate(sorted(group, key=lambda w: w.unscheduled)):  # water-filling
+            shares[work] = min(work.unscheduled, max(1, room // (len(group) - i)))
+            room -= shares[work]
+            if room <= 0:
+                break
+        picked = []
+        now = time.monotonic()
+        for work in group:  # arrival order
+            n = shares[work]
+            if not n:
+                continue
+            picked.append((work, work.scheduled, work.scheduled + n))
+            work.scheduled += n
+            work.waiting_since = now
+            if not work.unscheduled:
+                queue.remove(work)
+        return picked
 
     def _room(self, lane: Lane, first: Work) -> int:
         """Series the next pass may take: the batch limit for its parameters, and while sync requests
