@@ -6,9 +6,8 @@ synchronous predict that `/v1/predict` and the design's `/predict` routes share.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -82,17 +81,12 @@ async def answer(jobs: JobService, record: JobRecord, request: Request, response
     return Response(render.job_json(record, outputs, items), code, headers, media_type="application/json")
 
 
-async def get_job(
-    job_id: str,
-    request: Request,
-    response: Response,
-    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal state (capped).")] = 0,
-) -> Response:
+async def get_job(job_id: str, request: Request, response: Response) -> Response:
     """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out).
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
     a succeeded forecast's results as a long-format table instead."""
     jobs, owner = deps.jobs_of(request), owner_of(request)  # a hot route (api/deps.py)
-    wait = min(wait, jobs.settings.wait_max_s)
+    wait = min(deps.query(request, "wait"), jobs.settings.wait_max_s)
     try:
         record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
     except Problem as problem:
@@ -136,15 +130,13 @@ async def cancel_job(job_id: str, request: Request, response: Response, jobs: Jo
     return JobView.of(record)
 
 
-async def predict(
-    request: Request, response: Response, timeout: float | None, shape: bodies.Shape = bodies.NATIVE
-) -> Response:
+async def predict(request: Request, response: Response, shape: bodies.Shape = bodies.NATIVE) -> Response:
     """The synchronous predict of `/v1/predict` and of the design's `/predict` and `/predict/batch`,
     which differ only in the `shape` of their JSON bodies: submit on the model's priority lane and
     wait up to `timeout` (capped); 202 with the job's Location when the wait runs out. A hot route:
     it reads its dependencies itself (api/deps.py)."""
     jobs, owner = deps.jobs_of(request), owner_of(request)
-    idempotency_key = deps.header(request, "Idempotency-Key")
+    timeout, idempotency_key = deps.query(request, "timeout"), deps.header(request, "Idempotency-Key")
     config = jobs.settings
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
     await jobs.admission.admit(owner)  # before any of the body is read
@@ -211,7 +203,7 @@ def add_job_routes(router: APIRouter, collection: str, noun: str) -> None:
         response_model=JobView,
         responses=documented("unauthorized", "missing-scope", "unknown-job", "redis-unavailable"),
         summary=f"{article} {noun}'s status and results; with `wait`, answer as soon as it finishes",
-        openapi_extra=deps.read_by_hand(),
+        openapi_extra=deps.read_by_hand("wait"),
     )
     router.add_api_route(
         f"{path}/events",

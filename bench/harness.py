@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,6 +169,9 @@ class Raw:
     """The same synthetic checkpoint, loaded in this process: the baseline the service is measured against."""
 
     def __init__(self, model: str):
+        from workers import spin_briefly
+
+        spin_briefly()  # as a worker runs torch (where torch is not loaded yet)
         import torch
         from chronos import BaseChronosPipeline
 

@@ -74,6 +74,21 @@ def test_a_too_long_header_is_the_same_422_on_hot_and_declared_routes(api):
     assert prefer.json()["field"] == "Prefer"
 
 
+def test_the_key_is_checked_before_query_parameters_and_a_bad_one_is_a_422_naming_it(api):
+    keyless = {"X-API-Key": ""}
+
+    assert api.get("/v1/forecasts/x", params={"wait": -1}, headers=keyless).status_code == 401
+    assert api.post("/v1/predict", params={"timeout": 0}, json={}, headers=keyless).status_code == 401
+    negative = api.get("/v1/forecasts/x", params={"wait": -1})
+    word = api.get("/v1/forecasts/x", params={"wait": "soon"})
+    zero = api.post("/v1/predict", params={"timeout": 0}, json=forecast_body(QUEUED_MODEL))
+
+    assert [negative.status_code, word.status_code, zero.status_code] == [422, 422, 422]
+    assert negative.json()["detail"] == "wait: Input should be greater than or equal to 0"
+    assert word.json()["field"] == "wait" and "valid number" in word.json()["detail"]
+    assert zero.json()["detail"] == "timeout: Input should be greater than 0"
+
+
 def test_another_keys_job_is_404_to_read_wait_on_and_cancel_and_stays_untouched(api):
     job_id = api.post("/v1/forecasts", json=forecast_body(QUEUED_MODEL)).json()["id"]
     other = {"X-API-Key": OTHER_KEY}

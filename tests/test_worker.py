@@ -252,6 +252,58 @@ def test_an_idle_worker_runs_sync_work_on_the_async_thread_and_a_busy_one_beside
     assert ran_on == {1: "batcher", 4: "batcher", 2: "batcher-sync"}
 
 
+def test_async_work_waiting_keeps_the_async_thread_and_sync_work_goes_to_its_own(runtime, io, monkeypatch):
+    """The idle async thread takes sync work only while no async work waits: a steady stream of
+    sync requests cannot starve async jobs."""
+    ran_on, real = {}, runtime.predict
+
+    def recording(inputs, *args, **kwargs):
+        ran_on[len(inputs)] = threading.current_thread().name
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "predict", recording)
+    batcher = Batcher(runtime, io)
+    batcher.start()
+    time.sleep(0.2)  # both threads wait for work
+    bulk, sync = work(runtime, [series(k) for k in range(3)]), work(runtime, [series(9)], lane=Lane.SYNC)
+
+    batcher.submit(bulk, sync)
+
+    assert bulk.finished.wait(60) and sync.finished.wait(60) and bulk.error is None and sync.error is None
+    assert ran_on == {3: "batcher", 1: "batcher-sync"}
+
+
+def test_a_sync_job_larger_than_a_pass_runs_its_slices_in_order_on_either_thread(runtime, io, monkeypatch):
+    """Both model threads take sync work; one job's slices still run one after another, so its
+    results are kept (and stored) in series order."""
+    real, overlapping, running = runtime.predict, [], threading.Semaphore(1)
+
+    def slow(inputs, *args, **kwargs):
+        if not running.acquire(blocking=False):
+            overlapping.append(len(inputs))  # two passes of the one job at once
+            return real(inputs, *args, **kwargs)
+        try:
+            time.sleep(0.05)  # time for the other thread to take the next slice, if it could
+            return real(inputs, *args, **kwargs)
+        finally:
+            running.release()
+
+    monkeypatch.setattr(runtime, "predict", slow)
+    batcher = Batcher(runtime, io)
+    batcher.start()
+    inputs = [Decoded.of([float((t * 3) % 11 + k) for t in range(48)]) for k in range(3 * runtime.max_batch + 1)]
+    big = work(runtime, inputs, lane=Lane.SYNC)
+
+    batcher.submit(big)
+
+    assert big.finished.wait(60) and big.error is None
+    assert overlapping == []
+    levels = big.params.quantile_levels
+    for k, result in enumerate(big.kept):  # series k's forecast, not another's (the series all differ)
+        alone = real([inputs[k]], 4, levels)[0]
+        assert level(result, levels, 0.5) == pytest.approx(level(alone, levels, 0.5), rel=1e-4), k
+
+
 def test_incompatible_parameters_never_share_a_pass(runtime, io):
     native = work(runtime, [series(1)], prediction_length=10)
     beyond = work(runtime, [series(2)], prediction_length=runtime.spec.prediction_length + 5)

@@ -9,16 +9,20 @@ import sys
 from shared import catalog
 from shared.settings import get_settings
 
+from workers import spin_briefly
+
 
 def main(argv: list[str] | None = None) -> None:
-    from workers.app import Worker
-    from workers.weights import WeightsNotFound
-
     settings = get_settings()
     if not settings.chronos_model:
         sys.exit("CHRONOS_MODEL is not set: a worker serves exactly one catalog model (e.g. amazon/chronos-bolt-tiny)")
     extra = sys.argv[1:] if argv is None else argv
     train = settings.train or "--train" in extra
+    if not train:
+        spin_briefly()  # before torch loads (workers.app imports it)
+    from workers.app import Worker
+    from workers.weights import WeightsNotFound
+
     try:
         worker = Worker(settings, catalog.get(settings.chronos_model), train=train)
     except WeightsNotFound as exc:  # resolved before Celery starts (the worker's revision names a queue)

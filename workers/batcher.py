@@ -75,6 +75,9 @@ class Work:
     ending: bool = False  # one of the I/O thread and the task thread has taken the job's end (`end_once`)
     kept: list[np.ndarray] = field(default_factory=list)
     scheduled: int = 0  # series handed to a forward pass so far
+    # A sync-lane slice of it is in a pass. Either model thread may run sync work (`Batcher._idle`);
+    # a job's slices run one after another all the same, so its results are stored in order.
+    running: bool = False
     waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
     done: int = 0
     model_s: float = 0.0  # time in the forward passes this job took part in
@@ -209,7 +212,7 @@ class Batcher:
             if ahead is None:
                 sync = self._idle()
                 if sync:
-                    self._guarded(sync)
+                    self._sync_pass(sync)
                     continue
             taken = ahead or self._next(block=False)
             ahead = None
@@ -220,23 +223,21 @@ class Batcher:
             self._guarded(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
 
     def _idle(self) -> list[Slice]:
-        """Wait for work with nothing under way; a sync pass if sync work came, else [] for the
-        async work that did. While this thread waits here, the sync thread leaves sync work to it:
-        on a CPU this thread's passes run on all the intra-op threads and the sync thread's on one
+        """Wait for work with nothing under way; a sync pass if only sync work came, else [] for
+        the async work. While this thread waits here, the sync thread leaves sync work to it: on a
+        CPU this thread's passes run on all the intra-op threads and the sync thread's on one
         (`ModelRuntime.pin_threads`), so an idle worker answers a /v1/predict sooner (bolt-tiny on
         2 cores, bench/predict_latency.py in alternating runs: the pass 7.0-9.0 ms, median 7.9,
-        against 9.1-9.4 on the sync thread). The sync thread runs what comes while this one is
-        busy, and what this one's pass had no room for."""
+        against 9.1-9.4 on the sync thread). Async work waiting goes first here, as sync work has
+        a thread of its own, which runs what comes while this one is busy."""
         with self._lock:
             self._async_idle = True
             try:
-                self._ready[Lane.ASYNC].wait_for(lambda: self._pending[Lane.SYNC] or self._pending[Lane.ASYNC])
+                self._ready[Lane.ASYNC].wait_for(lambda: self._pending[Lane.ASYNC] or self._sync_ready())
             finally:
                 self._async_idle = False
-            if not self._pending[Lane.SYNC]:
-                return []
-            batch = self._take_locked(Lane.SYNC)
-            if self._pending[Lane.SYNC]:
+            batch = [] if self._pending[Lane.ASYNC] else self._take_locked(Lane.SYNC)
+            if self._sync_ready():  # what this thread leaves: the sync thread may take it now
                 self._ready[Lane.SYNC].notify_all()
             return batch
 
@@ -248,7 +249,23 @@ class Batcher:
         while True:
             batch = self._take(block=True, lane=Lane.SYNC)
             if batch:  # none when the work it woke for was abandoned meanwhile
-                self._guarded(batch)
+                self._sync_pass(batch)
+
+    def _sync_pass(self, batch: list[Slice]) -> None:
+        """Run and store a sync pass on this thread, then free its jobs' next slices for either thread."""
+        try:
+            self._guarded(batch)
+        finally:
+            with self._lock:
+                for work, _, _ in batch:
+                    work.running = False
+                if self._sync_ready():
+                    self._ready[Lane.SYNC].notify_all()
+                    self._ready[Lane.ASYNC].notify()
+
+    def _sync_ready(self) -> bool:
+        """Sync work that a pass may take now (the lock held): none of its slices is in a pass."""
+        return any(not work.running for work in self._pending[Lane.SYNC])
 
     def _guarded(self, batch: list[Slice], reading: Future | None = None, store=None) -> None:
         """`_execute`, but a failure outside the model fails the pass's jobs, never the model thread."""
@@ -280,23 +297,29 @@ class Batcher:
             if not block and not queue:
                 return []
             if block and lane is Lane.SYNC:  # the sync thread: not what the idle async thread takes
-                ready.wait_for(lambda: bool(queue) and not self._async_idle)
+                ready.wait_for(lambda: self._sync_ready() and not self._async_idle)
             else:
                 ready.wait_for(lambda: bool(queue))
             return self._take_locked(lane)
 
     def _take_locked(self, lane: Lane) -> list[Slice]:
-        """`_take`, with the lock held and work pending on `lane`."""
+        """`_take`, with the lock held. A sync job with a slice in a pass waits for its end (`running`)."""
         ready, queue = self._ready[lane], self._pending[lane]
-        first = min(queue, key=lambda w: w.waiting_since)
+
+        def takeable() -> list[Work]:
+            return [w for w in queue if not w.running]
+
+        if not takeable():
+            return []
+        first = min(takeable(), key=lambda w: w.waiting_since)
         room = self._room(lane, first)
         if self.wait_s and self._pending_series(lane) < room:
             ready.wait_for(lambda: self._pending_series(lane) >= room, timeout=self.wait_s)
-            if not queue:  # its task gave up on it meanwhile
+            if not takeable():  # its task gave up on it meanwhile, or the other thread took it
                 return []
-            first = min(queue, key=lambda w: w.waiting_since)
+            first = min(takeable(), key=lambda w: w.waiting_since)
             room = self._room(lane, first)
-        group = [w for w in queue if w.key == first.key]
+        group = [w for w in takeable() if w.key == first.key]
         shares = dict.fromkeys(group, 0)
         for i, work in enumerate(sorted(group, key=lambda w: w.unscheduled)):  # water-filling
             shares[work] = min(work.unscheduled, max(1, room // (len(group) - i)))
@@ -312,6 +335,7 @@ class Batcher:
             picked.append((work, work.scheduled, work.scheduled + n))
             work.scheduled += n
             work.waiting_since = now
+            work.running = lane is Lane.SYNC
             if not work.unscheduled:
                 queue.remove(work)
         return picked

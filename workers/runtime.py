@@ -43,6 +43,10 @@ MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
+# torch's intra-op threads by default, read before any runtime sets its building thread's to 1.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc for passes that allocate and free the same large buffers every time
     (above); False where it is not glibc or the operator configured malloc."""
@@ -70,7 +74,7 @@ class ModelRuntime:
         self.device = pick_device(settings.device)
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         # On a CPU: the async lane's intra-op threads (`pin_threads`); 0 on a GPU: torch's default.
-        self.threads = (settings.torch_threads or torch.get_num_threads()) if self.device == "cpu" else 0
+        self.threads = (settings.torch_threads or DEFAULT_THREADS) if self.device == "cpu" else 0
         self._lane = threading.local()  # the calling model thread's count (`pin_threads`)
         if self.threads:
             # This thread runs no pass: an OpenMP team it started (loading runs parallel copies)
@@ -120,10 +124,11 @@ class ModelRuntime:
         self._lane.threads = (1 if sync else self.threads) if self.threads else 0
 
     def _use_lane_threads(self) -> None:
-        """Set the calling lane's count before each pass, not once: torch keeps one process-wide
-        count beside each thread's own, and ATen runs an operation on one thread while that count
-        is 1, whichever thread set it (set once per thread, the sync lane's 1 left the flood at 307-314
-        series/s against 373-388 set before each pass, on 2 cores)."""
+        """Set the calling lane's count before each pass, not once as the thread starts: a thread's
+        first parallel operation (or `get_num_threads`) makes ATen copy into it the count any
+        thread last set, so the async lane's 2 set first could become the sync lane's 1 (the
+        flood on 2 cores then served 307-314 series/s, against 373-388 checked before each pass).
+        The check reads the thread's own count, so after its first pass it sets nothing."""
         threads = getattr(self._lane, "threads", self.threads)
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from shared.schemas import ForecastRequest, JobView
 from shared.store import Lane
@@ -74,16 +72,13 @@ add_job_routes(router, "forecasts", "forecast job")
         202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
         **documented(*SUBMIT_ERRORS, *SYNC_ERRORS),
     },
-    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True) | deps.read_by_hand("Idempotency-Key"),
+    openapi_extra=bodies.documented_body(ForecastRequest, columnar=True)
+    | deps.read_by_hand("timeout", "Idempotency-Key"),
 )
-async def predict(
-    request: Request,
-    response: Response,
-    timeout: Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")] = None,
-) -> Response:
+async def predict(request: Request, response: Response) -> Response:
     """Forecast in one round trip on a sync-eligible model, through its priority lane; or on an
     ensemble (ENSEMBLES), whose members' forecasts are combined.
 
     On timeout the answer is 202 with the job's id and a Location to poll: the job keeps running.
     """
-    return await answers.predict(request, response, timeout)
+    return await answers.predict(request, response)

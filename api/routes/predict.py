@@ -4,9 +4,7 @@ the same lane, limits, answers and errors (`answers.predict`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from shared.schemas import BatchPredictRequest, JobView, PredictRequest
@@ -16,12 +14,10 @@ from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(tags=["forecasts"])
 
-Timeout = Annotated[float | None, Query(gt=0, description="Seconds to wait (capped).")]
-
 
 def _add(path: str, shape: bodies.Shape, documented_body: type[BaseModel], summary: str, description: str) -> None:
-    async def endpoint(request: Request, response: Response, timeout: Timeout = None) -> Response:
-        return await answers.predict(request, response, timeout, shape)
+    async def endpoint(request: Request, response: Response) -> Response:
+        return await answers.predict(request, response, shape)
 
     router.add_api_route(
         path,
@@ -32,7 +28,9 @@ def _add(path: str, shape: bodies.Shape, documented_body: type[BaseModel], summa
             202: {"model": JobView, "description": "Timed out; the job continues, poll its id."},
             **documented(*SUBMIT_ERRORS, "not-sync-eligible", "job-cancelled", "forecast-failed", "no-worker"),
         },
-        openapi_extra=bodies.documented_body(documented_body, columnar=True) | deps.read_by_hand("Idempotency-Key"),
+        openapi_extra=(
+            bodies.documented_body(documented_body, columnar=True) | deps.read_by_hand("timeout", "Idempotency-Key")
+        ),
         summary=summary,
         description=description,
         operation_id=path.strip("/").replace("/", "_"),
