@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from shared import catalog  # noqa: E402
 from shared.store import keys  # noqa: E402
+from workers import spin_briefly  # noqa: E402
+
+spin_briefly()  # the raw pipeline runs torch as a serving worker does: set before anything loads torch
 
 SYNTHETIC = ROOT / ".cache" / "synthetic"
 
@@ -169,9 +172,6 @@ class Raw:
     """The same synthetic checkpoint, loaded in this process: the baseline the service is measured against."""
 
     def __init__(self, model: str):
-        from workers import spin_briefly
-
-        spin_briefly()  # as a worker runs torch (where torch is not loaded yet)
         import torch
         from chronos import BaseChronosPipeline
 

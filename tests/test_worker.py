@@ -273,6 +273,29 @@ def test_async_work_waiting_keeps_the_async_thread_and_sync_work_goes_to_its_own
     assert ran_on == {3: "batcher", 1: "batcher-sync"}
 
 
+def test_with_a_batch_wait_sync_work_waits_on_its_own_thread_not_on_the_async_one(runtime, io, monkeypatch):
+    """BATCH_WAIT_MS: a sync pass waits to fill; the idle async thread leaves it to the sync thread,
+    so async work that comes meanwhile is not held behind that wait (it waits its own)."""
+    started, real = [], runtime.predict
+
+    def recording(inputs, *args, **kwargs):
+        started.append((len(inputs), threading.current_thread().name))
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "predict", recording)
+    batcher = Batcher(runtime, io, wait_s=0.5)
+    batcher.start()
+    time.sleep(0.2)  # both threads wait for work
+    sync, bulk = work(runtime, [series(9)], lane=Lane.SYNC), work(runtime, [series(k) for k in range(3)])
+
+    batcher.submit(sync)
+    time.sleep(0.05)
+    batcher.submit(bulk)
+
+    assert bulk.finished.wait(60) and sync.finished.wait(60) and bulk.error is None and sync.error is None
+    assert dict(started) == {1: "batcher-sync", 3: "batcher"}
+
+
 def test_a_sync_job_larger_than_a_pass_runs_its_slices_in_order_on_either_thread(runtime, io, monkeypatch):
     """Both model threads take sync work; one job's slices still run one after another, so its
     results are kept (and stored) in series order."""

@@ -233,7 +233,11 @@ class Batcher:
         with self._lock:
             self._async_idle = True
             try:
-                self._ready[Lane.ASYNC].wait_for(lambda: self._pending[Lane.ASYNC] or self._sync_ready())
+                # With BATCH_WAIT_MS a sync pass waits to fill, which this thread must not (async work
+                # would wait behind it): the sync thread takes all sync work then.
+                self._ready[Lane.ASYNC].wait_for(
+                    lambda: self._pending[Lane.ASYNC] or (not self.wait_s and self._sync_ready())
+                )
             finally:
                 self._async_idle = False
             batch = [] if self._pending[Lane.ASYNC] else self._take_locked(Lane.SYNC)
@@ -282,7 +286,8 @@ class Batcher:
         return (batch, self._io_thread.submit(self.io.read, batch)) if batch else None
 
     def _pending_series(self, lane: Lane) -> int:
-        return sum(w.unscheduled for w in self._pending[lane])
+        """Series a pass could take now (a sync job with a slice in a pass has none to give)."""
+        return sum(w.unscheduled for w in self._pending[lane] if not w.running)
 
     def _take(self, block: bool = True, lane: Lane = Lane.ASYNC) -> list[Slice]:
         """The next forward pass of `lane`: (work, first series, end) slices of compatible jobs.
@@ -297,7 +302,7 @@ class Batcher:
             if not block and not queue:
                 return []
             if block and lane is Lane.SYNC:  # the sync thread: not what the idle async thread takes
-                ready.wait_for(lambda: self._sync_ready() and not self._async_idle)
+                ready.wait_for(lambda: self._sync_ready() and (self.wait_s or not self._async_idle))
             else:
                 ready.wait_for(lambda: bool(queue))
             return self._take_locked(lane)
