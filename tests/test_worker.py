@@ -193,35 +193,9 @@ def test_jobs_with_different_horizons_and_levels_share_a_pass_and_get_what_they_
     assert level(b.kept[1], [0.1, 0.9], 0.9) == pytest.approx(level(alone, [0.1, 0.9], 0.9), rel=1e-5)
 
 
-def test_a_sync_pass_runs_beside_an_async_pass_in_progress_not_after_it(runtime, io, monkeypatch):
-    bulk_running, release = threading.Event(), threading.Event()
-    real = runtime.predict
-
-    def slow_bulk(inputs, *args, **kwargs):
-        if len(inputs) == 4:  # the bulk job's pass: held until the sync job is done
-            bulk_running.set()
-            release.wait(60)
-        return real(inputs, *args, **kwargs)
-
-    monkeypatch.setattr(runtime, "predict", slow_bulk)
-    batcher = Batcher(runtime, io)
-    batcher.start()
-    bulk = work(runtime, [series(k) for k in range(4)])
-    batcher.submit(bulk)
-    assert bulk_running.wait(60)
-    sync = work(runtime, [series(99)], lane=Lane.SYNC)
-
-    batcher.submit(sync)
-
-    assert sync.finished.wait(60) and sync.error is None and len(sync.kept) == 1
-    assert not bulk.finished.is_set()  # its pass is still in progress
-    release.set()
-    assert bulk.finished.wait(60) and bulk.error is None and len(bulk.kept) == 4
-
-
-def test_an_idle_worker_runs_sync_work_on_the_async_thread_and_a_busy_one_beside_it(runtime, io, monkeypatch):
+def test_sync_work_runs_on_the_idle_async_thread_or_beside_its_pass_in_progress(runtime, io, monkeypatch):
     """The async thread, idle, takes sync work (its passes use every intra-op thread on a CPU); the
-    sync thread runs what comes while it is busy."""
+    sync thread runs what comes while it is busy, beside the async pass in progress, not after it."""
     ran_on, bulk_running, release = {}, threading.Event(), threading.Event()
     real = runtime.predict
 
@@ -247,6 +221,7 @@ def test_an_idle_worker_runs_sync_work_on_the_async_thread_and_a_busy_one_beside
     batcher.submit(busy)
 
     assert busy.finished.wait(60) and busy.error is None and len(busy.kept) == 2
+    assert not bulk.finished.is_set()  # its pass is still in progress
     release.set()
     assert bulk.finished.wait(60) and bulk.error is None
     assert ran_on == {1: "batcher", 4: "batcher", 2: "batcher-sync"}
