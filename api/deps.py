@@ -9,9 +9,9 @@ The hot routes (`POST /v1/forecasts`, `GET /v1/{jobs}/{job_id}`, the predicts) d
 any query or header parameter: they take the request and call `jobs_of`, `auth.owner_of`, `query`
 and `header` themselves, in that order (the key before anything else, as a declared `Caller` is
 solved before the parameters are checked), and `read_by_hand` puts back into OpenAPI what the
-declarations would have put there. Solving a submit's dependencies
-took 55 µs and a long-wait GET's 52 µs, against 6 and 15 µs without (`solve_dependencies` alone,
-this 2-core CPU): ~85 µs of the API's ~1 ms a job.
+declarations would have put there. Solving a submit's dependencies took 55 µs and a long-wait
+GET's 52 µs, against 6 and 15 µs without (`solve_dependencies` alone, this 2-core CPU): ~85 µs
+of the API's ~1 ms a job.
 
 Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency on a
 worker thread, a thread hop per request for nothing (8 % of the event loop's time under a flood).
@@ -79,8 +79,8 @@ def header(request: Request, name: str) -> str | None:
 
 
 def query(request: Request, name: str) -> Any:
-    """One of `QUERIES`, read by a hot route after the key was checked (a declared one is checked
-    before any dependency runs, so a keyless call would get its 422 before its 401)."""
+    """One of `QUERIES`, read by a hot route after its key check: declared, FastAPI would check it
+    before the route's body runs, and a keyless call with a bad value would get 422, not 401."""
     adapter, default, _ = QUERIES[name]
     value = request.query_params.get(name)
     if value is None:

@@ -16,10 +16,10 @@ Which series share a forward pass:
   or its reads and writes. A pass is stateless in torch, so on a CPU the two threads run the one
   model at once (a T5 pass holds the runtime's random generator, workers/runtime.py): a
   /v1/predict waits for no async pass. Sync work that finds the async thread idle runs on it
-  instead, on all the intra-op threads (the sync thread's passes use one: `_idle`). On a GPU the passes take turns on
-  the device, so there a sync pass waits for the async pass in progress; while sync requests keep
-  coming (within `sync_guard_s` of the last), passes of async work are kept short
-  (`sync_guard_batch`), so that it is a short one.
+  instead, on all the intra-op threads (the sync thread's passes use one: `_idle`). On a GPU the
+  passes take turns on the device, so there a sync pass waits for the async pass in progress;
+  while sync requests keep coming (within `sync_guard_s` of the last), passes of async work are
+  kept short (`sync_guard_batch`), so that it is a short one.
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
   room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 

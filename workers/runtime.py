@@ -37,7 +37,7 @@ def pick_device(requested: str) -> str:
 
 # glibc's malloc on a CPU pass: by default every freed block of the pass above 128 KiB goes back to
 # the kernel and the next pass faults it in again (bolt-tiny, 64 series: 12,000-22,000 page faults
-# and 22-38 ms of system CPU a pass, ~15 % of it). Kept in the heap instead: 16-176 faults a pass,
+# and 22-38 ms of system CPU a pass, ~15 % of it). Kept in the heap instead: 0-1,000 faults a pass,
 # and ~50 MB more resident. An operator's own MALLOC_* or GLIBC_TUNABLES settings win.
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
