@@ -171,20 +171,20 @@ class Stack:
 class Raw:
     """The same synthetic checkpoint, loaded in this process: the baseline the service is measured against."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, dtype: str = "auto"):
         import torch
         from chronos import BaseChronosPipeline
 
-        from workers.runtime import keep_freed_memory
+        from workers.runtime import keep_freed_memory, pick_dtype
 
         keep_freed_memory()  # the allocator a worker runs with: the raw pipeline's best case too
         self.spec = catalog.get(model)
         self.torch = torch
-        # The device and dtype a worker would pick (workers/runtime.py): CUDA in bfloat16 when present.
+        # The device and dtype a worker would pick (workers/runtime.py): CUDA in bfloat16 when present,
+        # `dtype` as a worker's DTYPE.
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
         path = str(SYNTHETIC / self.spec.slug)
-        self.pipeline = BaseChronosPipeline.from_pretrained(path, device_map=device, dtype=dtype)
+        self.pipeline = BaseChronosPipeline.from_pretrained(path, device_map=device, dtype=pick_dtype(dtype, device))
 
     def call(self, batch, horizon: int) -> None:
         """One forward pass over a prebuilt 2-D tensor [series, time]: the hardware's best case."""

@@ -139,7 +139,7 @@ def flood(args) -> None:
         print(
             f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads), {LENGTH} points, horizon {HORIZON}"
         )
-        raw = Raw(args.model)
+        raw = Raw(args.model, _env(args.worker_env).get("DTYPE", "auto"))  # the worker's dtype
         best_batch, raw_rate = raw.best([8, 16, 32, 64], LENGTH, HORIZON)
         del raw
         sums = [stack.worker_metric(args.model, f"chronos_queue_worker_batch_size_{s}") for s in ("sum", "count")]
@@ -235,7 +235,7 @@ def _load(args) -> None:
 def bulk(args) -> None:
     with Stack([args.model], _env(args.worker_env), api_env=_env(args.api_env)) as stack:
         print(f"{args.model}: raw pipeline in this process ({torch_threads()} torch threads)")
-        raw = Raw(args.model)
+        raw = Raw(args.model, _env(args.worker_env).get("DTYPE", "auto"))  # the worker's dtype
         best_batch, raw_rate = raw.best(None, LENGTH, HORIZON)
         del raw
         payload = body(args.model, [series(LENGTH, k) for k in range(args.series)])

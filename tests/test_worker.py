@@ -7,6 +7,7 @@ import time
 import uuid
 
 import msgspec
+import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
@@ -481,3 +482,24 @@ def test_an_operators_malloc_settings_are_left_alone(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
 
     assert keep_freed_memory() is False
+
+
+def test_dtype_bfloat16_on_a_cpu_serves_forecasts_close_to_float32(runtime, redis_server, synthetic_dir):
+    """DTYPE=bfloat16 (opt-in on a CPU; shared/settings.py): the model runs in bfloat16 and its
+    forecasts stay close to the float32 runtime's."""
+    import torch
+
+    settings = settings_for(
+        redis_server, weights="synthetic", synthetic_dir=str(synthetic_dir), max_batch=8, dtype="bfloat16"
+    )
+    spec = catalog.get(BOLT)
+    half = ModelRuntime(spec, resolve(spec, settings), settings)
+    inputs = [Decoded.of([float((t * 3) % 11 + k) for t in range(48)]) for k in range(4)]
+
+    ours, full = half.predict(inputs, 4, [0.5]), runtime.predict(inputs, 4, [0.5])
+
+    assert half.dtype is torch.bfloat16 and runtime.dtype is torch.float32
+    assert next(half.pipeline.inner_model.parameters()).dtype is torch.bfloat16
+    for a, b in zip(ours, full, strict=True):
+        assert a.dtype == np.float32 and a.tolist() != b.tolist()  # computed in bfloat16, answered as float32
+        assert level(a, [0.5], 0.5) == pytest.approx(level(b, [0.5], 0.5), rel=2e-2)

@@ -35,6 +35,13 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """DTYPE: `auto` is bfloat16 on CUDA and float32 on a CPU (shared/settings.py says why)."""
+    if requested == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, requested)
+
+
 # glibc's malloc on a CPU pass: by default every freed block of the pass above 128 KiB goes back to
 # the kernel and the next pass faults it in again (bolt-tiny, 64 series: 12,000-22,000 page faults
 # and 22-38 ms of system CPU a pass, ~15 % of it). Kept in the heap instead: 0-1,000 faults a pass,
@@ -72,7 +79,7 @@ class ModelRuntime:
         self.family = families.of(spec)
         self.weights = weights
         self.device = pick_device(settings.device)
-        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.dtype = pick_dtype(settings.dtype, self.device)
         # On a CPU: the async lane's intra-op threads (`pin_threads`); 0 on a GPU: torch's default.
         self.threads = (settings.torch_threads or DEFAULT_THREADS) if self.device == "cpu" else 0
         self._lane = threading.local()  # the calling model thread's count (`pin_threads`)
