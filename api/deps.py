@@ -59,9 +59,6 @@ async def fleet(request: Request) -> Fleet:
 
 Jobs = Annotated[JobService, Depends(service)]
 Models = Annotated[Fleet, Depends(fleet)]
-PreferHeader = Annotated[
-    str | None, Header(alias="Prefer", max_length=HEADER_MAX_LENGTH, description=HEADERS["Prefer"])
-]
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=HEADER_MAX_LENGTH, description=HEADERS["Idempotency-Key"]),
