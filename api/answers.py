@@ -86,7 +86,7 @@ async def get_job(job_id: str, request: Request, response: Response) -> Response
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns
     a succeeded forecast's results as a long-format table instead."""
     jobs, owner = deps.jobs_of(request), owner_of(request)  # a hot route (api/deps.py)
-    wait = min(deps.query(request, "wait"), jobs.settings.wait_max_s)
+    wait = min(deps.read(request, "wait"), jobs.settings.wait_max_s)
     try:
         record = await (jobs.wait(job_id, wait, owner) if wait > 0 else jobs.require(job_id, owner, with_results=True))
     except Problem as problem:
@@ -136,7 +136,7 @@ async def predict(request: Request, response: Response, shape: bodies.Shape = bo
     wait up to `timeout` (capped); 202 with the job's Location when the wait runs out. A hot route:
     it reads its dependencies itself (api/deps.py)."""
     jobs, owner = deps.jobs_of(request), owner_of(request)
-    timeout, idempotency_key = deps.query(request, "timeout"), deps.header(request, "Idempotency-Key")
+    timeout, idempotency_key = deps.read(request, "timeout"), deps.read(request, "Idempotency-Key")
     config = jobs.settings
     wait = min(timeout or config.sync_timeout_default_s, config.sync_timeout_max_s)
     await jobs.admission.admit(owner)  # before any of the body is read

@@ -6,8 +6,8 @@ A route that needs the job service reads the fleet and the settings off it (`job
 request (solving took 14 % of the API's CPU under a flood of POSTs and long-wait GETs, py-spy).
 
 The hot routes (`POST /v1/forecasts`, `GET /v1/{jobs}/{job_id}`, the predicts) declare none, nor
-any query or header parameter: they take the request and call `jobs_of`, `auth.owner_of`, `query`
-and `header` themselves, in that order (the key before anything else, as a declared `Caller` is
+any query or header parameter: they take the request and call `jobs_of`, `auth.owner_of` and `read`
+themselves, in that order (the key before anything else, as a declared `Caller` is
 solved before the parameters are checked), and `read_by_hand` puts back into OpenAPI what the
 declarations would have put there. Solving a submit's dependencies took 55 µs and a long-wait
 GET's 52 µs, against 6 and 15 µs without (`solve_dependencies` alone, this 2-core CPU): ~85 µs
@@ -19,6 +19,7 @@ worker thread, a thread hop per request for nothing (8 % of the event loop's tim
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -30,18 +31,31 @@ from api.problems import validation_problem
 from api.service import JobService
 
 HEADER_MAX_LENGTH = 255
-# The optional headers routes read, and what OpenAPI says of each.
-HEADERS = {
-    "Prefer": "`wait=<seconds>` (RFC 7240): answer when the job ends, or when the wait runs out.",
-    "Idempotency-Key": "Any unique string: a retried request with the same key and body returns the same job.",
-}
 
 
-# The query parameters the hot routes read: how each is checked (as FastAPI checks a declared one),
-# its default, and what OpenAPI says of it.
-QUERIES: dict[str, tuple[TypeAdapter, float | None, str]] = {
-    "wait": (TypeAdapter(Annotated[float, Field(ge=0)]), 0, "Seconds to wait for a terminal state (capped)."),
-    "timeout": (TypeAdapter(Annotated[float, Field(gt=0)] | None), None, "Seconds to wait (capped)."),
+@dataclass(frozen=True)
+class Parameter:
+    """A query parameter or header a hot route reads by hand (`read`): where it comes from, how it
+    is checked (as FastAPI checks a declared one, with the same messages), its default, its docs."""
+
+    where: str  # "query" or "header"
+    check: TypeAdapter
+    default: Any
+    doc: str
+
+
+_HEADER = TypeAdapter(Annotated[str, Field(max_length=HEADER_MAX_LENGTH)] | None)
+PARAMETERS = {
+    "wait": Parameter(
+        "query", TypeAdapter(Annotated[float, Field(ge=0)]), 0, "Seconds to wait for a terminal state (capped)."
+    ),
+    "timeout": Parameter("query", TypeAdapter(Annotated[float, Field(gt=0)] | None), None, "Seconds to wait (capped)."),
+    "Prefer": Parameter(
+        "header", _HEADER, None, "`wait=<seconds>` (RFC 7240): answer when the job ends, or when the wait runs out."
+    ),
+    "Idempotency-Key": Parameter(
+        "header", _HEADER, None, "Any unique string: a retried request with the same key and body returns the same job."
+    ),
 }
 
 
@@ -61,52 +75,32 @@ Jobs = Annotated[JobService, Depends(service)]
 Models = Annotated[Fleet, Depends(fleet)]
 IdempotencyKey = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", max_length=HEADER_MAX_LENGTH, description=HEADERS["Idempotency-Key"]),
+    Header(alias="Idempotency-Key", max_length=HEADER_MAX_LENGTH, description=PARAMETERS["Idempotency-Key"].doc),
 ]
 
 
-def header(request: Request, name: str) -> str | None:
-    """One of `HEADERS`, read by a hot route and checked as FastAPI checks a declared one: a 422
-    naming it when it is too long."""
-    value = request.headers.get(name)
-    if value is not None and len(value) > HEADER_MAX_LENGTH:
-        message = f"String should have at most {HEADER_MAX_LENGTH} characters"
-        raise validation_problem([{"loc": ("header", name), "msg": message}])
-    return value
-
-
-def query(request: Request, name: str) -> Any:
-    """One of `QUERIES`, read by a hot route after its key check: declared, FastAPI would check it
-    before the route's body runs, and a keyless call with a bad value would get 422, not 401."""
-    adapter, default, _ = QUERIES[name]
-    value = request.query_params.get(name)
+def read(request: Request, name: str) -> Any:
+    """One of `PARAMETERS`, read by a hot route after its key check: declared, FastAPI would check
+    it before the route's body runs, and a keyless call with a bad value would get 422, not 401."""
+    parameter = PARAMETERS[name]
+    value = (request.query_params if parameter.where == "query" else request.headers).get(name)
     if value is None:
-        return default
+        return parameter.default
     try:
-        return adapter.validate_python(value)
+        return parameter.check.validate_python(value)
     except ValidationError as exc:
-        raise validation_problem([{**e, "loc": ("query", name, *e["loc"])} for e in exc.errors()]) from None
+        raise validation_problem([{**e, "loc": (parameter.where, name, *e["loc"])} for e in exc.errors()]) from None
 
 
 def read_by_hand(*names: str) -> dict[str, Any]:
-    """The `openapi_extra` of a hot route: the key's security requirement and the query parameters
-    and headers it reads with `query` and `header`, as FastAPI documents a `Caller` and declared
-    parameters (tests/test_openapi.py compares them)."""
+    """The `openapi_extra` of a hot route: the key's security requirement and the parameters it
+    reads with `read`, as FastAPI documents a `Caller` and declared parameters
+    (tests/test_openapi.py compares them)."""
     parameters = []
     for name in names:
-        if name in QUERIES:
-            adapter, default, doc = QUERIES[name]
-            schema = {**adapter.json_schema(), "description": doc, "title": name.title()}
-            if default is not None:
-                schema["default"] = default
-            parameters.append({"name": name, "in": "query", "required": False, "schema": schema, "description": doc})
-            continue
-        schema = {
-            "anyOf": [{"type": "string", "maxLength": HEADER_MAX_LENGTH}, {"type": "null"}],
-            "description": HEADERS[name],
-            "title": name,
-        }
-        parameters.append(
-            {"name": name, "in": "header", "required": False, "schema": schema, "description": HEADERS[name]}
-        )
+        p = PARAMETERS[name]
+        schema = {**p.check.json_schema(), "description": p.doc, "title": name.title()}
+        if p.default is not None:
+            schema["default"] = p.default
+        parameters.append({"name": name, "in": p.where, "required": False, "schema": schema, "description": p.doc})
     return {"security": auth.SECURITY, "parameters": parameters}

@@ -41,7 +41,7 @@ async def submit_forecast(request: Request, response: Response) -> Response:
     """
     # A hot route: it reads its dependencies itself (api/deps.py).
     jobs, owner = deps.jobs_of(request), owner_of(request)
-    idempotency_key, prefer = deps.header(request, "Idempotency-Key"), deps.header(request, "Prefer")
+    idempotency_key, prefer = deps.read(request, "Idempotency-Key"), deps.read(request, "Prefer")
     await jobs.admission.admit(owner)  # the key is checked and its rate taken before any of the body is read
     job = await bodies.forecast(request, jobs.settings)
     wait = preferred_wait(prefer, jobs.settings.wait_max_s)
