@@ -7,6 +7,7 @@ on exit. `Raw` loads the same checkpoint in the benchmark's own process for side
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -215,26 +217,42 @@ class Raw:
         return best, rates[best]
 
 
-def timed_predicts(base: str, model: str, n: int, length: int, horizon: int) -> tuple[list[float], dict[str, float]]:
-    """Latencies of n sequential /v1/predict calls (after 10 warm-up calls), and the median time of
-    each leg of a call (timestamps from the job record and the client, one clock).
+# Calls a client makes in a row before the next client's turn (`timed_predicts`).
+BLOCK = 50
+
+
+def timed_predicts(
+    base: str, model: str, n: int, length: int, horizon: int, clients: tuple[str, ...] = ("httpx",)
+) -> dict[str, tuple[list[float], dict[str, float]]]:
+    """For each of `clients`: the latencies of n sequential /v1/predict calls (after 10 warm-up
+    calls), and the median time of each leg of a call (timestamps from the job record and the
+    client, one clock). Several clients take turns every `BLOCK` calls, so a slower spell of the
+    machine falls on them alike (call by call, the API processes would each see every other call
+    and run colder than under one client).
 
     A call's body is built and JSON-encoded before its clock starts, as the direct call's tensor is
-    built before its own: what is timed is the service. The encoding is reported apart."""
-    latencies, legs = [], []
-    with httpx.Client(base_url=base, timeout=60) as http:
-        for i in range(n + 10):
-            payload = {"model": model, "inputs": [{"target": series(length, 7_000_000 + i)}],
+    built before its own: what is timed is the service. The encoding is reported apart. A client is
+    httpx (what the project's client, client/api.py, sends with) or the standard library's
+    http.client (what `requests` sends with), on one kept-alive connection either way."""
+    timed: dict[str, tuple[list[float], list[dict[str, float]]]] = {client: ([], []) for client in clients}
+    with ExitStack() as stack:
+        posts = {client: stack.enter_context(_poster(base, client)) for client in clients}
+        turns = [(client, i) for start in range(0, n + 10, BLOCK) for client in clients
+                 for i in range(start, min(start + BLOCK, n + 10))]  # fmt: skip
+        for k, (client, i) in enumerate(turns):
+            post = posts[client]
+            payload = {"model": model, "inputs": [{"target": series(length, 7_000_000 + k)}],
                        "parameters": {"prediction_length": horizon}}  # fmt: skip
             encoding = time.perf_counter()
             body = json.dumps(payload).encode()
             encoded = time.perf_counter() - encoding
             sent, started = time.time(), time.perf_counter()
-            response = http.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+            status, answer = post(body)
             elapsed, received = time.perf_counter() - started, time.time()
-            assert response.status_code == 200, response.text
-            job = response.json()
+            assert status == 200, answer
+            job = json.loads(answer)
             if i >= 10:
+                latencies, legs = timed[client]
                 latencies.append(elapsed)
                 legs.append({
                     "HTTP in -> accepted": job["created_at"] - sent,
@@ -244,7 +262,37 @@ def timed_predicts(base: str, model: str, n: int, length: int, horizon: int) -> 
                     "stored -> client": received - job["finished_at"],
                     "client encodes the body (untimed)": encoded,
                 })  # fmt: skip
-    return latencies, {leg: statistics.median(entry[leg] for entry in legs) for leg in legs[0]}
+    return {
+        client: (latencies, {leg: statistics.median(entry[leg] for entry in legs) for leg in legs[0]})
+        for client, (latencies, legs) in timed.items()
+    }
+
+
+@contextmanager
+def _poster(base: str, client: str) -> Iterator[Callable[[bytes], tuple[int, bytes]]]:
+    """A function that POSTs a JSON body to /v1/predict and returns (status, body), with `client`."""
+    headers = {"Content-Type": "application/json"}
+    if client == "httpx":
+        with httpx.Client(base_url=base, timeout=60) as session:
+
+            def post_httpx(body: bytes) -> tuple[int, bytes]:
+                response = session.post("/v1/predict", content=body, headers=headers)
+                return response.status_code, response.content
+
+            yield post_httpx
+        return
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def post_stdlib(body: bytes) -> tuple[int, bytes]:
+        connection.request("POST", "/v1/predict", body, headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    try:
+        yield post_stdlib
+    finally:
+        connection.close()
 
 
 def cpu_seconds(pid: int, with_children: bool = True) -> float:

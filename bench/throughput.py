@@ -194,7 +194,7 @@ def flood(args) -> None:
 
 def sync(args) -> None:
     with Stack([args.model], _env(args.worker_env), api_env=_env(args.api_env)) as stack:
-        quiet, quiet_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)
+        quiet, quiet_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)["httpx"]
         load = subprocess.Popen(
             [sys.executable, __file__, "_load", "--base", stack.base, "--model", args.model, "--clients", str(args.clients)],
             cwd=ROOT, start_new_session=True,
@@ -203,7 +203,7 @@ def sync(args) -> None:
             time.sleep(5)  # let the flood fill the queue
             depth = httpx.get(f"{stack.base}/metrics", timeout=5).text
             served_before, t0 = stack.worker_metric(args.model, "chronos_queue_worker_series_total"), time.monotonic()
-            loaded, loaded_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)
+            loaded, loaded_legs = timed_predicts(stack.base, args.model, args.n, LENGTH, HORIZON)["httpx"]
             flood_rate = (
                 stack.worker_metric(args.model, "chronos_queue_worker_series_total") - served_before - args.n
             ) / (time.monotonic() - t0)

@@ -38,8 +38,8 @@ def queued_job(client) -> str:
 
 
 def start(store, job_id):
-    ((state, _),) = store.start(SPEC, [job_id], "w1")
-    return state
+    (claim,) = store.start(SPEC, [job_id], "w1")
+    return claim.status
 
 
 def finish(store, job_id, status=JobStatus.SUCCEEDED, **fields):
@@ -332,8 +332,8 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_lo
 
     claims = []
     for _ in range(4):  # each claim, then a forward pass that its worker never finishes: it died
-        ((state, claimed),) = store.start(SPEC, [job_id], "w1")
-        claims.append((state, claimed.lost))  # the record as the claim left it, read in the same round trip
+        (claim,) = store.start(SPEC, [job_id], "w1")
+        claims.append((claim.status, claim.record.lost))  # the record as the claim left it, read in the same round trip
         client.hset(keys.job(job_id), "in_pass", "1")
 
     assert claims == [("running", 0), ("running", 1), ("running", 2), ("failed", 3)]
@@ -341,6 +341,24 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_lo
     assert rec.status is JobStatus.FAILED and rec.attempts == 3
     assert "lost 3 times while it was in a forward pass" in rec.error and rec.finished_at is not None
     assert client.zscore(keys.in_flight("owner"), job_id) is None  # out of its owner's in-flight set
+
+
+def test_an_idle_workers_claim_reads_a_small_sync_jobs_series_and_marks_it_in_a_pass(client, store):
+    waiting, small, large = queued_job(client), queued_job(client), queued_job(client)
+    client.hset(keys.job(small), "lane", Lane.SYNC.value)
+    client.hset(keys.job(large), mapping={"lane": Lane.SYNC.value, "n_series": 3})
+    for job_id in (waiting, small, large):
+        client.rpush(keys.job_input(job_id), *[f"series of {job_id}".encode()] * int(client.hget(keys.job(job_id), "n_series")))
+
+    claims = store.start(SPEC, [waiting, small, large], "w1", read_sync=2)
+
+    assert [(c.status, c.inputs) for c in claims] == [
+        ("running", None), ("running", [f"series of {small}".encode()]), ("running", None),
+    ]  # fmt: skip
+    assert [client.hget(keys.job(i), "in_pass") for i in (waiting, small, large)] == [None, "1", None]
+    # It runs at once, its pass needing no mark of its own: a death now counts against it.
+    (again,) = store.start(SPEC, [small], "w2")  # a worker that is busy: nothing read, nothing marked
+    assert again.record.lost == 1 and again.inputs is None and client.hget(keys.job(small), "in_pass") is None
 
 
 def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it(client, store):
@@ -375,7 +393,7 @@ def test_scripts_redis_lost_are_loaded_again_and_a_round_trip_runs_each_command_
     running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (first, second)]
     finals = store.finish([Outcome(r, JobStatus.SUCCEEDED, {}, None, [b"r"]) for r in running])  # a pipeline of two
 
-    assert [state for state, _ in claims] == ["running", "running"] and finals == ["succeeded", "succeeded"]
+    assert [claim.status for claim in claims] == ["running", "running"] and finals == ["succeeded", "succeeded"]
     assert [record(client, job_id).attempts for job_id in (first, second)] == [1, 1]
     assert [client.lrange(keys.job_output(job_id), 0, -1) for job_id in (first, second)] == [["r"], ["r"]]
 

@@ -352,6 +352,54 @@ def test_a_series_that_fails_alone_fails_only_its_job(runtime, monkeypatch, io):
     assert bad.error == "ValueError: bad series"
 
 
+def test_a_job_whose_pass_fails_outside_the_model_leaves_no_slice_behind(runtime, io, monkeypatch):
+    job, other = work(runtime, [series(k) for k in range(runtime.max_batch * 2)]), work(runtime, [series(1)])
+    batcher = Batcher(runtime, io)
+    batcher.submit(job)
+    writes = []
+
+    def failing(results, completed):  # storing its first pass's results fails (Redis went away, say)
+        writes.append([w.job_id for (w, _, _), _ in results])
+        if len(writes) == 1:
+            raise ConnectionError("Redis went away")
+
+    monkeypatch.setattr(io, "write", failing)
+    batcher._execute(batcher._take())
+    batcher.submit(other)
+
+    assert job.error == "ConnectionError: Redis went away" and job.finished.is_set()
+    assert batcher._take() == [(other, 0, 1)]  # the failed job's second slice was never taken
+
+
+def test_a_sync_job_claimed_in_a_pass_skips_one_round_trip_and_its_later_passes_are_marked(
+    runtime, io, redis_server, monkeypatch
+):
+    claimed = work(runtime, [series(k) for k in range(4)], lane=Lane.SYNC)
+    claimed.marked = True  # what an idle worker's claim did (lua/start.lua)
+    other = work(runtime, [series(9)], lane=Lane.SYNC)
+    client = redis_server.client()
+    for job in (claimed, other):  # records, so that a pass's mark has something to mark
+        client.hset(keys.job(job.job_id), "status", "running")
+    reads = []
+    real = io.store.read_pass
+
+    def counted(slices, mark=False):
+        reads.append([job_id for job_id, *_ in slices])
+        return real(slices, mark)
+
+    monkeypatch.setattr(io.store, "read_pass", counted)
+    alone, _ = io.read([(claimed, 0, 2)], begin=True)
+    assert reads == [] and len(alone) == 2  # its first pass: no round trip
+    claimed.marked = True
+    io.read([(claimed, 0, 2), (other, 0, 1)], begin=True)  # a pass shared with work that needs a mark
+    assert reads == [[claimed.job_id, other.job_id]] and not claimed.marked
+    client.hdel(keys.job(claimed.job_id), "in_pass")  # what that pass's write does
+
+    io.read([(claimed, 2, 4)], begin=True)  # its next pass marks it again
+
+    assert reads[-1] == [claimed.job_id] and client.hget(keys.job(claimed.job_id), "in_pass") == "1"
+
+
 def test_a_cancel_request_stops_a_job_before_its_next_pass(runtime, io, redis_server):
     job = work(runtime, [series(k) for k in range(runtime.max_batch * 2)])
     batcher = Batcher(runtime, io)

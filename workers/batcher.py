@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Work:
     """One job's series on their way through the model. The series are read pass by pass from the
-    job's input list in Redis (`inputs` None), or held here (a backtest's or anomaly job's windows);
+    job's input list in Redis (`inputs` None), or held here (a backtest's or anomaly job's windows, a
+    sync job's series read with its claim);
     results go to the job's output list pass by pass unless not `stored`, and are also kept here
     when `keep` (a backtest scores them; an anomaly job's are only kept, and scored into its results)."""
 
@@ -64,6 +65,7 @@ class Work:
     lane: Lane
     key: tuple  # jobs share a pass only with equal keys (the family's `group_key`, and `variant`)
     inputs: list[Decoded] | None = None
+    marked: bool = False  # its claim marked it in a pass (a sync job, workers/executor.py): its first pass needs none
     keep: bool = False
     stored: bool = True
     variant: str | None = None  # the fine-tuned model of the worker's base model the job asked for
@@ -146,6 +148,11 @@ class Busy:
         with self._lock:
             return self._total + (self._clock() - self._since if self._running else 0.0)
 
+    @property
+    def under_way(self) -> bool:
+        """Whether a pass is under way."""
+        return self._running > 0
+
 
 class Batcher:
     """The model thread and the work waiting for it."""
@@ -193,6 +200,12 @@ class Batcher:
                 self._ready[Lane.ASYNC].notify()
             for lane in lanes:
                 self._ready[lane].notify_all()  # at most the two model threads wait on a lane
+
+    def idle(self) -> bool:
+        """Nothing under way or waiting, and no batch wait: work submitted now goes into a pass at once
+        (the async thread's, `_idle`)."""
+        with self._lock:
+            return self._async_idle and not self.wait_s and not any(self._pending.values()) and not self.busy.under_way
 
     def abandon(self, work: Work) -> None:
         """Schedule none of the job's remaining series (its task gave up on it)."""
@@ -278,6 +291,7 @@ class Batcher:
         except Exception as exc:
             log.exception("batch failed outside the model")
             for work, _, _ in batch:
+                self.abandon(work)  # a failed job's later slices must not be read and run for nothing
                 self._finish(work, error=f"{type(exc).__name__}: {exc}")
 
     def _next(self, block: bool) -> tuple[list[Slice], Future] | None:
@@ -416,6 +430,7 @@ class Batcher:
             log.exception("storing a pass's results failed")
             for (work, _, _), _ in results:
                 work.end_once()  # its task thread fails it: a later pass must not finish it with a gap
+                self.abandon(work)
                 self._finish(work, error=f"{type(exc).__name__}: {exc}")
             return
         for work in completed:

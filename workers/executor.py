@@ -45,6 +45,15 @@ class RedisPassIO:
         self.store = store
 
     def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], set[str]]:
+        if begin:
+            claimed = all(work.marked for work, _, _ in batch)
+            for work, _, _ in batch:
+                work.marked = False  # this pass's write clears the mark: a later pass makes its own
+            if claimed:
+                # Sync jobs an idle worker just claimed: the claim read their series and marked them
+                # (lua/start.lua), so this pass needs no round trip. A cancel requested since ends
+                # them as they finish (lua/finish.lua).
+                return [e for work, start, end in batch for e in (work.inputs or [])[start:end]], set()
         slices = [(work.job_id, start, end, work.inputs is None) for work, start, end in batch]
         reads = self.store.read_pass(slices, mark=begin)
         decoded: list[Decoded] = []
@@ -59,6 +68,8 @@ class RedisPassIO:
         return decoded, stopped
 
     def begin(self, batch: list[Slice]) -> None:
+        for work, _, _ in batch:
+            work.marked = False
         self.store.mark_in_pass(work.job_id for work, _, _ in batch)
 
     def write(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
@@ -190,7 +201,10 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     # The metrics' children looked up once a message, not once a job.
     waited = {lane: metrics.QUEUE_WAIT.labels(spec.id, lane.value) for lane in (Lane.ASYNC, Lane.SYNC)}
     inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)
-    for job_id, (state, record) in zip(job_ids, store.start(spec, job_ids, worker), strict=True):
+    # A worker with nothing under way or waiting runs a small sync job at once: its claim reads its
+    # series and marks it in a pass, and the pass needs no round trip (RedisPassIO.read).
+    read_sync = batcher.runtime.max_batch if batcher.idle() else 0
+    for job_id, (state, record, inputs) in zip(job_ids, store.start(spec, job_ids, worker, read_sync), strict=True):
         if state != JobStatus.RUNNING or record is None:
             if state == JobStatus.FAILED:  # the claim failed it: its worker was lost MAX_DELIVERIES times
                 log.error("job %s failed: %s", job_id, record.error if record else "")
@@ -211,6 +225,8 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
         else:
             if score is None:  # nothing to do once forecast: finished with its last results (RedisPassIO)
                 work.closing = _Closing(record, fields, _digest(spec, batcher, settings, record))
+            if inputs is not None and len(inputs) == record.n_series:  # `read_sync`: none missing
+                work.inputs, work.marked = [decode(e) for e in inputs], True
             claimed.append(_Claimed(record, fields, work, score))
     batcher.submit(*(job.work for job in claimed if job.work is not None))  # together: one wake-up of the model thread
     deadline = time.monotonic() + settings.max_job_s

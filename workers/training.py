@@ -60,7 +60,7 @@ class Trainer:
 def execute(job_ids: Sequence[str], trainer: Trainer, store: JobStore, worker: str) -> list[str]:
     """Run the fine-tuning jobs of one message, one after the other; returns their final statuses."""
     statuses = []
-    for job_id, (state, record) in zip(job_ids, store.start(trainer.spec, job_ids, worker), strict=True):
+    for job_id, (state, record, _) in zip(job_ids, store.start(trainer.spec, job_ids, worker), strict=True):
         if state != JobStatus.RUNNING or record is None:
             log.info("job %s: not runnable (%s), skipped", job_id, state)
             statuses.append(state)

@@ -130,6 +130,16 @@ class PassRead(NamedTuple):
     inputs: list[bytes] | None  # None when the pass did not ask for the job's series
 
 
+class Claim(NamedTuple):
+    """A job of a delivery, as its claim (`JobStore.start`) left it."""
+
+    status: str  # 'running', or why the worker is to skip it (an end state, or 'missing')
+    record: JobRecord | None
+    # A sync job's series, read with its claim, which also marked it in a pass (`read_sync`,
+    # lua/start.lua); None for any other job.
+    inputs: list[bytes] | None = None
+
+
 class _Core:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -327,18 +337,20 @@ class _Core:
     # -- running a job (workers) ----------------------------------------------------------------
 
     @operation
-    def start(self, spec: ModelSpec, job_ids: Sequence[str], worker: str) -> Op[list[tuple[str, JobRecord | None]]]:
+    def start(self, spec: ModelSpec, job_ids: Sequence[str], worker: str, read_sync: int = 0) -> Op[list[Claim]]:
         """Claim the jobs of one delivery of a message: for each, its status afterwards ('running', or
         why it is to be skipped: an end state or 'missing') and its record as the claim left it. One
-        command however many jobs the message carries."""
+        command however many jobs the message carries. With `read_sync`, a sync job of at most that
+        many series comes with its series, marked in a pass: the claiming worker runs it at once."""
         s = self.settings
         job_keys = [k for i in job_ids for k in (keys.job(i), keys.job_input(i), keys.job_output(i))]
-        args = [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, keys.in_flight("")]
+        args = [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, keys.in_flight(""),
+                read_sync]  # fmt: skip
         (replies,) = yield [run_script("start", [keys.queued(spec), keys.CALLBACKS, *job_keys], [*args, *job_ids])]
-        claimed: list[tuple[str, JobRecord | None]] = []
-        for state, fields in replies:
+        claimed = []
+        for state, fields, inputs in replies:
             record = JobRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None
-            claimed.append((_text(state) if record else "missing", record))
+            claimed.append(Claim(_text(state) if record else "missing", record, inputs or None))
         return claimed
 
     @operation
