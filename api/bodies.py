@@ -331,14 +331,6 @@ def parameters(raw: Any, prefix: str = "parameters", schema: type[BaseModel] = F
         raise validation_problem(exc.errors(), prefix) from None
 
 
-def series_input(value: Any, field: str) -> SeriesInput:
-    """One series through the documented model (backtests send one series, so speed does not matter)."""
-    try:
-        return SeriesInput.model_validate(value, strict=True)
-    except ValidationError as exc:
-        raise validation_problem(exc.errors(), field) from None
-
-
 # -- Arrow and Parquet --------------------------------------------------------------------
 
 _RESERVED = ("item_id", "timestamp", "target")
