@@ -151,8 +151,8 @@ class Settings(BaseSettings):
     model_path: str | None = None
     synthetic_dir: str = ".cache/synthetic"
     synthetic_seed: int = 0
-    # Jobs a worker holds at once (Celery thread slots), all feeding one model thread that batches
-    # across them. 0: twice the model's batch limit, at least 8, at most 1024.
+    # Jobs a worker holds at once (Celery thread slots), all feeding the model threads that batch
+    # across them (workers/batcher.py). 0: twice the model's batch limit, at least 8, at most 1024.
     worker_slots: int = Field(0, ge=0)
     # Series per forward pass (0: the catalog's limit for the device). Halved on out-of-memory.
     max_batch: int = Field(0, ge=0)

@@ -4,7 +4,7 @@
 `python -m workers` builds a `Worker` and starts Celery's threads pool with `slots()` jobs at
 once. Built, the worker resolves its weights (building a synthetic checkpoint when told to,
 failing fast when there are none); when Celery initialises the process, it loads the model once,
-warms it up, starts the batcher's model thread, and announces itself in Redis so `/v1/models`
+warms it up, starts the batcher's model threads, and announces itself in Redis so `/v1/models`
 can count it. Each task thread then claims a job and feeds its series to the batcher
 (workers/batcher.py).
 """
@@ -110,7 +110,7 @@ class Worker:
             metrics.watch_cpu(spec.id, batcher.threads)
             self._loaded = Loaded(batcher, None, store, name)
         # The model, torch and transformers leave some 400 000 long-lived objects that each full
-        # collection would walk again: about 200 ms of CPU with the GIL held, the model thread and
+        # collection would walk again: about 200 ms of CPU with the GIL held, the model threads and
         # every job stalled. Out of the collector's sight, a collection walks only what jobs allocate.
         gc.collect()
         gc.freeze()

@@ -155,7 +155,7 @@ class Busy:
 
 
 class Batcher:
-    """The model thread and the work waiting for it."""
+    """The model threads (async lane, sync lane) and the work waiting for them."""
 
     def __init__(
         self, runtime: ModelRuntime, io: PassIO, wait_s: float = 0.0, sync_guard_s: float = 0.0,

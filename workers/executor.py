@@ -38,8 +38,10 @@ class RedisPassIO:
     model runs; append the results, clear the mark and record progress, and finish the plain
     forecasts the pass completed (cached and ended, in the same round trip: their task threads only
     report). The mark is how a redelivery knows whether the job was in the pass that killed its
-    worker (lua/start.lua). The batcher reads and writes on its I/O thread while the model
-    computes; only the mark waits for Redis."""
+    worker (lua/start.lua). For an async pass the batcher reads and writes on its I/O thread while
+    the model computes, and only the mark waits for Redis; a sync pass reads (and marks) right
+    before it runs and stores after, on its model thread, and the first pass of a sync job an idle
+    worker claimed reads nothing (`read`)."""
 
     def __init__(self, store: JobStore):
         self.store = store
