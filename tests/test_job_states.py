@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -360,26 +359,6 @@ def test_an_idle_workers_claim_reads_a_small_sync_jobs_series_and_marks_it_in_a_
     # It runs at once, its pass needing no mark of its own: a death now counts against it.
     (again,) = store.start(SPEC, [small], "w2")  # a worker that is busy: nothing read, nothing marked
     assert again.record.lost == 1 and again.inputs is None and client.hget(keys.job(small), "in_pass") is None
-
-
-def test_a_duplicate_message_for_a_job_a_live_worker_runs_is_dropped_and_taken_over_once_it_dies(client, store):
-    job_id = queued_job(client)
-    assert start(store, job_id) == "running"  # worker w1 holds it
-    client.rpush(keys.job_output(job_id), "a result of w1's first pass")
-    beat = {"name": "w1", "last_seen": time.time()}
-    client.hset(keys.workers(SPEC), "w1", json.dumps(beat))
-
-    (duplicate,) = store.start(SPEC, [job_id], "w2")  # the lost-message sweep's copy, say
-
-    assert duplicate.status == "held"
-    held = record(client, job_id)
-    assert (held.worker, held.attempts) == ("w1", 1)
-    assert client.lrange(keys.job_output(job_id), 0, -1) == ["a result of w1's first pass"]
-    # w1 stops heartbeating: the reaper's redelivery takes the job over and starts it again.
-    client.hset(keys.workers(SPEC), "w1", json.dumps({**beat, "last_seen": time.time() - 60}))
-    (taken,) = store.start(SPEC, [job_id], "w2")
-    assert taken.status == "running" and (taken.record.worker, taken.record.attempts) == ("w2", 2)
-    assert client.lrange(keys.job_output(job_id), 0, -1) == []
 
 
 def test_a_job_that_was_only_waiting_when_its_worker_died_is_never_failed_for_it(client, store):

@@ -12,9 +12,10 @@ One window kombu leaves open: its Redis transport pops a message off the list an
 `unacked` in a second step, so a worker killed in between loses the message outright. For that,
 `resend_lost` re-sends jobs still `queued` after `grace_s` whose message is in neither their
 queue nor `unacked` (a message carries only job ids; the series wait in the job's input list,
-`keys.job_input`). A duplicate of a message whose job has ended is dropped at its claim, and so
-is one that arrives while the job runs on a live worker: START takes a `running` job back only
-from a worker that stopped heartbeating (the rule `orphans` applies, `store.live`).
+`keys.job_input`). A duplicate of a message whose job has ended is dropped at its claim. Known
+gap: a duplicate that arrives while the job runs on a live worker claims it again (START takes a
+`running` job back, for the redelivery after a worker's death) and both workers append to its
+output list; START cannot tell a dead holder from a slow one yet.
 """
 
 from __future__ import annotations

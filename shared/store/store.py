@@ -91,17 +91,12 @@ def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# A worker heard from within this many heartbeats is live.
-LIVE_BEATS = 3
-
-
 def live(heartbeats: dict, heartbeat_s: float, now: float | None = None) -> dict[str, dict]:
-    """The workers heard from within `LIVE_BEATS` heartbeats, by name, from a model's heartbeat hash:
-    the one liveness rule (the API counts them, the reaper gives a dead one's jobs back, and the
-    claim, lua/start.lua, takes a running job only from a dead one)."""
+    """The workers heard from within three heartbeats, by name, from a model's heartbeat hash: the one
+    liveness rule (the API counts them, the reaper gives a dead one's jobs back)."""
     now = time.time() if now is None else now
     infos = {_text(name): json.loads(info) for name, info in heartbeats.items()}
-    return {name: info for name, info in infos.items() if now - info["last_seen"] < LIVE_BEATS * heartbeat_s}
+    return {name: info for name, info in infos.items() if now - info["last_seen"] < 3 * heartbeat_s}
 
 
 class CircuitState(NamedTuple):
@@ -344,16 +339,14 @@ class _Core:
     @operation
     def start(self, spec: ModelSpec, job_ids: Sequence[str], worker: str, read_sync: int = 0) -> Op[list[Claim]]:
         """Claim the jobs of one delivery of a message: for each, its status afterwards ('running', or
-        why it is to be skipped: an end state, 'missing', or 'held' for a job another live worker
-        runs) and its record as the claim left it. One
+        why it is to be skipped: an end state or 'missing') and its record as the claim left it. One
         command however many jobs the message carries. With `read_sync`, a sync job of at most that
         many series comes with its series, marked in a pass: the claiming worker runs it at once."""
         s = self.settings
         job_keys = [k for i in job_ids for k in (keys.job(i), keys.job_input(i), keys.job_output(i))]
         args = [repr(time.time()), worker, s.max_deliveries, s.result_ttl_s, keys.EVENTS_CHANNEL, keys.in_flight(""),
-                read_sync, LIVE_BEATS * s.heartbeat_s]  # fmt: skip
-        fixed = [keys.queued(spec), keys.CALLBACKS, keys.workers(spec), keys.workers(spec, train=True)]
-        (replies,) = yield [run_script("start", [*fixed, *job_keys], [*args, *job_ids])]
+                read_sync]  # fmt: skip
+        (replies,) = yield [run_script("start", [keys.queued(spec), keys.CALLBACKS, *job_keys], [*args, *job_ids])]
         claimed = []
         for state, fields, inputs in replies:
             record = JobRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None

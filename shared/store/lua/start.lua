@@ -1,36 +1,23 @@
 -- A worker claims the jobs of one delivery of a message.
--- KEYS: model's queued set, callbacks stream, the model's workers' and trainers' heartbeat hashes,
---       then for each job: its record, input list, output list
+-- KEYS: model's queued set, callbacks stream, then for each job: its record, input list, output list
 -- ARGV: now, worker name, max deliveries, ttl, events channel, the owners' in-flight set prefix
 --       (keys.in_flight without the owner), the most series of a sync job to read with its claim
---       (0: none), the seconds a heartbeat keeps a worker live, then the job ids (one per job, in
---       KEYS' order)
+--       (0: none), then the job ids (one per job, in KEYS' order)
 -- Returns, for each job, {the status afterwards, the record as HGETALL gives it, its series or
 -- false}: one command claims a message's jobs and reads them. Anything but 'running' tells the
 -- worker to skip the job (cancelled, finished, expired: 'missing', with an empty record). A worker
 -- with nothing under way or waiting asks for a small sync job's series (up to the most given), and
 -- the job is marked `in_pass` here: it goes into a pass at once, which then needs no round trip of
--- its own (workers/executor.py). A `running` job is taken back only from a worker that stopped
--- heartbeating (the reaper's redelivery, lua's own copy of `store.live`): a duplicate message that
--- comes while its holder lives (the lost-message sweep's, a second delivery) is told 'held' and
--- dropped, so two workers never run one job. The record's `lost` counts the deliveries whose
--- worker died while the job was in a forward pass, this one's predecessor included: a job lost
--- before runs alone. A redelivered job starts over: its partial output is
+-- its own (workers/executor.py). The record's `lost` counts the deliveries whose worker died while
+-- the job was in a forward pass, this one's predecessor included: a job lost before runs alone. A redelivered job starts over: its partial output is
 -- cleared. A job whose worker died `max deliveries` times while it was in a forward pass ends
 -- 'failed' instead of killing worker after worker. A job's owner's in-flight set is the one key not
 -- in KEYS: whose it is, the record says.
-local function holder_lives(holder)
-  local beat = holder and (redis.call('HGET', KEYS[3], holder) or redis.call('HGET', KEYS[4], holder))
-  if not beat then return false end
-  local ok, info = pcall(cjson.decode, beat)
-  return ok and tonumber(ARGV[1]) - (tonumber(info.last_seen) or 0) < tonumber(ARGV[8])
-end
 local function claim(job, input, output, id)
-  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series', 'worker')
+  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series')
   local s = state[1]
   if not s then return 'missing' end
   if s ~= 'queued' and s ~= 'running' then return s end
-  if s == 'running' and holder_lives(state[7]) then return 'held' end
   redis.call('ZREM', KEYS[1], id)
   -- A redelivery counts against the job only when its series were in a forward pass as its worker
   -- died (the worker sets 'in_pass' around each pass): a job that merely waited beside the one that
@@ -63,8 +50,8 @@ local function claim(job, input, output, id)
   return 'running', read and redis.call('LRANGE', input, 0, -1)
 end
 local claimed = {}
-for i = 9, #ARGV do
-  local at = 5 + 3 * (i - 9)
+for i = 8, #ARGV do
+  local at = 3 + 3 * (i - 8)
   local job = KEYS[at]
   local status, series = claim(job, KEYS[at + 1], KEYS[at + 2], ARGV[i])
   claimed[#claimed + 1] = {status, redis.call('HGETALL', job), series or false}
