@@ -352,23 +352,39 @@ def test_a_series_that_fails_alone_fails_only_its_job(runtime, monkeypatch, io):
     assert bad.error == "ValueError: bad series"
 
 
-def test_a_job_whose_pass_fails_outside_the_model_leaves_no_slice_behind(runtime, io, monkeypatch):
+@pytest.mark.parametrize("failing", ["read", "write"])
+def test_a_job_whose_pass_fails_outside_the_model_leaves_no_slice_behind(runtime, io, monkeypatch, failing):
     job, other = work(runtime, [series(k) for k in range(runtime.max_batch * 2)]), work(runtime, [series(1)])
+    job.inputs = None  # its series are read from Redis pass by pass
     batcher = Batcher(runtime, io)
     batcher.submit(job)
-    writes = []
+    calls = []
 
-    def failing(results, completed):  # storing its first pass's results fails (Redis went away, say)
-        writes.append([w.job_id for (w, _, _), _ in results])
-        if len(writes) == 1:
-            raise ConnectionError("Redis went away")
+    def broken(*args, **kwargs):  # its first pass's read or store fails (Redis went away, say)
+        calls.append(failing)
+        raise ConnectionError("Redis went away")
 
-    monkeypatch.setattr(io, "write", failing)
-    batcher._execute(batcher._take())
+    monkeypatch.setattr(io, failing, broken)
+    if failing == "write":  # the pass reads its series as it holds them
+        job.inputs = [series(k) for k in range(job.n)]
+    batcher._guarded(batcher._take())
     batcher.submit(other)
 
+    assert calls == [failing]
     assert job.error == "ConnectionError: Redis went away" and job.finished.is_set()
     assert batcher._take() == [(other, 0, 1)]  # the failed job's second slice was never taken
+
+
+def test_of_claims_made_while_the_worker_is_idle_one_only_may_count_on_it(runtime, io):
+    batcher = Batcher(runtime, io)
+    batcher._async_idle = True  # its async thread waits for work (`_idle`; the threads are not started here)
+
+    assert batcher.reserve_idle() and not batcher.reserve_idle()  # a second claim at the same moment
+    batcher.release_idle()
+    assert batcher.reserve_idle()
+    batcher.submit(work(runtime, [series(1)], lane=Lane.SYNC))  # the claimed job: the worker is busy now
+    batcher.release_idle()  # (its holder's `finally`) ends nothing more
+    assert not batcher.reserve_idle()
 
 
 def test_a_sync_job_claimed_in_a_pass_skips_one_round_trip_and_its_later_passes_are_marked(

@@ -172,6 +172,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._ready = {lane: threading.Condition(self._lock) for lane in self._pending}
         self._async_idle = False  # the async thread waits for work: sync work is left to it (`_idle`)
+        self._reserved_by: int | None = None  # the thread that may count on the idle worker (`reserve_idle`)
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
         # Reads of the next async pass and writes of the last one run here, while the model computes.
@@ -191,6 +192,7 @@ class Batcher:
 
     def submit(self, *works: Work) -> None:
         with self._lock:
+            self._reserved_by = None
             lanes = {work.lane for work in works}
             if Lane.SYNC in lanes:
                 self._sync_seen = time.monotonic()
@@ -201,11 +203,23 @@ class Batcher:
             for lane in lanes:
                 self._ready[lane].notify_all()  # at most the two model threads wait on a lane
 
-    def idle(self) -> bool:
-        """Nothing under way or waiting, and no batch wait: work submitted now goes into a pass at once
-        (the async thread's, `_idle`)."""
+    def reserve_idle(self) -> bool:
+        """Whether nothing is under way or waiting (and no batch wait), so that work submitted now goes
+        into a pass at once (the async thread's, `_idle`), and this caller is the first to ask since:
+        of claims made at the same moment, one only may count on that (workers/executor.py). The
+        reservation ends at the next `submit`, or at `release_idle` by its holder."""
         with self._lock:
-            return self._async_idle and not self.wait_s and not any(self._pending.values()) and not self.busy.under_way
+            idle = self._async_idle and not self.wait_s and not any(self._pending.values()) and not self.busy.under_way
+            if not idle or self._reserved_by is not None:
+                return False
+            self._reserved_by = threading.get_ident()
+            return True
+
+    def release_idle(self) -> None:
+        """End the caller's reservation (`reserve_idle`), if it still holds one."""
+        with self._lock:
+            if self._reserved_by == threading.get_ident():
+                self._reserved_by = None
 
     def abandon(self, work: Work) -> None:
         """Schedule none of the job's remaining series (its task gave up on it)."""
