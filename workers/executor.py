@@ -188,6 +188,44 @@ class _Claimed(NamedTuple):
     failed: JobStatus | None = None  # the job could not even be read
 
 
+def _claim(
+    job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings: Settings, worker: str, read_sync: bool,
+    statuses: dict[str, str],
+) -> list[_Claimed]:  # fmt: skip
+    """Claim a message's jobs (with `read_sync`, a sync job's series with its claim) and build the
+    `Work` of each runnable one; a job skipped or failed by its claim gets its status in `statuses`."""
+    spec = batcher.runtime.spec
+    claimed: list[_Claimed] = []
+    # The metrics' children looked up once a message, not once a job.
+    waited = {lane: metrics.QUEUE_WAIT.labels(spec.id, lane.value) for lane in (Lane.ASYNC, Lane.SYNC)}
+    claims = store.start(spec, job_ids, worker, batcher.runtime.max_batch if read_sync else 0)
+    for job_id, (state, record, inputs) in zip(job_ids, claims, strict=True):
+        if state != JobStatus.RUNNING or record is None:
+            if state == JobStatus.FAILED:  # the claim failed it: its worker was lost MAX_DELIVERIES times
+                log.error("job %s failed: %s", job_id, record.error if record else "")
+            else:
+                log.info("job %s: not runnable (%s), skipped", job_id, state)
+            metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
+            statuses[job_id] = state
+            continue
+        wait = waited.get(record.lane)
+        if wait is None:
+            wait = metrics.QUEUE_WAIT.labels(spec.id, record.lane.value)
+        wait.observe(max(0.0, time.time() - record.created_at))
+        fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
+        try:
+            work, score = _work(store, record, spec, batcher.runtime.weights.revision)
+        except Exception as exc:  # a job this worker cannot read fails, not the worker
+            claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
+        else:
+            if score is None:  # nothing to do once forecast: finished with its last results (RedisPassIO)
+                work.closing = _Closing(record, fields, _digest(spec, batcher, settings, record))
+            if inputs is not None and len(inputs) == record.n_series:  # `read_sync`: none missing
+                work.inputs, work.marked = [decode(e) for e in inputs], True
+            claimed.append(_Claimed(record, fields, work, score))
+    return claimed
+
+
 def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings: Settings, worker: str) -> list[str]:
     """Run the jobs of one message (on a task thread); returns their statuses afterwards.
 
@@ -198,44 +236,15 @@ def execute(job_ids: Sequence[str], batcher: Batcher, store: JobStore, settings:
     without touching the model.
     """
     spec = batcher.runtime.spec
-    statuses = {}
-    claimed: list[_Claimed] = []
-    # The metrics' children looked up once a message, not once a job.
-    waited = {lane: metrics.QUEUE_WAIT.labels(spec.id, lane.value) for lane in (Lane.ASYNC, Lane.SYNC)}
+    statuses: dict[str, str] = {}
     inference, served = metrics.INFERENCE.labels(spec.id), metrics.SERIES.labels(spec.id)
     # A worker with nothing under way or waiting runs a small sync job at once: its claim reads its
     # series and marks it in a pass, and the pass needs no round trip (RedisPassIO.read). One claim
     # of one job at a time: of jobs claimed together, all but one would wait, marked.
     reserved = len(job_ids) == 1 and batcher.reserve_idle()
     try:
-        claims = store.start(spec, job_ids, worker, batcher.runtime.max_batch if reserved else 0)
-        for job_id, (state, record, inputs) in zip(job_ids, claims, strict=True):
-            if state != JobStatus.RUNNING or record is None:
-                if state == JobStatus.FAILED:  # the claim failed it: its worker was lost MAX_DELIVERIES times
-                    log.error("job %s failed: %s", job_id, record.error if record else "")
-                else:
-                    log.info("job %s: not runnable (%s), skipped", job_id, state)
-                metrics.JOBS.labels(spec.id, "dropped" if state != JobStatus.FAILED else "failed").inc()
-                statuses[job_id] = state
-                continue
-            wait = waited.get(record.lane)
-            if wait is None:
-                wait = metrics.QUEUE_WAIT.labels(spec.id, record.lane.value)
-            wait.observe(max(0.0, time.time() - record.created_at))
-            fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
-            try:
-                work, score = _work(store, record, spec, batcher.runtime.weights.revision)
-            except Exception as exc:  # a job this worker cannot read fails, not the worker
-                claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
-            else:
-                if score is None:  # nothing to do once forecast: finished with its last results (RedisPassIO)
-                    work.closing = _Closing(record, fields, _digest(spec, batcher, settings, record))
-                if inputs is not None and len(inputs) == record.n_series:  # `read_sync`: none missing
-                    work.inputs, work.marked = [decode(e) for e in inputs], True
-                claimed.append(_Claimed(record, fields, work, score))
-        batcher.submit(
-            *(job.work for job in claimed if job.work is not None)
-        )  # together: one wake-up of the model thread
+        claimed = _claim(job_ids, batcher, store, settings, worker, reserved, statuses)
+        batcher.submit(*(job.work for job in claimed if job.work is not None))  # together: one wake-up
     finally:
         batcher.release_idle()  # after `submit`, which ended it, a no-op
     deadline = time.monotonic() + settings.max_job_s
