@@ -39,13 +39,9 @@ local function claim(job, input, output, id)
   end
   local attempts = tonumber(state[4] or '0') + 1
   local read = state[5] == 'sync' and tonumber(state[6] or '0') <= tonumber(ARGV[7])
-  if read then
-    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0,
-      'attempts', attempts, 'in_pass', '1')
-  else
-    redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0,
-      'attempts', attempts)
-  end
+  redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0,
+    'attempts', attempts)
+  if read then redis.call('HSET', job, 'in_pass', '1') end
   if s == 'running' then redis.call('DEL', output) end  -- a queued job has written no output yet
   return 'running', read and redis.call('LRANGE', input, 0, -1)
 end
