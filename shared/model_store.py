@@ -40,10 +40,10 @@ def path(root: str | Path, name: str) -> Path:
     return Path(root) / name.replace("/", "--").replace(":", "--")
 
 
-def staging(root: str | Path, job_id: str) -> Path:
-    """Where a training attempt writes, before the rename that publishes it (one per job: a
-    redelivered job clears its predecessor's leftovers first)."""
-    return Path(root) / f".staging-{job_id}"
+def staging(root: str | Path, job_id: str, attempt: int) -> Path:
+    """Where a training attempt writes, before the rename that publishes it (one per claim: a run a
+    later delivery took over may still write to its own; the later run clears its predecessors')."""
+    return Path(root) / f".staging-{job_id}-{attempt}"
 
 
 def publish(staged: Path, final: Path, manifest: dict) -> None:

@@ -128,8 +128,8 @@ def ended(store: JobStore, status: JobStatus) -> None:
     job_id = uuid.uuid4().hex
     record = JobRecord(job_id, SPEC.id, JobStatus.QUEUED, Lane.ASYNC, 1, 4, time.time(), "owner")
     store.client.hset(keys.job(job_id), mapping=record.to_hash())
-    store.start(SPEC, [job_id], "w1")
-    store.finish([(record, status, {})])
+    (claim,) = store.start(SPEC, [job_id], "w1")
+    store.finish([(claim.record, status, {})])
 
 
 def test_failures_below_the_ratio_or_the_minimum_leave_the_circuit_closed(store):
@@ -150,8 +150,8 @@ def ended_together(store: JobStore, statuses: list[JobStatus]) -> None:
                for _ in statuses]  # fmt: skip
     for record in records:
         store.client.hset(keys.job(record.id), mapping=record.to_hash())
-    store.start(SPEC, [r.id for r in records], "w1")
-    store.finish([(record, status, {}) for record, status in zip(records, statuses, strict=True)])
+    claims = store.start(SPEC, [r.id for r in records], "w1")
+    store.finish([(claim.record, status, {}) for claim, status in zip(claims, statuses, strict=True)])
 
 
 def test_successes_ended_with_failures_in_one_script_count_before_the_failures_ratio(store):

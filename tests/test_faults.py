@@ -92,6 +92,34 @@ def test_a_worker_killed_mid_job_has_the_job_run_again_elsewhere_to_completion(
     assert "restored 1 job(s)" in rescuer.tail(200)
 
 
+def test_a_duplicate_message_of_a_running_job_restarts_it_and_it_ends_with_one_runs_results(
+    api, redis_server, small_checkpoint, tmp_path
+):
+    from shared import catalog
+    from shared.celery_app import make_celery, send_jobs
+    from shared.store import Lane
+
+    # A duplicate comes from a sweep that took a message in flight for lost, or a holder taken for
+    # dead while it still runs (workers/reaper.py): its claim takes the running job back.
+    worker = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
+    try:
+        # Series of their own: another test's identical job would answer this one from the result cache.
+        job = api.post("/v1/forecasts", json=forecast_body(MODEL, n_series=300, length=397)).json()
+        deadline = time.monotonic() + 60
+        while (view := api.get(f"/v1/forecasts/{job['id']}").json())["progress"]["done"] < 32:
+            assert view["status"] in ("queued", "running") and time.monotonic() < deadline, view
+            time.sleep(0.02)
+        send_jobs(make_celery(settings_for(redis_server)), catalog.get(MODEL), Lane.ASYNC, [job["id"]])
+        done = wait_for(api, job["id"], timeout=120)
+        logged = worker.tail(400)
+    finally:
+        worker.stop()
+
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    assert [p["item_id"] for p in done["predictions"]] == [f"s{i}" for i in range(300)]
+    assert f"{job['id']}: superseded" in logged  # the first run went on, and stored nothing more
+
+
 def test_sigterm_lets_a_worker_finish_the_job_in_hand_before_it_exits(api, redis_server, small_checkpoint, tmp_path):
     worker = start_worker(redis_server, small_checkpoint, MODEL, tmp_path, MAX_BATCH="16", WORKER_SLOTS="4")
     job = api.post("/v1/forecasts", json=forecast_body(MODEL, n_series=200, length=400)).json()
@@ -137,6 +165,39 @@ def test_a_job_whose_message_was_lost_in_transit_is_sent_again_and_its_series_ar
     assert api.get(f"/v1/forecasts/{job_id}").json()["status"] == "queued"
     api.delete(f"/v1/forecasts/{job_id}")
     assert not client.exists(keys.job_input(job_id))  # the series go when the job ends
+
+
+def test_a_message_between_kombus_pop_and_its_unacked_record_is_not_taken_for_lost(api, redis_server, monkeypatch):
+    import redis
+
+    from shared import catalog
+    from shared.celery_app import make_celery
+    from shared.store import JobStore, keys
+    from workers import reaper
+
+    spec = catalog.get("amazon/chronos-bolt-mini")  # no worker: its messages stay in the queue
+    job_id = api.post("/v1/forecasts", json=forecast_body(spec.id)).json()["id"]
+    client = redis_server.client()
+    (popped,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
+    client.lrem(keys.queue(spec), 1, popped)  # a live worker's kombu popped it ...
+    client.delete(keys.sweep_lock(spec))
+    tag = f"tag-{job_id}"
+
+    def recorded(_seconds: float) -> None:  # ... and records it in `unacked` while the sweep looks
+        client.hset(keys.KOMBU_UNACKED, tag, json.dumps([json.loads(popped), "", keys.queue(spec)]))
+
+    monkeypatch.setattr(reaper.time, "sleep", recorded)
+    time.sleep(0.05)
+    store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server))
+    try:
+        resent = reaper.resend_lost(make_celery(settings_for(redis_server), serve=spec), store, spec, grace_s=0.01)
+        queued = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
+    finally:
+        client.hdel(keys.KOMBU_UNACKED, tag)
+        api.delete(f"/v1/forecasts/{job_id}")
+
+    assert resent == 0 and queued == []  # no second message: the one in `unacked` is the job's
+    assert client.hget(keys.job(job_id), "status") == "cancelled"  # cancelled from `queued`: never claimed
 
 
 def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_back_to_the_queue(api, redis_server):

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from shared import catalog
-from shared.store import JobRecord, JobStatus, JobStore, Lane, Outcome, answered, answers, keys
+from shared.store import SUPERSEDED, Appended, JobRecord, JobStatus, JobStore, Lane, Outcome, answered, answers, keys
 from shared.store.store import ANSWER_MAX_BYTES, ANSWER_MAX_RESULTS
 
 from conftest import settings_for
@@ -43,7 +43,7 @@ def start(store, job_id):
 
 
 def finish(store, job_id, status=JobStatus.SUCCEEDED, **fields):
-    job = JobRecord(job_id, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner")
+    job = JobRecord(job_id, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1)
     (final,) = store.finish([(job, status, fields)])
     return final
 
@@ -72,7 +72,9 @@ def test_a_finish_carrying_the_last_results_appends_them_caches_them_and_clears_
         start(store, i)
         client.hset(keys.job(i), "in_pass", "1")
     assert cancel(store, ended_id) is not None and finish(store, ended_id, JobStatus.FAILED) == "cancelled"
-    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (job_id, ended_id)]
+    running = [
+        JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1) for i in (job_id, ended_id)
+    ]
     digest = uuid.uuid4().hex
     finals = store.finish([
         Outcome(running[0], JobStatus.SUCCEEDED, {"weights": "real"}, digest, [b"r1", b"r2"]),
@@ -92,7 +94,10 @@ def test_jobs_of_several_models_finished_together_get_their_own_statuses_in_orde
     for job_id in ids:
         start(store, job_id)
     models = [SPEC.id, other.id, SPEC.id]
-    running = [JobRecord(i, m, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i, m in zip(ids, models, strict=True)]
+    running = [
+        JobRecord(i, m, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1)
+        for i, m in zip(ids, models, strict=True)
+    ]
     cancel(store, ids[2])
     bucket = int(time.time() // (store.settings.breaker_window_s / 6))
 
@@ -115,7 +120,9 @@ def test_many_results_are_appended_in_slices_by_the_finish_script_and_never_to_a
         start(store, i)
     cancel(store, ended_id)
     finish(store, ended_id, JobStatus.FAILED)
-    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (job_id, ended_id)]
+    running = [
+        JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1) for i in (job_id, ended_id)
+    ]
     results = [str(i).encode() for i in range(10_000)]  # past what Lua can unpack at once
 
     finals = store.finish([Outcome(r, JobStatus.SUCCEEDED, {}, None, results) for r in running])
@@ -130,7 +137,7 @@ def test_results_past_the_command_budget_go_in_another_finish_script_of_the_same
     ids = [queued_job(client) for _ in range(3)]
     for job_id in ids:
         start(store, job_id)
-    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids]
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1) for i in ids]
     big = [b"x" * (3 << 20)]  # three of these pass the 8 MiB budget of one command
     sent = []
     execute = store._pipeline
@@ -148,7 +155,8 @@ def test_a_pass_reads_its_series_and_cancels_and_marks_only_records_still_stored
     client.rpush(keys.job_input(job_id), "a", "b", "c")
     client.hset(keys.job(job_id), "cancel_requested", "1")
 
-    reads = store.read_pass([(job_id, 1, 3, True), (gone, 0, 1, True), (job_id, 0, 3, False)], mark=True)
+    start(store, job_id)
+    reads = store.read_pass([(job_id, 1, 3, True, 1), (gone, 0, 1, True, 1), (job_id, 0, 3, False, 1)], mark=True)
 
     assert reads[0].cancel_requested and reads[0].inputs == [b"b", b"c"]
     assert not reads[1].cancel_requested and reads[1].inputs == [] and reads[2].inputs is None
@@ -178,7 +186,7 @@ def test_jobs_finished_together_are_announced_in_one_message_that_wakes_each_wai
     ids = [queued_job(client) for _ in range(3)]
     for job_id in ids:
         start(store, job_id)
-    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids]
+    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1) for i in ids]
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.EVENTS_CHANNEL)
 
@@ -210,7 +218,7 @@ def test_an_awaited_job_is_answered_with_its_announcement_and_the_others_by_id_o
     client.set(keys.job_items(awaited), "items")
     listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
     listener.subscribe(here, there, keys.EVENTS_CHANNEL)
-    running = {i: JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in ids}
+    running = {i: JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1) for i in ids}
     binary = [bytes(range(256)) * 30, b"\xc2", b""]  # every byte, a msgpack false, nothing: kept as they are
 
     finals = store.finish([
@@ -299,6 +307,62 @@ def test_redelivery_of_a_running_job_counts_another_attempt_and_starts_it_over(c
     assert not client.exists(keys.job_output(job_id))  # the redelivery starts over
 
 
+def test_a_claim_taken_over_by_a_later_delivery_stores_nothing_more_and_the_job_ends_with_one_run(client, store):
+    job_id = queued_job(client)
+    (first,) = store.start(SPEC, [job_id], "w1")
+    store.append_results([Appended(job_id, first.record.attempts, [b"a1"], 1)])
+    # A duplicate delivery (a holder taken for dead while it still runs) claims the job again.
+    (second,) = store.start(SPEC, [job_id], "w2")
+
+    store.read_pass([(job_id, 0, 1, True, first.record.attempts)], mark=True)  # the first run goes on
+    marked = client.hget(keys.job(job_id), "in_pass")
+    store.append_results([Appended(job_id, first.record.attempts, [b"a2"], 2)])
+    superseded = store.finish([Outcome(first.record, JobStatus.SUCCEEDED, {"inference_s": 1.0}, None, [b"a3"])])
+    still = record(client, job_id)
+    store.append_results([Appended(job_id, second.record.attempts, [b"b1"], 1)])
+    finished = store.finish([Outcome(second.record, JobStatus.SUCCEEDED, {"inference_s": 2.0}, None, [b"b2"])])
+    late = store.finish([Outcome(first.record, JobStatus.FAILED, {"error": "late"}, None, [])])
+
+    assert (first.record.attempts, second.record.attempts) == (1, 2)
+    assert marked is None  # a death of the first run's worker does not count against the job
+    assert superseded == [SUPERSEDED] and still.status is JobStatus.RUNNING and still.progress_done == 0
+    assert finished == ["succeeded"] and late == [SUPERSEDED]
+    assert client.lrange(keys.job_output(job_id), 0, -1) == ["b1", "b2"]
+    assert record(client, job_id).inference_s == 2.0 and record(client, job_id).worker == "w2"
+
+
+def test_a_fine_tuning_run_taken_over_by_a_later_claim_is_told_to_stop_and_records_no_step(client, store):
+    job_id = queued_job(client)
+    (first,) = store.start(SPEC, [job_id], "w1")
+    (second,) = store.start(SPEC, [job_id], "w2")
+
+    stop_first = store.training_step(job_id, first.record.attempts, 5, {"losses": [9.0]})
+    stop_second = store.training_step(job_id, second.record.attempts, 1, {"losses": [1.0]})
+
+    assert stop_first and not stop_second
+    assert record(client, job_id).progress_done == 1 and record(client, job_id).finetune == {"losses": [1.0]}
+    assert not store.holds(job_id, first.record.attempts) and store.holds(job_id, second.record.attempts)
+
+
+def test_a_pass_appends_results_and_progress_to_a_running_job_and_nothing_to_an_ended_one(client, store):
+    job_id, ended_id = queued_job(client), queued_job(client)
+    claims = store.start(SPEC, [job_id, ended_id], "w1")
+    for i in (job_id, ended_id):
+        client.hset(keys.job(i), "in_pass", "1")
+    cancel(store, ended_id)
+    finish(store, ended_id, JobStatus.FAILED)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.EVENTS_CHANNEL)
+    pubsub.get_message(timeout=1)
+
+    store.append_results([Appended(c.record.id, c.record.attempts, [b"r1", b"r2"], 2) for c in claims])
+
+    assert client.lrange(keys.job_output(job_id), 0, -1) == ["r1", "r2"] and 0 < client.ttl(keys.job_output(job_id))
+    assert record(client, job_id).progress_done == 2 and client.hget(keys.job(job_id), "in_pass") is None
+    assert pubsub.get_message(timeout=5)["data"] == job_id
+    assert not client.exists(keys.job_output(ended_id)) and record(client, ended_id).progress_done == 0
+
+
 def test_cancelling_a_queued_job_ends_it_and_its_message_is_dropped(client, store):
     job_id = queued_job(client)
     assert cancel(store, job_id) == "cancelled"
@@ -352,7 +416,9 @@ def test_an_idle_workers_claim_reads_a_small_sync_jobs_series_and_marks_it_in_a_
     client.hset(keys.job(small), "lane", Lane.SYNC.value)
     client.hset(keys.job(large), mapping={"lane": Lane.SYNC.value, "n_series": 3})
     for job_id in (waiting, small, large):
-        client.rpush(keys.job_input(job_id), *[f"series of {job_id}".encode()] * int(client.hget(keys.job(job_id), "n_series")))
+        client.rpush(
+            keys.job_input(job_id), *[f"series of {job_id}".encode()] * int(client.hget(keys.job(job_id), "n_series"))
+        )
 
     claims = store.start(SPEC, [waiting, small, large], "w1", read_sync=2)
 
@@ -394,7 +460,9 @@ def test_scripts_redis_lost_are_loaded_again_and_a_round_trip_runs_each_command_
 
     claims = store.start(SPEC, [first, second], "w1")  # one script for both
     client.script_flush()
-    running = [JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner") for i in (first, second)]
+    running = [
+        JobRecord(i, SPEC.id, JobStatus.RUNNING, Lane.ASYNC, 1, 4, 0.0, "owner", attempts=1) for i in (first, second)
+    ]
     finals = store.finish([Outcome(r, JobStatus.SUCCEEDED, {}, None, [b"r"]) for r in running])  # a pipeline of two
 
     assert [claim.status for claim in claims] == ["running", "running"] and finals == ["succeeded", "succeeded"]

@@ -394,8 +394,9 @@ def test_a_sync_job_claimed_in_a_pass_skips_one_round_trip_and_its_later_passes_
     claimed.marked = True  # what an idle worker's claim did (lua/start.lua)
     other = work(runtime, [series(9)], lane=Lane.SYNC)
     client = redis_server.client()
-    for job in (claimed, other):  # records, so that a pass's mark has something to mark
-        client.hset(keys.job(job.job_id), "status", "running")
+    for job in (claimed, other):  # records as claimed, so that a pass's mark has something to mark
+        client.hset(keys.job(job.job_id), mapping={"status": "running", "attempts": 1})
+        job.attempt = 1
     reads = []
     real = io.store.read_pass
 

@@ -69,6 +69,9 @@ class Work:
     keep: bool = False
     stored: bool = True
     variant: str | None = None  # the fine-tuned model of the worker's base model the job asked for
+    # Its claim's attempt (JobRecord.attempts): results are stored only while that claim holds the
+    # job; a later delivery's claim restarts it (lua/start.lua) and supersedes this run (lua/append.lua).
+    attempt: int = 0
     # How the job's record is finished together with its last pass's results, on the I/O thread (set
     # by workers/executor.py for a job that needs nothing more once its series are forecast), and the
     # status that left it; None: the job's task thread finishes it.

@@ -16,7 +16,7 @@ from shared.catalog import ModelSpec
 from shared.schemas import ForecastParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import JobKind, JobRecord, JobStatus, JobStore, Lane, Outcome
+from shared.store import Appended, JobKind, JobRecord, JobStatus, JobStore, Lane, Outcome
 
 from workers import anomaly, backtest, metrics
 from workers.batcher import Batcher, Slice, Work
@@ -56,7 +56,7 @@ class RedisPassIO:
                 # (lua/start.lua), so this pass needs no round trip. A cancel requested since ends
                 # them as they finish (lua/finish.lua).
                 return [e for work, start, end in batch for e in (work.inputs or [])[start:end]], set()
-        slices = [(work.job_id, start, end, work.inputs is None) for work, start, end in batch]
+        slices = [(work.job_id, start, end, work.inputs is None, work.attempt) for work, start, end in batch]
         reads = self.store.read_pass(slices, mark=begin)
         decoded: list[Decoded] = []
         stopped = set()
@@ -72,28 +72,32 @@ class RedisPassIO:
     def begin(self, batch: list[Slice]) -> None:
         for work, _, _ in batch:
             work.marked = False
-        self.store.mark_in_pass(work.job_id for work, _, _ in batch)
+        self.store.mark_in_pass((work.job_id, work.attempt) for work, _, _ in batch)
 
     def write(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
-        # A job failed meanwhile (a timeout, an earlier pass's write) is its task thread's to end.
-        closing = {w.job_id: w for w in completed if w.closing is not None and not w.finished.is_set() and w.end_once()}
+        # A job failed meanwhile (a timeout, an earlier pass's write) is its task thread's to end. By
+        # work, not job id: a job claimed again while its first run goes on (lua/start.lua) has two
+        # works here, each with its own results and outcome.
+        closing = dict.fromkeys(
+            w for w in completed if w.closing is not None and not w.finished.is_set() and w.end_once()
+        )
         appended, last = [], {}
         for (work, _, end), arrays in results:
             elements = [a.tobytes() for a in arrays] if work.stored else []
-            if work.job_id in closing:  # its last results travel with its finish script
-                last[work.job_id] = elements
+            if work in closing:  # its last results travel with its finish script
+                last[work] = elements
             else:  # the last pass's progress comes with the job's final state
-                appended.append((work.job_id, elements, end if end < work.n else None))
+                appended.append(Appended(work.job_id, work.attempt, elements, end if end < work.n else None))
         if not closing:
             if appended:
                 self.store.append_results(appended)
             return
         outcomes = []
-        for work in closing.values():
+        for work in closing:
             record, fields, digest = work.closing
             fields.update(inference_s=round(work.model_s, 6), progress_done=work.done)
-            outcomes.append(Outcome(record, JobStatus.SUCCEEDED, fields, digest, last.get(work.job_id, ())))
-        for work, final in zip(closing.values(), self.store.complete_pass(appended, outcomes), strict=True):
+            outcomes.append(Outcome(record, JobStatus.SUCCEEDED, fields, digest, last.get(work, ())))
+        for work, final in zip(closing, self.store.complete_pass(appended, outcomes), strict=True):
             work.final = final
 
 
@@ -134,7 +138,7 @@ def _settle(
         try:
             scored, elements = score(work)
             if elements is not None:
-                store.append_results([(work.job_id, elements, None)])
+                store.append_results([Appended(work.job_id, work.attempt, elements, None)])
         except Exception as exc:  # scoring is ours, not the model's: still fail the job, not the worker
             log.exception("job %s: scoring its forecasts failed", work.job_id)
             fields["error"] = f"{type(exc).__name__}: {exc}"
@@ -164,6 +168,7 @@ def _work(store: JobStore, record: JobRecord, spec: ModelSpec, revision: str) ->
         params = ForecastParameters.model_validate(record.request["parameters"])
         key = families.of(spec).group_key(params, record.id)
         work = Work(record.id, record.n_series, params, record.lane, key)
+    work.attempt = record.attempts
     work.variant = record.request.get("finetuned")
     if work.variant:  # a fine-tuned model's series never share a pass with another model's
         work.key = (*work.key, ("finetuned", work.variant))

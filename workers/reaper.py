@@ -11,11 +11,14 @@ The next delivery claims the job again (`attempts` + 1); after `MAX_DELIVERIES` 
 One window kombu leaves open: its Redis transport pops a message off the list and records it in
 `unacked` in a second step, so a worker killed in between loses the message outright. For that,
 `resend_lost` re-sends jobs still `queued` after `grace_s` whose message is in neither their
-queue nor `unacked` (a message carries only job ids; the series wait in the job's input list,
-`keys.job_input`). A duplicate of a message whose job has ended is dropped at its claim. Known
-gap: a duplicate that arrives while the job runs on a live worker claims it again (START takes a
-`running` job back, for the redelivery after a worker's death) and both workers append to its
-output list; START cannot tell a dead holder from a slow one yet.
+queue nor `unacked` at two looks `SETTLE_S` apart (a live worker's message is in that window
+only for a moment; a message carries only job ids, the series wait in the job's input list,
+`keys.job_input`). A duplicate of a message whose job has ended is dropped at its claim. A
+duplicate that arrives while the job runs on a live worker claims it again: START cannot tell a
+dead holder from a slow one, so it takes a `running` job back (as the redelivery after a worker's
+death needs) and the job starts over; the claim's `attempts` fences the earlier holder, whose later
+results, marks and finish are not stored (lua/append.lua, lua/read_pass.lua, lua/finish.lua; a
+fine-tuning run stops at its next step, workers/training.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from kombu.transport.redis import QoS as RedisQoS
 
 from shared.catalog import ModelSpec
 from shared.celery_app import job_ids, send_jobs
-from shared.store import JobStore, keys
+from shared.store import JobStore, Lane, keys
 
 log = logging.getLogger(__name__)
 
@@ -78,31 +81,44 @@ def restore(app: Celery, store: JobStore, spec: ModelSpec) -> int:
 
 # Above this many waiting messages the sweep waits for the backlog to shrink (it reads every message).
 SCAN_MAX = 5_000
+# How long a job found without a message waits for a second look before its message is sent again:
+# kombu pops a message off its queue, then records it in `unacked` in a second step, and a message
+# between the two is in neither for a moment, on a live worker that is about to claim its jobs.
+SETTLE_S = 0.5
 
 
-def resend_lost(app: Celery, store: JobStore, spec: ModelSpec, grace_s: float) -> int:
-    """Send again the model's jobs queued longer than `grace_s` whose message is nowhere; returns how many.
+def resend_lost(app: Celery, store: JobStore, spec: ModelSpec, grace_s: float, settle_s: float = SETTLE_S) -> int:
+    """Send again the model's jobs queued longer than `grace_s` whose message is nowhere, twice
+    `settle_s` apart; returns how many.
 
     One worker of the model sweeps at a time (a lock that expires with the grace period).
     """
     stale = store.sweep(spec, grace_s)
-    if not stale:
-        return 0
-    messages = store.waiting_messages(spec, SCAN_MAX)
-    if messages is None:
-        return 0
-    present = {job_id for raw in messages for job_id in job_ids(_message(json.loads(raw)))}
-    resent = 0
-    for job_id in stale:
-        status, lane, queue = store.queued_state(spec, job_id)
-        if status is None or job_id in present:  # claimed, finished or expired meanwhile; or not lost
-            continue
+    lost = _unsent(store, spec, stale) if stale else {}
+    if lost:  # a message in kombu's pop-then-record step turns up in `unacked`, or its job is claimed
+        time.sleep(settle_s)
+        lost = _unsent(store, spec, list(lost))
+    for job_id, (lane, queue) in lost.items():
         send_jobs(app, spec, lane, [job_id], queue)
         store.resent(spec, job_id)
-        resent += 1
-    if resent:
-        log.warning("sent %d job(s) of %s again: accepted, never claimed, message lost", resent, spec.id)
-    return resent
+    if lost:
+        log.warning("sent %d job(s) of %s again: accepted, never claimed, message lost", len(lost), spec.id)
+    return len(lost)
+
+
+def _unsent(store: JobStore, spec: ModelSpec, candidates: list[str]) -> dict[str, tuple[Lane, str | None]]:
+    """Of these jobs, those still queued whose message is in none of the model's queues and not in
+    `unacked`, with the lane and queue their message goes to (none when too many messages wait)."""
+    messages = store.waiting_messages(spec, SCAN_MAX)
+    if messages is None:
+        return {}
+    present = {job_id for raw in messages for job_id in job_ids(_message(json.loads(raw)))}
+    unsent = {}
+    for job_id in candidates:
+        status, lane, queue = store.queued_state(spec, job_id)
+        if status is not None and job_id not in present:  # not claimed, finished or expired meanwhile
+            unsent[job_id] = (lane, queue)
+    return unsent
 
 
 def _message(stored: dict | list) -> dict:

@@ -10,8 +10,10 @@ What a job leaves is published whole or not at all: the weights are written unde
 directory, scored, renamed into the model store with their manifest (shared/model_store.py), and
 only then registered in Redis, where the API finds them. A worker killed mid-training leaves its
 message unacked; the reaper of any worker of the model gives it back, and the next delivery
-starts training over (clearing the staging directory), within MAX_DELIVERIES: the job is marked
-in a "pass" for its whole training, so a job that kills its worker every time ends failed.
+starts training over (clearing its predecessors' staging directories), within MAX_DELIVERIES: the
+job is marked in a "pass" for its whole training, so a job that kills its worker every time ends
+failed. A run whose job a later delivery claimed (a holder taken for dead that still runs) stops at
+its next step, and publishes nothing: each step and the publish check the claim's `attempts`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from shared.catalog import ModelSpec
 from shared.schemas import FinetuneParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import JobRecord, JobStatus, JobStore
+from shared.store import SUPERSEDED, JobRecord, JobStatus, JobStore
 
 from workers.runtime import pick_device
 from workers.weights import Weights
@@ -74,9 +76,13 @@ def execute(job_ids: Sequence[str], trainer: Trainer, store: JobStore, worker: s
             fields["error"] = f"{type(exc).__name__}: {exc}"
             status = JobStatus.FAILED
         finally:
-            shutil.rmtree(model_store.staging(trainer.settings.model_store, job_id), ignore_errors=True)
+            shutil.rmtree(
+                model_store.staging(trainer.settings.model_store, job_id, record.attempts), ignore_errors=True
+            )
         (final,) = store.finish([(record, status, fields)])
-        if published and final != JobStatus.SUCCEEDED:  # cancelled at the last moment: the model goes too
+        # Cancelled at the last moment: the model goes too. Superseded (a later delivery's claim runs
+        # the job again, lua/finish.lua): the model is that run's to publish under the same name.
+        if published and final not in (JobStatus.SUCCEEDED, SUPERSEDED):
             store.forget_finetuned(published)
             model_store.delete(trainer.settings.model_store, published)
         log.info("job %s: %s (%.1fs of training)", job_id, final, fields["inference_s"])
@@ -98,7 +104,8 @@ class _Steps(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         record = {"mode": self.mode, "losses": self.losses}
-        if self.store.training_step(self.record.id, state.global_step, record):
+        # A run a later delivery's claim took over stops here too; its finish is answered `superseded`.
+        if self.store.training_step(self.record.id, self.record.attempts, state.global_step, record):
             self.stopped, control.should_training_stop = "cancelled", True
         elif time.monotonic() > self.deadline:
             self.stopped, control.should_training_stop = "deadline", True
@@ -114,11 +121,12 @@ def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -
         raise RuntimeError(f"job {record.id}: its series are no longer stored")
     horizon = params.prediction_length
     held_out = horizon if params.validation else 0
-    staged = model_store.staging(settings.model_store, record.id)
-    shutil.rmtree(staged, ignore_errors=True)  # a dead predecessor's leftovers
+    staged = model_store.staging(settings.model_store, record.id, record.attempts)
+    for earlier in range(1, record.attempts):  # a dead predecessor's leftovers (or a superseded run's)
+        shutil.rmtree(model_store.staging(settings.model_store, record.id, earlier), ignore_errors=True)
     staged.mkdir(parents=True)
     steps = _Steps(store, record, params.finetune_mode, time.monotonic() + settings.max_job_s)
-    store.mark_in_pass([record.id])  # from here, this worker's death counts against the job
+    store.mark_in_pass([(record.id, record.attempts)])  # from here, this worker's death counts against the job
     started = time.perf_counter()
     tuned = trainer.pipeline.fit(
         [_task(s, len_minus=held_out) for s in series], prediction_length=horizon,
@@ -148,6 +156,8 @@ def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -
         "prediction_length": horizon, "context_length": params.context_length, "steps": len(steps.losses),
         "metrics": training.get("metrics"),
     }  # fmt: skip
+    if not store.holds(record.id, record.attempts):  # a later delivery's run publishes the job's model
+        return JobStatus.CANCELLED, None
     model_store.publish(staged, model_store.path(settings.model_store, name), manifest)
     store.register_finetuned(name, manifest)
     training["finetuned_model"] = name

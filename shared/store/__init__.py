@@ -6,6 +6,8 @@ from shared.store.record import TERMINAL, JobKind, JobRecord, JobStatus, Lane
 from shared.store.store import (
     POOL_WAIT_S,
     REDIS_TIMEOUT_S,
+    SUPERSEDED,
+    Appended,
     AsyncJobStore,
     CircuitState,
     JobStore,
@@ -18,6 +20,6 @@ from shared.store.store import (
     live,
 )
 
-__all__ = ["POOL_WAIT_S", "REDIS_TIMEOUT_S", "TERMINAL", "AsyncJobStore", "CircuitState", "JobKind", "JobRecord",
-           "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "answered", "answers", "bounded",
-           "live"]  # fmt: skip
+__all__ = ["POOL_WAIT_S", "REDIS_TIMEOUT_S", "SUPERSEDED", "TERMINAL", "Appended", "AsyncJobStore", "CircuitState",
+           "JobKind", "JobRecord", "JobStatus", "JobStore", "Lane", "ModelState", "Outcome", "PassRead", "answered",
+           "answers", "bounded", "live"]  # fmt: skip

@@ -114,6 +114,11 @@ class ModelState(NamedTuple):
     circuit: CircuitState
 
 
+# What `finish` returns for a job a later delivery's claim took over (lua/start.lua): this run's
+# outcome and results were not stored; the later run's will be.
+SUPERSEDED = "superseded"
+
+
 class Outcome(NamedTuple):
     """How a worker ends a job (`finish`): its status and the record fields stored with it; for a
     job its last pass completed, that pass's results, appended by the same script."""
@@ -123,6 +128,15 @@ class Outcome(NamedTuple):
     fields: dict
     digest: str | None = None  # the result cache entry a success is kept under (shared/cache.py)
     results: Sequence[bytes] = ()
+
+
+class Appended(NamedTuple):
+    """A pass's results of a job it did not finish (`append_results`)."""
+
+    job_id: str
+    attempt: int  # the claim's (JobRecord.attempts): a later claim's run supersedes this one's
+    elements: list[bytes]  # none for work whose results the worker keeps alone (anomaly windows)
+    done: int | None  # the job's series done so far, or None: its progress comes with its end
 
 
 class PassRead(NamedTuple):
@@ -354,33 +368,35 @@ class _Core:
         return claimed
 
     @operation
-    def read_pass(self, slices: Sequence[tuple[str, int, int, bool]], mark: bool = False) -> Op[list[PassRead]]:
-        """For each (job id, first, end, wanted) of a forward pass: whether a cancel is pending, and the
-        job's series first..end-1 when `wanted`; with `mark`, `mark_in_pass` in the same command."""
+    def read_pass(self, slices: Sequence[tuple[str, int, int, bool, int]], mark: bool = False) -> Op[list[PassRead]]:
+        """For each (job id, first, end, wanted, the claim's attempt) of a forward pass: whether a
+        cancel is pending, and the job's series first..end-1 when `wanted`; with `mark`,
+        `mark_in_pass` in the same command."""
         job_keys = [k for job_id, *_ in slices for k in (keys.job(job_id), keys.job_input(job_id))]
-        ranges = [x for _, start, end, wanted in slices for x in ((start, end - 1) if wanted else (0, -1))]
-        (replies,) = yield [run_script("read_pass", job_keys, [int(mark), *ranges])]
+        args = [x for _, start, end, wanted, attempt in slices
+                for x in ((start, end - 1) if wanted else (0, -1)) + (attempt,)]  # fmt: skip
+        (replies,) = yield [run_script("read_pass", job_keys, [int(mark), *args])]
         return [
             PassRead(cancel == b"1", inputs if wanted else None)
-            for (cancel, inputs), (*_, wanted) in zip(replies, slices, strict=True)
+            for (cancel, inputs), (*_, wanted, _) in zip(replies, slices, strict=True)
         ]
 
     @operation
-    def mark_in_pass(self, job_ids: Iterable[str]) -> Op[None]:
-        """From here on a death of this worker counts against these jobs (lua/start.lua)."""
-        job_keys = [k for i in job_ids for k in (keys.job(i), keys.job_input(i))]
-        yield [run_script("read_pass", job_keys, ["mark"])]
+    def mark_in_pass(self, jobs: Iterable[tuple[str, int]]) -> Op[None]:
+        """For each (job id, the claim's attempt): from here on a death of this worker counts against
+        the job (lua/start.lua), while that claim holds it."""
+        jobs = list(jobs)
+        job_keys = [k for i, _ in jobs for k in (keys.job(i), keys.job_input(i))]
+        yield [run_script("read_pass", job_keys, ["mark", *(attempt for _, attempt in jobs)])]
 
     @operation
-    def append_results(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> Op[None]:
-        """For each (job id, result elements, series done or None): append the results, clear the
-        in-pass mark, and record the progress of a job not yet done."""
+    def append_results(self, results: Sequence[Appended]) -> Op[None]:
+        """For each job: append its results, clear its in-pass mark, and record its progress when not
+        yet done; nothing for a job its claim no longer holds (lua/append.lua)."""
         yield self._append(results)
 
     @operation
-    def complete_pass(
-        self, results: Sequence[tuple[str, list[bytes], int | None]], outcomes: Sequence[Outcome]
-    ) -> Op[list[str]]:
+    def complete_pass(self, results: Sequence[Appended], outcomes: Sequence[Outcome]) -> Op[list[str]]:
         """`append_results` for the jobs a pass left running, then `finish` for those it completed (their
         last results in `Outcome.results`), in one round trip (a worker's pass I/O thread,
         workers/executor.py); returns the final statuses."""
@@ -388,18 +404,17 @@ class _Core:
         replies = yield before + self._finish(outcomes)
         return _finals(replies, outcomes)
 
-    def _append(self, results: Sequence[tuple[str, list[bytes], int | None]]) -> list[Cmd]:
+    def _append(self, results: Sequence[Appended]) -> list[Cmd]:
         step = []
-        for job_id, elements, done in results:
-            if elements:  # none for work whose results are kept by the worker alone (anomaly windows)
-                output = keys.job_output(job_id)
-                step += [Cmd("rpush", (output, *chunk)) for chunk in _chunks(elements)]
-                # Written after the pass, so the job may have ended meanwhile (failed in a later pass,
-                # cancelled): the list then must not outlive it. `finish` sets its final lifetime.
-                step.append(Cmd("expire", (output, self.settings.result_ttl_s)))
-            step.append(Cmd("hdel", (keys.job(job_id), "in_pass")))
-            if done is not None:
-                step.append(run_script("progress", [keys.job(job_id)], [done, keys.EVENTS_CHANNEL, job_id]))
+        for job_id, attempt, elements, done in results:
+            # None for work whose results the worker keeps alone (anomaly windows): the mark and the
+            # progress still go.
+            chunks = _chunks(elements) or [[]]
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1
+                head = [attempt, self.settings.result_ttl_s, int(last), "" if done is None else done,
+                        keys.EVENTS_CHANNEL, job_id]  # fmt: skip
+                step.append(run_script("append", [keys.job(job_id), keys.job_output(job_id)], [*head, *chunk]))
         return step
 
     @operation
@@ -447,7 +462,7 @@ class _Core:
                 pairs = [x for pair in encode(fields).items() for x in pair]
                 job_keys += [keys.job(r.id), keys.in_flight(r.owner), keys.job_input(r.id), keys.job_output(r.id),
                              keys.job_items(r.id), *cache]  # fmt: skip
-                args += [status.value, r.id, entry, len(results), *results, len(pairs), *pairs]
+                args += [status.value, r.id, r.attempts, entry, len(results), *results, len(pairs), *pairs]
             step.append(run_script("finish", [keys.CALLBACKS, *breaker, *job_keys], args))
         return [*step, Cmd("publish", (keys.EVENTS_CHANNEL, " ".join(o.record.id for o in ended)))]
 
@@ -534,15 +549,22 @@ class _Core:
     # -- fine-tuning (workers/training.py) and fine-tuned models --------------------------------
 
     @operation
-    def training_step(self, job_id: str, step: int, finetune: dict) -> Op[bool]:
+    def training_step(self, job_id: str, attempt: int, step: int, finetune: dict) -> Op[bool]:
         """Record a running fine-tuning job's step and training record and announce it; returns
-        whether a cancel was requested (training stops at its next step)."""
-        _, cancel = (yield [
+        whether training is to stop: a cancel was requested, or the run's claim (`attempt`) no
+        longer holds the job (a later delivery's runs it, or it ended)."""
+        recorded, cancel = (yield [
             run_script("progress", [keys.job(job_id)],
-                       [step, keys.EVENTS_CHANNEL, job_id, "finetune", json.dumps(finetune)]),
+                       [step, keys.EVENTS_CHANNEL, job_id, attempt, "finetune", json.dumps(finetune)]),
             Cmd("hget", (keys.job(job_id), "cancel_requested")),
         ])  # fmt: skip
-        return _text(cancel) == "1"
+        return not recorded or _text(cancel) == "1"
+
+    @operation
+    def holds(self, job_id: str, attempt: int) -> Op[bool]:
+        """Whether the claim of this attempt still holds the running job (lua/append.lua)."""
+        status, attempts = (yield [Cmd("hmget", (keys.job(job_id), "status", "attempts"))])[0]
+        return _text(status) == JobStatus.RUNNING and _text(attempts) == str(attempt)
 
     @operation
     def register_finetuned(self, name: str, manifest: dict) -> Op[None]:

@@ -5,11 +5,14 @@
 --       output list, items, result cache output list or '', result cache entry or ''
 -- ARGV: now, ttl, breaker min jobs, breaker failure ratio, bucket ttl, cache ttl, the number of
 --       outcome buckets, the most results an answer carries, the most bytes it carries, then for
---       each job: its final status, id, cache entry value, n (results to append first), the n
---       results, m (twice the fields), then the field/value pairs
--- Only a running job can finish; the first terminal write wins, so a redelivered duplicate cannot
--- overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more results. A
--- pending cancel request turns success into 'cancelled' and the outcome's fields are not stored.
+--       each job: its final status, id, the claim's attempt, cache entry value, n (results to append
+--       first), the n results, m (twice the fields), then the field/value pairs
+-- Only a running job can finish, and only by the claim that holds it (its `attempts` is the
+-- caller's: a later delivery's claim supersedes an earlier one, lua/start.lua, whose finish then
+-- stores nothing and returns 'superseded'); the first terminal write wins, so a redelivered
+-- duplicate cannot overwrite a result, and a job ended meanwhile (cancelled, timed out) gets no more
+-- results. A pending cancel request turns success into 'cancelled' and the outcome's fields are not
+-- stored.
 -- Output and items live as long as the record; a success is cached (shared/cache.py) before it is
 -- announced, so a client that repeats the request on seeing the result hits the cache. Returns
 -- each job's final status.
@@ -69,17 +72,19 @@ end
 -- k: the job's first key; a: its first argument. Returns its final status and its next argument.
 local function finish(k, a)
   local job, output = KEYS[k], KEYS[k + 3]
-  local n = tonumber(ARGV[a + 3])
-  local m = tonumber(ARGV[a + 4 + n])
-  local after = a + 5 + n + m
-  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane', 'awaited', 'callback_url')
-  if state[1] ~= 'running' then return state[1] or 'missing', after end
-  for i = a + 4, a + 3 + n, 1000 do  -- unpack puts its values on Lua's C stack (8000 slots)
-    redis.call('RPUSH', output, unpack(ARGV, i, math.min(i + 999, a + 3 + n)))
+  local n = tonumber(ARGV[a + 4])
+  local m = tonumber(ARGV[a + 5 + n])
+  local after = a + 6 + n + m
+  local state = redis.call('HMGET', job, 'status', 'cancel_requested', 'lane', 'awaited', 'callback_url', 'attempts')
+  if not state[1] then return 'missing', after end
+  if state[6] ~= ARGV[a + 2] then return 'superseded', after end  -- however the later run ended
+  if state[1] ~= 'running' then return state[1], after end
+  for i = a + 5, a + 4 + n, 1000 do  -- unpack puts its values on Lua's C stack (8000 slots)
+    redis.call('RPUSH', output, unpack(ARGV, i, math.min(i + 999, a + 4 + n)))
   end
   local final = ARGV[a]
   if state[2] == '1' then final = 'cancelled' end
-  if final ~= 'cancelled' and m > 0 then redis.call('HSET', job, unpack(ARGV, a + 5 + n, after - 1)) end
+  if final ~= 'cancelled' and m > 0 then redis.call('HSET', job, unpack(ARGV, a + 6 + n, after - 1)) end
   redis.call('HDEL', job, 'in_pass')
   if final == 'succeeded' then
     redis.call('EXPIRE', output, ttl)
@@ -87,7 +92,7 @@ local function finish(k, a)
     if KEYS[k + 5] ~= '' then
       redis.call('COPY', output, KEYS[k + 5], 'REPLACE')
       redis.call('EXPIRE', KEYS[k + 5], cache_ttl)
-      redis.call('SET', KEYS[k + 6], ARGV[a + 2], 'EX', cache_ttl)
+      redis.call('SET', KEYS[k + 6], ARGV[a + 3], 'EX', cache_ttl)
     end
   else
     redis.call('DEL', output)

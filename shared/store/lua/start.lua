@@ -10,9 +10,11 @@
 -- the job is marked `in_pass` here: it goes into a pass at once, which then needs no round trip of
 -- its own (workers/executor.py). The record's `lost` counts the deliveries whose worker died while
 -- the job was in a forward pass, this one's predecessor included: a job lost before runs alone. A
--- redelivered job starts over: its partial output is cleared. A job whose worker died `max
--- deliveries` times while it was in a forward pass ends 'failed' instead of killing worker after
--- worker. A job's owner's in-flight set is the one key not in KEYS: whose it is, the record says.
+-- redelivered job starts over: its partial output is cleared, and its `attempts` + 1 fences the
+-- claim before (a holder taken for dead may still run): only the claim holding the job appends and
+-- finishes (lua/append.lua, lua/finish.lua). A job whose worker died `max deliveries` times while
+-- it was in a forward pass ends 'failed' instead of killing worker after worker. A job's owner's
+-- in-flight set is the one key not in KEYS: whose it is, the record says.
 local function claim(job, input, output, id)
   local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series')
   local s = state[1]
