@@ -41,8 +41,9 @@ def path(root: str | Path, name: str) -> Path:
 
 
 def staging(root: str | Path, job_id: str, attempt: int) -> Path:
-    """Where a training attempt writes, before the rename that publishes it (one per claim: a run a
-    later delivery took over may still write to its own; the later run clears its predecessors')."""
+    """Where a training attempt writes, before the rename that publishes it (one per claim: a later
+    run clears its predecessors', and a run a later delivery took over, still going, touches only
+    its own and stops at its next step, workers/training.py)."""
     return Path(root) / f".staging-{job_id}-{attempt}"
 
 

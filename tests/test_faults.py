@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+import types
 
 import pytest
 from fastapi.testclient import TestClient
@@ -186,8 +187,9 @@ def test_a_message_between_kombus_pop_and_its_unacked_record_is_not_taken_for_lo
     def recorded(_seconds: float) -> None:  # ... and records it in `unacked` while the sweep looks
         client.hset(keys.KOMBU_UNACKED, tag, json.dumps([json.loads(popped), "", keys.queue(spec)]))
 
-    monkeypatch.setattr(reaper.time, "sleep", recorded)
-    time.sleep(0.05)
+    time.sleep(0.05)  # the job is older than the grace period
+    # The sweep's wait between its two looks, in the reaper's module only.
+    monkeypatch.setattr(reaper, "time", types.SimpleNamespace(sleep=recorded, time=time.time))
     store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server))
     try:
         resent = reaper.resend_lost(make_celery(settings_for(redis_server), serve=spec), store, spec, grace_s=0.01)
