@@ -166,6 +166,9 @@ class Settings(BaseSettings):
     sync_guard_s: float | None = Field(None, ge=0)
     sync_guard_batch: int = Field(0, ge=0)
     torch_threads: int = Field(0, ge=0)
+    # Model threads of the async lane, each running passes of its own (workers/batcher.py); on a CPU
+    # each gets TORCH_THREADS intra-op threads (unset: the cores shared out among them).
+    async_threads: int = Field(1, ge=1, le=64)
     # A training worker (`python -m workers --train`): consumes its model's fine-tuning queue only.
     train: bool = False
     # Where fine-tuned weights are kept (adapters or full checkpoints, each with a manifest): a

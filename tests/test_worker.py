@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import numpy as np
@@ -68,7 +69,13 @@ def run_job(redis_server, batcher, body, lane=Lane.ASYNC, **settings) -> JobReco
     client.set(
         keys.job_items(job_id), msgspec.msgpack.encode([[s.get("item_id"), None, False] for s in body["inputs"]])
     )
-    execute([job_id], batcher, store_for(redis_server), settings_for(redis_server).model_copy(update=settings), "test-worker")
+    execute(
+        [job_id],
+        batcher,
+        store_for(redis_server),
+        settings_for(redis_server).model_copy(update=settings),
+        "test-worker",
+    )
     done = JobRecord.from_hash(client.hgetall(keys.job(job_id)))
     outputs = raw.lrange(keys.job_output(job_id), 0, -1)
     items = msgspec.msgpack.decode(raw.get(keys.job_items(job_id)))
@@ -303,6 +310,71 @@ def test_a_sync_job_larger_than_a_pass_runs_its_slices_in_order_on_either_thread
         assert level(result, levels, 0.5) == pytest.approx(level(alone, levels, 0.5), rel=1e-4), k
 
 
+def test_with_two_async_threads_a_jobs_slices_run_on_one_at_a_time_in_order_while_the_other_runs_others(
+    runtime, io, monkeypatch
+):
+    """ASYNC_THREADS=2: each thread runs passes of its own; a job larger than a pass is held by one
+    thread at a time, so its slices never overlap and its results are kept in series order."""
+    real, passes, lock = runtime.predict, [], threading.Lock()
+    inputs = [Decoded.of([float((t * 3) % 11 + k) for t in range(48)]) for k in range(4 * runtime.max_batch + 1)]
+    mine = {id(d) for d in inputs}
+
+    def slow(batch, *args, **kwargs):
+        started = time.monotonic()
+        time.sleep(0.03)  # time for the other thread to take the next slice, if it could
+        out = real(batch, *args, **kwargs)
+        with lock:
+            passes.append(
+                (threading.current_thread().name, started, time.monotonic(), any(id(d) in mine for d in batch))
+            )
+        return out
+
+    monkeypatch.setattr(runtime, "predict", slow)
+    batcher = Batcher(runtime, io, async_threads=2)
+    batcher.start()
+    big = work(runtime, inputs)
+    big.attempt = 1  # as claimed: its results are stored, pass by pass (lua/append.lua)
+    io.store.client.hset(keys.job(big.job_id), mapping={"status": "running", "attempts": 1})
+    small = [work(runtime, [series(k)]) for k in range(6)]
+
+    batcher.submit(big)
+    for job in small:  # arriving while the big job's passes run: the thread not holding it takes them
+        time.sleep(0.03)
+        batcher.submit(job)
+
+    assert all(w.finished.wait(60) and w.error is None for w in (big, *small))
+    ofbig = sorted((start, end) for _, start, end, has in passes if has)
+    assert all(end <= start for (_, end), (start, _) in zip(ofbig, ofbig[1:]))  # never two at once
+    assert {name for name, *_ in passes} == {"batcher", "batcher-1"}
+    levels = big.params.quantile_levels
+    for k, result in enumerate(big.kept):  # series k's forecast, not another's (the series all differ)
+        alone = real([inputs[k]], 4, levels)[0]
+        assert level(result, levels, 0.5) == pytest.approx(level(alone, levels, 0.5), rel=1e-4), k
+    stored = io.store.client.lrange(keys.job_output(big.job_id), 0, -1)
+    assert stored == [r.tobytes() for r in big.kept]  # stored in series order too
+
+
+def test_a_job_is_handed_to_another_async_thread_only_when_its_holder_keeps_none_of_it_in_hand(runtime, io):
+    batcher = Batcher(runtime, io, async_threads=2)  # not started: two threads of the test's own take
+    big = work(runtime, [series(k) for k in range(3 * runtime.max_batch)])
+    other = work(runtime, [series(9)], prediction_length=runtime.spec.prediction_length + 5)  # another key
+    batcher.submit(big, other)
+    first, second = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # two threads, as two model threads
+
+    def on(thread: ThreadPoolExecutor, call, *args):
+        return thread.submit(call, *args).result(10)
+
+    taken = on(first, batcher._take, False)  # big's first slice
+    ahead = on(first, batcher._take, False)  # the job that has waited longest since: the other one
+    meanwhile = on(second, batcher._take, False)
+    on(first, batcher._release, taken, (ahead, None))  # after the pass: none of big in hand
+    handed = on(second, batcher._take, False)
+
+    assert [w for w, _, _ in taken] == [big] and [w for w, _, _ in ahead] == [other]
+    assert meanwhile == []  # its holder might still take its next slice
+    assert [(w, start) for w, start, _ in handed] == [(big, runtime.max_batch)]
+
+
 def test_incompatible_parameters_never_share_a_pass(runtime, io):
     native = work(runtime, [series(1)], prediction_length=10)
     beyond = work(runtime, [series(2)], prediction_length=runtime.spec.prediction_length + 5)
@@ -377,7 +449,7 @@ def test_a_job_whose_pass_fails_outside_the_model_leaves_no_slice_behind(runtime
 
 def test_of_claims_made_while_the_worker_is_idle_one_only_may_count_on_it(runtime, io):
     batcher = Batcher(runtime, io)
-    batcher._async_idle = True  # its async thread waits for work (`_idle`; the threads are not started here)
+    batcher._async_idle = 1  # its async thread waits for work (`_idle`; the threads are not started here)
 
     assert batcher.reserve_idle() and not batcher.reserve_idle()  # a second claim at the same moment
     batcher.release_idle()

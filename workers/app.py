@@ -104,7 +104,8 @@ class Worker:
             if guard_s is None:  # measured on a CPU only: there the guard cost the flood and gained nothing
                 guard_s = 0.0 if runtime.device == "cpu" else 10.0
             batcher = Batcher(
-                runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, guard_s, settings.sync_guard_batch
+                runtime, RedisPassIO(store), settings.batch_wait_ms / 1000, guard_s, settings.sync_guard_batch,
+                settings.async_threads,
             )  # fmt: skip
             batcher.start()
             metrics.watch_cpu(spec.id, batcher.threads)

@@ -1,4 +1,4 @@
-"""Dynamic batching across jobs: every job a worker holds feeds one model, through two model threads.
+"""Dynamic batching across jobs: every job a worker holds feeds one model, through its model threads.
 
 A worker runs Celery's threads pool with many slots (`WORKER_SLOTS`). Each task thread claims
 its job, hands the job's series to the `Batcher` as one `Work`, and waits; the batcher's model
@@ -20,6 +20,11 @@ Which series share a forward pass:
   passes take turns on the device, so there a sync pass waits for the async pass in progress;
   while sync requests keep coming (within `sync_guard_s` of the last), passes of async work are
   kept short (`sync_guard_batch`), so that it is a short one.
+- Several async threads (ASYNC_THREADS): each runs passes of its own, and a job larger than a
+  pass is held by one at a time (`Work.owner`), so its results are stored in order. On a CPU they
+  split the cores (workers/runtime.py): two passes of one intra-op thread each keep two cores
+  busier under a flood than one of two, whose threads wait for each other after every operation
+  while another process holds a core (docs/operations.md, Scale).
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
   room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 
@@ -83,6 +88,9 @@ class Work:
     # A sync-lane slice of it is in a pass. Either model thread may run sync work (`Batcher._idle`);
     # a job's slices run one after another all the same, so its results are stored in order.
     running: bool = False
+    # The async model thread (its ident) that holds the job's next slices, with several
+    # (ASYNC_THREADS): a job's slices run on one thread at a time, so they are stored in order.
+    owner: int | None = None
     waiting_since: float = field(default_factory=time.monotonic)  # submitted, or last given a share of a pass
     done: int = 0
     model_s: float = 0.0  # time in the forward passes this job took part in
@@ -162,10 +170,11 @@ class Batcher:
 
     def __init__(
         self, runtime: ModelRuntime, io: PassIO, wait_s: float = 0.0, sync_guard_s: float = 0.0,
-        sync_guard_batch: int = 0,
+        sync_guard_batch: int = 0, async_threads: int = 1,
     ):  # fmt: skip
         """`sync_guard_s`, `sync_guard_batch`: after sync work, async passes stay short for a while
-        (SYNC_GUARD_S, SYNC_GUARD_BATCH in shared/settings.py)."""
+        (SYNC_GUARD_S, SYNC_GUARD_BATCH in shared/settings.py). `async_threads`: model threads of
+        the async lane, each running passes of its own (ASYNC_THREADS)."""
         self.runtime, self.io, self.wait_s = runtime, io, wait_s
         self.sync_guard_s, self.sync_guard_batch = sync_guard_s, sync_guard_batch
         self._sync_seen = -float("inf")  # monotonic time sync work last arrived
@@ -174,9 +183,10 @@ class Batcher:
         # (a flood's async jobs never wake the sync thread), once per message, not once per job.
         self._lock = threading.Lock()
         self._ready = {lane: threading.Condition(self._lock) for lane in self._pending}
-        self._async_idle = False  # the async thread waits for work: sync work is left to it (`_idle`)
+        self._async_idle = 0  # async threads waiting for work: sync work is left to them (`_idle`)
         self._reserved_by: int | None = None  # the thread that may count on the idle worker (`reserve_idle`)
-        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.async_threads = [threading.Thread(target=self._run, name="batcher" + (f"-{i}" if i else ""), daemon=True)
+                              for i in range(async_threads)]  # fmt: skip
         self.sync_thread = threading.Thread(target=self._run_sync, name="batcher-sync", daemon=True)
         # Reads of the next async pass and writes of the last one run here, while the model computes.
         self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pass-io")
@@ -187,7 +197,7 @@ class Batcher:
     @property
     def threads(self) -> list[threading.Thread]:
         """The threads that run the model."""
-        return [self.thread, self.sync_thread]
+        return [*self.async_threads, self.sync_thread]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -204,7 +214,7 @@ class Batcher:
             if Lane.SYNC in lanes:  # the sync thread, and the async thread if it is idle (`_idle`)
                 self._ready[Lane.ASYNC].notify()
             for lane in lanes:
-                self._ready[lane].notify_all()  # at most the two model threads wait on a lane
+                self._ready[lane].notify_all()  # only the model threads wait on a lane
 
     def reserve_idle(self) -> bool:
         """Whether nothing is under way or waiting (and no batch wait), so that work submitted now goes
@@ -251,6 +261,21 @@ class Batcher:
             batch, reading = taken
             ahead = self._next(block=False)
             self._guarded(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
+            self._release(batch, ahead)
+
+    def _release(self, batch: list[Slice], ahead: tuple[list[Slice], Future] | None) -> None:
+        """After a pass (its results handed to the I/O thread, which stores them in order), the jobs
+        of it this thread has no next slice of in hand may go to any async thread."""
+        kept = {id(work) for work, _, _ in ahead[0]} if ahead else set()
+        me = threading.get_ident()
+        with self._lock:
+            freed = False
+            for work, _, _ in batch:
+                if work.owner == me and id(work) not in kept:
+                    work.owner = None
+                    freed = freed or work.unscheduled > 0  # a next slice another thread may take now
+            if freed and len(self.async_threads) > 1:
+                self._ready[Lane.ASYNC].notify_all()
 
     def _idle(self) -> list[Slice]:
         """Wait for work with nothing under way; a sync pass if only sync work came, else [] for
@@ -261,16 +286,16 @@ class Batcher:
         against 9.1-9.4 on the sync thread). Async work waiting goes first here, as sync work has
         a thread of its own, which runs what comes while this one is busy."""
         with self._lock:
-            self._async_idle = True
+            self._async_idle += 1
             try:
                 # With BATCH_WAIT_MS a sync pass waits to fill, which this thread must not (async work
                 # would wait behind it): the sync thread takes all sync work then.
                 self._ready[Lane.ASYNC].wait_for(
-                    lambda: self._pending[Lane.ASYNC] or (not self.wait_s and self._sync_ready())
+                    lambda: self._takeable(Lane.ASYNC) or (not self.wait_s and self._sync_ready())
                 )
             finally:
-                self._async_idle = False
-            batch = [] if self._pending[Lane.ASYNC] else self._take_locked(Lane.SYNC)
+                self._async_idle -= 1
+            batch = [] if self._takeable(Lane.ASYNC) else self._take_locked(Lane.SYNC)
             if self._sync_ready():  # what this thread leaves: the sync thread may take it now
                 self._ready[Lane.SYNC].notify_all()
             return batch
@@ -316,9 +341,15 @@ class Batcher:
         batch = self._take(block, lane=Lane.ASYNC)
         return (batch, self._io_thread.submit(self.io.read, batch)) if batch else None
 
+    def _takeable(self, lane: Lane) -> list[Work]:
+        """The lane's work a pass of the calling thread may take now (the lock held): not a sync job
+        with a slice in a pass, nor a job whose next slices another async thread holds."""
+        me = threading.get_ident()
+        return [w for w in self._pending[lane] if not w.running and w.owner in (None, me)]
+
     def _pending_series(self, lane: Lane) -> int:
-        """Series a pass could take now (a sync job with a slice in a pass has none to give)."""
-        return sum(w.unscheduled for w in self._pending[lane] if not w.running)
+        """Series a pass of the calling thread could take now (`_takeable`)."""
+        return sum(w.unscheduled for w in self._takeable(lane))
 
     def _take(self, block: bool = True, lane: Lane = Lane.ASYNC) -> list[Slice]:
         """The next forward pass of `lane`: (work, first series, end) slices of compatible jobs.
@@ -329,13 +360,12 @@ class Batcher:
         large the jobs before it are; a large job is taken a slice at a time, in order."""
         ready = self._ready[lane]
         with ready:
-            queue = self._pending[lane]
-            if not block and not queue:
+            if not block and not self._takeable(lane):
                 return []
             if block and lane is Lane.SYNC:  # the sync thread: not what the idle async thread takes
                 ready.wait_for(lambda: self._sync_ready() and (self.wait_s or not self._async_idle))
             else:
-                ready.wait_for(lambda: bool(queue))
+                ready.wait_for(lambda: bool(self._takeable(lane)))
             return self._take_locked(lane)
 
     def _take_locked(self, lane: Lane) -> list[Slice]:
@@ -343,7 +373,7 @@ class Batcher:
         ready, queue = self._ready[lane], self._pending[lane]
 
         def takeable() -> list[Work]:
-            return [w for w in queue if not w.running]
+            return self._takeable(lane)
 
         if not takeable():
             return []
@@ -372,6 +402,8 @@ class Batcher:
             work.scheduled += n
             work.waiting_since = now
             work.running = lane is Lane.SYNC
+            if lane is Lane.ASYNC:
+                work.owner = threading.get_ident()
             if not work.unscheduled:
                 queue.remove(work)
         return picked

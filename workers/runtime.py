@@ -80,8 +80,12 @@ class ModelRuntime:
         self.weights = weights
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
-        # On a CPU: the async lane's intra-op threads (`pin_threads`); 0 on a GPU: torch's default.
-        self.threads = (settings.torch_threads or DEFAULT_THREADS) if self.device == "cpu" else 0
+        # On a CPU: the intra-op threads of each async model thread (`pin_threads`; by default the
+        # cores shared out among ASYNC_THREADS of them, but for a sample-based family, whose passes
+        # take turns on the random generator, `predict`); 0 on a GPU: torch's default.
+        split = 1 if self.family.sample_based else settings.async_threads
+        shared = max(1, DEFAULT_THREADS // split)
+        self.threads = (settings.torch_threads or shared) if self.device == "cpu" else 0
         self._lane = threading.local()  # the calling model thread's count (`pin_threads`)
         if self.threads:
             # This thread runs no pass: an OpenMP team it started (loading runs parallel copies)
@@ -97,7 +101,7 @@ class ModelRuntime:
         self.max_batch = settings.max_batch or spec.max_batch(self.device)
         self.model_store, self.finetuned_cache = settings.model_store, settings.finetuned_cache
         self._variants: OrderedDict[str, BaseChronosPipeline] = OrderedDict()  # fine-tuned, least recent first
-        # Two model threads call `predict` at once (workers/batcher.py): a sample-based family's pass
+        # The model threads call `predict` at once (workers/batcher.py): a sample-based family's pass
         # (T5, seeded or not) holds torch's one random generator, so a seeded pass draws what it would
         # alone; and the fine-tuned models are loaded and evicted by one thread at a time.
         self._random, self._loading = threading.Lock(), threading.Lock()
@@ -123,7 +127,9 @@ class ModelRuntime:
     def pin_threads(self, sync: bool) -> None:
         """Called by each model thread as it starts (workers/batcher.py): on a CPU, the async lane's
         passes run on `threads` intra-op threads and the sync lane's on one, so that only one
-        OpenMP team ever exists. A second one, even idle, slowed every pass of the first: libgomp
+        OpenMP team exists (or one per async thread with ASYNC_THREADS, which shares the cores out
+        among them: one intra-op thread each on two cores). A second one, even idle, slowed every
+        pass of the first: libgomp
         spins only briefly while it manages more threads than there are cores, and sleeps instead
         (measured on 2 cores, bolt-tiny from a model thread: 64 series 100 -> 112-116 ms, one
         series 6.6 -> 9.5-11.7 ms; bench/README.md). A sync pass runs beside an async pass on a
