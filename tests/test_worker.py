@@ -356,23 +356,38 @@ def test_with_two_async_threads_a_jobs_slices_run_on_one_at_a_time_in_order_whil
 
 def test_a_job_is_handed_to_another_async_thread_only_when_its_holder_keeps_none_of_it_in_hand(runtime, io):
     batcher = Batcher(runtime, io, async_threads=2)  # not started: two threads of the test's own take
-    big = work(runtime, [series(k) for k in range(3 * runtime.max_batch)])
-    other = work(runtime, [series(9)], prediction_length=runtime.spec.prediction_length + 5)  # another key
-    batcher.submit(big, other)
-    first, second = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # two threads, as two model threads
+    first, second = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # as the first async thread and another
 
     def on(thread: ThreadPoolExecutor, call, *args):
         return thread.submit(call, *args).result(10)
 
-    taken = on(first, batcher._take, False)  # big's first slice
+    batcher.async_threads[0] = on(first, threading.current_thread)
+    # Two jobs that each fit a pass share one, half each: each has a second slice to come.
+    halves = [work(runtime, [series(k) for k in range(runtime.max_batch)]) for _ in range(2)]
+    other = work(runtime, [series(9)], prediction_length=runtime.spec.prediction_length + 5)  # another key
+    batcher.submit(*halves, other)
+
+    taken = on(first, batcher._take, False)  # the first halves
     ahead = on(first, batcher._take, False)  # the job that has waited longest since: the other one
     meanwhile = on(second, batcher._take, False)
-    on(first, batcher._release, taken, (ahead, None))  # after the pass: none of big in hand
+    on(first, batcher._release, taken, (ahead, None))  # after the pass: none of the halves in hand
     handed = on(second, batcher._take, False)
 
-    assert [w for w, _, _ in taken] == [big] and [w for w, _, _ in ahead] == [other]
-    assert meanwhile == []  # its holder might still take its next slice
-    assert [(w, start) for w, start, _ in handed] == [(big, runtime.max_batch)]
+    half = runtime.max_batch // 2
+    assert [(w, start) for w, start, _ in taken] == [(halves[0], 0), (halves[1], 0)]
+    assert [w for w, _, _ in ahead] == [other]
+    assert meanwhile == []  # their holder might still take their next slices
+    assert [(w, start) for w, start, _ in handed] == [(halves[0], half), (halves[1], half)]
+
+
+def test_only_the_first_async_thread_takes_a_job_larger_than_a_pass(runtime, io):
+    batcher = Batcher(runtime, io, async_threads=2)  # not started: a thread of the test's own takes
+    big = work(runtime, [series(k) for k in range(runtime.max_batch + 1)])
+    batcher.submit(big)
+
+    elsewhere = ThreadPoolExecutor(1).submit(batcher._take, False).result(10)  # not the first async thread
+
+    assert elsewhere == [] and batcher._pending[Lane.ASYNC][0] is big
 
 
 def test_incompatible_parameters_never_share_a_pass(runtime, io):

@@ -20,11 +20,12 @@ Which series share a forward pass:
   passes take turns on the device, so there a sync pass waits for the async pass in progress;
   while sync requests keep coming (within `sync_guard_s` of the last), passes of async work are
   kept short (`sync_guard_batch`), so that it is a short one.
-- Several async threads (ASYNC_THREADS): each runs passes of its own, and a job larger than a
-  pass is held by one at a time (`Work.owner`), so its results are stored in order. On a CPU they
-  split the cores (workers/runtime.py): two passes of one intra-op thread each keep two cores
-  busier under a flood than one of two, whose threads wait for each other after every operation
-  while another process holds a core (docs/operations.md, Scale).
+- Several async threads (ASYNC_THREADS): each runs passes of its own, and a job is held by one at
+  a time (`Work.owner`), so its results are stored in order. On a CPU they split the cores
+  (workers/runtime.py): two passes of one intra-op thread each keep two cores busier under a
+  flood than one of two, whose threads wait for each other after every operation while another
+  process holds a core (docs/operations.md, Scale). Only the first takes jobs larger than a pass,
+  and it runs on every core while the others have none under way: a bulk job keeps the CPU.
 - Fair across jobs: each pass serves the group of the job that has waited longest and shares its
   room max-min among that group's jobs, so a small job waits about one pass behind any backlog.
 
@@ -183,7 +184,8 @@ class Batcher:
         # (a flood's async jobs never wake the sync thread), once per message, not once per job.
         self._lock = threading.Lock()
         self._ready = {lane: threading.Condition(self._lock) for lane in self._pending}
-        self._async_idle = 0  # async threads waiting for work: sync work is left to them (`_idle`)
+        self._async_idle = 0  # the first async thread waits for work: sync work is left to it (`_idle`)
+        self._others_running = 0  # passes under way on the other async threads (ASYNC_THREADS)
         self._reserved_by: int | None = None  # the thread that may count on the idle worker (`reserve_idle`)
         self.async_threads = [threading.Thread(target=self._run, name="batcher" + (f"-{i}" if i else ""), daemon=True)
                               for i in range(async_threads)]  # fmt: skip
@@ -211,8 +213,8 @@ class Batcher:
                 self._sync_seen = time.monotonic()
             for work in works:
                 self._pending[work.lane].append(work)
-            if Lane.SYNC in lanes:  # the sync thread, and the async thread if it is idle (`_idle`)
-                self._ready[Lane.ASYNC].notify()
+            if Lane.SYNC in lanes:  # the sync thread, and the first async thread if it is idle (`_idle`)
+                self._ready[Lane.ASYNC].notify_all()
             for lane in lanes:
                 self._ready[lane].notify_all()  # only the model threads wait on a lane
 
@@ -245,22 +247,42 @@ class Batcher:
     def _run(self) -> None:
         """Async pass after pass. The series of the next pass are read while this one computes and
         its results are stored after it, both on the I/O thread, so the model waits on no round
-        trip but the one that marks its jobs in a pass. Idle, it serves sync work too (`_idle`)."""
+        trip but the one that marks its jobs in a pass. Idle, the first async thread serves sync
+        work too (`_idle`); the others (ASYNC_THREADS) take async jobs that fit one pass only, on
+        their share of the cores, and the first runs on every core while none of them has a pass
+        under way (`ModelRuntime.use_threads`): a lone bulk job gets the whole CPU, a flood of
+        small ones passes side by side."""
+        first = threading.current_thread() is self.async_threads[0]
         self.runtime.pin_threads(sync=False)
         ahead: tuple[list[Slice], Future] | None = None
         while True:
             if ahead is None:
-                sync = self._idle()
-                if sync:
-                    self._sync_pass(sync)
-                    continue
+                if first:
+                    sync = self._idle()
+                    if sync:
+                        self._sync_pass(sync)
+                        continue
+                else:
+                    with self._lock:
+                        self._ready[Lane.ASYNC].wait_for(lambda: bool(self._takeable(Lane.ASYNC)))
             taken = ahead or self._next(block=False)
             ahead = None
             if taken is None:  # the work it woke for was abandoned meanwhile
                 continue
             batch, reading = taken
             ahead = self._next(block=False)
-            self._guarded(batch, reading, store=lambda *done: self._io_thread.submit(self._store, *done))
+            store = lambda *done: self._io_thread.submit(self._store, *done)  # noqa: E731
+            if first:
+                self.runtime.use_threads(alone=not self._others_running)
+                self._guarded(batch, reading, store=store)
+            else:
+                with self._lock:
+                    self._others_running += 1
+                try:
+                    self._guarded(batch, reading, store=store)
+                finally:
+                    with self._lock:
+                        self._others_running -= 1
             self._release(batch, ahead)
 
     def _release(self, batch: list[Slice], ahead: tuple[list[Slice], Future] | None) -> None:
@@ -343,8 +365,12 @@ class Batcher:
 
     def _takeable(self, lane: Lane) -> list[Work]:
         """The lane's work a pass of the calling thread may take now (the lock held): not a sync job
-        with a slice in a pass, nor a job whose next slices another async thread holds."""
+        with a slice in a pass, nor a job whose next slices another async thread holds; for an async
+        thread but the first, only jobs that fit one pass (`_run`)."""
         me = threading.get_ident()
+        if lane is Lane.ASYNC and len(self.async_threads) > 1 and me != self.async_threads[0].ident:
+            fits = self.runtime.batch_limit
+            return [w for w in self._pending[lane] if w.owner in (None, me) and w.n <= fits(w.params)]
         return [w for w in self._pending[lane] if not w.running and w.owner in (None, me)]
 
     def _pending_series(self, lane: Lane) -> int:

@@ -86,6 +86,8 @@ class ModelRuntime:
         split = 1 if self.family.sample_based else settings.async_threads
         shared = max(1, DEFAULT_THREADS // split)
         self.threads = (settings.torch_threads or shared) if self.device == "cpu" else 0
+        # The first async thread's, while no other async thread has a pass under way (`use_threads`).
+        self.alone_threads = (settings.torch_threads or DEFAULT_THREADS) if self.device == "cpu" else 0
         self._lane = threading.local()  # the calling model thread's count (`pin_threads`)
         if self.threads:
             # This thread runs no pass: an OpenMP team it started (loading runs parallel copies)
@@ -127,14 +129,20 @@ class ModelRuntime:
     def pin_threads(self, sync: bool) -> None:
         """Called by each model thread as it starts (workers/batcher.py): on a CPU, the async lane's
         passes run on `threads` intra-op threads and the sync lane's on one, so that only one
-        OpenMP team exists (or one per async thread with ASYNC_THREADS, which shares the cores out
-        among them: one intra-op thread each on two cores). A second one, even idle, slowed every
-        pass of the first: libgomp
-        spins only briefly while it manages more threads than there are cores, and sleeps instead
+        OpenMP team exists (with ASYNC_THREADS the cores are shared out among the async threads:
+        one intra-op thread each on two cores). A second one, even idle, slowed every pass of the
+        first: libgomp spins only briefly while it manages more threads than there are cores, and
+        sleeps instead
         (measured on 2 cores, bolt-tiny from a model thread: 64 series 100 -> 112-116 ms, one
         series 6.6 -> 9.5-11.7 ms; bench/README.md). A sync pass runs beside an async pass on a
         busy host anyway, where one more thread is what the cores have room for."""
         self._lane.threads = (1 if sync else self.threads) if self.threads else 0
+
+    def use_threads(self, alone: bool) -> None:
+        """The first async thread (workers/batcher.py), before each pass: every core while no other
+        async thread has a pass under way (`alone`), else its share, as the others run on theirs."""
+        if self.threads:
+            self._lane.threads = self.alone_threads if alone else self.threads
 
     def _use_lane_threads(self) -> None:
         """Set the calling lane's count before each pass, not once as the thread starts: a thread's
