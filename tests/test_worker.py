@@ -390,6 +390,26 @@ def test_only_the_first_async_thread_takes_a_job_larger_than_a_pass(runtime, io)
     assert elsewhere == [] and batcher._pending[Lane.ASYNC][0] is big
 
 
+def test_with_two_async_threads_a_sync_jobs_next_slice_wakes_the_idle_first_async_thread(runtime, io, monkeypatch):
+    real = runtime.predict
+
+    def paced(batch, *args, **kwargs):  # sync passes slow: the first async thread is idle when one ends
+        time.sleep(0.3 if threading.current_thread().name == "batcher-sync" else 0.01)
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "predict", paced)
+    batcher = Batcher(runtime, io, async_threads=2)
+    batcher.start()
+    bulk = work(runtime, [series(k) for k in range(2 * runtime.max_batch)])  # the first async thread's
+    sync = work(runtime, [series(k) for k in range(2 * runtime.max_batch)], lane=Lane.SYNC)
+
+    batcher.submit(bulk)
+    time.sleep(0.005)
+    batcher.submit(sync)  # its first slice on the sync thread, the first async thread busy
+
+    assert bulk.finished.wait(30) and sync.finished.wait(10) and sync.error is None
+
+
 def test_incompatible_parameters_never_share_a_pass(runtime, io):
     native = work(runtime, [series(1)], prediction_length=10)
     beyond = work(runtime, [series(2)], prediction_length=runtime.spec.prediction_length + 5)

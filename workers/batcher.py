@@ -260,6 +260,7 @@ class Batcher:
                 if first:
                     sync = self._idle()
                     if sync:
+                        self.runtime.use_threads(alone=not self._others_running)
                         self._sync_pass(sync)
                         continue
                 else:
@@ -340,9 +341,9 @@ class Batcher:
             with self._lock:
                 for work, _, _ in batch:
                     work.running = False
-                if self._sync_ready():
+                if self._sync_ready():  # its next slice: the sync thread, or the first async thread if idle
                     self._ready[Lane.SYNC].notify_all()
-                    self._ready[Lane.ASYNC].notify()
+                    self._ready[Lane.ASYNC].notify_all()  # the other async threads wait there too
 
     def _sync_ready(self) -> bool:
         """Sync work that a pass may take now (the lock held): none of its slices is in a pass."""
