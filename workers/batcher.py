@@ -272,19 +272,22 @@ class Batcher:
                 continue
             batch, reading = taken
             ahead = self._next(block=False)
-            store = lambda *done: self._io_thread.submit(self._store, *done)  # noqa: E731
             if first:
                 self.runtime.use_threads(alone=not self._others_running)
-                self._guarded(batch, reading, store=store)
+                self._guarded(batch, reading, store=self._store_later)
             else:
                 with self._lock:
                     self._others_running += 1
                 try:
-                    self._guarded(batch, reading, store=store)
+                    self._guarded(batch, reading, store=self._store_later)
                 finally:
                     with self._lock:
                         self._others_running -= 1
             self._release(batch, ahead)
+
+    def _store_later(self, *done) -> None:
+        """`_store` on the I/O thread, after the pass's read-ahead and the stores before it."""
+        self._io_thread.submit(self._store, *done)
 
     def _release(self, batch: list[Slice], ahead: tuple[list[Slice], Future] | None) -> None:
         """After a pass (its results handed to the I/O thread, which stores them in order), the jobs
