@@ -264,7 +264,7 @@ class JobService:
                 raise Problem(
                     503, "broker-unavailable", "could not enqueue the job; retry", headers={"Retry-After": "1"}
                 ) from exc
-        log.info("%s %s accepted: %s, %d series, lane %s", kind.value, record.id, spec.id, record.n_series, lane.value)
+        log.debug("%s %s accepted: %s, %d series, lane %s", kind.value, record.id, spec.id, record.n_series, lane.value)
         self.metrics.accepted.labels(spec.id, lane.value).inc()
         return record, False
 

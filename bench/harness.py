@@ -7,6 +7,7 @@ on exit. `Raw` loads the same checkpoint in the benchmark's own process for side
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -329,3 +330,58 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+class LeanHTTP(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of the flood's load generator: requests go out as bytes
+    written once, answers are parsed by httptools (uvicorn's parser, installed with it).
+
+    Why not aiohttp: on two cores the load generator's CPU is taken from the model it measures.
+    aiohttp cost ~500 µs a job (`Prefer: wait`, this CPU; its request and response objects,
+    cookie jar, timers and stream readers); a fixed request written as bytes and parsed in C costs
+    a fraction of that (bench/README.md, session 14). Only what the flood needs: no redirects, no
+    chunked requests, one request at a time per connection, Content-Length answers.
+    """
+
+    def __init__(self) -> None:
+        import httptools
+
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._answer: asyncio.Future | None = None
+        self._body: list[bytes] = []
+        self._lost: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> LeanHTTP:
+        _, protocol = await asyncio.get_running_loop().create_connection(cls, host, port)
+        return protocol
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed_data(data)
+
+    # httptools callbacks
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        body, self._body = b"".join(self._body), []
+        self._answer.set_result((self._parser.get_status_code(), body))
+
+    async def request(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        """Send one request (`head`: request line and headers, without the blank line) and return
+        the answer's status and body."""
+        self._answer = asyncio.get_running_loop().create_future()
+        self._transport.write(b"%s\r\nContent-Length: %d\r\n\r\n%s" % (head, len(body), body))
+        return await self._answer
+
+    def close(self) -> None:
+        self._transport.close()

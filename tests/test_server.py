@@ -79,3 +79,52 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_others_are_served(redi
     text = answer.decode()
     assert text.startswith("HTTP/1.1 408") and "application/problem+json" in text and "body-timeout" in text
     assert served == 200
+
+
+class RecordingTransport:
+    """What the API's protocol hands writes to, recording each `write` (one `send` on a socket)."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str):
+        return f"extra {name}"
+
+
+def test_an_answers_writes_within_one_loop_step_go_out_as_one_and_a_streams_chunks_as_written():
+    import asyncio
+
+    from api.protocol import Corked
+
+    async def scenario():
+        transport = RecordingTransport()
+        corked = Corked(transport, asyncio.get_running_loop())
+        corked.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")  # uvicorn: the status line and headers
+        corked.write(b"{}")  # ...then the body, in the same step
+        held = list(transport.writes)
+        await asyncio.sleep(0)
+        one = list(transport.writes)
+        corked.write(b"data: 1\n\n")  # a stream's chunks, each in a step of its own
+        await asyncio.sleep(0)
+        corked.write(b"data: 2\n\n")
+        corked.close()  # sends what is pending before closing
+        await asyncio.sleep(0)
+        corked.write(b"late")  # after the close: dropped, as the transport would
+        await asyncio.sleep(0)
+        return held, one, transport, corked.get_extra_info("peername")
+
+    held, one, transport, extra = asyncio.run(scenario())
+    assert held == []
+    assert one == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    assert transport.writes[1:] == [b"data: 1\n\n", b"data: 2\n\n"] and transport.closed
+    assert extra == "extra peername"
