@@ -1,5 +1,4 @@
-"""The HTTP protocol the API runs under: uvicorn's, with a deadline for receiving request headers
-and an answer's writes sent together.
+"""The HTTP protocol the API runs under: uvicorn's, with a deadline for receiving request headers.
 
 uvicorn's only timeout on reading is the keep-alive one, and every byte received resets it, so a
 client that trickles a request line or headers holds a connection (and its memory) for as long as
@@ -8,11 +7,6 @@ connection whose request headers have not all arrived within HEADER_TIMEOUT_S of
 of the first byte of its next request. Bodies have their own deadline (BODY_TIMEOUT_S, enforced
 where routes read them). It is written here because uvicorn offers no such setting (uvicorn
 issue #157 lists it among the timeouts it does not have).
-
-uvicorn writes an answer's status line and headers, then its body, each with a `transport.write`
-that uvloop sends at once: two `send`s for every answer, and on loopback each send also runs the
-receiver's side of TCP in the kernel. `Corked` joins what one step of the event loop writes into
-one send at the end of the step (a streamed answer's chunks still go out as they are written).
 
     uvicorn --factory api.main:create_app --http api.protocol:HeaderDeadline
 """
@@ -29,37 +23,6 @@ from shared.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-class Corked:
-    """A transport whose writes within one step of the event loop go out as one `write`.
-
-    Closing sends what is pending first. Everything else is the transport's own."""
-
-    __slots__ = ("_loop", "_pending", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        self._transport, self._loop = transport, loop
-        self._pending: list[bytes] | None = None
-
-    def write(self, data: bytes) -> None:
-        if self._pending is None:
-            self._pending = [data]
-            self._loop.call_soon(self._flush)
-        else:
-            self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str):
-        return getattr(self._transport, name)
-
-
 class HeaderDeadline(HttpToolsProtocol):
     timeout_s: float = get_settings().header_timeout_s
     _deadline: asyncio.TimerHandle | None = None
@@ -67,7 +30,6 @@ class HeaderDeadline(HttpToolsProtocol):
     # uvicorn narrows asyncio.Protocol.connection_made to an asyncio.Transport (and ignores [override] itself).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.transport = Corked(transport, self.loop)  # type: ignore[assignment]  # what the answers write to
         self._arm()
 
     def on_message_begin(self) -> None:
