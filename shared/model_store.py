@@ -2,8 +2,9 @@
 
 A directory holds the weights as `Chronos2Pipeline.fit` saved them (`weights/`: a LoRA adapter,
 or a full checkpoint) and `manifest.json` (id, base model and its weights revision, owner, mode,
-created, metrics). A training worker writes a model under a temporary name and renames it into
-place only when complete, then registers it in Redis (`keys.FINETUNED`): a model is listed,
+created, metrics, the training attempt that made it). A training worker writes a model under a
+temporary name and renames it into place only when complete, then registers it in Redis
+(`keys.FINETUNED`, lua/register.lua, while its claim holds the job): a model is listed,
 routed to and loaded only once whole. Inference workers of the base model load it from here
 (workers/runtime.py); the API deletes it. No torch here: the API imports this.
 """
@@ -62,5 +63,9 @@ def manifest(root: str | Path, name: str) -> dict | None:
         return None
 
 
-def delete(root: str | Path, name: str) -> None:
+def delete(root: str | Path, name: str, attempt: int | None = None) -> None:
+    """Delete a model's directory; with `attempt`, only if that training attempt made it (its
+    manifest says so): a later attempt's model under the same name stays."""
+    if attempt is not None and (manifest(root, name) or {}).get("attempt") != attempt:
+        return
     shutil.rmtree(path(root, name), ignore_errors=True)

@@ -344,6 +344,63 @@ def test_a_fine_tuning_run_taken_over_by_a_later_claim_is_told_to_stop_and_recor
     assert not store.holds(job_id, first.record.attempts) and store.holds(job_id, second.record.attempts)
 
 
+def test_a_fine_tuned_model_is_listed_only_while_the_claim_that_made_it_holds_its_job(client, store):
+    job_id = queued_job(client)
+    (first,) = store.start(SPEC, [job_id], "w1")
+    held = store.holds(job_id, first.record.attempts)  # the training run checks, then publishes...
+    (second,) = store.start(SPEC, [job_id], "w2")  # ...and a later delivery's claim lands in between
+    late = store.register_finetuned("m:ft-1", {"id": "m:ft-1"}, job_id, first.record.attempts)
+    listed_late = client.hexists(keys.FINETUNED, "m:ft-1")
+    own = store.register_finetuned("m:ft-1", {"id": "m:ft-1", "attempt": 2}, job_id, second.record.attempts)
+    store.finish([Outcome(second.record, JobStatus.SUCCEEDED, {"inference_s": 1.0}, None, [])])
+    after_end = store.register_finetuned("m:ft-1", {"id": "m:ft-1", "attempt": 1}, job_id, second.record.attempts)
+
+    assert held and not late and not listed_late
+    assert own and not after_end
+    assert store.finetuned("m:ft-1") == {"m:ft-1": {"id": "m:ft-1", "attempt": 2}}
+
+
+def test_deleting_a_models_files_for_one_attempt_leaves_another_attempts(tmp_path):
+    from shared import model_store
+
+    for attempt in (1, 2):
+        final = model_store.path(tmp_path, "m:ft-1")
+        staged = model_store.staging(tmp_path, "job", attempt)
+        staged.mkdir()
+        model_store.publish(staged, final, {"id": "m:ft-1", "attempt": attempt})
+    model_store.delete(tmp_path, "m:ft-1", attempt=1)  # the superseded attempt's clean-up
+    kept = model_store.manifest(tmp_path, "m:ft-1")
+    model_store.delete(tmp_path, "m:ft-1", attempt=2)
+
+    assert kept == {"id": "m:ft-1", "attempt": 2}
+    assert model_store.manifest(tmp_path, "m:ft-1") is None and not model_store.path(tmp_path, "m:ft-1").exists()
+
+
+def test_a_fine_tuning_job_that_ends_failed_leaves_no_model_of_it_even_one_a_superseded_run_listed(
+    client, store, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from shared import model_store
+    from workers import training
+
+    job_id = queued_job(client)
+    name = model_store.model_id(SPEC, job_id)
+    # An earlier run of the job listed its model just before a later delivery's claim (this run's).
+    staged = model_store.staging(tmp_path, job_id, 1)
+    staged.mkdir()
+    model_store.publish(staged, model_store.path(tmp_path, name), {"id": name, "attempt": 1})
+    client.hset(keys.FINETUNED, name, '{"id": "x"}')
+    client.hset(keys.job(job_id), "attempts", 1)
+    monkeypatch.setattr(training, "_train", lambda record, *_: JobStatus.FAILED)  # this run's training fails
+    trainer = SimpleNamespace(spec=SPEC, weights=SimpleNamespace(kind="synthetic"),
+                              settings=SimpleNamespace(model_store=str(tmp_path)))  # fmt: skip
+
+    assert training.execute([job_id], trainer, store, "w2") == ["failed"]
+    assert record(client, job_id).attempts == 2
+    assert not client.hexists(keys.FINETUNED, name) and not model_store.path(tmp_path, name).exists()
+
+
 def test_a_pass_appends_results_and_progress_to_a_running_job_and_nothing_to_an_ended_one(client, store):
     job_id, ended_id = queued_job(client), queued_job(client)
     claims = store.start(SPEC, [job_id, ended_id], "w1")

@@ -13,7 +13,10 @@ message unacked; the reaper of any worker of the model gives it back, and the ne
 starts training over (clearing its predecessors' staging directories), within MAX_DELIVERIES: the
 job is marked in a "pass" for its whole training, so a job that kills its worker every time ends
 failed. A run whose job a later delivery claimed (a holder taken for dead that still runs) stops at
-its next step, and publishes nothing: each step and the publish check the claim's `attempts`.
+its next step, and lists no model: each step and the registration check the claim's `attempts`
+(the registration in the same script that writes it, lua/register.lua). The run that holds the job
+to its end decides what stays: when the job does not succeed, no model of it stays listed or
+stored, whichever run of it made one.
 """
 
 from __future__ import annotations
@@ -68,9 +71,8 @@ def execute(job_ids: Sequence[str], trainer: Trainer, store: JobStore, worker: s
             statuses.append(state)
             continue
         fields: dict = {"weights": trainer.weights.kind, "inference_s": 0.0}
-        published = None
         try:
-            status, published = _train(record, trainer, store, fields)
+            status = _train(record, trainer, store, fields)
         except Exception as exc:  # a job that cannot be trained fails, not the worker
             log.exception("job %s: fine-tuning failed", job_id)
             fields["error"] = f"{type(exc).__name__}: {exc}"
@@ -80,11 +82,13 @@ def execute(job_ids: Sequence[str], trainer: Trainer, store: JobStore, worker: s
                 model_store.staging(trainer.settings.model_store, job_id, record.attempts), ignore_errors=True
             )
         (final,) = store.finish([(record, status, fields)])
-        # Cancelled at the last moment: the model goes too. Superseded (a later delivery's claim runs
-        # the job again, lua/finish.lua): the model is that run's to publish under the same name.
-        if published and final not in (JobStatus.SUCCEEDED, SUPERSEDED):
-            store.forget_finetuned(published)
-            model_store.delete(trainer.settings.model_store, published)
+        # This run held the job to its end, which did not succeed (cancelled at the last moment, say):
+        # no model of the job stays, this run's or a superseded earlier run's that registered one
+        # before this run's claim. Superseded (lua/finish.lua): the later run decides.
+        if final not in (JobStatus.SUCCEEDED, SUPERSEDED):
+            name = model_store.model_id(trainer.spec, job_id)
+            store.forget_finetuned(name)
+            model_store.delete(trainer.settings.model_store, name)
         log.info("job %s: %s (%.1fs of training)", job_id, final, fields["inference_s"])
         statuses.append(final)
     return statuses
@@ -112,8 +116,8 @@ class _Steps(TrainerCallback):
         return control
 
 
-def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -> tuple[JobStatus, str | None]:
-    """One fine-tuning run: its outcome and the id of the model it published (None if none)."""
+def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -> JobStatus:
+    """One fine-tuning run and its outcome; a model it made is stored and listed (`fields` says which)."""
     settings, spec = trainer.settings, trainer.spec
     params = FinetuneParameters.model_validate(record.request["parameters"])
     series = [decode(element) for element in store.inputs(record.id)]
@@ -140,10 +144,10 @@ def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -
     training: dict = {"mode": params.finetune_mode, "losses": steps.losses}
     fields["finetune"] = training
     if steps.stopped == "cancelled":
-        return JobStatus.CANCELLED, None
+        return JobStatus.CANCELLED
     if steps.stopped == "deadline":
         fields["error"] = f"TimeoutError: training not finished within MAX_JOB_S={settings.max_job_s}s"
-        return JobStatus.FAILED, None
+        return JobStatus.FAILED
     if held_out:
         training["metrics"] = {
             "base": score(trainer.pipeline, series, horizon, params.context_length),
@@ -154,14 +158,18 @@ def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -
         "id": name, "base_model": spec.id, "base_revision": trainer.weights.revision, "weights": trainer.weights.kind,
         "owner": record.owner, "job_id": record.id, "mode": params.finetune_mode, "created_at": time.time(),
         "prediction_length": horizon, "context_length": params.context_length, "steps": len(steps.losses),
-        "metrics": training.get("metrics"),
+        "metrics": training.get("metrics"), "attempt": record.attempts,
     }  # fmt: skip
-    if not store.holds(record.id, record.attempts):  # a later delivery's run publishes the job's model
-        return JobStatus.CANCELLED, None
+    # A later delivery's run makes the job's model: no files of this one are put in its place...
+    if not store.holds(record.id, record.attempts):
+        return JobStatus.CANCELLED
     model_store.publish(staged, model_store.path(settings.model_store, name), manifest)
-    store.register_finetuned(name, manifest)
+    # ...nor listed, if its claim landed since (the check and the listing in one script).
+    if not store.register_finetuned(name, manifest, record.id, record.attempts):
+        model_store.delete(settings.model_store, name, attempt=record.attempts)
+        return JobStatus.CANCELLED
     training["finetuned_model"] = name
-    return JobStatus.SUCCEEDED, name
+    return JobStatus.SUCCEEDED
 
 
 def _task(series: Decoded, len_minus: int = 0) -> dict:

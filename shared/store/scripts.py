@@ -12,7 +12,7 @@ from importlib.resources import files
 from typing import Any
 
 NAMES = ("create", "create_done", "start", "finish", "cancel", "progress", "take_token", "promote_callbacks", "read",
-         "unsent", "probe", "read_pass", "append")  # fmt: skip
+         "unsent", "probe", "read_pass", "append", "register")  # fmt: skip
 
 
 # Functions some scripts share, each in a file of its own, put in front of the scripts that call them.

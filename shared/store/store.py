@@ -567,8 +567,12 @@ class _Core:
         return _text(status) == JobStatus.RUNNING and _text(attempts) == str(attempt)
 
     @operation
-    def register_finetuned(self, name: str, manifest: dict) -> Op[None]:
-        yield [Cmd("hset", (keys.FINETUNED, name, json.dumps(manifest)))]
+    def register_finetuned(self, name: str, manifest: dict, job_id: str, attempt: int) -> Op[bool]:
+        """List a fine-tuned model, if the claim of this attempt still holds the job that made it
+        (lua/register.lua); returns whether it was listed."""
+        registered = (yield [run_script("register", [keys.job(job_id), keys.FINETUNED],
+                                        [attempt, name, json.dumps(manifest)])])[0]  # fmt: skip
+        return bool(registered)
 
     @operation
     def finetuned(self, name: str | None = None) -> Op[dict[str, dict]]:
