@@ -6,7 +6,8 @@ created, metrics, the training attempt that made it). A training worker writes a
 temporary name and renames it into place only when complete, then registers it in Redis
 (`keys.FINETUNED`, lua/register.lua, while its claim holds the job): a model is listed,
 routed to and loaded only once whole. Inference workers of the base model load it from here
-(workers/runtime.py); the API deletes it. No torch here: the API imports this.
+(workers/runtime.py); the API deletes it, as does a training worker whose job did not succeed.
+No torch here: the API imports this.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def staging(root: str | Path, job_id: str, attempt: int) -> Path:
 def publish(staged: Path, final: Path, manifest: dict) -> None:
     """Write the manifest, then move the whole directory into place in one rename."""
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():  # an earlier attempt published, then its worker died before finishing the job
-        shutil.rmtree(final)
+    # An earlier attempt published, then its worker died before finishing the job, or it was
+    # superseded and is clearing its own (`delete` with its attempt) at this moment.
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
     staged.rename(final)
 
 

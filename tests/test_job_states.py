@@ -401,6 +401,37 @@ def test_a_fine_tuning_job_that_ends_failed_leaves_no_model_of_it_even_one_a_sup
     assert not client.hexists(keys.FINETUNED, name) and not model_store.path(tmp_path, name).exists()
 
 
+def test_a_fine_tuning_run_taken_for_dead_leaves_the_model_of_the_run_that_succeeded(client, store, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from shared import model_store
+    from workers import training
+
+    trainer = SimpleNamespace(spec=SPEC, weights=SimpleNamespace(kind="synthetic"),
+                              settings=SimpleNamespace(model_store=str(tmp_path)))  # fmt: skip
+    monkeypatch.setattr(training, "_train", lambda record, *_: JobStatus.FAILED)  # the stale run's outcome
+    finals, claim = [], store.start
+    for expired in (False, True):
+        job_id = queued_job(client)
+        name = model_store.model_id(SPEC, job_id)
+
+        def claimed_then_overtaken(spec, job_ids, worker, job_id=job_id, name=name, expired=expired):
+            claims = claim(spec, job_ids, worker)  # the stale run's claim (attempt 1); while it trains...
+            client.hset(keys.job(job_id), mapping={"attempts": 2, "status": "succeeded"})  # ...a later run
+            staged = model_store.staging(tmp_path, job_id, 2)  # succeeds, its model stored and listed
+            staged.mkdir()
+            model_store.publish(staged, model_store.path(tmp_path, name), {"id": name, "attempt": 2})
+            client.hset(keys.FINETUNED, name, '{"id": "x"}')
+            if expired:  # and its record is gone RESULT_TTL_S after: the stale finish is answered `missing`
+                client.delete(keys.job(job_id))
+            return claims
+
+        monkeypatch.setattr(store, "start", claimed_then_overtaken)
+        finals.append(training.execute([job_id], trainer, store, "w1"))
+        assert client.hexists(keys.FINETUNED, name) and model_store.path(tmp_path, name).exists()
+    assert finals == [[SUPERSEDED], ["missing"]]
+
+
 def test_a_pass_appends_results_and_progress_to_a_running_job_and_nothing_to_an_ended_one(client, store):
     job_id, ended_id = queued_job(client), queued_job(client)
     claims = store.start(SPEC, [job_id, ended_id], "w1")

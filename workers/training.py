@@ -37,7 +37,7 @@ from shared.catalog import ModelSpec
 from shared.schemas import FinetuneParameters
 from shared.series import Decoded, decode
 from shared.settings import Settings
-from shared.store import SUPERSEDED, JobRecord, JobStatus, JobStore
+from shared.store import JobRecord, JobStatus, JobStore
 
 from workers.runtime import pick_device
 from workers.weights import Weights
@@ -84,8 +84,10 @@ def execute(job_ids: Sequence[str], trainer: Trainer, store: JobStore, worker: s
         (final,) = store.finish([(record, status, fields)])
         # This run held the job to its end, which did not succeed (cancelled at the last moment, say):
         # no model of the job stays, this run's or a superseded earlier run's that registered one
-        # before this run's claim. Superseded (lua/finish.lua): the later run decides.
-        if final not in (JobStatus.SUCCEEDED, SUPERSEDED):
+        # before this run's claim. Only then: `superseded` leaves it to the later run, and `missing`
+        # (the record expired; lua/finish.lua answers it before checking the claim) may be a run
+        # taken for dead long after a later one succeeded.
+        if final in (JobStatus.FAILED, JobStatus.CANCELLED):
             name = model_store.model_id(trainer.spec, job_id)
             store.forget_finetuned(name)
             model_store.delete(trainer.settings.model_store, name)
