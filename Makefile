@@ -40,7 +40,7 @@ test: install
 run: install
 	$(PY) -m cli.stack run
 
-# Every benchmark, one after the other (about 12 minutes on 2 cores); bench/README.md has each command.
+# Every benchmark, one after the other (about 15 minutes on 2 cores); bench/README.md has each command.
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	$(PY) bench/predict_latency.py
@@ -48,6 +48,7 @@ bench: install
 	$(PY) bench/throughput.py sync
 	$(PY) bench/throughput.py bulk
 	$(PY) bench/dataplane.py
+	$(PY) bench/api_cpu.py
 	$(PY) bench/chaos.py
 	$(PY) bench/backtest.py
 	$(PY) bench/finetune.py
