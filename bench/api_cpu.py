@@ -1,15 +1,15 @@
 """The API's CPU per request, without the model: for changes to the API, where the flood's figures
 drift with the model's passes and the machine.
 
-    .venv/bin/python bench/api_cpu.py [--other DIR] [--rounds 5] [--seconds 6] [--connections 64]
+    .venv/bin/python bench/api_cpu.py [--other DIR] [--rounds 4] [--seconds 6] [--connections 64]
 
 Starts redis-server, a bolt-tiny worker and the API (bench/harness.py), runs one job to the end,
 starts the API measured (`python -m api` of this tree, two processes on two cores), then stops the
 worker, so nothing else spends CPU. Each round drives the API for `--seconds` with
 `--connections` keep-alive connections in a closed loop, and reads the API processes' CPU time
 from /proc:
-- GET:  `GET /v1/forecasts/{id}` of the finished job (key check, the *read* script's round trip,
-        the answer rendered);
+- GET:  `GET /v1/forecasts/{id}` of the finished job (the *read* script's round trip, the answer
+        rendered; the stack runs with AUTH_DISABLED, so no key is checked);
 - POST: `POST /v1/forecasts` of one 512-point series (the body parsed and checked, the job
         created and its message sent; it stays queued).
 With `--other DIR` (another checkout of the project, e.g. `git worktree add /tmp/base main`), that
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import itertools
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,7 @@ async def _drive(port: int, request, seconds: float, connections: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--other", help="another checkout whose API runs beside this one, rounds alternating")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
@@ -72,8 +73,10 @@ def main() -> None:
                          headers={"Prefer": "wait=60"}, timeout=90).json()  # fmt: skip
         assert job["status"] == "succeeded", job
         # Both measured APIs start alike, so that only their code differs (the stack's own API ran
-        # the job and answered the harness; rounds differ by ±10-20 % here, so 5 by default).
-        apis = {"this": _start_api(ROOT, stack, limits, "this")}
+        # the job and answered the harness; rounds differ by ±10-20 % here).
+        apis: dict[str, tuple[int, subprocess.Popen]] = {}
+        stack.on_exit(_stop, apis)  # whatever happens from here
+        apis["this"] = _start_api(ROOT, stack, limits, "this")
         if args.other:
             apis["other"] = _start_api(args.other, stack, limits, "other")
         stack.kill(f"worker-{catalog_slug()}")  # from here only the API and Redis work
@@ -86,21 +89,16 @@ def main() -> None:
             "POST": lambda side: lambda k, i: (post, orjson.dumps(body(MODEL, [series(512, next(keys))]))),
         }
         spent: dict[tuple[str, str], list[float]] = {}
-        try:
-            for r in range(args.rounds):
-                for kind, request in requests.items():
-                    sides = list(apis) if r % 2 == 0 else list(reversed(apis))
-                    for side in sides:
-                        port, proc = apis[side]
-                        before = cpu_seconds(proc.pid)
-                        n = asyncio.run(_drive(port, request(side), args.seconds, args.connections))
-                        spent.setdefault((kind, side), []).append(1e6 * (cpu_seconds(proc.pid) - before) / n)
-                        print(f"  round {r + 1} {kind:4} {side:5}: {n / args.seconds:7.0f} requests/s, "
-                              f"{spent[kind, side][-1]:6.0f} µs of API CPU a request", flush=True)  # fmt: skip
-        finally:
-            for _, proc in apis.values():
-                os.killpg(proc.pid, 15)
-                proc.wait(30)
+        for r in range(args.rounds):
+            for kind, request in requests.items():
+                sides = list(apis) if r % 2 == 0 else list(reversed(apis))
+                for side in sides:
+                    port, proc = apis[side]
+                    before = cpu_seconds(proc.pid)
+                    n = asyncio.run(_drive(port, request(side), args.seconds, args.connections))
+                    spent.setdefault((kind, side), []).append(1e6 * (cpu_seconds(proc.pid) - before) / n)
+                    print(f"  round {r + 1} {kind:4} {side:5}: {n / args.seconds:7.0f} requests/s, "
+                          f"{spent[kind, side][-1]:6.0f} µs of API CPU a request", flush=True)  # fmt: skip
     print(f"API CPU per request, median of {args.rounds} rounds ({args.connections} connections, {args.seconds:g} s each):")
     for kind in requests:
         this = statistics.median(spent[kind, "this"])
@@ -121,6 +119,17 @@ def _start_api(root, stack: Stack, env: dict[str, str], name: str) -> tuple[int,
     )  # fmt: skip
     wait_until(lambda: _ok(f"http://127.0.0.1:{port}/readyz"), f"the API of {root}")
     return port, proc
+
+
+def _stop(apis: dict[str, tuple[int, subprocess.Popen]]) -> None:
+    for _, proc in apis.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for _, proc in apis.values():
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def catalog_slug() -> str:

@@ -116,6 +116,10 @@ class Stack:
                 print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
         self._exit.close()
 
+    def on_exit(self, fn, *args) -> None:
+        """Call `fn(*args)` as the stack stops, before what the stack started is stopped."""
+        self._exit.callback(fn, *args)
+
     def start_worker(self, model: str, name: str) -> None:
         port = free_port()
         self.metrics_ports[name] = (model, port)  # a restarted worker replaces its predecessor
@@ -340,7 +344,9 @@ class LeanHTTP(asyncio.Protocol):
     aiohttp cost ~500 µs a job (`Prefer: wait`, this CPU; its request and response objects,
     cookie jar, timers and stream readers); a fixed request written as bytes and parsed in C costs
     a fraction of that (bench/README.md, session 14). Only what the flood needs: no redirects, no
-    chunked requests, one request at a time per connection, Content-Length answers.
+    chunked requests, one request at a time per connection. A connection the server closed (idle
+    past uvicorn's keep-alive, or after a `Connection: close` answer) is `closed`: its callers open
+    another instead of waiting on it forever.
     """
 
     def __init__(self) -> None:
@@ -350,7 +356,7 @@ class LeanHTTP(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._answer: asyncio.Future | None = None
         self._body: list[bytes] = []
-        self._lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.closed = False
 
     @classmethod
     async def open(cls, host: str, port: int) -> LeanHTTP:
@@ -362,6 +368,7 @@ class LeanHTTP(asyncio.Protocol):
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc) -> None:
+        self.closed = True
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(ConnectionError(f"connection lost: {exc}"))
 
@@ -374,14 +381,19 @@ class LeanHTTP(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         body, self._body = b"".join(self._body), []
+        if not self._parser.should_keep_alive():
+            self.close()
         self._answer.set_result((self._parser.get_status_code(), body))
 
     async def request(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
         """Send one request (`head`: request line and headers, without the blank line) and return
         the answer's status and body."""
+        if self.closed or self._transport.is_closing():
+            raise ConnectionError("the connection is closed")
         self._answer = asyncio.get_running_loop().create_future()
         self._transport.write(b"%s\r\nContent-Length: %d\r\n\r\n%s" % (head, len(body), body))
         return await self._answer
 
     def close(self) -> None:
+        self.closed = True
         self._transport.close()

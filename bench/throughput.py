@@ -85,14 +85,22 @@ async def _flood(
 
     async def one(key: int) -> None:
         started = time.monotonic()
+        while idle and idle[-1].closed:  # closed by the server while idle (keep-alive timeout)
+            idle.pop()
         http = idle.pop() if idle else await LeanHTTP.open(url.hostname, url.port)
-        status, answer = await http.request(post, orjson.dumps(body(model, [series(length, key)])))
-        job = orjson.loads(answer)
-        while status in (200, 202) and job["status"] in ("queued", "running"):
-            status, answer = await http.request(b"GET /v1/forecasts/%s?wait=30 HTTP/1.1\r\n%s" % (job["id"].encode(), host))
+        try:
+            status, answer = await http.request(post, orjson.dumps(body(model, [series(length, key)])))
             job = orjson.loads(answer)
+            while status in (200, 202) and job["status"] in ("queued", "running"):
+                get = b"GET /v1/forecasts/%s?wait=30 HTTP/1.1\r\n%s" % (job["id"].encode(), host)
+                status, answer = await http.request(get)
+                job = orjson.loads(answer)
+        except BaseException:
+            http.close()
+            raise
         assert status == 200 and job["status"] == "succeeded", (status, job)
-        idle.append(http)
+        if not http.closed:
+            idle.append(http)
         completed.append(time.monotonic())
         latencies.append(completed[-1] - started)
 
@@ -108,6 +116,13 @@ async def _flood(
             await asyncio.gather(*(client(k) for k in range(clients)))
             return completed, latencies, 0
         running: set[asyncio.Task] = set()
+        failed: list[BaseException] = []
+
+        def ended(task: asyncio.Task) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(task.exception())
+
         skipped, start = 0, loop.time()
         for i in range(int((warmup_s + seconds) * rate)):
             await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
@@ -116,8 +131,10 @@ async def _flood(
                 continue
             task = asyncio.create_task(one(i))
             running.add(task)
-            task.add_done_callback(running.discard)
+            task.add_done_callback(ended)
         await asyncio.gather(*running)
+        if failed:  # a job that failed is no throughput: say so rather than print a lower figure
+            raise RuntimeError(f"{len(failed)} jobs failed in the flood; the first: {failed[0]!r}")
         return completed, latencies, skipped
     finally:
         for http in idle:
