@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import httpx
 import orjson
 
-from harness import ROOT, LeanHTTP, Stack, _ok, cpu_seconds, free_port, series, wait_until
+from harness import LeanHTTP, Stack, _ok, cpu_seconds, series, wait_until
 from throughput import body
 
 MODEL = "amazon/chronos-bolt-tiny"
@@ -74,29 +71,29 @@ def main() -> None:
         assert job["status"] == "succeeded", job
         # Both measured APIs start alike, so that only their code differs (the stack's own API ran
         # the job and answered the harness; rounds differ by ±10-20 % here).
-        apis: dict[str, tuple[int, subprocess.Popen]] = {}
-        stack.on_exit(_stop, apis)  # whatever happens from here
-        apis["this"] = _start_api(ROOT, stack, limits, "this")
+        apis = {"this": stack.start_api(limits, "api-this")}
         if args.other:
-            apis["other"] = _start_api(args.other, stack, limits, "other")
-        stack.kill(f"worker-{catalog_slug()}")  # from here only the API and Redis work
+            apis["other"] = stack.start_api(limits, "api-other", root=Path(args.other))
+        for side, base in apis.items():
+            wait_until(lambda base=base: _ok(f"{base}/readyz"), f"the API of {side}")
+        stack.kill(f"worker-{stack.specs[0].slug}")  # from here only the API and Redis work
         get = b"GET /v1/forecasts/%s HTTP/1.1\r\nHost: api" % job["id"].encode()
         post = b"POST /v1/forecasts HTTP/1.1\r\nHost: api\r\nContent-Type: application/json"
         keys = itertools.count(2)
         requests = {
-            "GET": lambda side: lambda k, i: (get, b""),
+            "GET": lambda k, i: (get, b""),
             # A series of its own each: no answer from the cache, no single-flight join.
-            "POST": lambda side: lambda k, i: (post, orjson.dumps(body(MODEL, [series(512, next(keys))]))),
+            "POST": lambda k, i: (post, orjson.dumps(body(MODEL, [series(512, next(keys))]))),
         }
         spent: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
             for kind, request in requests.items():
                 sides = list(apis) if r % 2 == 0 else list(reversed(apis))
                 for side in sides:
-                    port, proc = apis[side]
-                    before = cpu_seconds(proc.pid)
-                    n = asyncio.run(_drive(port, request(side), args.seconds, args.connections))
-                    spent.setdefault((kind, side), []).append(1e6 * (cpu_seconds(proc.pid) - before) / n)
+                    pid, port = stack.procs[f"api-{side}"].pid, int(apis[side].rsplit(":", 1)[1])
+                    before = cpu_seconds(pid)
+                    n = asyncio.run(_drive(port, request, args.seconds, args.connections))
+                    spent.setdefault((kind, side), []).append(1e6 * (cpu_seconds(pid) - before) / n)
                     print(f"  round {r + 1} {kind:4} {side:5}: {n / args.seconds:7.0f} requests/s, "
                           f"{spent[kind, side][-1]:6.0f} µs of API CPU a request", flush=True)  # fmt: skip
     print(f"API CPU per request, median of {args.rounds} rounds ({args.connections} connections, {args.seconds:g} s each):")
@@ -107,35 +104,6 @@ def main() -> None:
             theirs = statistics.median(spent[kind, "other"])
             line += f"   other tree {theirs:6.0f} µs   this/other {this / theirs:.2f}"
         print(line)
-
-
-def _start_api(root, stack: Stack, env: dict[str, str], name: str) -> tuple[int, subprocess.Popen]:
-    """`python -m api` from the checkout at `root`, on the stack's Redis: its port and process."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"], cwd=root,
-        env={**os.environ, **stack.env, **env}, stdout=(stack.logs / f"api-{name}.log").open("w"),
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    wait_until(lambda: _ok(f"http://127.0.0.1:{port}/readyz"), f"the API of {root}")
-    return port, proc
-
-
-def _stop(apis: dict[str, tuple[int, subprocess.Popen]]) -> None:
-    for _, proc in apis.values():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for _, proc in apis.values():
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def catalog_slug() -> str:
-    from shared import catalog
-
-    return catalog.get(MODEL).slug
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class Stack:
     def __enter__(self) -> Stack:
         tmp = Path(self._exit.enter_context(tempfile.TemporaryDirectory()))
         self.logs = tmp
-        redis_port, api_port = free_port(), free_port()
+        redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         self._redis_args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                             "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
@@ -100,13 +100,11 @@ class Stack:
         for spec in self.trained:
             env = {**self.env, "CHRONOS_MODEL": spec.id, **self.worker_env}
             self._spawn([sys.executable, "-m", "workers", "--train"], env, f"trainer-{spec.slug}")
-        api = ["api", "--port", str(api_port), "--log-level", "warning"]
-        self._spawn([sys.executable, "-m", *api], {**self.env, **self.api_env}, "api")
+        self.base = self.start_api(self.api_env)  # starting while the workers load
         for spec in self.specs:
             wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec)) > 0, f"the {spec.slug} worker")
         for spec in self.trained:
             wait_until(lambda spec=spec: self.redis.hlen(keys.workers(spec, train=True)) > 0, f"the {spec.slug} trainer")
-        self.base = f"http://127.0.0.1:{api_port}"
         wait_until(lambda: _ok(f"{self.base}/readyz"), "the API")
         return self
 
@@ -116,9 +114,13 @@ class Stack:
                 print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
         self._exit.close()
 
-    def on_exit(self, fn, *args) -> None:
-        """Call `fn(*args)` as the stack stops, before what the stack started is stopped."""
-        self._exit.callback(fn, *args)
+    def start_api(self, env: dict[str, str], name: str = "api", root: Path = ROOT) -> str:
+        """`python -m api` of the checkout at `root` on this stack's Redis, on a free port, as
+        process `name` (stopped with the stack); its base URL, ready or not yet."""
+        port = free_port()
+        args = [sys.executable, "-m", "api", "--port", str(port), "--log-level", "warning"]
+        self._spawn(args, {**self.env, **env}, name, cwd=root)
+        return f"http://127.0.0.1:{port}"
 
     def start_worker(self, model: str, name: str) -> None:
         port = free_port()
@@ -151,9 +153,9 @@ class Stack:
                              if line.startswith(name + "{") and all(w in line for w in wanted))  # fmt: skip
         return total
 
-    def _spawn(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], env: dict, name: str, cwd: Path = ROOT) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
-        proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("a"),
+        proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **env}, stdout=log.open("a"),
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
         def stop():
