@@ -46,15 +46,28 @@ class JobEvents:
         self._answers = self.channel.encode()
         self._waiters: dict[str, set[Announcement]] = defaultdict(set)
         self._task: asyncio.Task | None = None
+        self._pubsub: aioredis.client.PubSub | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="job-events")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """End the listener; bounded, whatever redis-py does with the cancel."""
+        self._stopping = True
+        if self._task is None:
+            return
+        self._task.cancel()
+        done, _ = await asyncio.wait({self._task}, timeout=0.1)
+        if not done and self._pubsub is not None:
+            # redis-py (8.1, seen here) can lose a cancel that lands inside SUBSCRIBE: it returns, and
+            # the listen after it waits for ever, so an API's shutdown hung (a CI run did, in a test's
+            # TestClient exit). Closing the connection under the read ends it; the flag ends the loop.
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            done, _ = await asyncio.wait({self._task}, timeout=5)
+        if not done:
+            log.error("job event listener did not stop; left behind")
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[Announcement]:
@@ -71,8 +84,8 @@ class JobEvents:
                     del self._waiters[job_id]
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        while not self._stopping:
+            pubsub = self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL, self.channel)
                 async for message in pubsub.listen():
@@ -85,6 +98,8 @@ class JobEvents:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: waiters fall back to polling until we are back
+                if self._stopping:  # or stop() closed the connection
+                    return
                 log.warning("job event subscription lost (%s); retrying", exc)
                 await asyncio.sleep(0.5)
             finally:
