@@ -18,6 +18,7 @@ from api import bodies, deps, ensembles, render
 from api.auth import Caller, is_admin, owner_of
 from api.deps import IdempotencyKey, Jobs
 from api.fleet import Fleet
+from api.hot import hot
 from api.problems import SUBMIT_ERRORS, Problem, documented
 from api.service import JobService, unless_succeeded
 
@@ -81,6 +82,7 @@ async def answer(jobs: JobService, record: JobRecord, request: Request, response
     return Response(render.job_json(record, outputs, items), code, headers, media_type="application/json")
 
 
+@hot
 async def get_job(job_id: str, request: Request, response: Response) -> Response:
     """A job's status; with `wait`, answer as soon as it finishes (or when the wait runs out).
     `Accept: application/vnd.apache.arrow.stream` (or `application/vnd.apache.parquet`) returns

@@ -59,13 +59,16 @@ class JobEvents:
             return
         self._task.cancel()
         done, _ = await asyncio.wait({self._task}, timeout=0.1)
-        if not done and self._pubsub is not None:
+        deadline = asyncio.get_running_loop().time() + 5
+        while not done and asyncio.get_running_loop().time() < deadline:
             # redis-py (8.1, seen here) can lose a cancel that lands inside SUBSCRIBE: it returns, and
             # the listen after it waits for ever, so an API's shutdown hung (a CI run did, in a test's
-            # TestClient exit). Closing the connection under the read ends it; the flag ends the loop.
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-            done, _ = await asyncio.wait({self._task}, timeout=5)
+            # TestClient exit). The flag ends the loop once SUBSCRIBE returns; closing the connection
+            # ends a read already waiting.
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+            done, _ = await asyncio.wait({self._task}, timeout=0.1)
         if not done:
             log.error("job event listener did not stop; left behind")
 
@@ -88,6 +91,8 @@ class JobEvents:
             pubsub = self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL, self.channel)
+                if self._stopping:  # stop() came during SUBSCRIBE, and its cancel may have been lost there
+                    return
                 async for message in pubsub.listen():
                     if message["channel"] == self._answers:
                         self._answered(message["data"])

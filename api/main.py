@@ -20,6 +20,7 @@ from api import audit, bodies, problems, security
 from api.auth import LEGACY, KeyRing
 from api.callbacks import Dispatcher
 from api.events import JobEvents
+from api.hot import HotRoutes
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestTimer
 from api.routes import anomalies, backtests, callbacks, compat, finetunes, forecasts, health, models, predict
@@ -101,13 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
     app.state.metrics = ApiMetrics()
     problems.install(app)
-    app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_body_bytes, max_columnar_bytes=settings.max_columnar_body_bytes
-    )
-    app.state.audit = audit.install(app, settings.audit_log)  # inside SecurityHeaders: it sets the request id
-    security.install(app, settings.cors_origin_list())
-    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
-    for router in (
+    routers = [
         forecasts.router,
         predict.router,
         backtests.router,
@@ -118,7 +113,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health.router,
         compat.default,
         compat.per_model,
-    ):
+    ]
+    app.add_middleware(HotRoutes, routers=routers)  # innermost: FastAPI's router is skipped for these
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, max_columnar_bytes=settings.max_columnar_body_bytes
+    )
+    app.state.audit = audit.install(app, settings.audit_log)  # inside SecurityHeaders: it sets the request id
+    security.install(app, settings.cors_origin_list())
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times 413s too
+    for router in routers:
         app.include_router(router)
     bodies.install(app)
     return app

@@ -10,6 +10,7 @@ from shared.store import Lane
 from api import answers, bodies, deps, ensembles
 from api.answers import accepted, add_job_routes, answer, preferred_wait
 from api.auth import owner_of
+from api.hot import hot
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(prefix="/v1", tags=["forecasts"])
@@ -29,6 +30,7 @@ SYNC_ERRORS = ("not-sync-eligible", "job-cancelled", "forecast-failed")
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True)
     | deps.read_by_hand("Idempotency-Key", "Prefer"),
 )
+@hot
 async def submit_forecast(request: Request, response: Response) -> Response:
     """Queue a forecast job on its model's queue; poll or long-wait on the returned id.
 
@@ -75,6 +77,7 @@ add_job_routes(router, "forecasts", "forecast job")
     openapi_extra=bodies.documented_body(ForecastRequest, columnar=True)
     | deps.read_by_hand("timeout", "Idempotency-Key"),
 )
+@hot
 async def predict(request: Request, response: Response) -> Response:
     """Forecast in one round trip on a sync-eligible model, through its priority lane; or on an
     ensemble (ENSEMBLES), whose members' forecasts are combined.

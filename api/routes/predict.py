@@ -10,12 +10,14 @@ from pydantic import BaseModel
 from shared.schemas import BatchPredictRequest, JobView, PredictRequest
 
 from api import answers, bodies, deps
+from api.hot import hot
 from api.problems import SUBMIT_ERRORS, documented
 
 router = APIRouter(tags=["forecasts"])
 
 
 def _add(path: str, shape: bodies.Shape, documented_body: type[BaseModel], summary: str, description: str) -> None:
+    @hot
     async def endpoint(request: Request, response: Response) -> Response:
         return await answers.predict(request, response, shape)
 
