@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import security
 from api.compat import legacy_path
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,19 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return Problem(500, "internal-error", "internal error; see the server log").response(request.url.path)
+        # Mostly run by ServerErrorMiddleware, outside the middleware that sets the request id and
+        # the standard headers: the log line and the answer get them here, so that a client can
+        # quote the id and the line be found. (`_redis_refused` runs inside: they are set already.)
+        outside = security.request_id.get() == "-"
+        rid, headers = security.error_headers(request.scope)
+        token = security.request_id.set(rid) if outside else None
+        try:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+        finally:
+            if token is not None:
+                security.request_id.reset(token)
+        detail = f"internal error; see the server log (request {rid})"
+        return Problem(500, "internal-error", detail, headers=headers if outside else None).response(request.url.path)
 
 
 def validation_problem(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:

@@ -46,6 +46,8 @@ class SecurityHeaders:
         given = dict(scope["headers"]).get(b"x-request-id", b"")
         rid = given.decode() if _TOKEN.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
+        # For an unhandled error's 500, answered outside this middleware (`error_headers`).
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -56,6 +58,13 @@ class SecurityHeaders:
             await self.app(scope, receive, send_with_headers)
         finally:
             request_id.reset(token)
+
+
+def error_headers(scope) -> tuple[str, dict[str, str]]:
+    """The request id and the headers for a 500 answered by Starlette's ServerErrorMiddleware, which
+    sits outside every middleware of the app (this one included) and so gets neither."""
+    rid = scope.get("state", {}).get("request_id", "-")
+    return rid, {**{name.decode(): value.decode() for name, value in _HEADERS}, "X-Request-Id": rid}
 
 
 def install(app: FastAPI, cors_origins: list[str]) -> None:

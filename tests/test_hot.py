@@ -72,9 +72,27 @@ def test_hot_routes_answer_as_fastapis_router_does(both, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(answers, "owner_of", broken)
-    failed = [client.get("/v1/forecasts/nope") for client in (hot, plain)]
+    failed = [client.get("/v1/forecasts/nope", headers={"X-Request-Id": "req-500"}) for client in (hot, plain)]
     assert _seen(failed[0]) == _seen(failed[1])
     assert failed[0].status_code == 500 and failed[0].json()["code"] == "internal-error" and "boom" not in failed[0].text
+
+
+def test_an_unhandled_error_is_a_500_problem_with_the_request_id_in_its_answer_and_log_line(both, monkeypatch, caplog):
+    """Starlette answers it outside every middleware of the app, the request id's included."""
+    from api import answers, security
+
+    def broken(request):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(answers, "owner_of", broken)
+    caplog.handler.addFilter(security.RequestIdFilter())
+    for client in both:  # served past FastAPI's router, and through it
+        failed = client.get("/v1/forecasts/nope", headers={"X-Request-Id": "req-500"})
+        assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+        assert failed.headers["x-request-id"] == "req-500" and failed.headers["x-content-type-options"] == "nosniff"
+        assert "req-500" in failed.json()["detail"]
+    logged = [r for r in caplog.records if r.getMessage().startswith("unhandled error on GET")]
+    assert [r.request_id for r in logged] == ["req-500", "req-500"] and all(r.exc_info for r in logged)
 
 
 def test_a_hot_request_never_reaches_fastapis_router_and_others_still_do(both, monkeypatch):
