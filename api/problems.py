@@ -128,23 +128,28 @@ def install(app: FastAPI) -> None:
                 503, "redis-unavailable", "the job store (Redis) is out of memory; retry later",
                 headers={"Retry-After": "5"},
             ).response(request.url.path)  # fmt: skip
-        return await _unexpected(request, exc)
+        return _internal_error(request, outside=False)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        # Mostly run by ServerErrorMiddleware, outside the middleware that sets the request id and
-        # the standard headers: the log line and the answer get them here, so that a client can
-        # quote the id and the line be found. (`_redis_refused` runs inside: they are set already.)
-        outside = security.request_id.get() == "-"
-        rid, headers = security.error_headers(request.scope)
-        token = security.request_id.set(rid) if outside else None
-        try:
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-        finally:
-            if token is not None:
-                security.request_id.reset(token)
-        detail = f"internal error; see the server log (request {rid})"
-        return Problem(500, "internal-error", detail, headers=headers if outside else None).response(request.url.path)
+        # Run by ServerErrorMiddleware (Starlette hands it no other exception), outside every
+        # middleware of the app.
+        return _internal_error(request, outside=True)
+
+
+def _internal_error(request: Request, outside: bool) -> JSONResponse:
+    """A 500 for a bug: logged with its stack trace under the request id, which the answer gives
+    (`X-Request-Id` and `detail`), so that a client can quote it and the line be found. `outside`
+    the middleware that sets the id and the standard headers, they are set here."""
+    rid, headers = security.error_headers(request.scope)
+    token = security.request_id.set(rid) if outside else None
+    try:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+    finally:
+        if token is not None:
+            security.request_id.reset(token)
+    detail = f"internal error; see the server log (request {rid})"
+    return Problem(500, "internal-error", detail, headers=headers if outside else None).response(request.url.path)
 
 
 def validation_problem(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> Problem:

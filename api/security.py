@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-_TOKEN = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+_TOKEN = re.compile(rb"^(?=[._-]*[A-Za-z0-9])[A-Za-z0-9._-]{1,64}$")  # not "-" alone: the logs' "no request"
 _HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -63,7 +63,7 @@ class SecurityHeaders:
 def error_headers(scope) -> tuple[str, dict[str, str]]:
     """The request id and the headers for a 500 answered by Starlette's ServerErrorMiddleware, which
     sits outside every middleware of the app (this one included) and so gets neither."""
-    rid = scope.get("state", {}).get("request_id", "-")
+    rid = scope.get("state", {}).get("request_id") or uuid.uuid4().hex  # failed before this middleware ran: a new one
     return rid, {**{name.decode(): value.decode() for name, value in _HEADERS}, "X-Request-Id": rid}
 
 

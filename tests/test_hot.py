@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+import redis
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
@@ -91,8 +92,28 @@ def test_an_unhandled_error_is_a_500_problem_with_the_request_id_in_its_answer_a
         assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
         assert failed.headers["x-request-id"] == "req-500" and failed.headers["x-content-type-options"] == "nosniff"
         assert "req-500" in failed.json()["detail"]
+    # A Redis error that is not a full memory: a 500 too, answered inside the middlewares.
+    def refused_by_redis(request):
+        raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    monkeypatch.setattr(answers, "owner_of", refused_by_redis)
+    for client in both:
+        refused = client.get("/v1/forecasts/nope", headers={"X-Request-Id": "req-500"})
+        assert refused.status_code == 500 and refused.json()["code"] == "internal-error"
+        assert refused.headers.get_list("x-request-id") == ["req-500"] and "req-500" in refused.json()["detail"]
+    given_ids = ["req-500"] * 4
+    # No id sent (one is made) or "-" (the logs' "no request"): one id, once, in the answer and its line.
+    for client in both:
+        for sent in ({}, {"X-Request-Id": "-"}):
+            for raised in (broken, refused_by_redis):
+                monkeypatch.setattr(answers, "owner_of", raised)
+                failed = client.get("/v1/forecasts/nope", headers=sent)
+                (rid,) = failed.headers.get_list("x-request-id")
+                assert failed.headers.get_list("x-frame-options") == ["DENY"] and rid in failed.json()["detail"]
+                assert len(rid) == 32
+                given_ids.append(rid)
     logged = [r for r in caplog.records if r.getMessage().startswith("unhandled error on GET")]
-    assert [r.request_id for r in logged] == ["req-500", "req-500"] and all(r.exc_info for r in logged)
+    assert [r.request_id for r in logged] == given_ids and all(r.exc_info for r in logged)
 
 
 def test_a_hot_request_never_reaches_fastapis_router_and_others_still_do(both, monkeypatch):
