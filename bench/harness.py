@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -38,10 +39,22 @@ spin_briefly()  # the raw pipeline runs torch as a serving worker does: set befo
 SYNTHETIC = ROOT / ".cache" / "synthetic"
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (tests/conftest.py's `free_port` says why: a
+    flood's connections would otherwise take a restarted worker's metrics port)."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.SystemRandom().sample(range(10_000, first_ephemeral), 200):
+        try:
+            socket.create_server(("127.0.0.1", port)).close()
+        except OSError:
+            continue
+        if port not in _given:
+            _given.add(port)
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_until(check, what: str, timeout: float = 180) -> None:

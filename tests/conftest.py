@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,32 @@ def process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
-def free_port() -> int:
+_PORTS = random.SystemRandom()
+_handed_out: set[int] = set()
+
+
+def free_port(span: int = 1) -> int:
+    """A port (the first of `span` in a row) nothing listens on, below the kernel's ephemeral range.
+
+    Not bind(0)'s: that port lies inside the range, where any connection made before the server
+    binds it (a Redis client's, say) can take it; a worker then failed to serve its metrics port.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        first = _PORTS.randrange(10_000, low - span)
+        ports = range(first, first + span)
+        if _handed_out.isdisjoint(ports) and all(_bindable(port) for port in ports):
+            _handed_out.update(ports)
+            return first
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -137,10 +160,23 @@ class Worker:
 
 
 def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, logdir: Path, **env) -> Worker:
-    spec = catalog.get(model)
+    """A worker process of `model`, once it is listed online."""
     client = redis_server.client()
-    registry = keys.workers(spec, train=env.get("TRAIN") == "true")  # a training worker has its own list
+    registry = keys.workers(catalog.get(model), train=env.get("TRAIN") == "true")  # a training worker has its own list
     before = set(client.hkeys(registry))
+    worker = spawn_worker(redis_server, synthetic_dir, model, logdir, **env)
+    deadline = time.monotonic() + 120
+    while not (set(client.hkeys(registry)) - before):
+        if worker.process.poll() is not None or time.monotonic() > deadline:
+            worker.stop()
+            pytest.fail(f"worker for {model} did not come up:\n{worker.tail()}")
+        time.sleep(0.2)
+    return worker
+
+
+def spawn_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, logdir: Path, **env) -> Worker:
+    """A worker process of `model`, just started."""
+    spec = catalog.get(model)
     log = logdir / f"worker-{spec.slug}-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers"],
@@ -160,14 +196,7 @@ def start_worker(redis_server: RedisServer, synthetic_dir: Path, model: str, log
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    worker = Worker(model, proc, log, int(env.get("METRICS_PORT", 0)))
-    deadline = time.monotonic() + 120
-    while not (set(client.hkeys(registry)) - before):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            worker.stop()
-            pytest.fail(f"worker for {model} did not come up:\n{worker.tail()}")
-        time.sleep(0.2)
-    return worker
+    return Worker(model, proc, log, int(env.get("METRICS_PORT", 0)))
 
 
 @pytest.fixture(scope="session")

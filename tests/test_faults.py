@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import time
 import types
 
@@ -13,8 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from shared import catalog
+from shared.store import keys
 
-from conftest import API_KEY, forecast_body, settings_for, start_redis, start_worker, wait_for
+from conftest import (
+    API_KEY, BOLT, forecast_body, free_port, settings_for, spawn_worker, start_redis, start_worker, wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -285,3 +290,25 @@ def test_bystanders_of_a_job_that_kills_its_worker_three_times_succeed_and_it_fa
 
     assert [job["status"] for job in ended] == ["succeeded"] * 5
     assert failed["status"] == "failed" and "lost 3 times while it was in a forward pass" in failed["error"]
+
+
+def test_a_worker_that_cannot_start_exits_saying_why_and_is_never_listed(redis_server, synthetic_dir, tmp_path):
+    """Celery logs a worker_init handler's error and carries on: the worker took jobs it could not
+    run and never came online (its metrics port taken, in one CI run). It must exit, so that its
+    supervisor starts it again, and say why."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen()
+    port = taken.getsockname()[1]
+    registry = keys.workers(catalog.get(BOLT))
+    before = set(redis_server.client().hkeys(registry))
+    worker = spawn_worker(redis_server, synthetic_dir, BOLT, tmp_path, METRICS_PORT=str(port))
+    try:
+        assert worker.process.wait(90) == 1, worker.tail()
+    finally:
+        worker.stop()
+        taken.close()
+    log = worker.log.read_text(errors="replace")
+    assert "the worker could not start" in log and f"the metrics port (METRICS_PORT) {port}" in log, worker.tail()
+    assert "ready." not in log  # Celery's consumer never started: no job was taken
+    assert set(redis_server.client().hkeys(registry)) == before

@@ -78,7 +78,18 @@ class Worker:
         return min(max(2 * limit, 8), 1024)
 
     def load(self, sender=None, **_) -> None:
+        """Celery's worker_init: load the model, or end the process. Celery logs a handler's exception
+        and carries on, and the worker would then take jobs it cannot run while never coming online."""
+        try:
+            self._load(sender)
+        except Exception:
+            log.critical("%s: the worker could not start", self.spec.id, exc_info=True)
+            raise SystemExit(1) from None
+
+    def _load(self, sender) -> None:
         settings, spec, weights = self.settings, self.spec, self.weights
+        # First: a port already taken ends the start in milliseconds, not after the model's load.
+        metrics.serve(settings.metrics_port)
         log.info("%s: %s weights from %s", spec.id, weights.kind, weights.source)
         if weights.kind == "synthetic":
             log.warning("*** %s serves SYNTHETIC weights: its forecasts are meaningless ***", spec.id)
@@ -92,14 +103,12 @@ class Worker:
         if self.train:
             trainer = Trainer(spec, weights, settings)
             metrics.LOAD.labels(spec.id).set(trainer.load_s)
-            metrics.serve(settings.metrics_port)
             self._loaded = Loaded(None, trainer, store, name)
         else:
             from workers.runtime import ModelRuntime
 
             runtime = ModelRuntime(spec, weights, settings)
             metrics.LOAD.labels(spec.id).set(runtime.load_s)
-            metrics.serve(settings.metrics_port)
             guard_s = settings.sync_guard_s
             if guard_s is None:  # measured on a CPU only: there the guard cost the flood and gained nothing
                 guard_s = 0.0 if runtime.device == "cpu" else 10.0

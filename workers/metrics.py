@@ -75,5 +75,8 @@ def watch_cpu(model: str, model_threads: list[threading.Thread]) -> None:
 def serve(port: int) -> None:
     """Serve this worker's metrics on `port` (0: not at all)."""
     if port:
-        start_http_server(port)
+        try:
+            start_http_server(port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"the metrics port (METRICS_PORT) {port}: {exc.strerror}") from exc
         log.info("metrics on :%d/metrics", port)
