@@ -10,7 +10,7 @@ from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu import Exchange, Queue
 
-from shared import catalog
+from shared import broker, catalog
 from shared.settings import Settings
 from shared.store import Lane, keys
 
@@ -42,6 +42,8 @@ def make_celery(
     every = [_queue(name) for spec in catalog.CATALOG for name in keys.model_queues(spec)]
     app = Celery("chronos_queue", broker=settings.redis_url)
     app.conf.update(
+        # kombu's Redis transport, but with one Redis client per channel (shared/broker.py).
+        broker_transport=broker.transport_for(settings.redis_url),
         task_queues=queues_for(serve, revision, train) if serve else every,
         task_create_missing_queues=False,
         # Results live in our own job records, not in Celery's result backend.
