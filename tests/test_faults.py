@@ -207,23 +207,28 @@ def test_a_message_between_kombus_pop_and_its_unacked_record_is_not_taken_for_lo
     assert client.hget(keys.job(job_id), "status") == "cancelled"  # cancelled from `queued`: never claimed
 
 
-def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_back_to_the_queue(api, redis_server):
-    import redis
-
-    from shared import catalog
-    from shared.celery_app import make_celery
-    from shared.store import JobStore, keys
-    from workers.reaper import restore
-
-    spec = catalog.get("amazon/chronos-bolt-mini")
+def handed_to_a_dead_worker(api, redis_server, spec, handed_out: float) -> str:
+    """A job whose message is what kombu leaves behind for a worker killed after fetching but before
+    claiming: recorded as handed out (unacked, at `handed_out`), the job still queued."""
     job_id = api.post("/v1/forecasts", json=forecast_body(spec.id)).json()["id"]
     client = redis_server.client()
-    # What kombu leaves behind for a worker killed after fetching but before claiming: the message
-    # recorded as handed out (unacked, with the time), the job still queued.
     (raw,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
     client.lrem(keys.queue(spec), 1, raw)
     client.hset(keys.KOMBU_UNACKED, "tag-of-a-dead-worker", json.dumps([json.loads(raw), "", keys.queue(spec)]))
-    client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": time.time() - 60})
+    client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": handed_out})
+    return job_id
+
+
+def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_back_to_the_queue(api, redis_server):
+    import redis
+
+    from shared.celery_app import make_celery
+    from shared.store import JobStore
+    from workers.reaper import restore
+
+    spec = catalog.get("amazon/chronos-bolt-mini")
+    client = redis_server.client()
+    job_id = handed_to_a_dead_worker(api, redis_server, spec, time.time() - 60)
 
     store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server, heartbeat_s=1))
     restored = restore(make_celery(settings_for(redis_server), serve=spec), store, spec)
@@ -231,7 +236,32 @@ def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_bac
     assert restored == 1
     assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
     assert client.hget(keys.KOMBU_UNACKED, "tag-of-a-dead-worker") is None
-    api.delete(f"/v1/forecasts/{job_id}")
+
+
+def test_the_reaper_reads_only_messages_handed_out_before_the_last_heartbeat(api, redis_server):
+    """A worker is taken for dead 3 heartbeats after its last: a message handed out since the last
+    heartbeat cannot be an orphan yet, and under load `unacked` holds every worker's messages."""
+    import redis
+
+    from shared.celery_app import make_celery
+    from shared.store import JobStore
+    from workers.reaper import restore
+
+    spec = catalog.get("amazon/chronos-bolt-mini")
+    client = redis_server.client()
+    job_id = handed_to_a_dead_worker(api, redis_server, spec, time.time() - 2)
+    store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server, heartbeat_s=5))
+    app = make_celery(settings_for(redis_server), serve=spec)
+    try:
+        assert store.unacked(handed_out_before=time.time() - 5) == {}
+        assert restore(app, store, spec) == 0  # not looked at: handed out 2 s ago
+        assert client.hget(keys.KOMBU_UNACKED, "tag-of-a-dead-worker") is not None
+        client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": time.time() - 60})
+        assert restore(app, store, spec) == 1  # queued, handed out long ago and never claimed
+        assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
+    finally:
+        client.hdel(keys.KOMBU_UNACKED, "tag-of-a-dead-worker")
+        client.zrem(keys.KOMBU_UNACKED_INDEX, "tag-of-a-dead-worker")
 
 
 def test_every_job_answered_202_ends_after_redis_restarts_with_its_append_only_file(

@@ -43,7 +43,10 @@ def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     """Delivery tags of unacked messages for this model whose worker is gone."""
     queues = set(keys.model_queues(spec))
     held = []
-    for tag, raw in store.unacked().items():
+    # A message handed out within the last heartbeat cannot be an orphan yet: its worker, live
+    # then, is taken for dead 3 heartbeats after its last one (so at least 2 after the handing
+    # out); one heartbeat leaves another host's clock that much skew.
+    for tag, raw in store.unacked(handed_out_before=time.time() - store.settings.heartbeat_s).items():
         message, _exchange, routing_key = json.loads(raw)
         if routing_key in queues or routing_key.startswith(keys.revision_queue(spec, "")):  # pinned jobs' queues
             held += [(tag, job_id) for job_id in job_ids(message)]

@@ -483,10 +483,15 @@ class _Core:
     # -- messages lost with a worker (workers/reaper.py) ----------------------------------------
 
     @operation
-    def unacked(self) -> Op[dict[str, str]]:
-        """kombu's messages handed to a worker and not acked: delivery tag -> message (JSON)."""
-        held = (yield [Cmd("hgetall", (keys.KOMBU_UNACKED,))])[0]
-        return {_text(tag): _text(message) for tag, message in held.items()}
+    def unacked(self, handed_out_before: float) -> Op[dict[str, str]]:
+        """kombu's messages handed to a worker before `handed_out_before` (a time) and not acked:
+        delivery tag -> message (JSON). Not all of them: under load the hash holds every message
+        of every worker, which each worker's reaper read (and parsed) at each heartbeat."""
+        tags = (yield [Cmd("zrangebyscore", (keys.KOMBU_UNACKED_INDEX, "-inf", handed_out_before))])[0]
+        if not tags:
+            return {}
+        messages = (yield [Cmd("hmget", (keys.KOMBU_UNACKED, *tags))])[0]
+        return {_text(tag): _text(message) for tag, message in zip(tags, messages, strict=True) if message is not None}
 
     @operation
     def holders(self, held: Sequence[tuple[str, str]]) -> Op[list[tuple[str | None, str | None, float | None]]]:
