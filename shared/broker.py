@@ -8,7 +8,9 @@ host, on Celery's consumer thread, holding the GIL that the model thread needs b
 A `redis.Redis` is safe to share between threads (each command borrows a connection from the pool),
 so each channel keeps one, made again when kombu replaces its pool (after a connection error).
 
-Only `redis://` and `rediss://` brokers use it (`transport_for`); any other URL keeps kombu's own.
+Only `redis://` brokers use it (`transport_for`); any other URL keeps kombu's own: kombu turns TLS
+on for a `rediss://` URL only when the transport is the one named `rediss`, so a transport given
+by path would connect to it in plain text.
 """
 
 from __future__ import annotations
@@ -36,6 +38,6 @@ class Transport(kombu_redis.Transport):
 
 
 def transport_for(url: str) -> str | None:
-    """Celery's `broker_transport` for a broker URL: this module's for plain and TLS Redis, else
-    None (kombu's choice by the URL's scheme)."""
-    return f"{__name__}:Transport" if urlsplit(url).scheme in ("redis", "rediss") else None
+    """Celery's `broker_transport` for a broker URL: this module's for plain Redis, else None
+    (kombu's choice by the URL's scheme)."""
+    return f"{__name__}:Transport" if urlsplit(url).scheme == "redis" else None

@@ -42,7 +42,7 @@ def make_celery(
     every = [_queue(name) for spec in catalog.CATALOG for name in keys.model_queues(spec)]
     app = Celery("chronos_queue", broker=settings.redis_url)
     app.conf.update(
-        # kombu's Redis transport, but with one Redis client per channel (shared/broker.py).
+        # kombu's Redis transport, but with one Redis client per channel (shared/broker.py; redis:// only).
         broker_transport=broker.transport_for(settings.redis_url),
         task_queues=queues_for(serve, revision, train) if serve else every,
         task_create_missing_queues=False,

@@ -45,8 +45,19 @@ def test_messages_sent_and_acked_through_the_kept_client_leave_nothing_behind(re
     assert client.llen(queue) == 0 and client.zcard("unacked_index") == 0
 
 
-def test_only_redis_urls_get_the_kept_client_transport(redis_server):
+def test_only_plain_redis_urls_get_the_kept_client_transport(redis_server):
     assert broker.transport_for("redis://127.0.0.1:6379/0") == "shared.broker:Transport"
-    assert broker.transport_for("rediss://:pw@example.com:6380/0") == "shared.broker:Transport"
     assert broker.transport_for("sentinel://127.0.0.1:26379") is None  # kombu's SentinelTransport, unchanged
     assert make_celery(settings_for(redis_server)).conf.broker_transport == "shared.broker:Transport"
+
+
+def test_a_tls_broker_url_keeps_kombus_transport_which_turns_tls_on():
+    """kombu turns TLS on for rediss:// only under the transport named 'rediss': a transport given
+    by path would talk plain text to a TLS Redis, and no worker would ever receive a message."""
+    from shared.settings import Settings
+
+    url = "rediss://:pw@redis.example.com:6380/0"
+    assert broker.transport_for(url) is None
+    app = make_celery(Settings(_env_file=None, redis_url=url))
+    connection = app.connection_for_write()  # built only: nothing is dialled
+    assert connection.ssl and connection.transport_cls == "rediss"

@@ -207,10 +207,10 @@ def test_a_message_between_kombus_pop_and_its_unacked_record_is_not_taken_for_lo
     assert client.hget(keys.job(job_id), "status") == "cancelled"  # cancelled from `queued`: never claimed
 
 
-def handed_to_a_dead_worker(api, redis_server, spec, handed_out: float) -> str:
+def handed_to_a_dead_worker(api, redis_server, spec, handed_out: float, length: int = 64) -> str:
     """A job whose message is what kombu leaves behind for a worker killed after fetching but before
     claiming: recorded as handed out (unacked, at `handed_out`), the job still queued."""
-    job_id = api.post("/v1/forecasts", json=forecast_body(spec.id)).json()["id"]
+    job_id = api.post("/v1/forecasts", json=forecast_body(spec.id, length=length)).json()["id"]
     client = redis_server.client()
     (raw,) = [m for m in client.lrange(keys.queue(spec), 0, -1) if job_id in m]
     client.lrem(keys.queue(spec), 1, raw)
@@ -236,6 +236,7 @@ def test_a_message_handed_to_a_worker_that_died_before_claiming_its_job_goes_bac
     assert restored == 1
     assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
     assert client.hget(keys.KOMBU_UNACKED, "tag-of-a-dead-worker") is None
+    api.delete(f"/v1/forecasts/{job_id}")
 
 
 def test_the_reaper_reads_only_messages_handed_out_before_the_last_heartbeat(api, redis_server):
@@ -249,19 +250,26 @@ def test_the_reaper_reads_only_messages_handed_out_before_the_last_heartbeat(api
 
     spec = catalog.get("amazon/chronos-bolt-mini")
     client = redis_server.client()
-    job_id = handed_to_a_dead_worker(api, redis_server, spec, time.time() - 2)
+    # A body no other test sends: a later identical request would join this job (single flight).
+    job_id = handed_to_a_dead_worker(api, redis_server, spec, time.time() - 2, length=47)
+    # Claimed by a worker that is not live: an orphan by its state, which the reaper restored
+    # whatever its age before; now only once its message is older than a heartbeat.
+    client.hset(keys.job(job_id), mapping={"status": "running", "worker": "gone-worker/1"})
     store = JobStore(redis.Redis.from_url(redis_server.url), settings_for(redis_server, heartbeat_s=5))
     app = make_celery(settings_for(redis_server), serve=spec)
     try:
         assert store.unacked(handed_out_before=time.time() - 5) == {}
         assert restore(app, store, spec) == 0  # not looked at: handed out 2 s ago
         assert client.hget(keys.KOMBU_UNACKED, "tag-of-a-dead-worker") is not None
-        client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": time.time() - 60})
-        assert restore(app, store, spec) == 1  # queued, handed out long ago and never claimed
+        client.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-of-a-dead-worker": time.time() - 6})
+        assert restore(app, store, spec) == 1  # a heartbeat old: given back
         assert any(job_id in m for m in client.lrange(keys.queue(spec), 0, -1))
     finally:
         client.hdel(keys.KOMBU_UNACKED, "tag-of-a-dead-worker")
         client.zrem(keys.KOMBU_UNACKED_INDEX, "tag-of-a-dead-worker")
+        client.hset(keys.job(job_id), "status", "queued")  # no worker will run it: cancelled at once
+        api.delete(f"/v1/forecasts/{job_id}")
+        assert client.hget(keys.job(job_id), "status") == "cancelled"
 
 
 def test_every_job_answered_202_ends_after_redis_restarts_with_its_append_only_file(

@@ -43,9 +43,11 @@ def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     """Delivery tags of unacked messages for this model whose worker is gone."""
     queues = set(keys.model_queues(spec))
     held = []
-    # A message handed out within the last heartbeat cannot be an orphan yet: its worker, live
-    # then, is taken for dead 3 heartbeats after its last one (so at least 2 after the handing
-    # out); one heartbeat leaves another host's clock that much skew.
+    # A message handed out within the last heartbeat is not looked at: its worker was live then,
+    # and is taken for dead only 3 heartbeats after its last one (the handing out's time and the
+    # heartbeat's both come from that worker's clock), so at least 2 heartbeats after the handing
+    # out when it beat on time. The heartbeat left over covers one that came late; a worker whose
+    # heartbeats stalled before it died has its last messages given back a heartbeat later.
     for tag, raw in store.unacked(handed_out_before=time.time() - store.settings.heartbeat_s).items():
         message, _exchange, routing_key = json.loads(raw)
         if routing_key in queues or routing_key.startswith(keys.revision_queue(spec, "")):  # pinned jobs' queues
