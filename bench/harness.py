@@ -43,10 +43,11 @@ _given: set[int] = set()
 
 
 def free_port() -> int:
-    """A free port below the kernel's ephemeral range (tests/conftest.py's `free_port` says why: a
+    """A free port outside the kernel's ephemeral range (tests/conftest.py's `free_port` says why: a
     flood's connections would otherwise take a restarted worker's metrics port)."""
-    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.SystemRandom().sample(range(10_000, first_ephemeral), 200):
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    outside = max(range(10_000, low), range(high + 1, 65_536), key=len)  # a range starting low: above it
+    for port in random.SystemRandom().sample(outside, 200):
         try:
             socket.create_server(("127.0.0.1", port)).close()
         except OSError:
@@ -54,7 +55,7 @@ def free_port() -> int:
         if port not in _given:
             _given.add(port)
             return port
-    raise RuntimeError("no free port below the ephemeral range")
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def wait_until(check, what: str, timeout: float = 180) -> None:

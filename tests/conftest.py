@@ -43,19 +43,27 @@ def process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
+def _outside_ephemeral() -> range:
+    """Ports below the kernel's ephemeral range, or above it where it starts too low to leave room."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    below, above = range(10_000, low - 8), range(high + 1, 65_528)
+    return max(below, above, key=len) if max(len(below), len(above)) > 1000 else range(10_000, 65_528)
+
+
 _PORTS = random.SystemRandom()
+_OUTSIDE_EPHEMERAL = _outside_ephemeral()
 _handed_out: set[int] = set()
 
 
 def free_port(span: int = 1) -> int:
-    """A port (the first of `span` in a row) nothing listens on, below the kernel's ephemeral range.
+    """A port (the first of `span` in a row, at most 8) nothing listens on, outside the kernel's
+    ephemeral range.
 
     Not bind(0)'s: that port lies inside the range, where any connection made before the server
     binds it (a Redis client's, say) can take it; a worker then failed to serve its metrics port.
     """
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     while True:
-        first = _PORTS.randrange(10_000, low - span)
+        first = _PORTS.choice(_OUTSIDE_EPHEMERAL)
         ports = range(first, first + span)
         if _handed_out.isdisjoint(ports) and all(_bindable(port) for port in ports):
             _handed_out.update(ports)
