@@ -11,9 +11,11 @@ import contextvars
 import logging
 import os
 import re
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers, MutableHeaders
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -67,18 +69,35 @@ class SecurityHeaders:
 
 def error_headers(scope) -> tuple[str, dict[str, str]]:
     """The request id and the headers for a 500 answered by Starlette's ServerErrorMiddleware, which
-    sits outside every middleware of the app (this one included) and so gets neither."""
+    sits outside every middleware of the app (this one and CORS's included) and so gets none of
+    them: without CORS's, a browser would hide the 500 (its request id too) behind a CORS error."""
     rid = scope.get("state", {}).get("request_id") or new_id()  # failed before this middleware ran: a new one
-    return rid, {**{name.decode(): value.decode() for name, value in _HEADERS}, "X-Request-Id": rid}
+    headers = {**{name.decode(): value.decode() for name, value in _HEADERS}, "X-Request-Id": rid}
+    cors: CORSMiddleware | None = getattr(scope["app"].state, "cors", None) if "app" in scope else None
+    if cors is not None:
+        # What CORSMiddleware.send adds to a simple response, by its own rules and helpers.
+        origin = Headers(scope=scope).get("origin")
+        added = MutableHeaders(headers=dict(cors.simple_headers) if origin is not None else {})
+        if origin is not None and cors.allow_all_origins and cors.allow_credentials:
+            cors.allow_explicit_origin(added, origin)
+        elif origin is not None and not cors.allow_all_origins and cors.is_allowed_origin(origin=origin):
+            cors.allow_explicit_origin(added, origin)
+        else:
+            added["Vary"] = "Origin"
+        headers.update(added.items())
+    return rid, headers
 
 
 def install(app: FastAPI, cors_origins: list[str]) -> None:
+    app.state.cors = None
     if cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Content-Type", "X-API-Key", "Authorization", "Idempotency-Key", "X-Request-Id"],
-            expose_headers=["Location", "Retry-After", "X-Request-Id", "X-Job-Id", "Idempotent-Replayed"],
-        )
+        options: dict[str, Any] = {
+            "allow_origins": cors_origins,
+            "allow_methods": ["GET", "POST", "DELETE"],
+            "allow_headers": ["Content-Type", "X-API-Key", "Authorization", "Idempotency-Key", "X-Request-Id"],
+            "expose_headers": ["Location", "Retry-After", "X-Request-Id", "X-Job-Id", "Idempotent-Replayed"],
+        }
+        app.add_middleware(CORSMiddleware, **options)
+        # Its rules, for the 500s answered outside it (`error_headers`); never called as middleware.
+        app.state.cors = CORSMiddleware(app, **options)
     app.add_middleware(SecurityHeaders)

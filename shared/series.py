@@ -72,8 +72,13 @@ class SeriesSet:
         return self.values[start:end].reshape(int(self.variates[i]), -1)
 
     @property
+    def n_rows(self) -> int:
+        """Target rows: the variates of every series together."""
+        return len(self.offsets) - 1
+
+    @property
     def multivariate(self) -> bool:
-        return bool(len(self) and self.variates.max() > 1)
+        return self.n_rows > len(self)  # some series has more than one variate
 
     def encode(self) -> list[bytes]:
         """One Redis list element per series (float32 values)."""

@@ -92,6 +92,7 @@ def test_infinite_target_value_is_422(api, unchanged):
     [
         (forecast_body(BOLT, n_series=4, length=10), "inputs"),
         (forecast_body(BOLT, n_series=1, length=51), "inputs[0].target"),
+        (forecast_body(BOLT, n_series=3, length=49), "inputs[2].target"),  # 49, 50, 51 points: the last
         (forecast_body(BOLT, length=10, horizon=31), "parameters.prediction_length"),
         (forecast_body(BOLT, length=10, num_samples=11), "parameters.num_samples"),
     ],

@@ -160,3 +160,27 @@ def test_cors_answers_only_configured_origins(redis_server):
 
     assert allowed.headers["access-control-allow-origin"] == "https://dash.example"
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("origins", ["https://dash.example", "*"])
+def test_an_unhandled_errors_500_carries_the_cors_headers_any_answer_does(redis_server, monkeypatch, origins):
+    """Starlette answers it outside every middleware, CORS's included: without its headers a browser
+    would show a CORS error instead of the 500 and its request id."""
+    from api import answers
+
+    def cors_of(answer) -> dict:
+        return {k: v for k, v in answer.headers.items() if k.startswith("access-control-") or k == "vary"}
+
+    app = create_app(settings_for(redis_server, cors_origins=origins))
+    with TestClient(app, headers={"X-API-Key": API_KEY}, raise_server_exceptions=False) as client:
+        for sent in ({"Origin": "https://dash.example"}, {"Origin": "https://evil.example"}, {}):
+            handled = client.get("/v1/forecasts/nope", headers=sent)  # a 404 through every middleware
+            with monkeypatch.context() as patch:
+                patch.setattr(answers, "owner_of", lambda request: 1 / 0)
+                failed = client.get("/v1/forecasts/nope", headers=sent)
+            assert (handled.status_code, failed.status_code) == (404, 500)
+            assert failed.json()["code"] == "internal-error"
+            assert cors_of(failed) == cors_of(handled), sent
+            if sent and (origins == "*" or sent["Origin"] == origins):
+                assert failed.headers["access-control-allow-origin"] in (sent["Origin"], "*")
+                assert "X-Request-Id" in failed.headers["access-control-expose-headers"]
