@@ -59,8 +59,9 @@ def test_the_fast_parser_accepts_a_target_exactly_when_the_documented_model_does
         (lambda b: b["inputs"][0].update(target=["1", 2.0]), "inputs[0].target[0]"),
         (lambda b: b["inputs"][0].update(target=[True, 2.0]), "inputs[0].target[0]"),
         (lambda b: b["inputs"][0].update(target=[1e39, 1e39, 2e39, 1.0]), "inputs[0].target"),
+        (lambda b: b["inputs"][0].update(target=[1.0, -1e39, 2.0]), "inputs[0].target"),
     ],
-    ids=["bool-horizon", "string-horizon", "string-value", "bool-value", "beyond-float32"],
+    ids=["bool-horizon", "string-horizon", "string-value", "bool-value", "beyond-float32", "below-float32"],
 )
 def test_numbers_are_strict_and_must_fit_float32(api, redis_server, change, field):
     body = forecast_body(BOLT)
