@@ -312,7 +312,7 @@ def test_bystanders_of_a_job_that_kills_its_worker_three_times_succeed_and_it_fa
         deadline = time.monotonic() + 60
         while True:  # claimed by this worker (not a mark left by the last one), and in a pass
             holder, in_pass = client.hmget(f"cq:job:{culprit}", "worker", "in_pass")
-            if holder and f"/{worker.process.pid}" in holder and in_pass == "1":
+            if holder and f"/{worker.process.pid}" in holder and in_pass is not None:
                 break
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -350,3 +350,16 @@ def test_a_worker_that_cannot_start_exits_saying_why_and_is_never_listed(redis_s
     assert "the worker could not start" in log and f"the metrics port (METRICS_PORT) {port}" in log, worker.tail()
     assert "ready." not in log  # Celery's consumer never started: no job was taken
     assert set(redis_server.client().hkeys(registry)) == before
+
+
+def test_a_worker_judges_others_alive_or_dead_only_some_beats_after_its_own_came_back():
+    """After a Redis outage every worker's last beat is old: the first back must not take the
+    others for dead (and run their jobs again) before they have had the time to beat again."""
+    from workers.reaper import STEADY_BEATS, Steady
+
+    steady = Steady()
+    assert steady.beat(True)  # never failed: at once
+    outage = [steady.beat(ok) for ok in (False, False)]
+    back = [steady.beat(True) for _ in range(STEADY_BEATS)]
+
+    assert outage == [False, False] and back == [False] * (STEADY_BEATS - 1) + [True] and STEADY_BEATS >= 3

@@ -160,7 +160,8 @@ def test_a_pass_reads_its_series_and_cancels_and_marks_only_records_still_stored
 
     assert reads[0].cancel_requested and reads[0].inputs == [b"b", b"c"]
     assert not reads[1].cancel_requested and reads[1].inputs == [] and reads[2].inputs is None
-    assert client.hget(keys.job(job_id), "in_pass") == "1" and not client.exists(keys.job(gone))
+    # The mark holds the first series of the pass (of the job's last slice here: 0).
+    assert client.hget(keys.job(job_id), "in_pass") == "0" and not client.exists(keys.job(gone))
 
 
 def test_terminal_state_is_announced_on_the_events_channel(client, store):
@@ -328,6 +329,10 @@ def test_a_job_with_a_message_of_its_own_is_created_and_sent_by_one_script_or_ne
     assert client.lrange(queue, 0, -1) == ["message-1"]  # sent once, and only for the job created
     assert client.hget(keys.job(created.id), "status") == "queued" and not client.exists(keys.job(refused.id))
     assert client.zscore(keys.in_flight(created.owner), created.id) == int(created.created_at)  # whole seconds
+    # The series once, though the round trip ran twice (an RPUSH of their own would have doubled them).
+    assert client.lrange(keys.job_input(created.id), 0, -1) == ["series"]
+    assert 0 < client.ttl(keys.job_input(created.id)) and not client.exists(keys.job_input(refused.id))
+    assert not client.exists(keys.job_input_staged(created.id), keys.job_input_staged(refused.id))
 
 
 def test_first_terminal_write_wins_over_a_redelivered_duplicate(client, store):
@@ -353,16 +358,16 @@ def test_redelivery_of_a_running_job_counts_another_attempt_and_starts_it_over(c
 def test_a_claim_taken_over_by_a_later_delivery_stores_nothing_more_and_the_job_ends_with_one_run(client, store):
     job_id = queued_job(client)
     (first,) = store.start(SPEC, [job_id], "w1")
-    store.append_results([Appended(job_id, first.record.attempts, [b"a1"], 1)])
+    store.append_results([Appended(job_id, first.record.attempts, [b"a1"], 0, 1)])
     # A duplicate delivery (a holder taken for dead while it still runs) claims the job again.
     (second,) = store.start(SPEC, [job_id], "w2")
 
     store.read_pass([(job_id, 0, 1, True, first.record.attempts)], mark=True)  # the first run goes on
     marked = client.hget(keys.job(job_id), "in_pass")
-    store.append_results([Appended(job_id, first.record.attempts, [b"a2"], 2)])
+    store.append_results([Appended(job_id, first.record.attempts, [b"a2"], 1, 2)])
     superseded = store.finish([Outcome(first.record, JobStatus.SUCCEEDED, {"inference_s": 1.0}, None, [b"a3"])])
     still = record(client, job_id)
-    store.append_results([Appended(job_id, second.record.attempts, [b"b1"], 1)])
+    store.append_results([Appended(job_id, second.record.attempts, [b"b1"], 0, 1)])
     finished = store.finish([Outcome(second.record, JobStatus.SUCCEEDED, {"inference_s": 2.0}, None, [b"b2"])])
     late = store.finish([Outcome(first.record, JobStatus.FAILED, {"error": "late"}, None, [])])
 
@@ -479,14 +484,14 @@ def test_a_pass_appends_results_and_progress_to_a_running_job_and_nothing_to_an_
     job_id, ended_id = queued_job(client), queued_job(client)
     claims = store.start(SPEC, [job_id, ended_id], "w1")
     for i in (job_id, ended_id):
-        client.hset(keys.job(i), "in_pass", "1")
+        client.hset(keys.job(i), "in_pass", "0")  # in a pass from their first series
     cancel(store, ended_id)
     finish(store, ended_id, JobStatus.FAILED)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.EVENTS_CHANNEL)
     pubsub.get_message(timeout=1)
 
-    store.append_results([Appended(c.record.id, c.record.attempts, [b"r1", b"r2"], 2) for c in claims])
+    store.append_results([Appended(c.record.id, c.record.attempts, [b"r1", b"r2"], 0, 2) for c in claims])
 
     assert client.lrange(keys.job_output(job_id), 0, -1) == ["r1", "r2"] and 0 < client.ttl(keys.job_output(job_id))
     assert record(client, job_id).progress_done == 2 and client.hget(keys.job(job_id), "in_pass") is None
@@ -525,13 +530,32 @@ def test_a_vanished_record_is_reported_missing(client, store):
     assert cancel(store, "nope") == "missing"
 
 
+def test_a_pass_store_sent_twice_appends_once_and_leaves_the_next_pass_mark(client, store):
+    """redis-py sends a round trip again when its connection drops before the replies; and the worker
+    stores a pass's results on its I/O thread while its next pass starts, marked."""
+    job_id = queued_job(client)
+    (claim,) = store.start(SPEC, [job_id], "w1")
+    attempt = claim.record.attempts
+    store.mark_in_pass([(job_id, attempt, 0)])  # pass 1: series 0 and 1
+    first_pass = Appended(job_id, attempt, [b"r0", b"r1"], 0, 2)
+    store.append_results([first_pass])
+    store.mark_in_pass([(job_id, attempt, 2)])  # pass 2 (series 2) begins while pass 1 is stored again
+    store.append_results([first_pass])  # the same round trip, sent again
+
+    assert client.lrange(keys.job_output(job_id), 0, -1) == ["r0", "r1"]
+    assert client.hget(keys.job(job_id), "in_pass") == "2"  # pass 2's mark stands: a death counts
+    store.append_results([Appended(job_id, attempt, [b"r2"], 2, 3)])
+    assert client.lrange(keys.job_output(job_id), 0, -1) == ["r0", "r1", "r2"]
+    assert client.hget(keys.job(job_id), "in_pass") is None
+
+
 def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_looping(client, store):
     job_id = queued_job(client)
     client.zadd(keys.in_flight("owner"), {job_id: time.time()})
 
     claims = []
-    for _ in range(4):  # each claim, then a forward pass that its worker never finishes: it died
-        (claim,) = store.start(SPEC, [job_id], "w1")
+    for k in range(4):  # each claim, then a forward pass that its worker never finishes: it died
+        (claim,) = store.start(SPEC, [job_id], f"w{k}")  # the next delivery goes to another worker
         claims.append((claim.status, claim.record.lost))  # the record as the claim left it, read in the same round trip
         client.hset(keys.job(job_id), "in_pass", "1")
 
@@ -540,6 +564,18 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_lo
     assert rec.status is JobStatus.FAILED and rec.attempts == 3
     assert "lost 3 times while it was in a forward pass" in rec.error and rec.finished_at is not None
     assert client.zscore(keys.in_flight("owner"), job_id) is None  # out of its owner's in-flight set
+
+
+def test_a_claim_sent_twice_by_its_worker_counts_no_death(client, store):
+    """redis-py sends a round trip again when its connection drops before the replies."""
+    job_id = queued_job(client)
+    client.hset(keys.job(job_id), "lane", Lane.SYNC.value)
+    client.rpush(keys.job_input(job_id), "series")
+
+    first, again = (store.start(SPEC, [job_id], "w1", read_sync=2)[0] for _ in range(2))
+
+    assert (first.record.lost, again.record.lost) == (0, 0) and again.inputs == [b"series"]
+    assert client.hget(keys.job(job_id), "in_pass") == "0" and record(client, job_id).attempts == 2
 
 
 def test_an_idle_workers_claim_reads_a_small_sync_jobs_series_and_marks_it_in_a_pass(client, store):
@@ -556,7 +592,7 @@ def test_an_idle_workers_claim_reads_a_small_sync_jobs_series_and_marks_it_in_a_
     assert [(c.status, c.inputs) for c in claims] == [
         ("running", None), ("running", [f"series of {small}".encode()]), ("running", None),
     ]  # fmt: skip
-    assert [client.hget(keys.job(i), "in_pass") for i in (waiting, small, large)] == [None, "1", None]
+    assert [client.hget(keys.job(i), "in_pass") for i in (waiting, small, large)] == [None, "0", None]
     # It runs at once, its pass needing no mark of its own: a death now counts against it.
     (again,) = store.start(SPEC, [small], "w2")  # a worker that is busy: nothing read, nothing marked
     assert again.record.lost == 1 and again.inputs is None and client.hget(keys.job(small), "in_pass") is None

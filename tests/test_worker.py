@@ -521,7 +521,7 @@ def test_a_sync_job_claimed_in_a_pass_skips_one_round_trip_and_its_later_passes_
 
     io.read([(claimed, 2, 4)], begin=True)  # its next pass marks it again
 
-    assert reads[-1] == [claimed.job_id] and client.hget(keys.job(claimed.job_id), "in_pass") == "1"
+    assert reads[-1] == [claimed.job_id] and client.hget(keys.job(claimed.job_id), "in_pass") == "2"
 
 
 def test_a_cancel_request_stops_a_job_before_its_next_pass(runtime, io, redis_server):
@@ -536,6 +536,26 @@ def test_a_cancel_request_stops_a_job_before_its_next_pass(runtime, io, redis_se
     assert job.cancelled and job.finished.is_set()
     assert job.done == runtime.max_batch  # the second pass never ran it
     assert not any(batcher._pending.values())
+
+
+def test_a_job_whose_series_are_gone_fails_alone_and_the_others_of_its_pass_run(runtime, io, redis_server):
+    """Its input list deleted under it (it ended meanwhile: a timeout, a duplicate finished first)."""
+    raw = raw_client(redis_server)
+    params = ForecastParameters(prediction_length=4)
+    jobs = [Work(uuid.uuid4().hex, 2, params, Lane.ASYNC, runtime.family.group_key(params), keep=True) for _ in range(3)]
+    for k, job in enumerate(jobs):
+        raw.rpush(keys.job_input(job.job_id), *forecast_job(ForecastRequest.model_validate(
+            forecast_body(BOLT, n_series=2, length=30 + k, horizon=4))).series.encode())  # fmt: skip
+    raw.delete(keys.job_input(jobs[1].job_id))
+    batcher = Batcher(runtime, io)
+    batcher.submit(*jobs)
+
+    batcher._execute(batcher._take())
+
+    assert [(job.finished.is_set(), job.done, job.cancelled) for job in jobs] == [(True, 2, False), (True, 0, False),
+                                                                                 (True, 2, False)]  # fmt: skip
+    assert "series 0..2 are no longer stored" in jobs[1].error and jobs[0].error is None and jobs[2].error is None
+    assert [len(job.kept) for job in jobs] == [2, 0, 2]
 
 
 def passes() -> float:

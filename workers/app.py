@@ -185,17 +185,21 @@ class Worker:
         name = loaded.name
         beat = JobStore(self.loaded.store.client, self.settings)  # no patience: a missed beat is retried next beat
         busy_s, at = 0.0, time.monotonic()
+        steady = reaper.Steady()
         while not self.stop.is_set():
             if loaded.batcher:  # the share of the time since the last beat the model spent in passes
                 now, busy_s, was = time.monotonic(), loaded.batcher.busy.seconds(), busy_s
                 info["busy"], at = round(min(1.0, (busy_s - was) / max(now - at, 1e-3)), 3), now
+            ok = True
             try:
                 beat.heartbeat(self.spec, name, info, self.train)
             except redis.RedisError as exc:
+                ok = False
                 log.warning("heartbeat failed: %s", exc)
-            try:
-                reaper.restore(self.app, beat, self.spec)
-                reaper.resend_lost(self.app, beat, self.spec, self.settings.lost_message_grace_s)
-            except Exception as exc:  # the heartbeat must outlive any trouble here
-                log.warning("looking for a dead worker's jobs failed: %s", exc)
+            if steady.beat(ok):  # not right after an outage, when every worker's last beat is old
+                try:
+                    reaper.restore(self.app, beat, self.spec)
+                    reaper.resend_lost(self.app, beat, self.spec, self.settings.lost_message_grace_s)
+                except Exception as exc:  # the heartbeat must outlive any trouble here
+                    log.warning("looking for a dead worker's jobs failed: %s", exc)
             self.stop.wait(self.settings.heartbeat_s)

@@ -120,9 +120,11 @@ Slice = tuple[Work, int, int]  # a job's series [start, end) in one forward pass
 class PassIO(Protocol):
     """Where a pass's series come from and its results go (workers/executor.py: Redis, pipelined)."""
 
-    def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], set[str]]:
-        """The batch's series in order, and the ids of its jobs with a pending cancel request; with
-        `begin`, `begin` the batch in the same round trip (a read made right before its pass)."""
+    def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], dict[str, str | None]]:
+        """The batch's series in order, and the jobs not to run, by id: None for a pending cancel
+        request, else why (the error they fail with: their series are gone; whatever stands in for
+        them in the list is not run); with `begin`, `begin` the batch in the same round trip (a read
+        made right before its pass)."""
         ...
 
     def begin(self, batch: list[Slice]) -> None:
@@ -457,9 +459,9 @@ class Batcher:
         inputs: list[Decoded] = []
         at = 0
         for work, start, end in batch:
-            if work.job_id in stopped:
+            if work.job_id in stopped:  # its own end only: the pass's other jobs run
                 self.abandon(work)
-                self._finish(work, cancelled=True)
+                self._finish(work, error=stopped[work.job_id], cancelled=stopped[work.job_id] is None)
             elif not work.finished.is_set():  # a job failed in an earlier pass has nothing left to run
                 live.append((work, start, end))
                 inputs.extend(decoded[at : at + end - start])

@@ -32,6 +32,9 @@ class _Closing(NamedTuple):
     digest: str | None  # its result cache entry (shared/cache.py), None when not cached
 
 
+_GONE = Decoded.of([0.0])  # a series no longer stored, in the place of those of a job not run
+
+
 class RedisPassIO:
     """A pass's series and results through the job store, each step one pipelined round trip: read
     the series of every job in the pass and their cancel flags; mark them `in_pass` right before the
@@ -46,7 +49,7 @@ class RedisPassIO:
     def __init__(self, store: JobStore):
         self.store = store
 
-    def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], set[str]]:
+    def read(self, batch: list[Slice], begin: bool = False) -> tuple[list[Decoded], dict[str, str | None]]:
         if begin:
             claimed = all(work.marked for work, _, _ in batch)
             for work, _, _ in batch:
@@ -55,24 +58,28 @@ class RedisPassIO:
                 # Sync jobs an idle worker just claimed: the claim read their series and marked them
                 # (lua/start.lua), so this pass needs no round trip. A cancel requested since ends
                 # them as they finish (lua/finish.lua).
-                return [e for work, start, end in batch for e in (work.inputs or [])[start:end]], set()
+                return [e for work, start, end in batch for e in (work.inputs or [])[start:end]], {}
         slices = [(work.job_id, start, end, work.inputs is None, work.attempt) for work, start, end in batch]
         reads = self.store.read_pass(slices, mark=begin)
         decoded: list[Decoded] = []
-        stopped = set()
+        stopped: dict[str, str | None] = {}
         for (work, start, end), read in zip(batch, reads, strict=True):
-            if read.cancel_requested:
-                stopped.add(work.job_id)
             elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in read.inputs or ()]
-            if len(elements) != end - start:  # the input list expired or was deleted under the job
-                raise RuntimeError(f"job {work.job_id}: series {start}..{end} are no longer stored")
+            if read.cancel_requested:
+                stopped[work.job_id] = None
+            elif len(elements) != end - start:
+                # Its input list expired or was deleted under it (the job ended meanwhile: a timeout,
+                # a redelivered duplicate that finished first): this job fails, not the pass's others.
+                stopped[work.job_id] = f"RuntimeError: job {work.job_id}: series {start}..{end} are no longer stored"
+            if len(elements) != end - start:
+                elements = [_GONE] * (end - start)  # stands in for them, never run: the others keep their place
             decoded.extend(elements)
         return decoded, stopped
 
     def begin(self, batch: list[Slice]) -> None:
         for work, _, _ in batch:
             work.marked = False
-        self.store.mark_in_pass((work.job_id, work.attempt) for work, _, _ in batch)
+        self.store.mark_in_pass((work.job_id, work.attempt, start) for work, start, _ in batch)
 
     def write(self, results: list[tuple[Slice, list[np.ndarray]]], completed: list[Work]) -> None:
         # A job failed meanwhile (a timeout, an earlier pass's write) is its task thread's to end. By
@@ -82,12 +89,12 @@ class RedisPassIO:
             w for w in completed if w.closing is not None and not w.finished.is_set() and w.end_once()
         )
         appended, last = [], {}
-        for (work, _, end), arrays in results:
+        for (work, start, end), arrays in results:
             elements = [a.tobytes() for a in arrays] if work.stored else []
             if work in closing:  # its last results travel with its finish script
                 last[work] = elements
             else:  # the last pass's progress comes with the job's final state
-                appended.append(Appended(work.job_id, work.attempt, elements, end if end < work.n else None))
+                appended.append(Appended(work.job_id, work.attempt, elements, start, end if end < work.n else None))
         if not closing:
             if appended:
                 self.store.append_results(appended)
@@ -138,7 +145,7 @@ def _settle(
         try:
             scored, elements = score(work)
             if elements is not None:
-                store.append_results([Appended(work.job_id, work.attempt, elements, None)])
+                store.append_results([Appended(work.job_id, work.attempt, elements, 0, None)])
         except Exception as exc:  # scoring is ours, not the model's: still fail the job, not the worker
             log.exception("job %s: scoring its forecasts failed", work.job_id)
             fields["error"] = f"{type(exc).__name__}: {exc}"
@@ -220,13 +227,13 @@ def _claim(
         fields: dict = {"weights": batcher.runtime.weights.kind, "inference_s": 0.0}
         try:
             work, score = _work(store, record, spec, batcher.runtime.weights.revision)
-        except Exception as exc:  # a job this worker cannot read fails, not the worker
-            claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
-        else:
             if score is None:  # nothing to do once forecast: finished with its last results (RedisPassIO)
                 work.closing = _Closing(record, fields, _digest(spec, batcher, settings, record))
             if inputs is not None and len(inputs) == record.n_series:  # `read_sync`: none missing
                 work.inputs, work.marked = [decode(e) for e in inputs], True
+        except Exception as exc:  # a job this worker cannot read fails, not the worker nor the message's others
+            claimed.append(_Claimed(record, fields, failed=_failed(job_id, fields, f"{type(exc).__name__}: {exc}")))
+        else:
             claimed.append(_Claimed(record, fields, work, score))
     return claimed
 

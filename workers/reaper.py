@@ -38,6 +38,24 @@ from shared.store import JobStore, Lane, keys
 
 log = logging.getLogger(__name__)
 
+# Heartbeats in a row a worker sends after a failed one before it judges other workers again: after
+# a Redis outage every worker's last beat is old, and the first to reach Redis again would take all
+# the others for dead and run their jobs again. Within three periods every live worker has beaten
+# again (a worker counts as dead three periods after its last beat: `shared.store.live`).
+STEADY_BEATS = 3
+
+
+class Steady:
+    """Whether this worker may look for dead workers now (`beat` after each heartbeat): at once when
+    its beats never failed, else only `STEADY_BEATS` beats after they came back."""
+
+    def __init__(self) -> None:
+        self.beats = STEADY_BEATS
+
+    def beat(self, ok: bool) -> bool:
+        self.beats = self.beats + 1 if ok else 0
+        return self.beats >= STEADY_BEATS
+
 
 def orphans(store: JobStore, spec: ModelSpec) -> list[str]:
     """Delivery tags of unacked messages for this model whose worker is gone."""

@@ -132,7 +132,7 @@ def _train(record: JobRecord, trainer: Trainer, store: JobStore, fields: dict) -
         shutil.rmtree(model_store.staging(settings.model_store, record.id, earlier), ignore_errors=True)
     staged.mkdir(parents=True)
     steps = _Steps(store, record, params.finetune_mode, time.monotonic() + settings.max_job_s)
-    store.mark_in_pass([(record.id, record.attempts)])  # from here, this worker's death counts against the job
+    store.mark_in_pass([(record.id, record.attempts, 0)])  # from here, this worker's death counts against the job
     started = time.perf_counter()
     tuned = trainer.pipeline.fit(
         [_task(s, len_minus=held_out) for s in series], prediction_length=horizon,

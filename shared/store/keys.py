@@ -34,6 +34,13 @@ def job_input(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:in"
 
 
+def job_input_staged(job_id: str) -> str:
+    """A job's series as its create's round trip writes them, renamed to `job_input` by the create
+    script once the job is recorded (lua/create.lua): a round trip redis-py sends again after a
+    dropped connection rewrites this list, never the job's."""
+    return f"{PREFIX}:job:{job_id}:in:staged"
+
+
 def job_output(job_id: str) -> str:
     """List of a job's results, one float32 element per series (or backtest origin), appended pass by pass."""
     return f"{PREFIX}:job:{job_id}:out"

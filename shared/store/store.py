@@ -136,6 +136,7 @@ class Appended(NamedTuple):
     job_id: str
     attempt: int  # the claim's (JobRecord.attempts): a later claim's run supersedes this one's
     elements: list[bytes]  # none for work whose results the worker keeps alone (anomaly windows)
+    first: int  # the job's first series in the pass: its `in_pass` mark, and where its results go
     done: int | None  # the job's series done so far, or None: its progress comes with its end
 
 
@@ -185,15 +186,22 @@ class _Core:
         step: list[Cmd] = Alone() if sum(map(len, inputs)) > _GATHERED_MAX_BYTES else []
         if items is not None:
             step.append(Cmd("set", (keys.job_items(job_id), items), {"ex": ttl}))
-        step += [Cmd("rpush", (keys.job_input(job_id), *chunk)) for chunk in _chunks(inputs)]
-        step.append(Cmd("expire", (keys.job_input(job_id), ttl)))
+        # The series go to a list of their own, which the script renames to the job's once it records
+        # the job. redis-py sends a whole round trip again when its connection drops before the
+        # replies (the clients retry ConnectionError): the DEL makes the second sending write the
+        # series once, and a job the first one created keeps its own list as it was (the script
+        # drops the second's), where an RPUSH to the job's list would have doubled its series.
+        staged = keys.job_input_staged(job_id)
+        step.append(Cmd("delete", (staged,)))
+        step += [Cmd("rpush", (staged, *chunk)) for chunk in _chunks(inputs)]
+        step.append(Cmd("expire", (staged, ttl)))
         step.append(run_script(
             "create",
-            [keys.job(job_id), keys.in_flight(record.owner), keys.job_input(job_id), keys.queued(spec),
+            [keys.job(job_id), keys.in_flight(record.owner), staged, keys.queued(spec),
              keys.job_items(job_id), keys.lane_queue(spec, record.lane),
              keys.idempotency(record.owner, idempotency[0]) if idempotency else "",
              keys.flight(record.owner, flight) if flight else "", keys.cache(cached) if cached else "",
-             message[0] if message else ""],
+             message[0] if message else "", keys.job_input(job_id)],
             [ttl, max_in_flight, repr(record.created_at - ttl), idempotency[1] if idempotency else "",
              self.settings.max_queue_depth, keys.job(""), message[1] if message else "", job_id,
              int(record.created_at), *_pairs(record)],
@@ -373,8 +381,9 @@ class _Core:
         cancel is pending, and the job's series first..end-1 when `wanted`; with `mark`,
         `mark_in_pass` in the same command."""
         job_keys = [k for job_id, *_ in slices for k in (keys.job(job_id), keys.job_input(job_id))]
+        # Not wanted: first..first-1, nothing, the first still there for the mark.
         args = [x for _, start, end, wanted, attempt in slices
-                for x in ((start, end - 1) if wanted else (0, -1)) + (attempt,)]  # fmt: skip
+                for x in (start, end - 1 if wanted else start - 1, attempt)]  # fmt: skip
         (replies,) = yield [run_script("read_pass", job_keys, [int(mark), *args])]
         return [
             PassRead(cancel == b"1", inputs if wanted else None)
@@ -382,12 +391,13 @@ class _Core:
         ]
 
     @operation
-    def mark_in_pass(self, jobs: Iterable[tuple[str, int]]) -> Op[None]:
-        """For each (job id, the claim's attempt): from here on a death of this worker counts against
-        the job (lua/start.lua), while that claim holds it."""
+    def mark_in_pass(self, jobs: Iterable[tuple[str, int, int]]) -> Op[None]:
+        """For each (job id, the claim's attempt, its first series in the pass): from here on a death
+        of this worker counts against the job (lua/start.lua), while that claim holds it."""
         jobs = list(jobs)
-        job_keys = [k for i, _ in jobs for k in (keys.job(i), keys.job_input(i))]
-        yield [run_script("read_pass", job_keys, ["mark", *(attempt for _, attempt in jobs)])]
+        job_keys = [k for i, _, _ in jobs for k in (keys.job(i), keys.job_input(i))]
+        marks = [x for _, attempt, first in jobs for x in (first, attempt)]
+        yield [run_script("read_pass", job_keys, ["mark", *marks])]
 
     @operation
     def append_results(self, results: Sequence[Appended]) -> Op[None]:
@@ -406,15 +416,17 @@ class _Core:
 
     def _append(self, results: Sequence[Appended]) -> list[Cmd]:
         step = []
-        for job_id, attempt, elements, done in results:
+        for job_id, attempt, elements, first, done in results:
             # None for work whose results the worker keeps alone (anomaly windows): the mark and the
             # progress still go.
             chunks = _chunks(elements) or [[]]
+            at = first  # where each chunk's results go in the output list
             for i, chunk in enumerate(chunks):
                 last = i == len(chunks) - 1
                 head = [attempt, self.settings.result_ttl_s, int(last), "" if done is None else done,
-                        keys.EVENTS_CHANNEL, job_id]  # fmt: skip
+                        keys.EVENTS_CHANNEL, job_id, first, at]  # fmt: skip
                 step.append(run_script("append", [keys.job(job_id), keys.job_output(job_id)], [*head, *chunk]))
+                at += len(chunk)
         return step
 
     @operation

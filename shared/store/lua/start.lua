@@ -16,17 +16,18 @@
 -- it was in a forward pass ends 'failed' instead of killing worker after worker. A job's owner's
 -- in-flight set is the one key not in KEYS: whose it is, the record says.
 local function claim(job, input, output, id)
-  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series')
+  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series', 'worker')
   local s = state[1]
   if not s then return 'missing' end
   if s ~= 'queued' and s ~= 'running' then return s end
   redis.call('ZREM', KEYS[1], id)
   -- A redelivery counts against the job only when its series were in a forward pass as its worker
   -- died (the worker sets 'in_pass' around each pass): a job that merely waited beside the one that
-  -- killed the worker is never failed for it.
+  -- killed the worker is never failed for it. A claim by the holder itself is no death: this very
+  -- claim sent again by redis-py after a dropped connection, or a duplicate of its message.
   local lost = tonumber(state[2] or '0')
   if state[3] then
-    if s == 'running' and state[3] == '1' then
+    if s == 'running' and state[7] ~= ARGV[2] then
       lost = lost + 1
       redis.call('HSET', job, 'lost', lost)
     end
@@ -43,7 +44,7 @@ local function claim(job, input, output, id)
   local read = state[5] == 'sync' and tonumber(state[6] or '0') <= tonumber(ARGV[7])
   redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2], 'progress_done', 0,
     'attempts', attempts)
-  if read then redis.call('HSET', job, 'in_pass', '1') end
+  if read then redis.call('HSET', job, 'in_pass', '0') end  -- its one pass, from its first series
   if s == 'running' then redis.call('DEL', output) end  -- a queued job has written no output yet
   return 'running', read and redis.call('LRANGE', input, 0, -1)
 end
