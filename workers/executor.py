@@ -130,8 +130,10 @@ def _settle(
     """Wait for a submitted job until `deadline` (monotonic), and score it when its kind does: its
     outcome (`fields` get what the job's record stores)."""
     finished = work.finished.wait(max(0.0, deadline - time.monotonic()))
-    if not finished and not work.end_once():  # the I/O thread is storing its end right now
-        finished = work.finished.wait(60)
+    if not finished and not work.end_once():
+        # The I/O thread is storing its end right now, retrying while Redis is away for as long as
+        # the store's patience: failing the job meanwhile could fail one that completed.
+        finished = work.finished.wait(store.patience_s + 60)
     if not finished:
         batcher.abandon(work)
     fields["inference_s"] = round(work.model_s, 6)
