@@ -566,16 +566,26 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_deliveries_instead_of_lo
     assert client.zscore(keys.in_flight("owner"), job_id) is None  # out of its owner's in-flight set
 
 
-def test_a_claim_sent_twice_by_its_worker_counts_no_death(client, store):
-    """redis-py sends a round trip again when its connection drops before the replies."""
+def test_a_claim_sent_twice_counts_no_death_and_a_restarted_namesake_does(client, store, monkeypatch):
+    """redis-py sends a round trip again when its connection drops before the replies: the same
+    worker and the same time. A worker restarted under its old name (a container's PID 1) claims
+    later."""
+    import types
+
+    from shared.store import store as store_module
+
     job_id = queued_job(client)
     client.hset(keys.job(job_id), "lane", Lane.SYNC.value)
     client.rpush(keys.job_input(job_id), "series")
+    now = time.time()
+    monkeypatch.setattr(store_module, "time", types.SimpleNamespace(time=lambda: now, monotonic=time.monotonic))
 
     first, again = (store.start(SPEC, [job_id], "w1", read_sync=2)[0] for _ in range(2))
+    monkeypatch.setattr(store_module, "time", types.SimpleNamespace(time=lambda: now + 5, monotonic=time.monotonic))
+    (restarted,) = store.start(SPEC, [job_id], "w1", read_sync=2)
 
     assert (first.record.lost, again.record.lost) == (0, 0) and again.inputs == [b"series"]
-    assert client.hget(keys.job(job_id), "in_pass") == "0" and record(client, job_id).attempts == 2
+    assert restarted.record.lost == 1 and record(client, job_id).attempts == 3
 
 
 def test_an_idle_workers_claim_reads_a_small_sync_jobs_series_and_marks_it_in_a_pass(client, store):

@@ -131,9 +131,12 @@ def _settle(
     outcome (`fields` get what the job's record stores)."""
     finished = work.finished.wait(max(0.0, deadline - time.monotonic()))
     if not finished and not work.end_once():
-        # The I/O thread is storing its end right now, retrying while Redis is away for as long as
-        # the store's patience: failing the job meanwhile could fail one that completed.
-        finished = work.finished.wait(store.patience_s + 60)
+        # The I/O thread is storing its end right now, retrying while Redis is away (for up to the
+        # store's patience): failing the job meanwhile could fail one that completed. Waited for as
+        # long as this task can still fail it itself (its own finish has that patience too) before
+        # the visibility timeout hands the message out again (SETTINGS visibility_timeout_s).
+        margin = store.settings.visibility_timeout_s - store.settings.max_job_s
+        finished = work.finished.wait(max(60.0, margin - store.patience_s - 60))
     if not finished:
         batcher.abandon(work)
     fields["inference_s"] = round(work.model_s, 6)

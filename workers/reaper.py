@@ -46,11 +46,12 @@ STEADY_BEATS = 3
 
 
 class Steady:
-    """Whether this worker may look for dead workers now (`beat` after each heartbeat): at once when
-    its beats never failed, else only `STEADY_BEATS` beats after they came back."""
+    """Whether this worker may look for dead workers now (`beat` after each heartbeat): only after
+    `STEADY_BEATS` successful beats in a row, from its start (it may start during an outage, or
+    just after one) and after any failed beat."""
 
     def __init__(self) -> None:
-        self.beats = STEADY_BEATS
+        self.beats = 0
 
     def beat(self, ok: bool) -> bool:
         self.beats = self.beats + 1 if ok else 0

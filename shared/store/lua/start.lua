@@ -16,18 +16,20 @@
 -- it was in a forward pass ends 'failed' instead of killing worker after worker. A job's owner's
 -- in-flight set is the one key not in KEYS: whose it is, the record says.
 local function claim(job, input, output, id)
-  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series', 'worker')
+  local state = redis.call('HMGET', job, 'status', 'lost', 'in_pass', 'attempts', 'lane', 'n_series', 'worker',
+    'started_at')
   local s = state[1]
   if not s then return 'missing' end
   if s ~= 'queued' and s ~= 'running' then return s end
   redis.call('ZREM', KEYS[1], id)
   -- A redelivery counts against the job only when its series were in a forward pass as its worker
   -- died (the worker sets 'in_pass' around each pass): a job that merely waited beside the one that
-  -- killed the worker is never failed for it. A claim by the holder itself is no death: this very
-  -- claim sent again by redis-py after a dropped connection, or a duplicate of its message.
+  -- killed the worker is never failed for it. This very claim sent again (redis-py resends a round
+  -- trip whose connection dropped before its reply: same worker, same `now`) is no death. A worker
+  -- restarted under its old name (a container's PID 1) claims at another time, and counts.
   local lost = tonumber(state[2] or '0')
   if state[3] then
-    if s == 'running' and state[7] ~= ARGV[2] then
+    if s == 'running' and not (state[7] == ARGV[2] and state[8] == ARGV[1]) then
       lost = lost + 1
       redis.call('HSET', job, 'lost', lost)
     end
