@@ -65,15 +65,16 @@ class RedisPassIO:
         stopped: dict[str, str | None] = {}
         for (work, start, end), read in zip(batch, reads, strict=True):
             elements = work.inputs[start:end] if work.inputs is not None else [decode(e) for e in read.inputs or ()]
-            if read.cancel_requested:
-                stopped[work.job_id] = None
-            elif len(elements) != end - start:
-                # Its input list expired or was deleted under it (the job ended meanwhile: a timeout,
-                # a redelivered duplicate that finished first): this job fails, not the pass's others.
-                stopped[work.job_id] = f"RuntimeError: job {work.job_id}: series {start}..{end} are no longer stored"
-            if len(elements) != end - start:
-                elements = [_GONE] * (end - start)  # stands in for them, never run: the others keep their place
-            decoded.extend(elements)
+            # Its input list expired or was deleted under it (the job ended meanwhile: a timeout, a
+            # redelivered duplicate that finished first): this job fails, not the pass's others.
+            gone = len(elements) != end - start
+            if read.cancel_requested or gone:
+                stopped[work.job_id] = (
+                    None if read.cancel_requested
+                    else f"RuntimeError: job {work.job_id}: series {start}..{end} are no longer stored"
+                )  # fmt: skip
+            # Placeholders, never run, keep the other jobs' series in their places.
+            decoded.extend([_GONE] * (end - start) if gone else elements)
         return decoded, stopped
 
     def begin(self, batch: list[Slice]) -> None:
